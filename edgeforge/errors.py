@@ -1,0 +1,16 @@
+"""Errors with exit codes. The CLI turns them into one line on stderr and a documented exit code."""
+
+
+class EdgeforgeError(Exception):
+    """Bad input, an unusable bundle or a missing toolchain/accelerator: exit code 2.
+
+    The message must name the file, tensor or option at fault.
+    """
+
+    exit_code = 2
+
+
+class CheckFailed(EdgeforgeError):
+    """A verification ran and did not pass (smoke FAIL): exit code 1."""
+
+    exit_code = 1

