@@ -1,0 +1,45 @@
+# edgeforge developer entry points. `make demo` runs the main job end to end, `make test` the suite.
+# Both set up everything they need themselves (idempotent, cached), on a fresh Debian machine too.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+OUT    ?= out
+MODEL  ?= smollm2-135m
+QUANT  ?= q4f16
+TARGET ?= x86-cpu
+
+.PHONY: setup toolchains demo test test-fast clean
+
+setup: $(VENV)/.edgeforge-stamp
+
+# torch is pinned (a CPU build); it is a test-only dependency, never needed by edgeforge itself.
+$(VENV)/.edgeforge-stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[tvm,onnx,ssh,dev]'
+	touch $@
+
+# Cross compilers, qemu, the arm64 root with runtime wheels, Mesa lavapipe and the WebGPU venv.
+toolchains: setup
+	bash scripts/setup-arm64.sh
+	bash scripts/setup-vulkan.sh
+
+# The main job: SmolLM2 -> int4 -> x86 bundle -> smoke test -> answer a chat prompt from the bundle.
+demo: setup
+	$(BIN)/edgeforge fetch-model $(MODEL)
+	$(BIN)/edgeforge build $(MODEL) --quant $(QUANT) --target $(TARGET) -o $(OUT)/dist
+	$(BIN)/edgeforge smoke $(OUT)/dist/$(MODEL)-$(QUANT)-$(TARGET)-tvm
+	$(BIN)/edgeforge run $(OUT)/dist/$(MODEL)-$(QUANT)-$(TARGET)-tvm --chat --prompt "What is the capital of France?"
+
+# Every tier, slow ones included (that is what CI runs).
+test: setup toolchains
+	$(BIN)/python -m pytest -q
+
+# Inner loop: skip the slow tier.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,185 @@
+"""Storage formats of QDIR weights: F32, F16, Q8, Q4 (bit layouts defined in docs/INTERNALS.md).
+
+Each format turns one float weight into a dict of stored numpy arrays (`quantize`) and back into
+float32 (`dequantize`). Quantized formats work per row of a [out, in] weight on groups of
+GROUP_SIZE consecutive `in` elements with one scale per group. The scale is rounded to the scale
+dtype *before* quantizing, and that stored scale is the one used: dequantize(quantize(w)) is then
+exactly what every backend computes from the stored arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import EdgeforgeError
+
+# The constants of the storage formats, in one place (backends import them from here).
+GROUP_SIZE = 32
+Q8_MAX = 127  # q8: q = clip(round(w / scale), -127, 127), int8
+Q4_MAX = 7  # q4: q = clip(round(w / scale), -7, 7) + Q4_OFFSET, in [1, 15]
+Q4_OFFSET = 8  # also ONNX MatMulNBits' default 4-bit zero point
+Q8_ONNX_ZERO_POINT = 128  # MatMulNBits 8-bit stores uint8(q + 128)
+Q4_PER_WORD = 8  # nibbles per uint32 word, element 8k+j in bits 4j..4j+3 of word k
+
+SCALE_DTYPES = ("float16", "float32")
+
+
+def _as_f32(w, name: str) -> np.ndarray:
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise EdgeforgeError(f"tensor '{name}': contains inf or NaN, cannot be stored")
+    return w
+
+
+class F32:
+    """The weight as float32."""
+
+    name = "f32"
+    array_names = ("weight",)
+    scale_dtype = None
+
+    def quantize(self, w, name: str = "weight") -> dict[str, np.ndarray]:
+        return {"weight": _as_f32(w, name)}
+
+    def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(arrays["weight"], dtype=np.float32)
+
+
+class F16:
+    """The weight as float16 (relative error <= 2^-11 in the normal range)."""
+
+    name = "f16"
+    array_names = ("weight",)
+    scale_dtype = None
+
+    def quantize(self, w, name: str = "weight") -> dict[str, np.ndarray]:
+        w = _as_f32(w, name)
+        with np.errstate(over="ignore"):
+            h = w.astype(np.float16)
+        if not np.isfinite(h).all():
+            raise EdgeforgeError(f"tensor '{name}': values beyond float16 range (max |w| = {np.abs(w).max():g})")
+        return {"weight": h}
+
+    def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(arrays["weight"]).astype(np.float32)
+
+
+class _Grouped:
+    """Shared part of Q8 and Q4: symmetric per-group scales along the last axis."""
+
+    name = ""
+    qmax = 0
+    array_names = ("qweight", "scales")
+
+    def __init__(self, scale_dtype: str = "float16"):
+        if str(np.dtype(scale_dtype)) not in SCALE_DTYPES:
+            raise EdgeforgeError(f"scale dtype '{scale_dtype}': use one of {', '.join(SCALE_DTYPES)}")
+        self.scale_dtype = str(np.dtype(scale_dtype))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(scale_dtype={self.scale_dtype!r})"
+
+    def _groups(self, w, name: str) -> np.ndarray:
+        w = _as_f32(w, name)
+        if w.ndim != 2:
+            raise EdgeforgeError(f"tensor '{name}': {self.name} needs a 2-D [out, in] weight, got shape {list(w.shape)}")
+        if w.shape[1] % GROUP_SIZE:
+            raise EdgeforgeError(
+                f"tensor '{name}': width {w.shape[1]} is not divisible by the group size {GROUP_SIZE}, "
+                f"cannot store it as {self.name}"
+            )
+        return w.reshape(w.shape[0], w.shape[1] // GROUP_SIZE, GROUP_SIZE)
+
+    def _scales(self, groups: np.ndarray, name: str) -> np.ndarray:
+        """Scales in the scale dtype; this rounded value is the one quantization divides by."""
+        with np.errstate(over="ignore"):
+            scales = (np.abs(groups).max(axis=2) / np.float32(self.qmax)).astype(self.scale_dtype)
+        if not np.isfinite(scales).all():
+            raise EdgeforgeError(f"tensor '{name}': a group scale overflows {self.scale_dtype}")
+        return scales
+
+    def _quantize_groups(self, groups: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """Signed q in [-qmax, qmax]; a zero scale (zero group, or one that underflowed) gives q = 0."""
+        s = scales.astype(np.float32)[:, :, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.rint(groups / s)  # rint: round half to even, as the format says
+        q = np.where(s == 0, 0.0, q)
+        # The rounded scale can be a hair below max/qmax, so round() may give qmax + 1: clip.
+        return np.clip(q, -self.qmax, self.qmax).astype(np.int8)
+
+    def quantize(self, w, name: str = "weight") -> dict[str, np.ndarray]:
+        groups = self._groups(w, name)
+        scales = self._scales(groups, name)
+        q = self._quantize_groups(groups, scales).reshape(groups.shape[0], -1)
+        return {"qweight": self._store(q), "scales": scales}
+
+    def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        q = self._load(np.asarray(arrays["qweight"])).astype(np.float32)
+        scales = np.asarray(arrays["scales"]).astype(np.float32)
+        out = q.reshape(q.shape[0], -1, GROUP_SIZE) * scales[:, :, None]
+        return out.reshape(q.shape)
+
+    def _store(self, q: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _load(self, stored: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Q8(_Grouped):
+    """int8 `qweight` [out, in] and `scales` [out, in/32]: w ~= q * scale."""
+
+    name = "q8"
+    qmax = Q8_MAX
+
+    def _store(self, q):
+        return q
+
+    def _load(self, stored):
+        if stored.dtype != np.int8:
+            raise EdgeforgeError(f"q8 qweight must be int8, got {stored.dtype}")
+        return stored
+
+
+class Q4(_Grouped):
+    """uint32 `qweight` [out, in/8] (8 nibbles of q + 8 per word) and `scales` [out, in/32]."""
+
+    name = "q4"
+    qmax = Q4_MAX
+
+    def _store(self, q):
+        return pack_q4(q.astype(np.int16) + Q4_OFFSET)
+
+    def _load(self, stored):
+        if stored.dtype != np.uint32:
+            raise EdgeforgeError(f"q4 qweight must be uint32, got {stored.dtype}")
+        return unpack_q4(stored).astype(np.int16) - Q4_OFFSET
+
+
+def pack_q4(nibbles: np.ndarray) -> np.ndarray:
+    """[rows, n] values in 0..15 -> uint32 [rows, n/8]; element 8k+j goes to bits 4j..4j+3 of word k."""
+    n = np.asarray(nibbles).astype(np.uint32)
+    n = n.reshape(n.shape[0], -1, Q4_PER_WORD)
+    shifts = (4 * np.arange(Q4_PER_WORD, dtype=np.uint32))
+    return np.bitwise_or.reduce(n << shifts, axis=2).astype(np.uint32)
+
+
+def unpack_q4(words: np.ndarray) -> np.ndarray:
+    """uint32 [rows, n/8] -> uint8 [rows, n] nibbles (inverse of pack_q4)."""
+    w = np.asarray(words, dtype=np.uint32)
+    shifts = (4 * np.arange(Q4_PER_WORD, dtype=np.uint32))
+    n = (w[:, :, None] >> shifts) & np.uint32(0xF)
+    return n.reshape(w.shape[0], -1).astype(np.uint8)
+
+
+def get_format(name: str, scale_dtype: str | None = None):
+    """A format object by its QDIR name ('f32', 'f16', 'q8', 'q4')."""
+    if name == "f32":
+        return F32()
+    if name == "f16":
+        return F16()
+    if name in ("q8", "q4"):
+        if scale_dtype is None:
+            raise EdgeforgeError(f"format '{name}' needs a scale_dtype ({', '.join(SCALE_DTYPES)})")
+        return (Q8 if name == "q8" else Q4)(scale_dtype)
+    raise EdgeforgeError(f"unknown storage format '{name}' (known: f32, f16, q8, q4)")

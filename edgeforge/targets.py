@@ -1,0 +1,102 @@
+"""Target presets: one declarative TOML file per target in targets/ (users add their own).
+
+Search order, later wins on equal names: the built-in presets shipped with edgeforge, ./targets in
+the current folder, then every folder in $EDGEFORGE_TARGETS (os.pathsep-separated).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import EdgeforgeError
+
+BACKENDS = ("tvm", "onnx")
+RUN_MODES = ("host", "qemu", "cuda", "vulkan", "none")
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    backends: tuple[str, ...]
+    run: str
+    os: str
+    arch: str
+    tvm: dict = field(default_factory=dict)
+    onnx: dict = field(default_factory=dict)
+    path: Path | None = None
+    raw: dict = field(default_factory=dict)
+
+    def pick_backend(self, backend: str) -> str:
+        """Resolve `auto` to the target's first backend; refuse one the target does not support."""
+        if backend in ("auto", None):
+            return self.backends[0]
+        if backend not in self.backends:
+            raise EdgeforgeError(
+                f"target '{self.name}' ({self.path}) cannot be built with --backend {backend}; it supports: {', '.join(self.backends)}"
+            )
+        return backend
+
+
+def _search_dirs() -> list[Path]:
+    dirs = [BUILTIN_DIR, Path.cwd() / "targets"]
+    extra = os.environ.get("EDGEFORGE_TARGETS", "")
+    dirs += [Path(p) for p in extra.split(os.pathsep) if p]
+    seen, out = set(), []
+    for d in dirs:
+        key = d.resolve() if d.exists() else d
+        if key not in seen and d.is_dir():
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def load_target_file(path: Path) -> Target:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise EdgeforgeError(f"target file {path}: {err}") from err
+    for key in ("name", "backends", "run", "os", "arch"):
+        if key not in raw:
+            raise EdgeforgeError(f"target file {path}: missing key '{key}'")
+    backends = tuple(raw["backends"])
+    bad = [b for b in backends if b not in BACKENDS]
+    if not backends or bad:
+        raise EdgeforgeError(f"target file {path}: backends must be a non-empty list of {BACKENDS}, got {list(backends)}")
+    if raw["run"] not in RUN_MODES:
+        raise EdgeforgeError(f"target file {path}: run must be one of {RUN_MODES}, got '{raw['run']}'")
+    if "tvm" in backends and "host" not in raw.get("tvm", {}):
+        raise EdgeforgeError(f"target file {path}: lists backend tvm but has no [tvm] host")
+    if "onnx" in backends and "execution_provider" not in raw.get("onnx", {}):
+        raise EdgeforgeError(f"target file {path}: lists backend onnx but has no [onnx] execution_provider")
+    return Target(
+        name=raw["name"], description=raw.get("description", ""), backends=backends, run=raw["run"],
+        os=raw["os"], arch=raw["arch"], tvm=raw.get("tvm", {}), onnx=raw.get("onnx", {}), path=path, raw=raw,
+    )
+
+
+def list_targets() -> list[Target]:
+    found: dict[str, Target] = {}
+    for d in _search_dirs():
+        for path in sorted(d.glob("*.toml")):
+            t = load_target_file(path)
+            found[t.name] = t
+    return [found[k] for k in sorted(found)]
+
+
+def get_target(name: str) -> Target:
+    if name.endswith(".toml") and Path(name).is_file():
+        return load_target_file(Path(name))
+    targets = {t.name: t for t in list_targets()}
+    if name not in targets:
+        raise EdgeforgeError(f"unknown target '{name}'; known targets: {', '.join(sorted(targets))} (or pass a .toml file)")
+    return targets[name]
