@@ -34,6 +34,9 @@ def _as_f32(w, name: str) -> np.ndarray:
 class F32:
     """The weight as float32."""
 
+    def __repr__(self):
+        return type(self).__name__ + "()"
+
     name = "f32"
     array_names = ("weight",)
     scale_dtype = None
@@ -44,9 +47,16 @@ class F32:
     def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(arrays["weight"], dtype=np.float32)
 
+    def stored(self, shape) -> dict[str, tuple[tuple, str]]:
+        """role -> (shape, dtype) of the arrays quantize() returns for a weight of `shape`."""
+        return {"weight": (tuple(shape), "float32")}
+
 
 class F16:
     """The weight as float16 (relative error <= 2^-11 in the normal range)."""
+
+    def __repr__(self):
+        return type(self).__name__ + "()"
 
     name = "f16"
     array_names = ("weight",)
@@ -62,6 +72,9 @@ class F16:
 
     def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(arrays["weight"]).astype(np.float32)
+
+    def stored(self, shape) -> dict[str, tuple[tuple, str]]:
+        return {"weight": (tuple(shape), "float16")}
 
 
 class _Grouped:
@@ -119,6 +132,11 @@ class _Grouped:
         out = q.reshape(q.shape[0], -1, GROUP_SIZE) * scales[:, :, None]
         return out.reshape(q.shape)
 
+    def stored(self, shape) -> dict[str, tuple[tuple, str]]:
+        out_f, in_f = shape
+        return {"qweight": ((out_f, in_f // self.per_item), self.qweight_dtype),
+                "scales": ((out_f, in_f // GROUP_SIZE), self.scale_dtype)}
+
     def _store(self, q: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -131,6 +149,8 @@ class Q8(_Grouped):
 
     name = "q8"
     qmax = Q8_MAX
+    qweight_dtype = "int8"
+    per_item = 1
 
     def _store(self, q):
         return q
@@ -146,6 +166,8 @@ class Q4(_Grouped):
 
     name = "q4"
     qmax = Q4_MAX
+    qweight_dtype = "uint32"
+    per_item = Q4_PER_WORD
 
     def _store(self, q):
         return pack_q4(q.astype(np.int16) + Q4_OFFSET)

@@ -1,0 +1,101 @@
+"""`compile_model` for the ONNX backend: QDIR -> model.onnx + model.onnx.data + artifact.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+from ...errors import EdgeforgeError
+from .graph import IR_VERSION, MS_OPSET, OPSET, build_model
+from .qdir import QdirWeights
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+# execution provider -> (device name, the onnxruntime package that has it on the device)
+PROVIDERS = {
+    "CPUExecutionProvider": ("cpu", "onnxruntime"),
+    "CUDAExecutionProvider": ("cuda", "onnxruntime-gpu"),
+    "WebGpuExecutionProvider": ("webgpu", "onnxruntime-webgpu"),
+    "CoreMLExecutionProvider": ("coreml", "onnxruntime"),
+}
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+def compile_model(qdir: Path, target, out: Path, log=lambda msg: None) -> dict:
+    """Build the graph for `target` ([onnx] execution_provider, accuracy_level) into `out`."""
+    ep, level = _target_settings(target)
+    weights = QdirWeights(Path(qdir))
+    compute = compute_dtype(target, ep, weights.model_dtype_name)
+    log(f"onnx: building {weights.scheme} graph ({compute} compute, MatMulNBits accuracy_level {level}) for {ep}")
+    model = build_model(weights, level, compute)
+    out = Path(out)
+    # External data: one file next to the graph, every tensor of >= 1 KiB in it (keeps the .onnx tiny).
+    onnx.save_model(model, out / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    try:
+        onnx.checker.check_model(str(out / MODEL_FILE))
+    except onnx.checker.ValidationError as err:  # a builder bug, not bad input, but say where
+        raise EdgeforgeError(f"{out / MODEL_FILE}: onnx.checker rejected the graph: {str(err).splitlines()[0]}") from err
+    artifact = _artifact(weights, target, ep, level, compute)
+    (out / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))
+    size = (out / DATA_FILE).stat().st_size if (out / DATA_FILE).exists() else 0
+    log(f"onnx: wrote {MODEL_FILE} ({len(model.graph.node)} nodes) and {DATA_FILE} ({size / 2**20:.1f} MiB)")
+    return artifact
+
+
+def compute_dtype(target, ep: str, model_dtype: str) -> str:
+    """[onnx] compute_dtype = "auto" (default) | "float32" | "float16".
+
+    auto: the scheme's model dtype, except float32 for the CPU provider on x86-64. There ONNX
+    Runtime has no float16 arithmetic: it converts around nearly every op, so a float16 graph is
+    slower (12.2 vs 10.5 ms/token CPU time, SmolLM2 shape, 1 thread) and rounds activations for
+    nothing (about 1e-3 of the logit range on the tiny models). float16 scales widen exactly, so
+    the weights are the QDIR's bit for bit either way.
+    """
+    setting = (getattr(target, "onnx", None) or {}).get("compute_dtype", "auto")
+    if setting not in ("auto", "float32", "float16"):
+        raise EdgeforgeError(f"target '{target.name}': [onnx] compute_dtype must be auto, float32 or float16, got {setting!r}")
+    if setting != "auto":
+        return setting
+    return "float32" if ep == "CPUExecutionProvider" and getattr(target, "arch", "") == "x86_64" else model_dtype
+
+
+def _target_settings(target) -> tuple[str, int]:
+    settings = getattr(target, "onnx", None) or {}
+    where = f"target '{target.name}' ({getattr(target, 'path', None) or 'built-in'})"
+    ep = settings.get("execution_provider")
+    if ep not in PROVIDERS:
+        raise EdgeforgeError(f"{where}: [onnx] execution_provider must be one of {', '.join(PROVIDERS)}, got {ep!r}")
+    level = settings.get("accuracy_level", 4)
+    if level not in ACCURACY_LEVELS:
+        raise EdgeforgeError(f"{where}: [onnx] accuracy_level must be one of {ACCURACY_LEVELS}, got {level!r}")
+    return ep, int(level)
+
+
+def _artifact(weights: QdirWeights, target, ep: str, level: int, compute: str) -> dict:
+    import onnxruntime
+
+    cfg = weights.config
+    device, package = PROVIDERS[ep]
+    files = [MODEL_FILE, DATA_FILE]
+    ort_version = onnxruntime.__version__
+    return {
+        "format": "edgeforge-artifact", "version": 1, "backend": "onnx", "target": target.name,
+        "files": files, "device": device, "model_dtype": weights.model_dtype_name, "scheme": weights.scheme,
+        "needs_weights": False,
+        # The graph needs GroupQueryAttention with shared past/present buffers and
+        # GatherBlockQuantized(bits=...): tested with these versions.
+        "runtime": {package: ort_version if package == "onnxruntime" else ">=1.27"},
+        "toolchain": {"onnx": onnx.__version__, "onnxruntime": ort_version},
+        "device_requirements": {"execution_provider": ep, "package": package},
+        "onnx": {
+            "model": MODEL_FILE, "execution_provider": ep, "accuracy_level": level,
+            "opset": OPSET, "ms_opset": MS_OPSET, "ir_version": IR_VERSION,
+            "num_layers": cfg["num_layers"], "num_kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"],
+            "vocab_size": cfg["vocab_size"], "context_length": cfg["context_length"],
+            "compute_dtype": compute, "kv_dtype": compute,
+        },
+    }

@@ -1,0 +1,232 @@
+"""Build the ONNX graph of a Llama decoder from a QDIR, with ONNX Runtime's contrib ops.
+
+One graph serves prefill and decode (batch 1):
+
+  inputs   input_ids int64 [1, S], seqlens_k int32 [1] (= total length - 1),
+           total_sequence_length int32 [] , past_key_values.{i}.key/.value T [1, kv_heads, P, head_dim]
+  outputs  logits float32 [1, 1, vocab] (last position only), present.{i}.key/.value
+
+The engine binds past and present to the *same* buffer (max length P): GroupQueryAttention then
+appends the new keys in place and reads only the first `total_sequence_length` rows.
+
+Ops: GatherBlockQuantized (quantized embedding, shared with a tied head), MatMulNBits (q/k/v fused
+into one, gate/up fused into one), GroupQueryAttention with rotary from cos/sin caches computed from
+LlamaConfig.rope_inv_freq(), SkipSimplifiedLayerNormalization between blocks. T (activations,
+KV cache) is the compute dtype chosen by compile.py: the scheme's model dtype, except float32 on
+x86 CPUs (see compile.py). The residual stream, the norms and the head are float32 always.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ...model.config import LlamaConfig
+from . import pack
+from .qdir import QdirWeights
+
+OPSET = 21  # ai.onnx; ONNX Runtime >= 1.20 and onnxruntime-webgpu 1.27 run it
+MS_OPSET = 1  # com.microsoft
+IR_VERSION = 10
+MS = "com.microsoft"
+ONNX_DTYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+
+
+def kv_names(layer: int) -> tuple[str, str, str, str]:
+    """(past key, past value, present key, present value) graph names of one layer."""
+    return (f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
+            f"present.{layer}.key", f"present.{layer}.value")
+
+
+class _Graph:
+    """Nodes and initializers with unique names; the small helpers keep the model code readable."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        self._count += 1
+        return self.init(f"const_{self._count}", np.asarray(values, dtype=dtype))
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs):
+        """Add a node called `name`; returns its output name (or list of names when several)."""
+        outs = outputs if isinstance(outputs, list) else [f"{name}/out{i}" if outputs > 1 else f"{name}/out" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+class LlamaOnnxBuilder:
+    def __init__(self, weights: QdirWeights, accuracy_level: int, compute_dtype=None):
+        self.w = weights
+        self.cfg = LlamaConfig.from_dict(weights.config, source=str(weights.qdir / "config.json"))
+        # Activations, scales and KV cache; widening float16 scales/weights to float32 is exact.
+        self.dtype = np.dtype(compute_dtype or weights.model_dtype).type
+        self.accuracy_level = int(accuracy_level)
+        self.g = _Graph()
+        self.embed_blob: str | None = None  # the embedding's MatMulNBits blob, for a tied head
+
+    # ---- weights ------------------------------------------------------------------------------
+    def _entry(self, name: str):
+        return self.w.entry(name), self.w.arrays(name)
+
+    def _is_quant(self, name: str) -> bool:
+        return self.w.entry(name)["format"] in pack.QUANT_BITS
+
+    def _dense(self, name: str) -> np.ndarray:
+        entry, arrays = self._entry(name)
+        return pack.dense(name, entry, arrays, self.dtype)
+
+    def _quant(self, name: str) -> pack.QuantLinear:
+        entry, arrays = self._entry(name)
+        return pack.quant_linear(name, entry, arrays, self.dtype)
+
+    # ---- building blocks ----------------------------------------------------------------------
+    def linear(self, x: str, weight_names: list[str], name: str) -> str:
+        """x @ concat(weights).T; one MatMulNBits (or MatMul for f32/f16 weights) for all of them."""
+        if all(self._is_quant(n) for n in weight_names):
+            q = pack.concat_rows([self._quant(n) for n in weight_names])
+            return self._matmul_nbits(x, q, name)
+        w = np.concatenate([self._dense(n) for n in weight_names], axis=0)
+        return self.g.op("MatMul", [x, self.g.init(f"{name}.weight_t", w.T)], name)
+
+    def _matmul_nbits(self, x: str, q: pack.QuantLinear, name: str, blob: str | None = None) -> str:
+        blob = blob or self.g.init(f"{name}.qweight", q.blob)
+        scales = self.g.init(f"{name}.scales", q.scales.reshape(-1))
+        return self.g.op("MatMulNBits", [x, blob, scales], name, domain=MS, K=q.k, N=q.n, bits=q.bits,
+                         block_size=pack.GROUP, accuracy_level=self.accuracy_level)
+
+    def to_compute(self, x: str, name: str) -> str:
+        """float32 -> the graph's compute dtype (matmul/attention inputs)."""
+        return self.g.op("Cast", [x], name, to=TensorProto.FLOAT16) if self.dtype == np.float16 else x
+
+    def to_f32(self, x: str, name: str) -> str:
+        return self.g.op("Cast", [x], name, to=TensorProto.FLOAT) if self.dtype == np.float16 else x
+
+    def rms_norm_first(self, x: str, weight: str) -> str:
+        """The first RMSNorm (no residual yet) from standard ops, in float32.
+
+        SimplifiedLayerNormalization would do, but it is not an ONNX op (onnx.checker rejects it);
+        later norms use SkipSimplifiedLayerNormalization (com.microsoft, which the checker skips).
+        """
+        g, eps = self.g, self.cfg.rms_norm_eps
+        ms = g.op("ReduceMean", [g.op("Mul", [x, x], "norm0/sq"), g.const([-1])], "norm0/mean", keepdims=1)
+        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(eps, np.float32)], "norm0/eps")], "norm0/sqrt")], "norm0/inv")
+        w32 = g.init(weight, self._dense(weight).astype(np.float32))
+        y = g.op("Mul", [g.op("Mul", [x, inv], "norm0/scale"), w32], "norm0/out")
+        return self.to_compute(y, "norm0/cast")
+
+    def skip_norm(self, x: str, residual: str, weight: str, name: str) -> tuple[str, str]:
+        """(RMSNorm(x + residual) * weight in the compute dtype, x + residual in float32).
+
+        The residual stream and the norms stay float32 in float16 graphs too: summing 2 x layers
+        float16 updates into a float16 stream is where most of the float16 error came from.
+        """
+        w = self.g.init(weight, self._dense(weight).astype(np.float32))
+        out, total = f"{name}/out", f"{name}/sum"
+        self.g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [self.to_f32(x, f"{name}/cast_in"), residual, w],
+                                             [out, "", "", total], name=name, domain=MS,
+                                             epsilon=float(self.cfg.rms_norm_eps)))
+        return self.to_compute(out, f"{name}/cast_out"), total
+
+    def embedding(self, ids: str) -> str:
+        """float32 [1, S, H] rows of the embedding table (the start of the float32 residual stream)."""
+        name = "model.embed_tokens.weight"
+        g, h = self.g, self.cfg.hidden_size
+        if not self._is_quant(name):
+            return g.op("Gather", [g.init(name, self._dense(name)), ids], "embed", axis=0) if self.dtype == np.float32 \
+                else self.to_f32(g.op("Gather", [g.init(name, self._dense(name)), ids], "embed", axis=0), "embed/cast")
+        # GatherBlockQuantized reads MatMulNBits' blob as is: [vocab, H/32, blob] packed along the
+        # last axis; a tied head then uses the same initializer (one copy of the biggest tensor).
+        entry, arrays = self._entry(name)
+        q = pack.quant_linear(name, entry, arrays, np.float32)  # float32 scales: float32 rows
+        self.embed_blob = g.init("model.embed_tokens.qweight", q.blob)
+        scales = g.init("model.embed_tokens.scales", q.scales[:, :, None])
+        rows = g.op("GatherBlockQuantized", [self.embed_blob, ids, scales], "embed", domain=MS,
+                    bits=q.bits, block_size=pack.GROUP, gather_axis=0, quantize_axis=2)
+        return g.op("Reshape", [rows, g.const([0, 0, h])], "embed/reshape")
+
+    def lm_head(self, x: str) -> str:
+        """float32 logits from a float32 `x` (the head's scales or weights in float32)."""
+        tied = self.cfg.tie_word_embeddings or not self.w.has("lm_head.weight")
+        name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        entry, arrays = self._entry(name)
+        if self._is_quant(name):
+            q = pack.quant_linear(name, entry, arrays, np.float32)
+            return self._matmul_nbits(x, q, "lm_head", blob=self.embed_blob if tied else None)
+        if tied:  # the Gather table transposed at load time (constant folding), not stored twice
+            table = name if self.dtype == np.float32 else self.g.op("Cast", [name], "lm_head/cast", to=TensorProto.FLOAT)
+            return self.g.op("MatMul", [x, self.g.op("Transpose", [table], "lm_head/transpose", perm=[1, 0])], "lm_head")
+        w = pack.dense(name, entry, arrays, np.float32)
+        return self.g.op("MatMul", [x, self.g.init("lm_head.weight_t", w.T)], "lm_head")
+
+    def rotary_caches(self) -> tuple[str, str]:
+        inv = self.cfg.rope_inv_freq().astype(np.float64)
+        angles = np.outer(np.arange(self.cfg.context_length, dtype=np.float64), inv)
+        cos = self.g.init("cos_cache", np.cos(angles).astype(self.dtype))
+        sin = self.g.init("sin_cache", np.sin(angles).astype(self.dtype))
+        return cos, sin
+
+    def attention(self, x: str, i: int, cos: str, sin: str) -> str:
+        c, p = self.cfg, f"model.layers.{i}.self_attn"
+        qkv = self.linear(x, [f"{p}.{n}_proj.weight" for n in "qkv"], f"{p}.qkv_proj")
+        past_k, past_v, present_k, present_v = kv_names(i)
+        attn, _, _ = self.g.op("GroupQueryAttention",
+                         [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
+                         f"{p}.attn", outputs=[f"{p}.attn/out", present_k, present_v], domain=MS,
+                         num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+                         scale=float(1.0 / np.sqrt(c.head_dim)), local_window_size=-1)
+        return self.linear(attn, [f"{p}.o_proj.weight"], f"{p}.o_proj")
+
+    def mlp(self, x: str, i: int) -> str:
+        p = f"model.layers.{i}.mlp"
+        gate_up = self.linear(x, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], f"{p}.gate_up_proj")
+        gate, up = self.g.op("Split", [gate_up], f"{p}.split", outputs=2, axis=-1, num_outputs=2)
+        silu = self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate], f"{p}.sigmoid")], f"{p}.silu")
+        return self.linear(self.g.op("Mul", [silu, up], f"{p}.swiglu"), [f"{p}.down_proj.weight"], f"{p}.down_proj")
+
+    # ---- the model ----------------------------------------------------------------------------
+    def build(self) -> onnx.ModelProto:
+        c, g = self.cfg, self.g
+        cos, sin = self.rotary_caches()
+        residual = self.embedding("input_ids")
+        x = self.rms_norm_first(residual, "model.layers.0.input_layernorm.weight")
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}"
+            x, residual = self.skip_norm(self.attention(x, i, cos, sin), residual,
+                                         f"{p}.post_attention_layernorm.weight", f"{p}.post_attention_norm")
+            next_norm = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < c.num_layers else "model.norm.weight"
+            x, residual = self.skip_norm(self.mlp(x, i), residual, next_norm, f"{p}.mlp_residual_norm")
+        residual_norm = f"{p}.mlp_residual_norm/out"  # the final norm's output before its cast
+        # Only the last position's logits are needed (prefill returns them): skip the head for the rest.
+        # The final norm's float32 output feeds a float32 head: one position, so it costs little.
+        last = g.op("Slice", [residual_norm, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])], "last_position")
+        logits = self.lm_head(last)
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+        return self._model()
+
+    def _model(self) -> onnx.ModelProto:
+        c, t = self.cfg, ONNX_DTYPE[self.dtype]
+        kv_shape = lambda dim: [1, c.num_kv_heads, dim, c.head_dim]  # noqa: E731
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
+                  helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+                  helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, c.vocab_size])]
+        for i in range(c.num_layers):
+            pk, pv, ck, cv = kv_names(i)
+            inputs += [helper.make_tensor_value_info(n, t, kv_shape("past_sequence_length")) for n in (pk, pv)]
+            outputs += [helper.make_tensor_value_info(n, t, kv_shape("present_sequence_length")) for n in (ck, cv)]
+        graph = helper.make_graph(self.g.nodes, "edgeforge_llama", inputs, outputs, self.g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, MS_OPSET)],
+                                  ir_version=IR_VERSION, producer_name="edgeforge")
+        return model
+
+
+def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype=None) -> onnx.ModelProto:
+    return LlamaOnnxBuilder(weights, accuracy_level, compute_dtype).build()

@@ -1,0 +1,124 @@
+"""compile_model(qdir, target, out, log): QDIR -> TVM module for one target (+ artifact.json).
+
+The module holds code only; weights stay in the QDIR and are passed at run time (params.json lists
+the order). Export per target (targets/*.toml [tvm].export):
+  so  - a shared library, cross-linked for aarch64 targets; CUDA kernels as real fatbins per arch;
+  tar - objects (Mach-O for Apple, ELF for Android) with the Metal source inside, for the app to link.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import EdgeforgeError
+from .model import LlamaForCausalLM, ModelSpec
+from .targets import TvmTarget, tvm_target_for
+
+PARAMS_FILE = "params.json"
+MODULE_SO = "model.so"
+MODULE_TAR = "model.tar"
+
+
+def load_spec(qdir: Path) -> tuple[ModelSpec, dict]:
+    """ModelSpec from a QDIR's config.json and quantization.json (plus the quantization dict)."""
+    from ...model.config import LlamaConfig
+
+    qdir = Path(qdir)
+    config_path, quant_path = qdir / "config.json", qdir / "quantization.json"
+    try:
+        config = json.loads(config_path.read_text())
+        quant = json.loads(quant_path.read_text())
+    except (OSError, ValueError) as err:
+        raise EdgeforgeError(f"{qdir}: cannot read config.json/quantization.json ({err})") from None
+    cfg = LlamaConfig.from_dict(config, source=str(config_path))
+    formats = {}
+    for name, info in quant.get("tensors", {}).items():
+        formats[name] = (info["format"], info.get("scale_dtype"))
+    model_dtype = quant.get("model_dtype", "float32")
+    if model_dtype not in ("float32", "float16"):
+        raise EdgeforgeError(f"{quant_path}: model_dtype {model_dtype!r} is not float32 or float16")
+    _check_formats(cfg, formats, quant_path)
+    spec = ModelSpec(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size, rms_norm_eps=float(cfg.rms_norm_eps),
+        tie_word_embeddings=bool(cfg.tie_word_embeddings), model_dtype=model_dtype,
+        inv_freq=np.asarray(cfg.rope_inv_freq(), dtype=np.float32), formats=formats,
+    )
+    return spec, quant
+
+
+def _check_formats(cfg, formats: dict, quant_path: Path) -> None:
+    needed = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_word_embeddings:
+        needed.append("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        needed += [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
+        needed += [f"{p}.self_attn.{x}_proj.weight" for x in "qkvo"]
+        needed += [f"{p}.mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+    for name in needed:
+        if name not in formats:
+            raise EdgeforgeError(f"{quant_path}: tensor '{name}' is missing")
+        fmt = formats[name][0]
+        if fmt not in ("q4", "q8", "f16", "f32"):
+            raise EdgeforgeError(f"{quant_path}: tensor '{name}' has unknown format {fmt!r}")
+
+
+def export_module(spec: ModelSpec):
+    """IRModule + ordered parameter list [(name, shape, dtype)] of the model."""
+    model = LlamaForCausalLM(spec)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    params = [
+        {"name": name, "shape": [int(d) for d in p.shape], "dtype": str(p.dtype)} for name, p in named_params
+    ]
+    return mod, params
+
+
+def build(spec: ModelSpec, tt: TvmTarget, log=lambda m: None):
+    """relax.build the model for a target; returns (executable, params)."""
+    import tvm
+    from tvm import relax
+
+    from .cpu_schedule import ScheduleQuantizedMatmul
+    from .pipeline import lowering_pipeline
+
+    target = tt.target()
+    with target:  # the KV cache picks CPU or GPU attention kernels from the current target
+        mod, params = export_module(spec)
+    cpu_sched = None if tt.is_gpu else ScheduleQuantizedMatmul(target)
+    # nvcc's wrapper reads the arch from the current target, hence `with target` here too.
+    with tt.build_env(), target:
+        ex = relax.build(mod, target=target, relax_pipeline=lowering_pipeline(target, cpu_sched))
+    return ex, params
+
+
+def compile_model(qdir: Path, target, out: Path, log=print) -> dict:
+    """Compile `qdir` for `target` (edgeforge.targets.Target) into the folder `out`."""
+    import tvm
+
+    qdir, out = Path(qdir), Path(out)
+    spec, quant = load_spec(qdir)
+    tt = tvm_target_for(target)
+    log(f"tvm: building {quant.get('scheme', '?')} for {target.name} ({tt.describe()}) ...")
+    start = time.time()
+    ex, params = build(spec, tt, log)
+    built = time.time() - start
+    files = tt.export(ex, out, log)
+    (out / PARAMS_FILE).write_text(json.dumps({"params": params}, indent=1))
+    artifact = {
+        "format": "edgeforge-artifact", "version": 1, "backend": "tvm", "target": target.name,
+        "files": sorted(files + [PARAMS_FILE]), "module": files[0], "device": tt.device_name,
+        "model_dtype": spec.model_dtype, "scheme": quant.get("scheme"), "needs_weights": True,
+        "runtime": {"apache-tvm": tvm.__version__},
+        "toolchain": dict({"apache-tvm": tvm.__version__}, **tt.toolchain_versions()),
+        "device_requirements": tt.device_requirements(),
+        "build_seconds": round(built, 1),
+    }
+    (out / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))
+    log(f"tvm: built in {built:.0f} s -> {', '.join(files)}")
+    return artifact

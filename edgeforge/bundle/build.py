@@ -1,0 +1,95 @@
+"""`edgeforge build`: quantize once, compute the golden data once, then compile and bundle per target.
+
+Stages (each printed as progress): fetch/load -> quantize (QDIR in a private temp folder) -> golden
+(numpy reference on that QDIR) -> per (target, backend): compile + bundle (+ archive).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from ..errors import EdgeforgeError
+from . import archive
+from .config import BuildPlan
+from .pack import bundle_name, make_bundle
+
+
+def model_slug(spec: str) -> str:
+    """A short file-name-safe model name: registry name, or the folder/file stem."""
+    p = Path(spec)
+    name = p.stem if p.suffix in (".gguf", ".toml") else p.name if p.exists() else spec.split("/")[-1]
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"
+
+
+def _one(args) -> dict:
+    """One (target, backend): compile and bundle. Runs in a worker process when --jobs > 1."""
+    dest, qdir, target, backend, golden, make_archive, quiet = args
+    # progress goes to stderr: stdout is for the result (the --json summary)
+    log = (lambda m: None) if quiet else (lambda m: print(f"  [{target.name}/{backend}] {m}", file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    try:
+        manifest = make_bundle(dest, qdir, target, backend, golden, log=log)
+    except EdgeforgeError as err:
+        return {"target": target.name, "backend": backend, "ok": False, "error": str(err)}
+    result = {"target": target.name, "backend": backend, "ok": True, "path": str(dest),
+              "files": len(manifest["files"]), "bytes": sum(f["size"] for f in manifest["files"].values()),
+              "seconds": round(time.perf_counter() - start, 1)}
+    if make_archive:
+        result["archive"] = str(archive.pack(dest))
+    return result
+
+
+def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False, log=print) -> dict:
+    from ..model.loader import load_model
+    from ..models import resolve_model_path
+    from ..quant.qdir import write_qdir
+    from .golden import make_golden
+
+    t0 = time.perf_counter()
+    slug = model_slug(plan.model)
+    path = resolve_model_path(plan.model, log)
+    log(f"[load] {plan.model} ({path})")
+    model = load_model(path)
+    plan.output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".edgeforge-build-", dir=plan.output) as work:
+        qdir = Path(work) / "qdir"
+        log(f"[quantize] {plan.quant}")
+        summary = write_qdir(model, plan.quant, qdir)
+        log(f"[quantize] {summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
+        log(f"[golden] {len(plan.prompts)} prompts x {plan.golden_tokens} tokens on the numpy reference")
+        golden = make_golden(qdir, plan.prompts, plan.golden_tokens, log=lambda m: log(f"  {m}"))
+        tasks = [(plan.output / bundle_name(slug, plan.quant, t.name, b), qdir, t, b, golden, make_archive, jobs > 1)
+                 for t, b in plan.jobs]
+        results = _run_tasks(tasks, jobs, log)
+    return {"model": plan.model, "quant": plan.quant, "output": str(plan.output),
+            "seconds": round(time.perf_counter() - t0, 1), "bundles": results}
+
+
+def _run_tasks(tasks, jobs: int, log) -> list[dict]:
+    results = []
+    if jobs <= 1:
+        for i, task in enumerate(tasks, 1):
+            log(f"[{i}/{len(tasks)}] {task[2].name} with {task[3]} -> {task[0]}")
+            results.append(_report(_one(task), log))
+        return results
+    log(f"[compile] {len(tasks)} bundles, {jobs} at a time")
+    # spawn: forking a process that has loaded TVM/ONNX Runtime threads is not safe
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for result in pool.map(_one, tasks):
+            results.append(_report(result, log))
+    return results
+
+
+def _report(result: dict, log) -> dict:
+    if result["ok"]:
+        log(f"  ok {result['target']}/{result['backend']}: {result['files']} files, "
+            f"{result['bytes'] / 1e6:.1f} MB, {result['seconds']} s -> {result['path']}")
+    else:
+        log(f"  FAILED {result['target']}/{result['backend']}: {result['error']}")
+    return result

@@ -1,0 +1,110 @@
+"""Build configs: `edgeforge build MODEL --quant ... --target ...` or `edgeforge build FILE.toml`.
+
+A config file (examples/smollm2.toml):
+    model = "smollm2-135m"          # registry name, HF folder, .gguf or QDIR
+    quant = "q4f16"
+    output = "dist"
+    prompts = ["What is the capital of France?"]   # optional golden prompts
+    golden_tokens = 12                              # optional
+    [targets]                        # target -> backends ("auto" or a list)
+    x86-cpu = ["tvm", "onnx"]
+    cuda = "auto"
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ..errors import EdgeforgeError
+from ..targets import get_target
+from .golden import DEFAULT_PROMPTS, DEFAULT_TOKENS
+
+
+@dataclass
+class BuildPlan:
+    model: str
+    quant: str
+    output: Path
+    jobs: list[tuple[object, str]] = field(default_factory=list)  # (Target, backend)
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    golden_tokens: int = DEFAULT_TOKENS
+    source: Path | None = None  # the config file, when there was one
+
+
+def is_config(arg: str) -> bool:
+    return arg.endswith(".toml") and Path(arg).is_file()
+
+
+def read_config(path: Path) -> dict:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise EdgeforgeError(f"build config {path}: {err}") from None
+    for key in ("model", "quant", "targets"):
+        if key not in raw:
+            raise EdgeforgeError(f"build config {path}: missing key '{key}'")
+    known = {"model", "quant", "output", "prompts", "golden_tokens", "targets", "embed_bits"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise EdgeforgeError(f"build config {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return raw
+
+
+def expand(target_name: str, backends, where: str) -> list[tuple[object, str]]:
+    """(Target, backend) pairs for one target; backends: 'auto', 'all', a name or a list."""
+    target = get_target(target_name)
+    if isinstance(backends, str):
+        backends = list(target.backends) if backends == "all" else [backends]
+    if not backends:
+        raise EdgeforgeError(f"{where}: target '{target_name}' has an empty backend list")
+    return [(target, target.pick_backend(b)) for b in backends]
+
+
+def config_targets(raw: dict, path: Path) -> dict[str, object]:
+    targets = raw["targets"]
+    if isinstance(targets, list):
+        return {t: "auto" for t in targets}
+    if isinstance(targets, dict):
+        return targets
+    raise EdgeforgeError(f"build config {path}: 'targets' must be a list of names or a table name -> backends")
+
+
+def make_plan(spec: str, quant, targets: tuple[str, ...], backend: str, output) -> BuildPlan:
+    """Merge a config file (when spec is one) with command-line options; the options win."""
+    if is_config(spec):
+        raw, where = read_config(Path(spec)), spec
+        wanted = config_targets(raw, Path(spec))
+        if targets:  # --target picks a subset of the config's targets (one CI job per target)
+            missing = [t for t in targets if t not in wanted]
+            if missing:
+                raise EdgeforgeError(f"--target {missing[0]}: not in build config {spec} (it has {', '.join(wanted)})")
+            wanted = {t: wanted[t] for t in targets}
+        if backend != "auto":
+            wanted = {t: backend for t in wanted}
+        plan = BuildPlan(model=raw["model"], quant=quant or raw["quant"],
+                         output=Path(output or raw.get("output", "dist")), source=Path(spec),
+                         prompts=tuple(raw.get("prompts", DEFAULT_PROMPTS)),
+                         golden_tokens=int(raw.get("golden_tokens", DEFAULT_TOKENS)))
+        if not Path(plan.model).is_absolute() and (Path(spec).parent / plan.model).exists():
+            plan.model = str(Path(spec).parent / plan.model)  # paths in a config are relative to it
+    else:
+        if not quant:
+            raise EdgeforgeError("--quant is required when building from a model (e.g. --quant q4f16)")
+        if not targets:
+            raise EdgeforgeError("--target is required when building from a model (see `edgeforge targets`)")
+        if output is None:
+            raise EdgeforgeError("-o/--output is required when building from a model (e.g. -o dist)")
+        wanted, where = {t: backend for t in targets}, "--target"
+        plan = BuildPlan(model=spec, quant=quant, output=Path(output))
+    for name, backends in wanted.items():
+        plan.jobs.extend(expand(name, backends, where))
+    if not plan.jobs:
+        raise EdgeforgeError(f"{where}: no targets to build")
+    return plan

@@ -1,0 +1,78 @@
+"""golden.json: what the numpy reference gives on the bundle's own quantized weights.
+
+A few short greedy generations (cheap on purpose: the reference is numpy), with a top-k summary of
+the logits at every step and tolerances that depend on the dtype the backend computes in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.golden_check import GOLDEN_FORMAT, step_summary
+from ..runtime.smoke import encode_prompt
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three colors.",
+)
+DEFAULT_TOKENS = 12
+TOP_K = 8
+# Relative to the golden logit range at each step (max - min): the reference runs in float32 on the
+# dequantized weights, backends in model_dtype.
+REL_TOL = {"float32": 1e-3, "float16": 2e-2}
+# ONNX MatMulNBits accuracy_level 4 quantizes activations to int8 per block (~5e-3 relative per
+# matmul, PLATFORM-NOTES); over the layers that measured 1-2% of the logit range on tiny models.
+INT8_ACT_REL_TOL = 4e-2
+
+
+def tolerance_for(artifact: dict) -> dict:
+    """The golden tolerance for one compiled artifact: by model dtype, wider for int8 activations."""
+    dtype = artifact.get("model_dtype", "float32")
+    rel, why = REL_TOL.get(dtype, 2e-2), f"{dtype} compute"
+    if (artifact.get("onnx") or {}).get("accuracy_level") == 4:
+        rel, why = max(rel, INT8_ACT_REL_TOL), f"{dtype} compute with int8 activations (MatMulNBits accuracy_level 4)"
+    return {"rel": rel, "why": why, "basis": "golden logit range (max - min) per step"}
+
+
+def greedy(engine, prompt_ids: list[int], max_tokens: int, top_k: int = TOP_K) -> tuple[list[int], list[dict]]:
+    engine.reset()
+    logits = engine.prefill(prompt_ids)
+    tokens, steps = [], []
+    for i in range(max_tokens):
+        steps.append(step_summary(logits, top_k))
+        tokens.append(int(np.argmax(logits)))
+        if i + 1 < max_tokens:
+            logits = engine.decode(tokens[-1])
+    return tokens, steps
+
+
+def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_TOKENS, log=lambda m: None) -> dict:
+    """Run the numpy reference on the QDIR for each prompt (chat template when the model has one)."""
+    from ..model.loader import load_model
+    from ..model.reference import ReferenceModel
+
+    model = load_model(Path(qdir))
+    engine = ReferenceModel(model)
+    dtype = model.source.get("model_dtype") or _model_dtype(qdir)
+    chat = bool(getattr(model.tokenizer, "chat_template", None))
+    out = []
+    for text in prompts:
+        ids = encode_prompt(model.tokenizer, text, chat)
+        limit = model.config.context_length - len(ids)
+        tokens, steps = greedy(engine, ids, min(max_tokens, limit))
+        log(f"golden: {text!r}: {len(ids)} prompt tokens -> {tokens}")
+        out.append({"text": text, "chat": chat, "prompt_ids": ids, "tokens": tokens, "steps": steps})
+    return {"format": GOLDEN_FORMAT, "version": 1, "model_dtype": dtype, "top_k": TOP_K,
+            "tolerance": {"rel": REL_TOL.get(dtype, 2e-2), "why": f"{dtype} compute",
+                          "basis": "golden logit range (max - min) per step"},
+            "reference": "edgeforge numpy reference (float32 on the dequantized QDIR weights), teacher-forced",
+            "prompts": out}
+
+
+def _model_dtype(qdir: Path) -> str:
+    import json
+
+    return json.loads((Path(qdir) / "quantization.json").read_text()).get("model_dtype", "float32")

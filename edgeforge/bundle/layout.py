@@ -1,0 +1,87 @@
+"""The device-side files of a bundle: runtime copy, smoke.py, requirements.txt, README.md.
+
+Bundle layout (see docs/BUNDLES.md):
+  manifest.json  golden.json  artifact/  weights/ (TVM only)  tokenizer/
+  runtime/edgeforge_runtime/  smoke.py  requirements.txt  README.md
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+from .. import runtime as _runtime_pkg
+
+RUNTIME_SRC = Path(_runtime_pkg.__file__).resolve().parent
+RUNTIME_DEST = Path("runtime") / "edgeforge_runtime"
+# What every bundle's runtime imports besides the backend runtime (see edgeforge/runtime/__init__.py).
+BASE_REQUIREMENTS = ("numpy", "tokenizers", "jinja2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+WEIGHT_GLOBS = ("config.json", "quantization.json", "*.safetensors", "model.safetensors.index.json")
+
+SMOKE_PY = '''\
+#!/usr/bin/env python3
+"""Smoke-test this edgeforge bundle on this machine: `python smoke.py [--json]`.
+
+Needs only what requirements.txt lists. Exit codes: 0 PASS, 1 FAIL, 2 unusable bundle or machine.
+"""
+import os
+import sys
+
+sys.dont_write_bytecode = True  # leave the bundle exactly as manifest.json lists it
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "runtime"))
+
+from edgeforge_runtime.smoke import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(bundle=HERE))
+'''
+
+
+def copy_runtime(bundle: Path) -> None:
+    """Copy edgeforge/runtime (sources only) to BUNDLE/runtime/edgeforge_runtime."""
+    dest = bundle / RUNTIME_DEST
+    shutil.copytree(RUNTIME_SRC, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
+
+
+def copy_tokenizer(qdir: Path, bundle: Path) -> None:
+    (bundle / "tokenizer").mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(qdir / name, bundle / "tokenizer" / name)
+
+
+def copy_weights(qdir: Path, bundle: Path) -> None:
+    (bundle / "weights").mkdir()
+    for pattern in WEIGHT_GLOBS:
+        for path in sorted(qdir.glob(pattern)):
+            shutil.copyfile(path, bundle / "weights" / path.name)
+
+
+def pinned(dist: str) -> str:
+    try:
+        return f"{dist}=={metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        return dist
+
+
+def requirements(artifact: dict) -> dict[str, str]:
+    """Pinned device requirements: the base libraries as installed here plus the backend runtime."""
+    reqs = {}
+    for dist in BASE_REQUIREMENTS:
+        spec = pinned(dist)
+        reqs[dist] = spec.split("==")[1] if "==" in spec else ""
+    reqs.update(artifact.get("runtime") or {})
+    return dict(sorted(reqs.items()))
+
+
+def write_requirements(bundle: Path, reqs: dict[str, str]) -> None:
+    lines = [f"{name}=={ver}" if ver else name for name, ver in reqs.items()]
+    (bundle / "requirements.txt").write_text("\n".join(lines) + "\n")
+
+
+def write_smoke_py(bundle: Path) -> None:
+    path = bundle / "smoke.py"
+    path.write_text(SMOKE_PY)
+    path.chmod(0o755)

@@ -1,0 +1,43 @@
+"""Assemble one bundle: compile into it, add weights/tokenizer/golden/runtime, write the manifest last.
+
+Everything is built in a private temporary folder renamed into place (fsutil.atomic_output_dir), so a
+failed or concurrent build never leaves a partial or mixed bundle at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..commands.compile_cmd import compile_qdir
+from ..fsutil import atomic_output_dir
+from ..runtime.loader import read_artifact
+from . import layout, readme
+from .golden import tolerance_for
+from .manifest import manifest_data, write_manifest
+
+
+def bundle_name(model_name: str, scheme: str, target: str, backend: str) -> str:
+    return f"{model_name}-{scheme}-{target}-{backend}"
+
+
+def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, log=lambda m: None) -> dict:
+    """Build the bundle at `dest` for (target, backend); returns its manifest."""
+    dest = Path(dest)
+    with atomic_output_dir(dest) as tmp:
+        compile_qdir(qdir, str(target.path) if target.path else target.name, backend, tmp / "artifact", log=log)
+        artifact = read_artifact(tmp / "artifact")
+        has_weights = bool(artifact.get("needs_weights"))
+        if has_weights:
+            layout.copy_weights(qdir, tmp)
+        layout.copy_tokenizer(qdir, tmp)
+        golden = dict(golden, tolerance=tolerance_for(artifact))
+        (tmp / "golden.json").write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        layout.copy_runtime(tmp)
+        layout.write_smoke_py(tmp)
+        reqs = layout.requirements(artifact)
+        layout.write_requirements(tmp, reqs)
+        data = manifest_data(dest.name, qdir, target, artifact, reqs, has_weights)
+        readme.write_readme(tmp, data)
+        manifest = write_manifest(tmp, data)
+    return manifest

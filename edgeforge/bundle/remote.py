@@ -1,0 +1,98 @@
+"""`edgeforge smoke --ssh USER@HOST`: copy a verified bundle to a device over SFTP and run its smoke.py.
+
+The device needs Python 3 with the bundle's requirements.txt installed. The remote exit code (0 PASS,
+1 FAIL, 2 unusable) is passed through; a host that cannot be reached or refuses us is exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shlex
+import socket
+from pathlib import Path
+
+from ..errors import EdgeforgeError
+
+
+def parse_dest(dest: str) -> tuple[str, str]:
+    user, sep, host = dest.rpartition("@")
+    if not host or (sep and not user):
+        raise EdgeforgeError(f"--ssh {dest!r}: expected USER@HOST or HOST")
+    return (user or os.environ.get("USER") or "root"), host
+
+
+def connect(dest: str, port: int = 22, identity: str | None = None, known_hosts: str | None = None,
+            timeout: float = 10.0):
+    try:
+        import paramiko
+    except ImportError:
+        raise EdgeforgeError("--ssh needs paramiko: pip install 'edgeforge[ssh]'") from None
+    user, host = parse_dest(dest)
+    client = paramiko.SSHClient()
+    client.load_system_host_keys()
+    if known_hosts:
+        client.load_host_keys(known_hosts)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    else:
+        # Like ssh's StrictHostKeyChecking=accept-new for a device seen for the first time.
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    where = f"{user}@{host}:{port}"
+    try:
+        client.connect(host, port=port, username=user, key_filename=identity, timeout=timeout,
+                       banner_timeout=timeout, auth_timeout=timeout, look_for_keys=identity is None,
+                       allow_agent=identity is None)
+    except (socket.gaierror, socket.timeout, TimeoutError, ConnectionError, OSError) as err:
+        raise EdgeforgeError(f"--ssh {where}: cannot connect ({type(err).__name__}: {err})") from None
+    except paramiko.SSHException as err:
+        raise EdgeforgeError(f"--ssh {where}: ssh failed ({type(err).__name__}: {err})") from None
+    return client
+
+
+def _upload(sftp, local: Path, remote: str) -> int:
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(local):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        rel = Path(dirpath).relative_to(local).as_posix()
+        rdir = remote if rel == "." else posixpath.join(remote, rel)
+        if rel != ".":
+            sftp.mkdir(rdir)
+        for name in sorted(filenames):
+            sftp.put(str(Path(dirpath, name)), posixpath.join(rdir, name))
+            count += 1
+    return count
+
+
+def _exec(client, command: str, timeout: float | None = None) -> tuple[int, str, str]:
+    _, stdout, stderr = client.exec_command(command, timeout=timeout)
+    out, err = stdout.read().decode(errors="replace"), stderr.read().decode(errors="replace")
+    return stdout.channel.recv_exit_status(), out, err
+
+
+def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None = None,
+                   python: str = "python3", known_hosts: str | None = None, log=lambda m: None,
+                   keep: bool = False) -> tuple[int, str, str]:
+    """Copy the bundle to a fresh temp folder on the device, run smoke.py --json, clean up.
+
+    Returns (exit code, stdout, stderr) of the remote smoke.py.
+    """
+    client = connect(dest, port, identity, known_hosts)
+    try:
+        code, out, err = _exec(client, "mktemp -d /tmp/edgeforge-smoke.XXXXXX")
+        if code != 0 or not out.strip():
+            raise EdgeforgeError(f"--ssh {dest}: cannot make a temp folder on the device: {err.strip()}")
+        remote = posixpath.join(out.strip(), Path(bundle).name)
+        sftp = client.open_sftp()
+        sftp.mkdir(remote)
+        n = _upload(sftp, Path(bundle), remote)
+        sftp.close()
+        log(f"copied {n} files to {dest}:{remote}")
+        cmd = f"cd {shlex.quote(remote)} && {python} smoke.py --json"
+        code, out, err = _exec(client, cmd)
+        if code == 127:
+            raise EdgeforgeError(f"--ssh {dest}: '{python}' not found on the device ({err.strip()})")
+        if not keep:
+            _exec(client, f"rm -rf {shlex.quote(posixpath.dirname(remote))}")
+        return code, out, err
+    finally:
+        client.close()

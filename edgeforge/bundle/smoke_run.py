@@ -1,0 +1,99 @@
+"""`edgeforge smoke`: verify a bundle here, then run its own smoke.py where it can run.
+
+Where: this machine's Python (host CPU, CUDA), the WebGPU/lavapipe Python (vulkan), the arm64 root
+under qemu (--emulate) or a device over ssh (--ssh). The bundle's smoke.py loads only the bundle's
+runtime copy, so this checks exactly what ships. Exit codes: 0 PASS, 1 FAIL, 2 unusable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import EdgeforgeError
+from ..runtime.bundle_errors import BundleError
+from ..runtime.hostcheck import check_can_run
+from ..runtime.manifest_check import verify_bundle
+from . import archive
+
+
+@contextlib.contextmanager
+def opened_bundle(spec: Path):
+    """A bundle folder for `spec` (a folder, or an archive extracted into a temp folder)."""
+    spec = Path(spec)
+    if archive.is_archive(spec):
+        with tempfile.TemporaryDirectory(prefix="edgeforge-smoke-") as tmp:
+            yield archive.extract(spec, Path(tmp))
+        return
+    if not spec.is_dir():
+        raise EdgeforgeError(f"{spec}: no such bundle folder or archive")
+    yield spec
+
+
+def verify(bundle: Path) -> dict:
+    try:
+        return verify_bundle(bundle)
+    except BundleError as err:
+        raise EdgeforgeError(str(err)) from None
+
+
+def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
+    """The command prefix and environment of a Python that can run this bundle on this machine."""
+    run = manifest["target"].get("run", "host")
+    if emulate:
+        if manifest["target"].get("arch") != "aarch64" or manifest["target"].get("os") != "linux":
+            raise EdgeforgeError(f"--emulate: bundle target '{manifest['target']['name']}' is not aarch64 Linux")
+        from .. import toolchains
+
+        return toolchains.arm64_python()
+    try:
+        check_can_run(manifest)
+    except BundleError as err:
+        raise EdgeforgeError(str(err)) from None
+    if run == "vulkan" or manifest.get("device", "").startswith(("webgpu", "vulkan")):
+        from .. import toolchains
+
+        return toolchains.webgpu_python()
+    return [sys.executable], dict(os.environ)
+
+
+def parse_result(code: int, out: str, err: str, where: str) -> tuple[int, dict]:
+    try:
+        result = json.loads(out)
+    except ValueError:
+        tail = (err.strip().splitlines() or out.strip().splitlines() or ["no output"])[-1]
+        raise EdgeforgeError(f"smoke.py on {where} exited {code} without a result: {tail}") from None
+    if code not in (0, 1, 2):
+        raise EdgeforgeError(f"smoke.py on {where} crashed (exit {code}): {(err.strip().splitlines() or [''])[-1]}")
+    return code, result
+
+
+def run_local(bundle: Path, python: list[str], env: dict, where: str, timeout: float | None = None) -> tuple[int, dict]:
+    cmd = [*python, str(bundle.resolve() / "smoke.py"), "--json"]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError as err:
+        raise EdgeforgeError(f"cannot start {python[0]}: {err}") from None
+    except subprocess.TimeoutExpired:
+        raise EdgeforgeError(f"smoke.py on {where} did not finish within {timeout} s") from None
+    return parse_result(proc.returncode, proc.stdout, proc.stderr, where)
+
+
+def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int = 22, identity: str | None = None,
+          remote_python: str = "python3", known_hosts: str | None = None, log=lambda m: None) -> tuple[int, dict]:
+    with opened_bundle(spec) as bundle:
+        manifest = verify(bundle)
+        log(f"checksums ok: {len(manifest['files'])} files")
+        if ssh:
+            from .remote import smoke_over_ssh
+
+            code, out, err = smoke_over_ssh(bundle, ssh, port, identity, remote_python, known_hosts, log)
+            return parse_result(code, out, err, ssh)
+        python, env = python_for(manifest, emulate)
+        where = "qemu-aarch64" if emulate else "this machine"
+        return run_local(bundle, python, env, where)

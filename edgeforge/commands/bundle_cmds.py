@@ -1,0 +1,234 @@
+"""Product commands: build, smoke, run, bench, targets, doctor, plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import CheckFailed, EdgeforgeError
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=1, default=str))
+
+
+def _stderr_log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+# ---- build ---------------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("model")
+@click.option("--quant", default=None, help="Quantization scheme: q0f32 q0f16 q8f16 q4f16 q4f32 (a config file may set it).")
+@click.option("--target", "targets", multiple=True, help="Target preset (repeatable; see `edgeforge targets`). "
+              "With a config file: build only these of its targets.")
+@click.option("--backend", type=click.Choice(["auto", "all", "tvm", "onnx"]), default="auto", show_default=True,
+              help="auto: the target's first backend; all: every backend the target lists.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Output folder for the bundles.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True, help="Compile this many bundles at once.")
+@click.option("--archive", "make_archive", is_flag=True, help="Also write BUNDLE.tar.gz next to each bundle.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (progress goes to stderr).")
+def build(model, quant, targets, backend, output, jobs, make_archive, as_json):
+    """Build deployment bundles: quantize once, compile and bundle for each target.
+
+    MODEL is a model name, an HF folder, a .gguf file, or a build config (.toml).
+
+    \b
+    Examples:
+      edgeforge build smollm2-135m --quant q4f16 --target x86-cpu --target rpi5 -o dist
+      edgeforge build examples/smollm2.toml                 # every target of the config
+      edgeforge build examples/smollm2.toml --target rpi5   # one CI job
+    """
+    from ..bundle.build import run_build
+    from ..bundle.config import make_plan
+
+    plan = make_plan(model, quant, tuple(targets), backend, output)
+    summary = run_build(plan, jobs=jobs, make_archive=make_archive, log=_stderr_log)
+    failed = [b for b in summary["bundles"] if not b["ok"]]
+    if as_json:
+        _echo_json(summary)
+    else:
+        click.echo(f"built {len(summary['bundles']) - len(failed)}/{len(summary['bundles'])} bundles "
+                   f"in {summary['seconds']} s -> {plan.output}")
+    if failed:
+        raise EdgeforgeError(f"{len(failed)} bundle(s) failed: " + "; ".join(
+            f"{b['target']}/{b['backend']}: {b['error']}" for b in failed))
+
+
+# ---- smoke ---------------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--emulate", is_flag=True, help="Run an aarch64 Linux bundle under qemu in the arm64 root.")
+@click.option("--ssh", "ssh", metavar="USER@HOST", default=None, help="Copy the bundle to a device and run smoke.py there.")
+@click.option("--port", type=int, default=22, show_default=True, help="ssh port.")
+@click.option("--identity", "-i", type=click.Path(exists=True, dir_okay=False), default=None, help="ssh private key.")
+@click.option("--known-hosts", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Accept only host keys from this file (default: accept a new host key, like accept-new).")
+@click.option("--remote-python", default="python3", show_default=True, help="Python command on the ssh device.")
+def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_python):
+    """Verify a bundle's checksums, run its golden prompts, print PASS or FAIL.
+
+    Exit codes: 0 PASS, 1 FAIL, 2 unusable bundle or machine (the message says which).
+
+    \b
+    Examples:
+      edgeforge smoke dist/smollm2-135m-q4f16-x86-cpu-tvm
+      edgeforge smoke dist/smollm2-135m-q4f16-rpi5-tvm --emulate
+      edgeforge smoke dist/smollm2-135m-q4f16-rpi5-onnx.tar.gz --ssh pi@raspberrypi.local --json
+    """
+    from ..bundle.smoke_run import smoke as run_smoke
+    from ..runtime.smoke import describe
+
+    if emulate and ssh:
+        raise EdgeforgeError("--emulate and --ssh exclude each other")
+    code, result = run_smoke(bundle, emulate, ssh, port, identity, remote_python, known_hosts, log=_stderr_log)
+    if as_json:
+        _echo_json(result)
+    if code == 2:
+        raise EdgeforgeError(result.get("error", "bundle unusable here"))
+    if not as_json:
+        click.echo(describe(result) if "max_logit_err" in result else f"{result['status']}: {result.get('error')}")
+    if code == 1:
+        raise CheckFailed(f"smoke FAIL: {bundle}")
+
+
+# ---- run / generate ------------------------------------------------------------------------------
+
+def open_verified(bundle: Path):
+    """(manifest, engine, tokenizer) of a verified bundle folder."""
+    from ..runtime.bundle_errors import BundleError
+    from ..runtime.hostcheck import check_can_run
+    from ..runtime.manifest_check import verify_bundle
+    from ..runtime.smoke import open_bundle_engine
+    from ..runtime.tokenizer import Tokenizer
+
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise EdgeforgeError(f"{bundle}: no such bundle folder")
+    try:
+        manifest = verify_bundle(bundle)
+        check_can_run(manifest)
+        engine = open_bundle_engine(bundle, manifest)
+        tokenizer = Tokenizer.load(bundle / "tokenizer")
+    except BundleError as err:
+        raise EdgeforgeError(str(err)) from None
+    return manifest, engine, tokenizer
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", default=None, help="Prompt text; without it (and a terminal) an interactive chat starts.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--max-tokens", "-n", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed):
+    """Generate text with a bundle, streaming tokens as they come.
+
+    \b
+    Examples:
+      edgeforge run dist/smollm2-135m-q4f16-x86-cpu-onnx --chat -p "What is the capital of France?"
+      edgeforge run dist/smollm2-135m-q4f16-x86-cpu-onnx        # interactive chat on a terminal
+    """
+    from ..bundle.chat import chat_loop, stream_answer
+
+    _, engine, tokenizer = open_verified(bundle)
+    opts = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if prompt is None:
+        if not sys.stdin.isatty():
+            raise EdgeforgeError("--prompt is required when stdin is not a terminal")
+        chat_loop(engine, tokenizer, **opts)
+        return
+    stream_answer(engine, tokenizer, [{"role": "user", "content": prompt}] if chat else prompt, **opts)
+
+
+# ---- bench ---------------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-p", "--n-prompt", type=click.IntRange(0), default=512, show_default=True, help="Prompt tokens (pp test).")
+@click.option("-n", "--n-gen", type=click.IntRange(0), default=128, show_default=True, help="Generated tokens (tg test).")
+@click.option("-r", "--repetitions", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print llama-bench style JSON records.")
+def bench(bundle, n_prompt, n_gen, repetitions, as_json):
+    """Measure prefill (ppN) and decode (tgN) speed of a bundle, like llama-bench.
+
+    \b
+    Example:
+      edgeforge bench dist/smollm2-135m-q4f16-x86-cpu-tvm -p 512 -n 128 -r 3 --json
+    """
+    from ..bundle.bench import run_bench
+
+    manifest, engine, _ = open_verified(bundle)
+    records = run_bench(engine, manifest, n_prompt, n_gen, repetitions)
+    if as_json:
+        _echo_json(records)
+        return
+    click.echo(f"{'bundle':<44} {'device':<14} {'test':>8} {'t/s':>20}")
+    for r in records:
+        click.echo(f"{r['bundle']:<44} {r['device']:<14} {r['test']:>8} {r['avg_ts']:>11.2f} ± {r['stddev_ts']:<7.2f}")
+
+
+# ---- targets / doctor / plan ---------------------------------------------------------------------
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def targets(as_json):
+    """List target presets: backends, and whether this machine can build and run each.
+
+    \b
+    Example:
+      edgeforge targets --json
+    """
+    from ..bundle.doctor import target_rows
+
+    rows = target_rows()
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        build = ", ".join(f"{b}:{'yes' if ok else 'no'}" for b, ok in r["can_build"].items())
+        click.echo(f"{r['name']:<15} {r['run']:<7} build [{build}] run: {'yes' if r['can_run'] else 'no'}"
+                   + (f"  (missing: {'; '.join(r['missing'])})" if r["missing"] else ""))
+        click.echo(f"{'':<15} {r['description']}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(as_json):
+    """Check toolchains and runtimes: nvcc, aarch64 gcc, qemu, arm64 root, lavapipe, tvm, onnxruntime, GPU.
+
+    \b
+    Example:
+      edgeforge doctor --json
+    """
+    from ..bundle.doctor import checks
+
+    rows = checks()
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{'ok ' if r['ok'] else '-- '} {r['name']:<22} {r['detail']}")
+
+
+@click.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--matrix", type=click.Choice(["github"]), default="github", show_default=True)
+def plan(config, matrix):
+    """Print a CI job matrix (JSON) with one job per target of a build config.
+
+    \b
+    Example:
+      edgeforge plan examples/smollm2.toml --matrix github
+    """
+    from ..bundle.doctor import github_matrix
+
+    click.echo(json.dumps(github_matrix(config)))

@@ -1,0 +1,140 @@
+"""The numpy float32 reference of the Llama forward pass, written to be read.
+
+It is the yardstick for everything else: golden tokens in bundles, quantization error, and the
+TVM/ONNX engines are all compared against it. It follows transformers' LlamaForCausalLM exactly
+(RMSNorm in float32, RoPE with rotate_half on HF-ordered Q/K, GQA, SwiGLU), and implements the
+Engine interface (reset/prefill/decode) with a KV cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import LlamaConfig
+
+
+class KVCache:
+    """Per layer K and V as [kv_heads, positions, head_dim], grown by doubling."""
+
+    def __init__(self, config: LlamaConfig):
+        self.layers = [[None, None] for _ in range(config.num_layers)]
+        self.length = 0
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store k, v ([kv_heads, T, head_dim]) at positions length..length+T; return all so far."""
+        start, t = self.length, k.shape[1]
+        entry = self.layers[layer]
+        if entry[0] is None or entry[0].shape[1] < start + t:
+            cap = max(64, 2 * (start + t))
+            for i, new in enumerate((k, v)):
+                grown = np.zeros((new.shape[0], cap, new.shape[2]), dtype=np.float32)
+                if entry[i] is not None:
+                    grown[:, :start] = entry[i][:, :start]
+                entry[i] = grown
+        entry[0][:, start : start + t] = k
+        entry[1][:, start : start + t] = v
+        return entry[0][:, : start + t], entry[1][:, : start + t]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    variance = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(variance + np.float32(eps))) * weight
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x: [heads, T, head_dim]; cos/sin: [T, head_dim]."""
+    return x * cos + rotate_half(x) * sin
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1) + np.exp(-x))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+class ReferenceModel:
+    """Engine over a LoadedModel (or a config + a TensorSource): float32 numpy on the CPU."""
+
+    device = "cpu (numpy reference)"
+
+    def __init__(self, model=None, *, config: LlamaConfig | None = None, tensors=None):
+        self.config = config if config is not None else model.config
+        tensors = tensors if tensors is not None else model.tensors
+        # Each weight converted to float32 once (dequantized if the source is quantized).
+        self.w = {name: np.ascontiguousarray(tensors.get(name), dtype=np.float32)
+                  for name in self.config.tensor_shapes()}
+        self.lm_head = self.w["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+        self.inv_freq = self.config.rope_inv_freq()
+        self.reset()
+
+    # ---- Engine interface --------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.cache = KVCache(self.config)
+
+    def prefill(self, ids) -> np.ndarray:
+        """Append `ids` to the sequence; float32 logits [vocab] of the last one."""
+        return self._step(list(ids), self.cache)[-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._step([int(token)], self.cache)[-1]
+
+    def forward(self, ids) -> np.ndarray:
+        """Logits [len(ids), vocab] of a fresh sequence; the engine's own cache is left alone."""
+        return self._step(list(ids), KVCache(self.config))
+
+    # ---- the model ---------------------------------------------------------------------------------
+    def _step(self, ids: list[int], cache: KVCache) -> np.ndarray:
+        c = self.config
+        if not ids:
+            raise ValueError("no tokens to process")
+        if min(ids) < 0 or max(ids) >= c.vocab_size:
+            raise ValueError(f"token id out of range [0, {c.vocab_size})")
+        positions = np.arange(cache.length, cache.length + len(ids))
+        cos, sin = self._rope_tables(positions)
+        x = self.w["model.embed_tokens.weight"][ids]
+        for layer in range(c.num_layers):
+            x = x + self._attention(layer, x, cos, sin, cache, positions)
+            x = x + self._mlp(layer, x)
+        cache.length += len(ids)
+        x = rms_norm(x, self.w["model.norm.weight"], c.rms_norm_eps)
+        return x @ self.lm_head.T
+
+    def _rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # float32 products like transformers (inv_freq @ positions in float32), then cat(freqs, freqs)
+        freqs = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return np.cos(emb), np.sin(emb)
+
+    def _attention(self, layer, x, cos, sin, cache: KVCache, positions) -> np.ndarray:
+        c, p = self.config, f"model.layers.{layer}."
+        t, hd = x.shape[0], c.head_dim
+        h = rms_norm(x, self.w[p + "input_layernorm.weight"], c.rms_norm_eps)
+        q = (h @ self.w[p + "self_attn.q_proj.weight"].T).reshape(t, c.num_heads, hd).transpose(1, 0, 2)
+        k = (h @ self.w[p + "self_attn.k_proj.weight"].T).reshape(t, c.num_kv_heads, hd).transpose(1, 0, 2)
+        v = (h @ self.w[p + "self_attn.v_proj.weight"].T).reshape(t, c.num_kv_heads, hd).transpose(1, 0, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = cache.append(layer, k, v)  # [kv_heads, S, hd]
+        # GQA: query heads g*group .. g*group+group-1 share KV head g.
+        qg = q.reshape(c.num_kv_heads, c.kv_group * t, hd)
+        scores = (qg @ keys.transpose(0, 2, 1)) / np.float32(np.sqrt(hd))  # [kv, group*T, S]
+        scores = scores.reshape(c.num_kv_heads, c.kv_group, t, -1)
+        causal = np.arange(keys.shape[1])[None, :] > positions[:, None]  # key after query: masked
+        scores = np.where(causal, np.float32(-np.inf), scores)
+        out = softmax(scores).reshape(c.num_kv_heads, c.kv_group * t, -1) @ values  # [kv, group*T, hd]
+        out = out.reshape(c.num_heads, t, hd).transpose(1, 0, 2).reshape(t, c.num_heads * hd)
+        return out @ self.w[p + "self_attn.o_proj.weight"].T
+
+    def _mlp(self, layer, x) -> np.ndarray:
+        c, p = self.config, f"model.layers.{layer}."
+        h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
+        gate = h @ self.w[p + "mlp.gate_proj.weight"].T
+        up = h @ self.w[p + "mlp.up_proj.weight"].T
+        return (silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T

@@ -1,0 +1,225 @@
+"""Write and read QDIRs (quantized model folders, docs/INTERNALS.md "QDIR").
+
+write_qdir() streams: shards are planned from tensor shapes alone, then filled one at a time by
+reading one source tensor, quantizing it and dropping the float copy. Peak memory is about one
+shard (<= max_shard_bytes) plus one float tensor, never the whole model twice.
+
+load_qdir() gives a LoadedModel whose tensors.get(name) is the *dequantized* float32 weight, so
+the numpy reference runs on exactly the weights the backends see; tensors.arrays(name) gives the
+stored arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import EdgeforgeError
+from ..fsutil import atomic_output_dir
+from ..runtime.bundle_errors import BundleError
+from ..runtime.safetensors import write_safetensors
+from ..runtime.weights import (
+    CONFIG, CONFIG_FORMAT, INDEX, QUANT_FORMAT, QUANTIZATION, VERSION, QdirWeights, shard_name, stored_key,
+)
+from .formats import GROUP_SIZE, get_format
+from .schemes import Scheme, check_embed_bits, get_scheme
+
+MAX_SHARD_BYTES = 2 * 1024**3  # what HF tooling also uses; keeps every file well below 4 GiB limits
+
+
+def natural_key(name: str):
+    """Order tensors by layer number (layers.2 before layers.10), then by name."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"\.", name)]
+
+
+def dump_json(data: dict) -> bytes:
+    """Deterministic JSON bytes (fixed indentation, key order as built, trailing newline)."""
+    return (json.dumps(data, indent=1, ensure_ascii=True) + "\n").encode("ascii")
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+def plan_tensors(model, scheme: Scheme, embed_bits: int | None) -> list[tuple[str, tuple, object]]:
+    """[(tensor name, shape, format)] in writing order; checks every tensor before any work starts."""
+    plan = []
+    for name in sorted(model.tensors.names(), key=natural_key):
+        shape = tuple(int(d) for d in model.tensors.shape(name))
+        fmt = scheme.format_for(name, shape, embed_bits)
+        if fmt.name in ("q8", "q4") and shape[1] % GROUP_SIZE:
+            raise EdgeforgeError(
+                f"tensor '{name}': width {shape[1]} is not divisible by the group size {GROUP_SIZE}, "
+                f"cannot store it as {fmt.name} (scheme {scheme.name})"
+            )
+        plan.append((name, shape, fmt))
+    return plan
+
+
+def plan_shards(plan, max_shard_bytes: int) -> list[list[int]]:
+    """Group plan entries (by index) into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, fmt) in enumerate(plan):
+        nbytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in fmt.stored(shape).values())
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+def tensor_entry(shape, fmt) -> dict:
+    entry = {"format": fmt.name, "shape": list(shape)}
+    if fmt.scale_dtype:
+        entry["scale_dtype"] = fmt.scale_dtype
+    return entry
+
+
+def write_qdir(model, scheme, out, embed_bits: int | None = None, log: Callable[[str], None] = lambda m: None,
+               max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """Quantize `model` (a LoadedModel) with `scheme` into the QDIR folder `out`; returns a summary.
+
+    `log` receives one line per tensor (the CLI prints them). Built in a temporary folder and
+    renamed: on any error nothing is left at `out`.
+    """
+    scheme = get_scheme(scheme)
+    check_embed_bits(embed_bits)
+    start = time.perf_counter()
+    plan = plan_tensors(model, scheme, embed_bits)
+    shards = plan_shards(plan, max_shard_bytes)
+    entries: dict[str, dict] = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    with atomic_output_dir(out) as tmp:
+        done = 0
+        for s, members in enumerate(shards, start=1):
+            fname = shard_name(s, len(shards))
+            arrays = {}
+            for i in members:
+                name, shape, fmt = plan[i]
+                stored = fmt.quantize(model.tensors.get(name), name)
+                entries[name] = {**tensor_entry(shape, fmt), "arrays": {}}
+                for role, arr in stored.items():
+                    key = stored_key(name, role)
+                    entries[name]["arrays"][role] = key
+                    arrays[key] = arr
+                    weight_map[key] = fname
+                done += 1
+                log(f"[{done}/{len(plan)}] {name} {list(shape)} -> {fmt.name}")
+            total += write_safetensors(tmp / fname, arrays)
+            del arrays  # free the shard before quantizing the next one
+        _write_metadata(tmp, model, scheme, embed_bits, entries, weight_map, total)
+    return {
+        "path": str(Path(out)), "scheme": scheme.name, "model_dtype": scheme.model_dtype,
+        "embed_format": scheme.embed_format(embed_bits), "tensors": len(plan), "shards": len(shards),
+        "bytes": total, "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _write_metadata(tmp: Path, model, scheme: Scheme, embed_bits, entries, weight_map, total) -> None:
+    config = {"format": CONFIG_FORMAT, "version": VERSION, **model.config.to_dict()}
+    src = model.source or {}
+    quant = {
+        "format": QUANT_FORMAT, "version": VERSION, "scheme": scheme.name, "model_dtype": scheme.model_dtype,
+        "group_size": GROUP_SIZE, "embed_format": scheme.embed_format(embed_bits),
+        "source": {"model_id": src.get("model_id"), "sha256": src.get("sha256"), "format": src.get("format")},
+        "tensors": entries,
+    }
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / CONFIG).write_bytes(dump_json(config))
+    (tmp / QUANTIZATION).write_bytes(dump_json(quant))
+    (tmp / INDEX).write_bytes(dump_json(index))
+    model.tokenizer.save(tmp)
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+class QdirTensors:
+    """TensorSource over a QDIR: get() dequantizes to float32; arrays() gives what is stored."""
+
+    def __init__(self, weights: QdirWeights):
+        self.weights = weights
+
+    def names(self) -> list[str]:
+        return self.weights.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.weights.shape(name)
+
+    def format(self, name: str):
+        info = self.weights.info(name)
+        return get_format(info["format"], info.get("scale_dtype"))
+
+    def arrays(self, name: str) -> dict[str, np.ndarray]:
+        try:
+            return self.weights.arrays(name)
+        except BundleError as err:
+            raise EdgeforgeError(str(err)) from None
+
+    def get(self, name: str) -> np.ndarray:
+        w = self.format(name).dequantize(self.arrays(name))
+        shape = self.shape(name)
+        if w.shape != shape:
+            raise EdgeforgeError(f"{self.weights.path}: tensor '{name}' dequantizes to {list(w.shape)}, expected {list(shape)}")
+        return w
+
+
+def open_qdir(path: str | os.PathLike) -> QdirWeights:
+    try:
+        return QdirWeights(path)
+    except BundleError as err:
+        raise EdgeforgeError(str(err)) from None
+
+
+def load_qdir(path: str | os.PathLike):
+    """A LoadedModel over a QDIR (tensors dequantized on get(); `.source["scheme"]` says which)."""
+    from ..model.config import LlamaConfig
+    from ..model.loader import LoadedModel
+    from ..runtime.tokenizer import Tokenizer, TokenizerError
+
+    weights = open_qdir(path)
+    config = LlamaConfig.from_dict(weights.config, source=str(Path(path) / CONFIG))
+    src = weights.quantization.get("source") or {}
+    source = {"path": str(path), "format": "qdir", "sha256": src.get("sha256"), "model_id": src.get("model_id"),
+              "scheme": weights.scheme, "source_format": src.get("format")}
+    try:
+        tokenizer = Tokenizer.load(Path(path))
+    except TokenizerError as err:
+        raise EdgeforgeError(str(err)) from None
+    return LoadedModel(config=config, tensors=QdirTensors(weights), tokenizer=tokenizer, source=source)
+
+
+# ---- in memory (eval) -------------------------------------------------------------------------
+
+class QuantizedTensors:
+    """TensorSource that quantizes then dequantizes each source tensor on get(): the float32
+    weights a QDIR of `scheme` would give, without writing one."""
+
+    def __init__(self, source, scheme, embed_bits: int | None = None):
+        self.source, self.scheme, self.embed_bits = source, get_scheme(scheme), embed_bits
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.source.shape(name))
+
+    def get(self, name: str) -> np.ndarray:
+        fmt = self.scheme.format_for(name, self.shape(name), self.embed_bits)
+        return fmt.dequantize(fmt.quantize(self.source.get(name), name))
+
+
+def quantize_in_memory(model, scheme, embed_bits: int | None = None):
+    """A LoadedModel like `model` whose tensors are quantized with `scheme` (lazily, per get())."""
+    import dataclasses
+
+    check_embed_bits(embed_bits)
+    scheme = get_scheme(scheme)
+    source = {**(model.source or {}), "scheme": scheme.name}
+    return dataclasses.replace(model, tensors=QuantizedTensors(model.tensors, scheme, embed_bits), source=source)

@@ -1,0 +1,21 @@
+"""Errors raised by the device-side bundle code (smoke, manifest checks, loader).
+
+They live in the runtime because bundles run without the compiler; the compiler's CLI turns them
+into EdgeforgeError / CheckFailed with the same exit codes.
+"""
+
+
+class BundleError(Exception):
+    """The bundle or this machine cannot be used (tampered file, missing runtime, wrong device): exit 2."""
+
+    exit_code = 2
+
+
+class CannotRunHere(BundleError):
+    """The bundle is fine but needs hardware or an OS this machine does not have: exit 2."""
+
+
+class SmokeFailed(Exception):
+    """The bundle ran and its outputs disagree with the golden data: exit 1."""
+
+    exit_code = 1

@@ -1,0 +1,79 @@
+"""Compare an engine with golden.json: teacher-forced logits and greedy-token agreement.
+
+The engine is fed the golden tokens (not its own picks), so every step is comparable even after a
+near-tie flips one token. A step passes when the golden top-k logits match within the tolerance
+(rel x the golden logit range at that step) and the engine's argmax is the golden token or a
+near-tie of it (its golden logit within the tolerance of the golden token's).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+GOLDEN_FORMAT = "edgeforge-golden"
+
+
+def step_summary(logits: np.ndarray, top_k: int) -> dict:
+    """What golden.json keeps of one step's logits: the top-k ids and values, and the range."""
+    logits = np.asarray(logits, dtype=np.float32)
+    top = np.argsort(-logits, kind="stable")[:top_k]
+    return {"top_ids": [int(i) for i in top], "top_logits": [float(logits[i]) for i in top],
+            "max": float(logits.max()), "min": float(logits.min())}
+
+
+def compare_step(logits: np.ndarray, golden_step: dict, expected_token: int, rel_tol: float) -> dict:
+    logits = np.asarray(logits, dtype=np.float32)
+    ids = np.asarray(golden_step["top_ids"])
+    want = np.asarray(golden_step["top_logits"], dtype=np.float32)
+    tol = rel_tol * (golden_step["max"] - golden_step["min"])
+    finite = bool(np.isfinite(logits).all())
+    err = float(np.max(np.abs(logits[ids] - want))) if finite else float("inf")
+    pick = int(np.argmax(logits)) if finite else -1
+    agree = pick == expected_token
+    near_tie = False
+    if not agree and pick in golden_step["top_ids"]:
+        gap = want[golden_step["top_ids"].index(expected_token)] - want[golden_step["top_ids"].index(pick)] \
+            if expected_token in golden_step["top_ids"] else float("inf")
+        near_tie = bool(gap <= tol)
+    ok = finite and err <= tol and (agree or near_tie)
+    return {"ok": ok, "err": err, "tol": tol, "agree": agree, "pick": pick}
+
+
+def run_prompt(engine, prompt: dict, rel_tol: float) -> dict:
+    """Teacher-forced run of one golden prompt; returns per-prompt numbers."""
+    tokens = prompt["tokens"]
+    engine.reset()
+    t0 = time.perf_counter()
+    logits = engine.prefill(list(prompt["prompt_ids"]))
+    t1 = time.perf_counter()
+    steps = [compare_step(logits, prompt["steps"][0], tokens[0], rel_tol)]
+    for i in range(1, len(tokens)):
+        logits = engine.decode(int(tokens[i - 1]))
+        steps.append(compare_step(logits, prompt["steps"][i], tokens[i], rel_tol))
+    t2 = time.perf_counter()
+    return {
+        "text": prompt.get("text", ""), "ok": all(s["ok"] for s in steps),
+        "max_err": max(s["err"] for s in steps), "tol": min(s["tol"] for s in steps),
+        "agree": sum(s["agree"] for s in steps), "steps": len(steps),
+        "picked": [s["pick"] for s in steps], "expected": list(tokens),
+        "first_bad_step": next((i for i, s in enumerate(steps) if not s["ok"]), None),
+        "prompt_tokens": len(prompt["prompt_ids"]), "prefill_s": t1 - t0,
+        "decode_tokens": len(tokens) - 1, "decode_s": t2 - t1,
+    }
+
+
+def summarize(results: list[dict]) -> dict:
+    prefill_s = sum(r["prefill_s"] for r in results)
+    decode_s = sum(r["decode_s"] for r in results)
+    steps = sum(r["steps"] for r in results)
+    return {
+        "status": "PASS" if all(r["ok"] for r in results) else "FAIL",
+        "max_logit_err": max(r["max_err"] for r in results),
+        "tolerance": min(r["tol"] for r in results),
+        "token_agreement": sum(r["agree"] for r in results) / steps if steps else 0.0,
+        "tokens_agree": sum(r["agree"] for r in results), "tokens_total": steps,
+        "prefill_tok_s": sum(r["prompt_tokens"] for r in results) / prefill_s if prefill_s else None,
+        "decode_tok_s": sum(r["decode_tokens"] for r in results) / decode_s if decode_s else None,
+    }

@@ -1,0 +1,45 @@
+"""open_engine(): read a compile output's artifact.json and open the matching runtime engine.
+
+Only the backend's *runtime* is imported (tvm runtime or onnxruntime), never a compiler.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+from .bundle_errors import BundleError
+
+ARTIFACT_FORMAT = "edgeforge-artifact"
+# backend -> (engine module in this package, the pip requirement that provides its runtime)
+ENGINES = {"tvm": (".tvm_engine", "apache-tvm"), "onnx": (".onnx_engine", "onnxruntime")}
+
+
+def read_artifact(artifact_dir: Path) -> dict:
+    path = Path(artifact_dir) / "artifact.json"
+    try:
+        artifact = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path}: unreadable ({err})") from None
+    if artifact.get("format") != ARTIFACT_FORMAT or artifact.get("backend") not in ENGINES:
+        raise BundleError(f"{path}: not an edgeforge artifact, or unknown backend {artifact.get('backend')!r}")
+    return artifact
+
+
+def open_engine(artifact_dir, weights_dir=None, device=None):
+    """Return an Engine (reset/prefill/decode/device) for a compiled artifact folder."""
+    artifact_dir = Path(artifact_dir)
+    artifact = read_artifact(artifact_dir)
+    backend = artifact["backend"]
+    if artifact.get("needs_weights") and weights_dir is None:
+        raise BundleError(f"{artifact_dir / 'artifact.json'}: this {backend} artifact needs a weights folder")
+    module_name, requirement = ENGINES[backend]
+    try:
+        module = importlib.import_module(module_name, __package__)
+    except ImportError as err:
+        raise BundleError(f"the {backend} runtime is not installed here ({err}); "
+                          f"pip install {requirement} (see the bundle's requirements.txt)") from None
+    if backend == "tvm":
+        return module.TvmEngine(artifact_dir, weights_dir, device=device)
+    return module.OnnxEngine(artifact_dir, device=device)

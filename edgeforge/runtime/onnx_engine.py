@@ -1,0 +1,206 @@
+"""Engine over an ONNX Runtime session (the graph of edgeforge.backends.onnx).
+
+Copied into bundles: imports only numpy, onnxruntime and this package (relative imports).
+
+Speed notes: inputs and outputs are bound once (I/O binding) to buffers that live as long as the
+engine; a decode step only rewrites three integers in place. Each layer's past and present KV are
+bound to the *same* buffer, so GroupQueryAttention appends the new row in place instead of
+copying the cache every token (on CPU the buffer grows by doubling when a sequence outgrows it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .bundle_errors import BundleError, CannotRunHere
+
+CPU = "CPUExecutionProvider"
+DEVICE_PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "webgpu": "WebGpuExecutionProvider",
+                    "vulkan": "WebGpuExecutionProvider", "coreml": "CoreMLExecutionProvider"}
+KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+THREADS_ENV = "EDGEFORGE_THREADS"
+FIRST_CAPACITY = 256
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise CannotRunHere(f"this bundle needs onnxruntime: pip install onnxruntime ({err})") from err
+    return onnxruntime
+
+
+class OnnxEngine:
+    """reset() / prefill(ids) / decode(token) -> float32 [vocab] logits; `device` says where it ran."""
+
+    def __init__(self, artifact_dir, device: str | None = None, threads: int | None = None,
+                 max_length: int | None = None):
+        self.ort = _import_ort()
+        self.artifact_dir = Path(artifact_dir)
+        self.info = _read_artifact(self.artifact_dir)
+        self.provider, self.device_id = _pick_provider(self.info, device)
+        self.session = self._open_session(threads)
+        self.device = _device_name(self.provider, self.device_id)
+        self.num_layers = int(self.info["num_layers"])
+        self.vocab_size = int(self.info["vocab_size"])
+        self.max_length = int(max_length or self.info["context_length"])
+        self.kv_dtype = KV_DTYPES[self.info["kv_dtype"]]
+        self.kv_on_cpu = self.provider != "CUDAExecutionProvider"
+        self.io = self.session.io_binding()
+        self._bind_small_buffers()
+        self.capacity = 0
+        first = FIRST_CAPACITY if self.kv_on_cpu else self.max_length
+        self._allocate_kv(min(first, self.max_length))
+        self.length = 0
+
+    # ---- session --------------------------------------------------------------------------------
+    def _open_session(self, threads):
+        ort = self.ort
+        if self.provider not in ort.get_available_providers():
+            raise CannotRunHere(
+                f"{self.artifact_dir / 'artifact.json'}: needs {self.provider}, but this onnxruntime "
+                f"({ort.__version__}) only has {', '.join(ort.get_available_providers())}")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = _threads(threads)
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        providers = [self.provider] if self.provider == CPU else [self.provider, CPU]
+        options = [{"device_id": str(self.device_id)} if self.provider == "CUDAExecutionProvider" else {}]
+        options += [{}] * (len(providers) - 1)
+        model = self.artifact_dir / self.info["model"]
+        try:
+            session = ort.InferenceSession(str(model), sess_options=opts, providers=providers, provider_options=options)
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise BundleError(f"{model}: onnxruntime could not load it: {str(err).splitlines()[0]}") from err
+        # ONNX Runtime silently drops a provider it cannot initialise (no GPU, adapter refused).
+        if session.get_providers()[0] != self.provider:
+            raise CannotRunHere(
+                f"{model}: onnxruntime fell back to {session.get_providers()[0]} instead of {self.provider} "
+                "(no usable device for it on this machine); refusing to run on the wrong device")
+        return session
+
+    def _bind_small_buffers(self):
+        """input_ids (decode), seqlens_k, total_sequence_length and logits: numpy arrays bound once."""
+        ov = self.ort.OrtValue.ortvalue_from_numpy
+        self._ids1 = np.zeros((1, 1), np.int64)
+        self._seqlens = np.zeros((1,), np.int32)
+        self._total = np.zeros((), np.int32)
+        self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
+        # OrtValues over CPU numpy arrays share their memory: keep both alive on self.
+        self._ids1_ov, seq_ov, total_ov = ov(self._ids1), ov(self._seqlens), ov(self._total)
+        self._logits_ov = ov(self._logits)
+        self.io.bind_ortvalue_input("seqlens_k", seq_ov)
+        self.io.bind_ortvalue_input("total_sequence_length", total_ov)
+        self.io.bind_ortvalue_output("logits", self._logits_ov)
+        self._keep = [seq_ov, total_ov]
+
+    def _allocate_kv(self, capacity: int):
+        """(Re)bind every layer's shared past/present buffer with room for `capacity` positions."""
+        shape = (1, int(self.info["num_kv_heads"]), capacity, int(self.info["head_dim"]))
+        old = getattr(self, "_kv", None)
+        self._kv, self._kv_ov = [], []
+        for i in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                if self.kv_on_cpu:
+                    buf = np.zeros(shape, self.kv_dtype)
+                    if old is not None:
+                        buf[:, :, : self.length] = old[2 * i + j][:, :, : self.length]
+                    value = self.ort.OrtValue.ortvalue_from_numpy(buf)
+                else:
+                    buf = None
+                    value = self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", self.device_id)
+                self._kv.append(buf)
+                self._kv_ov.append(value)
+                self.io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                self.io.bind_ortvalue_output(f"present.{i}.{kind}", value)
+        self.capacity = capacity
+
+    # ---- Engine interface -----------------------------------------------------------------------
+    def reset(self) -> None:
+        self.length = 0  # the buffers keep stale rows; GroupQueryAttention reads only `total` of them
+
+    def prefill(self, ids) -> np.ndarray:
+        ids = np.asarray(list(ids), dtype=np.int64).reshape(1, -1)
+        if ids.shape[1] == 0:
+            raise BundleError("prefill needs at least one token")
+        return self._step(ids)
+
+    def decode(self, token: int) -> np.ndarray:
+        self._ids1[0, 0] = int(token)
+        return self._step(None)
+
+    def _step(self, ids) -> np.ndarray:
+        n = 1 if ids is None else ids.shape[1]
+        total = self.length + n
+        self._ensure_capacity(total)
+        if ids is None:
+            self.io.bind_ortvalue_input("input_ids", self._ids1_ov)
+        else:
+            self._prompt_ov = self.ort.OrtValue.ortvalue_from_numpy(ids)
+            self.io.bind_ortvalue_input("input_ids", self._prompt_ov)
+        self._seqlens[0] = total - 1
+        self._total[...] = total
+        self.session.run_with_iobinding(self.io)
+        self.length = total
+        return self._logits[0, 0].copy()
+
+    def _ensure_capacity(self, total: int):
+        if total > self.max_length:
+            raise BundleError(f"sequence of {total} tokens exceeds max_length {self.max_length} "
+                              f"(context_length {self.info['context_length']})")
+        if total > self.capacity:
+            if not self.kv_on_cpu:  # device buffers are allocated at max_length up front
+                raise BundleError(f"KV cache of {self.capacity} positions is full")
+            capacity = self.capacity
+            while capacity < total:
+                capacity *= 2
+            self._allocate_kv(min(capacity, self.max_length))
+
+
+def _read_artifact(artifact_dir: Path) -> dict:
+    path = artifact_dir / "artifact.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path}: cannot read ({err})") from err
+    if meta.get("backend") != "onnx" or "onnx" not in meta:
+        raise BundleError(f"{path}: not an ONNX artifact (backend {meta.get('backend')!r})")
+    return meta["onnx"]
+
+
+def _pick_provider(info: dict, device: str | None) -> tuple[str, int]:
+    """The artifact's provider, or the one `device` ('cpu', 'cuda:1', 'webgpu', ...) asks for."""
+    if device is None:
+        return info["execution_provider"], 0
+    kind, _, index = str(device).partition(":")
+    if kind not in DEVICE_PROVIDERS:
+        raise BundleError(f"device '{device}': expected one of {', '.join(DEVICE_PROVIDERS)} (optionally ':N')")
+    try:
+        return DEVICE_PROVIDERS[kind], int(index or 0)
+    except ValueError:
+        raise BundleError(f"device '{device}': the index after ':' must be an integer") from None
+
+
+def _device_name(provider: str, device_id: int) -> str:
+    if provider == "CUDAExecutionProvider":
+        return f"cuda:{device_id}"
+    if provider == "WebGpuExecutionProvider":
+        return "webgpu (vulkan)" if os.name == "posix" and os.uname().sysname == "Linux" else "webgpu"
+    return {"CPUExecutionProvider": "cpu", "CoreMLExecutionProvider": "coreml"}.get(provider, provider)
+
+
+def _threads(threads: int | None) -> int:
+    """Intra-op threads: the argument, else $EDGEFORGE_THREADS, else 0 (ONNX Runtime's default)."""
+    value = threads if threads is not None else os.environ.get(THREADS_ENV, "0")
+    try:
+        value = int(value)
+    except ValueError:
+        raise BundleError(f"${THREADS_ENV}={value!r}: must be an integer") from None
+    if value < 0:
+        raise BundleError(f"threads must be >= 0, got {value}")
+    return value

@@ -1,0 +1,272 @@
+"""numpy-only safetensors: a memory-mapped reader (bf16 -> float32) and a deterministic writer.
+
+Format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length N, N bytes of
+JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}},
+then the data buffer. Offsets are relative to the start of the data buffer.
+
+This module is copied into bundles: it imports only the standard library and numpy. Errors are
+`SafetensorsError` (a ValueError) whose message names the file; the compiler side turns them into
+EdgeforgeError.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+# safetensors dtype name -> numpy dtype (little-endian). BF16 has no numpy dtype: it is read as
+# uint16 and widened to float32 by get().
+DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_NUMPY_TO_ST = {
+    np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16",
+    np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("<i2"): "I16", np.dtype("i1"): "I8",
+    np.dtype("<u8"): "U64", np.dtype("<u4"): "U32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8",
+    np.dtype("?"): "BOOL",
+}
+# The writer always stores this metadata (plus what the caller adds), so outputs are byte-stable.
+DEFAULT_METADATA = {"format": "pt"}
+_MAX_HEADER = 100 * 1024 * 1024  # same sanity limit as the reference implementation
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file is unreadable; the message names the file and the tensor if any."""
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns (uint16) to float32: bf16 is the top half of a float32."""
+    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bit patterns (uint16), round-to-nearest-even like torch."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    out = (rounded >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if np.any(nan):  # keep NaNs NaN (rounding could carry them into infinity)
+        out[nan] = 0x7FC0
+    return out
+
+
+class SafetensorsFile:
+    """One .safetensors file, memory-mapped. Arrays returned by get_raw() are read-only views."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 8:
+                    raise SafetensorsError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as err:
+            raise SafetensorsError(f"{self.path}: cannot read safetensors file ({err.strerror or err})") from err
+        self._entries, self.metadata, self._data_start = _parse_header(self.path, self._mm, size)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def dtype(self, name: str) -> str:
+        """The stored safetensors dtype name, e.g. "BF16"."""
+        return self._entry(name)["dtype"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)["shape"])
+
+    def get_raw(self, name: str) -> np.ndarray:
+        """The stored array without conversion (BF16 comes back as uint16 bit patterns)."""
+        e = self._entry(name)
+        begin, end = e["data_offsets"]
+        buf = np.frombuffer(self._mm, dtype=np.uint8, count=end - begin, offset=self._data_start + begin)
+        return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        """The stored array; BF16 is widened to float32 (numpy has no bfloat16)."""
+        raw = self.get_raw(name)
+        return bf16_to_f32(raw) if self.dtype(name) == "BF16" else raw
+
+    def _entry(self, name: str) -> dict:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise SafetensorsError(f"{self.path}: no tensor named '{name}'") from None
+
+
+def _parse_header(path: Path, mm, size: int):
+    (n,) = struct.unpack("<Q", mm[:8])
+    if n > _MAX_HEADER:
+        raise SafetensorsError(f"{path}: not a safetensors file (header length {n} is implausible)")
+    if 8 + n > size:
+        raise SafetensorsError(f"{path}: truncated safetensors file (header needs {8 + n} bytes, file has {size})")
+    try:
+        header = json.loads(bytes(mm[8 : 8 + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SafetensorsError(f"{path}: not a safetensors file (bad JSON header: {err})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    entries = {name: _check_entry(path, name, e, data_len) for name, e in header.items()}
+    return entries, metadata, 8 + n
+
+
+def _check_entry(path: Path, name: str, e, data_len: int) -> dict:
+    try:
+        dtype, shape, (begin, end) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise SafetensorsError(f"{path}: tensor '{name}' has a malformed header entry") from None
+    if dtype not in DTYPES:
+        raise SafetensorsError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    if end - begin != nbytes or begin < 0:
+        raise SafetensorsError(f"{path}: tensor '{name}' offsets [{begin}, {end}] do not match shape {shape} {dtype}")
+    if end > data_len:
+        raise SafetensorsError(
+            f"{path}: truncated safetensors file (tensor '{name}' ends at byte {end} of the data, which has {data_len})"
+        )
+    return {"dtype": dtype, "shape": shape, "data_offsets": [int(begin), int(end)]}
+
+
+def _as_stored(name: str, value) -> tuple[str, np.ndarray]:
+    """(safetensors dtype, contiguous little-endian array). A ("BF16", uint16 array) pair stores bf16."""
+    if isinstance(value, tuple):
+        dtype, arr = value
+        if dtype != "BF16":
+            raise SafetensorsError(f"tensor '{name}': only ('BF16', uint16 array) pairs are accepted, got {dtype}")
+        return "BF16", np.ascontiguousarray(arr, dtype="<u2")
+    arr = np.asarray(value)
+    le = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+    if le not in _NUMPY_TO_ST:
+        raise SafetensorsError(f"tensor '{name}': numpy dtype {arr.dtype} cannot be stored in safetensors")
+    return _NUMPY_TO_ST[le], np.ascontiguousarray(arr, dtype=le)
+
+
+def serialize(tensors: dict, metadata: dict[str, str] | None = None) -> tuple[bytes, list[np.ndarray]]:
+    """Header bytes and the arrays in data order, for write_safetensors (and total size computation).
+
+    Determinism: header keys sorted, fixed metadata, header padded with spaces to a multiple of 8.
+    Data is ordered by decreasing item size, then name, so every tensor starts aligned to its own
+    item size (as the reference implementation does); there are no holes.
+    """
+    stored = {name: _as_stored(name, tensors[name]) for name in sorted(tensors)}
+    order = sorted(stored, key=lambda k: (-stored[k][1].dtype.itemsize, k))
+    header: dict = {"__metadata__": {**DEFAULT_METADATA, **{str(k): str(v) for k, v in (metadata or {}).items()}}}
+    offset, arrays = 0, []
+    for name in order:
+        dtype, arr = stored[name]
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text, arrays
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> int:
+    """Write `tensors` ({name: numpy array or ("BF16", uint16 array)}) to `path`; returns the data size.
+
+    The same input always gives the same bytes. Writes directly to `path`: callers build inside a
+    temporary output folder (fsutil.atomic_output_dir).
+    """
+    head, arrays = serialize(tensors, metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        for arr in arrays:
+            f.write(memoryview(arr.reshape(-1)).cast("B"))
+    return sum(a.nbytes for a in arrays)
+
+
+class SafetensorsFolder:
+    """The tensors of a folder: model.safetensors, or shards listed in model.safetensors.index.json.
+
+    Same reading interface as SafetensorsFile (keys/shape/dtype/get/get_raw); shards are opened
+    (memory-mapped) on first use.
+    """
+
+    def __init__(self, folder: str | os.PathLike, index_name: str = "model.safetensors.index.json",
+                 single_name: str = "model.safetensors"):
+        self.folder = Path(folder)
+        index = self.folder / index_name
+        if index.exists():
+            self.weight_map = _read_index(index)
+        elif (self.folder / single_name).exists():
+            self.weight_map = {k: single_name for k in SafetensorsFile(self.folder / single_name).keys()}
+        else:
+            raise SafetensorsError(f"{self.folder}: no {single_name} or {index_name}")
+        self._open: dict[str, SafetensorsFile] = {}
+
+    def files(self) -> list[Path]:
+        return [self.folder / f for f in sorted(set(self.weight_map.values()))]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def open_all(self) -> None:
+        """Open (map) every shard now, so a truncated or inconsistent one fails early, named."""
+        for fname in sorted(set(self.weight_map.values())):
+            self._shard(fname)
+
+    def file_for(self, name: str) -> SafetensorsFile:
+        fname = self.weight_map.get(name)
+        if fname is None:
+            raise SafetensorsError(f"{self.folder}: no tensor named '{name}'")
+        return self._shard(fname)
+
+    def _shard(self, fname: str) -> SafetensorsFile:
+        if fname not in self._open:
+            f = SafetensorsFile(self.folder / fname)
+            missing = [k for k, v in self.weight_map.items() if v == fname and k not in f]
+            if missing:
+                raise SafetensorsError(f"{f.path}: tensor '{missing[0]}' listed in the index is not in this file")
+            self._open[fname] = f
+        return self._open[fname]
+
+    def dtype(self, name: str) -> str:
+        return self.file_for(name).dtype(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.file_for(name).shape(name)
+
+    def get_raw(self, name: str) -> np.ndarray:
+        return self.file_for(name).get_raw(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.file_for(name).get(name)
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SafetensorsError(f"{index}: unreadable safetensors index ({err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SafetensorsError(f"{index}: 'weight_map' must map tensor names to file names")
+    for fname in set(weight_map.values()):
+        if not (index.parent / fname).exists():
+            raise SafetensorsError(f"{index}: shard {fname} listed in the index does not exist")
+    return weight_map

@@ -1,0 +1,134 @@
+"""Device-side smoke test of a bundle: verify checksums, check the host, run the golden prompts.
+
+Used by the bundle's own `smoke.py` (`python smoke.py [--json]`) and by `edgeforge smoke`.
+Exit codes: 0 PASS, 1 FAIL (outputs disagree with golden.json), 2 unusable bundle or machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .bundle_errors import BundleError, SmokeFailed
+from .golden_check import GOLDEN_FORMAT, run_prompt, summarize
+from .hostcheck import check_can_run
+from .manifest_check import verify_bundle
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MiB.
+
+    Linux: VmHWM, because getrusage's ru_maxrss survives exec() and would report the peak of the
+    process that started us (e.g. a compiler with torch loaded)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def read_golden(bundle: Path) -> dict:
+    path = bundle / "golden.json"
+    try:
+        golden = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path}: unreadable ({err})") from None
+    if golden.get("format") != GOLDEN_FORMAT or not golden.get("prompts"):
+        raise BundleError(f"{path}: not an edgeforge golden file, or it has no prompts")
+    return golden
+
+
+def open_bundle_engine(bundle: Path, manifest: dict, device: str | None = None):
+    from .loader import open_engine
+
+    weights = bundle / "weights"
+    return open_engine(bundle / "artifact", weights if weights.is_dir() else None, device=device)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """Golden prompts are one user message through the chat template when the model has one."""
+    if chat:
+        return list(tokenizer.encode_chat([{"role": "user", "content": text}]))
+    return list(tokenizer.encode(text))
+
+
+def check_tokenizer(bundle: Path, golden: dict) -> None:
+    """The bundle's tokenizer must turn each golden prompt into the same ids as at build time."""
+    from .tokenizer import Tokenizer, TokenizerError
+
+    try:
+        tok = Tokenizer.load(bundle / "tokenizer")
+        encoded = [encode_prompt(tok, p["text"], p.get("chat")) for p in golden["prompts"]]
+    except TokenizerError as err:
+        raise BundleError(f"{bundle / 'tokenizer'}: {err}") from None
+    for p, ids in zip(golden["prompts"], encoded):
+        if list(ids) != list(p["prompt_ids"]):
+            raise SmokeFailed(f"{bundle / 'tokenizer'}: encodes golden prompt {p['text']!r} differently than at build time")
+
+
+def run_smoke(bundle: Path, device: str | None = None, log=lambda m: None) -> dict:
+    """Verify and run a bundle; returns the result dict (status PASS or FAIL). Raises BundleError."""
+    bundle = Path(bundle).resolve()
+    t0 = time.perf_counter()
+    manifest = verify_bundle(bundle)
+    log(f"checksums ok: {len(manifest['files'])} files ({time.perf_counter() - t0:.1f} s)")
+    check_can_run(manifest)
+    golden = read_golden(bundle)
+    check_tokenizer(bundle, golden)
+    t1 = time.perf_counter()
+    engine = open_bundle_engine(bundle, manifest, device)
+    load_s = time.perf_counter() - t1
+    log(f"loaded {manifest.get('backend')} engine on {getattr(engine, 'device', '?')} ({load_s:.1f} s)")
+    rel = float(golden["tolerance"]["rel"])
+    results = [run_prompt(engine, p, rel) for p in golden["prompts"]]
+    out = summarize(results)
+    out.update(bundle=manifest.get("name", bundle.name), target=manifest["target"].get("name"),
+               backend=manifest.get("backend"), device=getattr(engine, "device", "?"),
+               load_seconds=round(load_s, 3), peak_rss_mb=peak_rss_mb(), prompts=results)
+    return out
+
+
+def describe(result: dict) -> str:
+    def rate(x):
+        return "n/a" if x is None else f"{x:.1f}"
+
+    mem = result.get("peak_rss_mb")
+    return (f"{result['status']} {result['bundle']} on {result['device']}: "
+            f"max logit err {result['max_logit_err']:.4g} (tol {result['tolerance']:.4g}), "
+            f"tokens {result['tokens_agree']}/{result['tokens_total']} agree, "
+            f"prefill {rate(result['prefill_tok_s'])} tok/s, decode {rate(result['decode_tok_s'])} tok/s, "
+            f"peak mem {'n/a' if mem is None else f'{mem:.0f} MB'}")
+
+
+def main(argv=None, bundle: Path | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="smoke.py", description="Smoke-test this edgeforge bundle on this machine.")
+    ap.add_argument("bundle", nargs="?", default=str(bundle or Path.cwd()), help="bundle folder (default: here)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--device", default=None, help="device override, e.g. cuda:1")
+    args = ap.parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731 - progress on stderr, the result on stdout
+    try:
+        result = run_smoke(Path(args.bundle), args.device, log)
+        code = 0 if result["status"] == "PASS" else 1
+    except SmokeFailed as err:
+        result, code = {"status": "FAIL", "error": str(err)}, 1
+    except BundleError as err:
+        result, code = {"status": "ERROR", "error": str(err)}, 2
+    if args.json:
+        print(json.dumps(result, indent=1, default=float))
+    elif "error" in result:
+        print(f"{result['status']}: {result['error']}" if code == 1 else f"error: {result['error']}", file=sys.stderr)
+    else:
+        print(describe(result))
+    return code

@@ -1,0 +1,143 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus what the model needs around it (BOS/EOS ids, whether to
+add BOS, the chat template rendered with jinja2 the way transformers renders it).
+
+Stored as two files (the QDIR and bundle format):
+  tokenizer.json          HF tokenizers JSON
+  tokenizer_config.json   {"bos_token_id", "eos_token_ids", "add_bos_token", "chat_template"}
+
+Copied into bundles: imports only the standard library, tokenizers and jinja2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing or unreadable, or a chat template failed; the message names it."""
+
+
+class Tokenizer:
+    def __init__(self, tok: _HFTokenizer, bos_token_id: int | None = None, eos_token_ids=(),
+                 add_bos_token: bool = False, chat_template: str | None = None):
+        self.tok = tok
+        self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+        self.add_bos_token = bool(add_bos_token)
+        self.chat_template = chat_template or None
+        self._template = None
+
+    # ---- basic ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_token_id is None else self.tok.id_to_token(self.bos_token_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.tok.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else None
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`. Special tokens written in the text (e.g. "<|im_start|>") are matched.
+
+        BOS is added here, not by the tokenizer's post-processor, so that `add_bos` means the same
+        for every source (add_special_tokens=False turns the post-processor off).
+        """
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos_token if add_bos is None else add_bos) and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids  # like transformers, even if the text starts with BOS
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    # ---- chat ----------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """Render `messages` ([{"role", "content"}]) with the model's chat template (sandboxed jinja2)."""
+        if not self.chat_template:
+            raise TokenizerError("this model has no chat template (tokenizer_config.json 'chat_template'); "
+                                 "use a plain prompt instead of --chat")
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra,
+            )
+        except TokenizerError:
+            raise
+        except Exception as err:  # jinja2 errors carry no file; say what failed
+            raise TokenizerError(f"chat template failed: {type(err).__name__}: {err}") from err
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of the rendered chat. Like transformers, the template writes BOS itself if it wants one."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+
+    # ---- files ---------------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {"bos_token_id": self.bos_token_id, "eos_token_ids": self.eos_token_ids,
+                "add_bos_token": self.add_bos_token, "chat_template": self.chat_template}
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write tokenizer.json and tokenizer_config.json into `folder` (byte-stable for one tokenizer)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tokenizer.json").write_text(self.tok.to_str(pretty=True), encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(self.config_dict(), indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Tokenizer":
+        """Read what save() wrote."""
+        folder = Path(folder)
+        tok_path, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
+        tok = load_tokenizer_json(tok_path)
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise TokenizerError(f"{cfg_path}: cannot read tokenizer config ({err})") from None
+        return cls(tok, cfg.get("bos_token_id"), cfg.get("eos_token_ids") or [],
+                   cfg.get("add_bos_token", False), cfg.get("chat_template"))
+
+
+def load_tokenizer_json(path: str | os.PathLike) -> _HFTokenizer:
+    path = Path(path)
+    if not path.exists():
+        raise TokenizerError(f"{path}: no such tokenizer file")
+    try:
+        return _HFTokenizer.from_file(str(path))
+    except Exception as err:
+        raise TokenizerError(f"{path}: unreadable tokenizer.json ({str(err).splitlines()[0][:200]})") from None
+
+
+def _compile_template(source: str):
+    """A jinja2 template in a sandbox, with the helpers transformers' chat templates rely on."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TokenizerError(f"chat template error: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except Exception as err:
+        raise TokenizerError(f"chat template does not compile: {err}") from None

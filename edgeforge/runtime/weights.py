@@ -1,0 +1,137 @@
+"""Read a QDIR (the output of `edgeforge quantize`): config, quantization.json and raw stored arrays.
+
+numpy-only: bundles use it to feed a compiled module its weights, and the compiler side
+(edgeforge.quant.qdir) builds its dequantizing reader on it. The layout is defined in
+docs/INTERNALS.md ("QDIR").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .bundle_errors import BundleError
+from .safetensors import SafetensorsError, SafetensorsFolder
+
+CONFIG = "config.json"
+QUANTIZATION = "quantization.json"
+INDEX = "model.safetensors.index.json"
+CONFIG_FORMAT = "edgeforge-config"
+QUANT_FORMAT = "edgeforge-quant"
+VERSION = 1
+# stored arrays of each storage format (role -> dtype)
+FORMAT_ARRAYS = {
+    "f32": {"weight": "float32"},
+    "f16": {"weight": "float16"},
+    "q8": {"qweight": "int8", "scales": None},
+    "q4": {"qweight": "uint32", "scales": None},
+}
+
+
+def stored_key(tensor: str, role: str) -> str:
+    """Stored array name: 'x.q_proj.weight' + 'scales' -> 'x.q_proj.scales' ('weight' keeps the name)."""
+    base = tensor[: -len(".weight")] if tensor.endswith(".weight") else tensor
+    return f"{base}.{role}"
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def is_qdir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / QUANTIZATION).is_file() and (p / CONFIG).is_file()
+
+
+def read_json(path: Path, fmt: str | None = None) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing") from None
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path}: unreadable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    if fmt is not None and (data.get("format") != fmt or data.get("version") != VERSION):
+        raise BundleError(
+            f"{path}: expected format '{fmt}' version {VERSION}, got '{data.get('format')}' version {data.get('version')}"
+        )
+    return data
+
+
+class QdirWeights:
+    """A QDIR on disk. `config` and `quantization` are the parsed JSON files; arrays are memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise BundleError(f"{self.path}: not a QDIR folder")
+        self.config = read_json(self.path / CONFIG, CONFIG_FORMAT)
+        self.quantization = read_json(self.path / QUANTIZATION, QUANT_FORMAT)
+        self.tensors: dict = self.quantization.get("tensors") or {}
+        if not isinstance(self.tensors, dict) or not self.tensors:
+            raise BundleError(f"{self.path / QUANTIZATION}: no 'tensors' listed")
+        try:
+            self._store = SafetensorsFolder(self.path, index_name=INDEX, single_name="model.safetensors")
+        except SafetensorsError as err:
+            raise BundleError(str(err)) from None
+
+    @property
+    def scheme(self) -> str:
+        return self.quantization.get("scheme", "")
+
+    @property
+    def model_dtype(self) -> str:
+        return self.quantization.get("model_dtype", "float32")
+
+    def names(self) -> list[str]:
+        """Logical (Hugging Face) tensor names, in quantization.json order."""
+        return list(self.tensors)
+
+    def info(self, name: str) -> dict:
+        """{"format", "shape", "arrays": {role: stored key}, "scale_dtype"?} of one logical tensor."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise BundleError(f"{self.path / QUANTIZATION}: no tensor named '{name}'") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.info(name)["shape"])
+
+    def keys(self) -> list[str]:
+        """Stored array names (as in the safetensors shards)."""
+        return self._store.keys()
+
+    def get_raw(self, key: str) -> np.ndarray:
+        """One stored array by its key, as stored (read-only, memory-mapped)."""
+        try:
+            return self._store.get_raw(key)
+        except SafetensorsError as err:
+            raise BundleError(str(err)) from None
+
+    def arrays(self, name: str) -> dict[str, np.ndarray]:
+        """The stored arrays of a logical tensor: {"weight": ...} or {"qweight": ..., "scales": ...}."""
+        info = self.info(name)
+        out = {role: self.get_raw(key) for role, key in info["arrays"].items()}
+        self._check(name, info, out)
+        return out
+
+    def _check(self, name: str, info: dict, arrays: dict) -> None:
+        """Catch a QDIR whose arrays disagree with quantization.json before a backend misreads them."""
+        expected = FORMAT_ARRAYS.get(info.get("format"))
+        if expected is None or set(arrays) != set(expected):
+            raise BundleError(f"{self.path / QUANTIZATION}: tensor '{name}' has bad format/arrays entry")
+        for role, dtype in expected.items():
+            dtype = dtype or info.get("scale_dtype")
+            if str(arrays[role].dtype) != dtype:
+                raise BundleError(
+                    f"{self.path}: array '{info['arrays'][role]}' of tensor '{name}' is {arrays[role].dtype}, expected {dtype}"
+                )
+
+    def files(self) -> list[Path]:
+        """Every file of the QDIR's weights (shards + index + JSON), for checksumming and copying."""
+        extra = [self.path / f for f in (CONFIG, QUANTIZATION, INDEX) if (self.path / f).exists()]
+        return sorted(extra + self._store.files())

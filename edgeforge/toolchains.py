@@ -1,0 +1,316 @@
+"""Toolchains for targets this build machine cannot run natively: aarch64 under qemu, Vulkan on lavapipe.
+
+Both are built once by shell scripts (scripts/setup-arm64.sh, scripts/setup-vulkan.sh) into
+`<edgeforge cache>/toolchains/`; this module finds them, runs the scripts on request, and builds the
+command lines and environments the backends, bundles and tests use:
+
+    root = ensure_arm64()                          # or arm64_root() -> None when not built
+    cmd, env = qemu_python_command(["smoke.py", "--json"], extra_pythonpath=[bundle / "runtime"])
+    subprocess.run(cmd, env=env, cwd=bundle)
+
+    python, env = ensure_vulkan()                  # or vulkan_env() -> None when not built
+    subprocess.run([python, "smoke.py"], env=env)  # onnxruntime-webgpu on Mesa lavapipe
+
+`probe()` reports what this machine has, for `edgeforge doctor` and `edgeforge targets`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import EdgeforgeError
+from .models import cache_dir
+
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+ARM64_PYTHON = "usr/bin/python3.11"
+ARM64_SITE = "opt/edgeforge/site"
+# Raspberry Pi 5's core; also a CPU both qemu 7.2 and LLVM know by this name.
+DEFAULT_QEMU_CPU = "cortex-a76"
+QEMU = "qemu-aarch64-static"
+
+
+def toolchains_dir() -> Path:
+    return cache_dir() / "toolchains"
+
+
+# ---------------------------------------------------------------------------------------------
+# arm64 (qemu-user)
+# ---------------------------------------------------------------------------------------------
+
+
+def arm64_root(ensure: bool = False, log=None) -> Path | None:
+    """The ready arm64 root (Debian bookworm + runtime wheels), or None when it is not built.
+
+    With ensure=True a missing root is built (see ensure_arm64) instead of returning None.
+    """
+    if ensure:
+        return ensure_arm64(log=log)
+    if _script_says_ready("setup-arm64.sh"):
+        return toolchains_dir() / "arm64-root"
+    return None
+
+
+def ensure_arm64(log=None) -> Path:
+    """Build the arm64 root if needed (a few minutes the first time, instant later) and return it.
+
+    Raises EdgeforgeError naming what is missing (root rights, apt, network) when it cannot.
+    """
+    out = _run_setup("setup-arm64.sh", log)
+    root = Path(out.strip().splitlines()[-1])
+    if not (root / ARM64_PYTHON).exists():
+        raise EdgeforgeError(f"scripts/setup-arm64.sh finished but {root / ARM64_PYTHON} does not exist")
+    return root
+
+
+def qemu_python_command(
+    script_args: list[str],
+    extra_pythonpath: list[str | os.PathLike] = (),
+    cpu: str | None = None,
+    root: Path | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) that run `python3.11 *script_args` as an aarch64 process under qemu-user.
+
+    Host paths work as they are inside the emulated process (qemu -L only redirects paths that
+    exist inside the root, such as /usr/lib and /etc). `extra_pythonpath` comes before the root's
+    site folder. `cpu` is a qemu CPU name (default cortex-a76; "max" enables SVE/SME). The TVM in
+    the root is runtime-only (TVM_USE_RUNTIME_LIB=1). Raises EdgeforgeError if the root is not built.
+    """
+    root = Path(root) if root else arm64_root()
+    if root is None:
+        raise EdgeforgeError("the arm64 root is not built: run scripts/setup-arm64.sh (as root) or `edgeforge doctor`")
+    if shutil.which(QEMU) is None:
+        raise EdgeforgeError(f"{QEMU} not found: apt-get install qemu-user-static (or run scripts/setup-arm64.sh)")
+    _sync_cpuinfo(root)
+    cmd = [QEMU, "-cpu", cpu or DEFAULT_QEMU_CPU, "-L", str(root), str(root / ARM64_PYTHON), *map(str, script_args)]
+    env = _clean_env()
+    paths = [str(Path(p).absolute()) for p in extra_pythonpath] + [str(root / ARM64_SITE)]
+    env.update(
+        PYTHONPATH=os.pathsep.join(paths),
+        PYTHONNOUSERSITE="1",
+        TVM_USE_RUNTIME_LIB="1",
+        LC_ALL="C.UTF-8",
+    )
+    return cmd, env
+
+
+def _clean_env() -> dict[str, str]:
+    """The host environment minus what would point the guest at host (x86) libraries or a venv."""
+    drop = {"LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV", "PYTHONSTARTUP"}
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("QEMU_")}
+
+
+def _sync_cpuinfo(root: Path) -> None:
+    """Keep ROOT/proc/cpuinfo at one (ARM) entry per host CPU.
+
+    qemu 7.2 shows aarch64 programs the host's x86 /proc/cpuinfo, on which onnxruntime's cpuinfo
+    library segfaults; qemu -L serves ROOT/proc/cpuinfo instead. The CPU topology under /sys is the
+    host's, so the entry count must follow the host (the cache may move between machines).
+    """
+    path = root / "proc" / "cpuinfo"
+    count = os.cpu_count() or 1
+    try:
+        if path.read_text().count("processor\t:") == count:
+            return
+    except OSError:
+        pass
+    entry = (
+        "processor\t: {i}\nBogoMIPS\t: 108.00\n"
+        "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\n"
+        "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".cpuinfo.{os.getpid()}")
+    tmp.write_text("".join(entry.format(i=i) for i in range(count)))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vulkan (Mesa lavapipe + onnxruntime-webgpu venv)
+# ---------------------------------------------------------------------------------------------
+
+
+def vulkan_dir() -> Path:
+    return toolchains_dir() / "vulkan"
+
+
+def vulkan_env(ensure: bool = False, log=None) -> tuple[Path, dict[str, str]] | None:
+    """(python of the onnxruntime-webgpu venv, env that selects lavapipe), or None when not built.
+
+    The env puts Mesa 25's libvulkan_lvp.so and the Vulkan loader on LD_LIBRARY_PATH and names the
+    lavapipe ICD json only, so Dawn (WebGPU) sees exactly one adapter: the software GPU.
+    """
+    if ensure:
+        return ensure_vulkan(log=log)
+    if not _script_says_ready("setup-vulkan.sh"):
+        return None
+    return _vulkan_paths(vulkan_dir())
+
+
+def ensure_vulkan(log=None) -> tuple[Path, dict[str, str]]:
+    """Build lavapipe + the webgpu venv if needed and return (python, env) as vulkan_env()."""
+    out = _run_setup("setup-vulkan.sh", log)
+    base = Path(out.strip().splitlines()[-1])
+    python, env = _vulkan_paths(base)
+    if not python.exists():
+        raise EdgeforgeError(f"scripts/setup-vulkan.sh finished but {python} does not exist")
+    return python, env
+
+
+def _vulkan_paths(base: Path) -> tuple[Path, dict[str, str]]:
+    mesa = base / "mesa"
+    icd = mesa / "lvp_icd.json"
+    libdirs = [mesa / "usr/lib/x86_64-linux-gnu", mesa / "usr/lib"]
+    env = _clean_env()
+    old = os.environ.get("LD_LIBRARY_PATH")
+    env.update(
+        LD_LIBRARY_PATH=os.pathsep.join([str(d) for d in libdirs] + ([old] if old else [])),
+        VK_ICD_FILENAMES=str(icd),  # older loaders
+        VK_DRIVER_FILES=str(icd),  # loaders >= 1.3.207
+        PYTHONNOUSERSITE="1",
+    )
+    return base / "venv" / "bin" / "python", env
+
+
+# ---------------------------------------------------------------------------------------------
+# running the setup scripts
+# ---------------------------------------------------------------------------------------------
+
+
+def _script(name: str) -> Path:
+    path = SCRIPTS_DIR / name
+    if not path.exists():
+        raise EdgeforgeError(f"{path} not found: toolchain setup needs an edgeforge source checkout (scripts/{name})")
+    return path
+
+
+def _script_env() -> dict[str, str]:
+    # The scripts download wheels with pip; this interpreter (the venv) surely has pip.
+    env = dict(os.environ, PYTHON=sys.executable, EDGEFORGE_CACHE=str(cache_dir()))
+    return env
+
+
+def _script_says_ready(name: str) -> bool:
+    try:
+        path = _script(name)
+    except EdgeforgeError:
+        return False
+    proc = subprocess.run(["bash", str(path), "--check"], env=_script_env(), capture_output=True)
+    return proc.returncode == 0
+
+
+def _run_setup(name: str, log) -> str:
+    """Run a setup script, forwarding its progress lines (stderr) to `log`; return its stdout."""
+    log = log or (lambda msg: None)
+    proc = subprocess.Popen(
+        ["bash", str(_script(name))],
+        env=_script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    tail: list[str] = []
+    for line in proc.stderr:
+        line = line.rstrip()
+        if line.startswith("[setup-"):
+            log(line)
+        tail = (tail + [line])[-40:]
+    out = proc.stdout.read()
+    if proc.wait() != 0:
+        errors = [t for t in tail if "error:" in t] or tail[-1:] or ["no output"]
+        raise EdgeforgeError(f"scripts/{name} failed (exit {proc.returncode}): {errors[-1]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# probe: what this machine has
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_line(cmd: list[str], timeout: float = 20) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (proc.stdout or proc.stderr).strip()
+    return text if proc.returncode == 0 and text else None
+
+
+def nvcc_version() -> str | None:
+    text = _first_line(["nvcc", "--version"]) or ""
+    match = re.search(r"release [\d.]+, V([\d.]+)", text)
+    return match.group(1) if match else None
+
+
+def aarch64_gxx_version() -> str | None:
+    return _first_line(["aarch64-linux-gnu-g++", "-dumpfullversion"])
+
+
+def qemu_version() -> str | None:
+    text = _first_line([QEMU, "--version"]) or ""
+    match = re.search(r"version ([\w.+~-]+)", text)
+    return match.group(1) if match else None
+
+
+def nvidia_gpus() -> list[str]:
+    """GPU names from nvidia-smi (empty when there is no driver or no GPU)."""
+    text = _first_line(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"])
+    return [line.strip() for line in text.splitlines() if line.strip()] if text else []
+
+
+def has_libcuda() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def vulkan_devices(env: dict[str, str] | None = None, python: str | os.PathLike | None = None) -> list[dict]:
+    """Vulkan physical devices seen with `env` (default: this process's environment).
+
+    Enumerated in a child process (a broken driver may crash) by edgeforge/vulkan_probe.py, which
+    uses only ctypes and the Vulkan loader (libvulkan.so.1). Empty when there is no loader/driver.
+    """
+    probe_script = Path(__file__).with_name("vulkan_probe.py")
+    try:
+        proc = subprocess.run(
+            [str(python or sys.executable), str(probe_script)],
+            env=env if env is not None else dict(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return json.loads(proc.stdout).get("devices", []) if proc.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return []
+
+
+def probe() -> dict:
+    """What this machine has for each kind of target. Cheap (no setup is run); a few seconds."""
+    root = arm64_root()
+    venv = vulkan_env()
+    gpus = nvidia_gpus()
+    return {
+        "nvcc": nvcc_version(),
+        "aarch64_gxx": aarch64_gxx_version(),
+        "qemu_aarch64": qemu_version(),
+        "arm64_root": str(root) if root else None,
+        "arm64_ready": root is not None,
+        "lavapipe_ready": venv is not None,
+        "webgpu_venv": str(venv[0]) if venv else None,
+        "gpu_present": bool(gpus) or has_libcuda(),
+        "nvidia_gpus": gpus,
+        "libcuda": has_libcuda(),
+        "vulkan_devices": vulkan_devices(),
+        "lavapipe_devices": vulkan_devices(venv[1]) if venv else [],
+    }

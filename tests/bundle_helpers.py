@@ -1,0 +1,57 @@
+"""Helpers for the bundle tests: run the CLI in-process, build tiny bundles, re-sign edited bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeforge.cli import main
+from edgeforge.runtime.manifest_check import write_manifest
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `edgeforge ARGS` in this process; returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def build_json(capsys, *args) -> dict:
+    code, out, err = cli(capsys, "build", *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def resign(bundle: Path, edit=None) -> dict:
+    """Edit a bundle's manifest fields (edit(manifest) in place) and rewrite it with fresh checksums,
+    as someone who changes a bundle on purpose would: verification then passes and only the
+    behaviour checks can catch the change."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if edit:
+        edit(manifest)
+    return write_manifest(bundle, manifest)
+
+
+def copy_bundle(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def host_bundle(tiny_model, tmp_path_factory):
+    """(bundle folder, archive, build summary): llama32 q4f32 for x86-cpu with the ONNX backend."""
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")),
+                           "--quant", "q4f32", "--target", "x86-cpu", "--backend", "onnx", "-o", str(out),
+                           "--archive", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    (b,) = summary["bundles"]
+    return Path(b["path"]), Path(b["archive"]), summary

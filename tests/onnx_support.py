@@ -1,0 +1,66 @@
+"""Helpers for the ONNX backend tests: QDIR -> compiled artifact, and comparisons with the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgeforge.commands.compile_cmd import compile_qdir
+from edgeforge.runtime.generate import generate
+from edgeforge.runtime.sampling import Sampler
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time, in a land far away, there lived",
+    "Numbers: 1, 2, 3, 4, 5,",
+]
+
+
+def target_file(folder: Path, name: str, provider: str, accuracy_level: int, run: str = "host", **onnx_extra) -> Path:
+    """A user target .toml (the presets fix accuracy_level; tests need both levels)."""
+    path = Path(folder) / f"{name}.toml"
+    extra = "".join(f'{k} = "{v}"\n' for k, v in onnx_extra.items())
+    path.write_text(f'name = "{name}"\ndescription = "test"\nbackends = ["onnx"]\nrun = "{run}"\n'
+                    f'os = "linux"\narch = "x86_64"\n\n[onnx]\nexecution_provider = "{provider}"\n'
+                    f"accuracy_level = {accuracy_level}\n{extra}")
+    return path
+
+
+def compile_onnx(qdir: Path, out: Path, provider="CPUExecutionProvider", accuracy_level=0, name="onnx-test",
+                 **onnx_extra) -> Path:
+    out = Path(out)
+    toml = target_file(out.parent, f"{name}-{out.name}", provider, accuracy_level, **onnx_extra)
+    compile_qdir(qdir, str(toml), "onnx", out, log=lambda m: None)
+    return out
+
+
+def step_logits(engine, ids, steps: int, feed=None) -> list[np.ndarray]:
+    """Logits of a prefill and `steps` decodes; fed tokens come from `feed` (else the engine's argmax)."""
+    engine.reset()
+    out = [engine.prefill(ids)]
+    for i in range(steps):
+        token = feed[i] if feed is not None else int(np.argmax(out[-1]))
+        out.append(engine.decode(token))
+    return out
+
+
+def relative_errors(got: list[np.ndarray], expected: list[np.ndarray]) -> list[float]:
+    """max |got - expected| / (max - min of expected), per step."""
+    return [float(np.max(np.abs(g - e)) / np.ptp(e)) for g, e in zip(got, expected)]
+
+
+def greedy(engine, ids, n: int) -> list[int]:
+    return generate(engine, ids, n, Sampler(temperature=0.0)).tokens
+
+
+def record(path: Path, entry: dict) -> None:
+    """Append one measurement to a JSON-lines file (the tests' report of accuracy level 4)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def with_onnx(target, provider: str, level: int):
+    return dataclasses.replace(target, onnx={"execution_provider": provider, "accuracy_level": level})

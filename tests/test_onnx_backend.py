@@ -1,0 +1,174 @@
+"""ONNX backend on the tiny models: the compiled graph run by ONNX Runtime (CPU) against the numpy
+reference of the same quantized weights, errors named, and GPU targets refusing to run on a CPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx_support import PROMPTS, compile_onnx, greedy, record, relative_errors, step_logits  # noqa: E402
+
+from edgeforge.errors import EdgeforgeError  # noqa: E402
+from edgeforge.model.loader import load_model  # noqa: E402
+from edgeforge.model.reference import ReferenceModel  # noqa: E402
+from edgeforge.quant.qdir import load_qdir, write_qdir  # noqa: E402
+from edgeforge.runtime.bundle_errors import BundleError, CannotRunHere  # noqa: E402
+from edgeforge.runtime.loader import open_engine  # noqa: E402
+from edgeforge.runtime.onnx_engine import OnnxEngine  # noqa: E402
+
+# (shape, scheme): every tiny shape at q4f32 and q8f16, the other schemes on the GQA+tied shape.
+CASES = [("llama2", "q4f32"), ("llama32", "q4f32"), ("headdim", "q4f32"),
+         ("llama2", "q8f16"), ("llama32", "q8f16"), ("headdim", "q8f16"),
+         ("llama32", "q4f16"), ("llama32", "q0f32"), ("headdim", "q0f16")]
+GREEDY_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model, tmp_path_factory):
+    """(shape, scheme) -> (loaded QDIR model, reference engine, {accuracy level: artifact dir})."""
+    cache = {}
+
+    def get(shape, scheme):
+        if (shape, scheme) not in cache:
+            root = tmp_path_factory.mktemp(f"onnx-{shape}-{scheme}")
+            write_qdir(load_model(tiny_model(shape)), scheme, root / "qdir")
+            model = load_qdir(root / "qdir")
+            arts = {lvl: compile_onnx(root / "qdir", root / f"art{lvl}", accuracy_level=lvl) for lvl in (0, 4)}
+            cache[(shape, scheme)] = (model, ReferenceModel(model), arts)
+        return cache[(shape, scheme)]
+
+    return get
+
+
+@pytest.mark.parametrize("shape,scheme", CASES)
+def test_logits_and_greedy_tokens_match_reference(built, shape, scheme):
+    model, ref, arts = built(shape, scheme)
+    engine = open_engine(arts[0])
+    assert isinstance(engine, OnnxEngine) and engine.device == "cpu"
+    for prompt in PROMPTS:
+        ids = model.tokenizer.encode(prompt)
+        expected_tokens = greedy(ref, ids, GREEDY_TOKENS)
+        # Teacher-forced on the reference's tokens, so every step compares the same sequence.
+        expected = step_logits(ref, ids, 8, feed=expected_tokens)
+        got = step_logits(engine, ids, 8, feed=expected_tokens)
+        errs = relative_errors(got, expected)
+        assert max(errs) <= 1e-3, f"{shape} {scheme} '{prompt}': max abs error / logit range per step {errs}"
+        assert all(g.dtype == np.float32 and g.shape == (model.config.vocab_size,) for g in got)
+        assert greedy(engine, ids, GREEDY_TOKENS) == expected_tokens, f"{shape} {scheme} '{prompt}'"
+
+
+@pytest.mark.parametrize("shape,scheme", [("llama32", "q8f16"), ("headdim", "q4f16")])
+def test_float16_compute_graph(built, shape, scheme, tmp_path):
+    """compute_dtype float16 (what GPU and ARM targets get for *f16 schemes), run on the CPU here.
+
+    float16 activations round every matmul input and output (~2.4e-4 relative each), so the
+    bound is 3e-3 of the logit range instead of 1e-3; the greedy tokens must still be equal.
+    """
+    model, ref, arts = built(shape, scheme)
+    art = compile_onnx(arts[0].parent / "qdir", tmp_path / "f16", accuracy_level=0, compute_dtype="float16")
+    assert json.loads((art / "artifact.json").read_text())["onnx"]["kv_dtype"] == "float16"
+    engine = OnnxEngine(art)
+    for prompt in PROMPTS:
+        ids = model.tokenizer.encode(prompt)
+        expected_tokens = greedy(ref, ids, GREEDY_TOKENS)
+        errs = relative_errors(step_logits(engine, ids, 8, feed=expected_tokens),
+                               step_logits(ref, ids, 8, feed=expected_tokens))
+        print(f"float16 compute {shape} {scheme}: max error / logit range {max(errs):.2e}")
+        assert max(errs) <= 3e-3, errs
+        assert greedy(engine, ids, GREEDY_TOKENS) == expected_tokens
+
+
+@pytest.mark.parametrize("shape,scheme", [("llama32", "q4f32"), ("headdim", "q8f16")])
+def test_accuracy_level_4_reported(built, shape, scheme, tmp_path_factory):
+    """int8 activations: not exact; the error and greedy agreement are recorded, with a loose bound."""
+    model, ref, arts = built(shape, scheme)
+    engine = OnnxEngine(arts[4])
+    report = tmp_path_factory.getbasetemp() / "onnx-accuracy-level-4.jsonl"
+    for prompt in PROMPTS:
+        ids = model.tokenizer.encode(prompt)
+        expected_tokens = greedy(ref, ids, GREEDY_TOKENS)
+        errs = relative_errors(step_logits(engine, ids, 8, feed=expected_tokens),
+                               step_logits(ref, ids, 8, feed=expected_tokens))
+        got_tokens = greedy(engine, ids, GREEDY_TOKENS)
+        agree = next((i for i, (a, b) in enumerate(zip(got_tokens, expected_tokens)) if a != b), GREEDY_TOKENS)
+        entry = {"shape": shape, "scheme": scheme, "prompt": prompt, "max_rel_err": max(errs), "greedy_agree": agree}
+        record(report, entry)
+        print("accuracy_level 4:", json.dumps(entry))
+        assert max(errs) < 0.05, entry
+
+
+def test_kv_buffer_growth_keeps_the_sequence(built, monkeypatch):
+    """The CPU KV buffer starts small and doubles; rows written before a growth must survive it."""
+    from edgeforge.runtime import onnx_engine
+
+    model, ref, arts = built("llama32", "q4f32")
+    monkeypatch.setattr(onnx_engine, "FIRST_CAPACITY", 4)
+    engine = OnnxEngine(arts[0])
+    ids = model.tokenizer.encode(PROMPTS[1])
+    feed = greedy(ref, ids, 20)
+    errs = relative_errors(step_logits(engine, ids, 20, feed=feed), step_logits(ref, ids, 20, feed=feed))
+    assert engine.capacity >= len(ids) + 20 and engine.capacity < 256
+    assert max(errs) <= 1e-3, errs
+    short = OnnxEngine(arts[0], max_length=len(ids) + 2)
+    short.prefill(ids)
+    short.decode(feed[0])
+    short.decode(feed[1])
+    with pytest.raises(BundleError, match="max_length"):
+        short.decode(feed[2])
+
+
+def test_artifact_is_self_describing_and_checker_clean(built):
+    _, _, arts = built("llama32", "q4f32")
+    art = json.loads((arts[4] / "artifact.json").read_text())
+    assert art["backend"] == "onnx" and art["needs_weights"] is False
+    assert art["onnx"]["accuracy_level"] == 4 and art["onnx"]["execution_provider"] == "CPUExecutionProvider"
+    assert sorted(p.name for p in arts[4].iterdir()) == sorted(art["files"] + ["artifact.json"])
+    onnx.checker.check_model(str(arts[4] / "model.onnx"))
+    graph = onnx.load(str(arts[4] / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization"} <= ops
+    assert graph.ir_version == 10 and {o.domain: o.version for o in graph.opset_import}[""] == 21
+    # Tied embeddings: the head reads the embedding's blob (one copy of the biggest tensor).
+    head = next(n for n in graph.graph.node if n.name == "lm_head")
+    assert head.input[1] == "model.embed_tokens.qweight"
+    assert (arts[4] / "model.onnx").stat().st_size < 200_000  # weights live in the data file
+
+
+@pytest.mark.parametrize("provider", ["CUDAExecutionProvider", "WebGpuExecutionProvider"])
+def test_gpu_target_without_its_provider_fails_loudly(built, tmp_path, provider):
+    if provider in ort.get_available_providers():
+        pytest.skip(f"{provider} is installed here")
+    _, _, arts = built("llama32", "q4f32")
+    art = compile_onnx(arts[0].parent / "qdir", tmp_path / "gpu", provider=provider, accuracy_level=0)
+    with pytest.raises(CannotRunHere, match=provider):
+        open_engine(art)
+    # Asked explicitly for the CPU, the same artifact runs there.
+    assert OnnxEngine(art, device="cpu").device == "cpu"
+
+
+def test_bad_target_and_qdir_errors_name_the_culprit(built, tmp_path):
+    from onnx_support import target_file
+
+    from edgeforge.commands.compile_cmd import compile_qdir
+
+    _, _, arts = built("llama32", "q4f32")
+    qdir = arts[0].parent / "qdir"
+    bad = target_file(tmp_path, "bad", "NoSuchExecutionProvider", 0)
+    with pytest.raises(EdgeforgeError, match="execution_provider"):
+        compile_qdir(qdir, str(bad), "onnx", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    broken = tmp_path / "qdir"
+    broken.mkdir()
+    for f in qdir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    quant = json.loads((broken / "quantization.json").read_text())
+    del quant["tensors"]["model.layers.1.mlp.down_proj.weight"]
+    (broken / "quantization.json").write_text(json.dumps(quant))
+    with pytest.raises(EdgeforgeError, match="model.layers.1.mlp.down_proj.weight"):
+        compile_qdir(broken, str(target_file(tmp_path, "ok", "CPUExecutionProvider", 0)), "onnx", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

@@ -1,0 +1,285 @@
+"""Storage formats and schemes: numpy round trips with stated bounds, and the exact bit layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeforge.errors import EdgeforgeError
+from edgeforge.quant.formats import (
+    F16, F32, GROUP_SIZE, Q4, Q4_OFFSET, Q8, get_format, pack_q4, unpack_q4,
+)
+from edgeforge.quant.schemes import SCHEMES, get_scheme
+
+
+def weight(rows=48, cols=128, seed=0, scale=0.05):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0.0, scale, size=(rows, cols)).astype(np.float32)
+    w[3, :GROUP_SIZE] *= 40.0  # one group with a much larger range than its neighbours
+    return w
+
+
+def group_scales(arrays):
+    """Per-element stored scale (float32), broadcast back to [out, in]."""
+    return np.repeat(arrays["scales"].astype(np.float32), GROUP_SIZE, axis=1)
+
+
+# ---- round trips with stated bounds ---------------------------------------------------------
+
+def test_f32_is_exact():
+    w = weight()
+    arrays = F32().quantize(w)
+    assert arrays["weight"].dtype == np.float32
+    np.testing.assert_array_equal(F32().dequantize(arrays), w)
+
+
+def test_f16_relative_error_within_2_pow_minus_11():
+    w = weight()
+    arrays = F16().quantize(w)
+    assert arrays["weight"].dtype == np.float16
+    deq = F16().dequantize(arrays)
+    assert deq.dtype == np.float32
+    normal = np.abs(w) >= np.finfo(np.float16).tiny  # subnormals have an absolute bound instead
+    rel = np.abs(deq - w)[normal] / np.abs(w)[normal]
+    assert rel.max() <= 2.0 ** -11
+    assert np.abs(deq - w)[~normal].max(initial=0) <= 2.0 ** -25
+
+
+@pytest.mark.parametrize("fmt", [Q8("float16"), Q8("float32"), Q4("float16"), Q4("float32")], ids=repr)
+def test_grouped_error_within_half_a_scale(fmt):
+    w = weight()
+    arrays = fmt.quantize(w, "w")
+    scale = group_scales(arrays)
+    deq = fmt.dequantize(arrays)
+    assert deq.dtype == np.float32 and deq.shape == w.shape
+    err = np.abs(deq - w)
+    # Bound: half a quantization step, plus float32 rounding of w/scale and q*scale.
+    assert (err <= scale / 2 * (1 + 1e-6) + 1e-12).all(), float((err / scale).max())
+    # and the format is not trivially coarse: the error is spread over the whole half step
+    assert (err / np.maximum(scale, 1e-30)).max() > 0.45
+
+
+@pytest.mark.parametrize("fmt,qmax", [(Q8("float16"), 127), (Q4("float16"), 7), (Q4("float32"), 7)], ids=repr)
+def test_stored_scale_is_rounded_first_and_used(fmt, qmax):
+    w = weight(seed=1)
+    arrays = fmt.quantize(w, "w")
+    groups = w.reshape(w.shape[0], -1, GROUP_SIZE)
+    expected = (np.abs(groups).max(axis=2) / np.float32(qmax)).astype(fmt.scale_dtype)
+    assert arrays["scales"].dtype == np.dtype(fmt.scale_dtype)
+    assert arrays["scales"].shape == (w.shape[0], w.shape[1] // GROUP_SIZE)
+    np.testing.assert_array_equal(arrays["scales"], expected)
+    # q was computed by dividing by the *stored* (rounded) scale, not the exact one
+    q = np.rint(groups / expected.astype(np.float32)[:, :, None]).clip(-qmax, qmax)
+    np.testing.assert_array_equal(fmt.dequantize(arrays), (q * expected.astype(np.float32)[:, :, None]).reshape(w.shape))
+
+
+def test_q8_values_rounding_half_to_even_and_clip():
+    w = np.zeros((1, GROUP_SIZE), np.float32)
+    w[0, :6] = [127.0, 2.5, 3.5, -2.5, -0.5, 1.49]  # max 127 -> scale exactly 1.0
+    arrays = Q8("float16").quantize(w, "w")
+    assert arrays["qweight"].dtype == np.int8 and arrays["qweight"].shape == (1, GROUP_SIZE)
+    assert arrays["scales"][0, 0] == 1.0
+    np.testing.assert_array_equal(arrays["qweight"][0, :6], [127, 2, 4, -2, 0, 1])
+
+
+def test_extremes_map_to_plus_minus_qmax():
+    w = weight(seed=2)
+    for fmt, qmax in ((Q8("float16"), 127), (Q4("float16"), 7)):
+        arrays = fmt.quantize(w, "w")
+        q = fmt._load(arrays["qweight"]).reshape(w.shape[0], -1, GROUP_SIZE)
+        assert np.abs(q).max(axis=2).min() == qmax  # every (non-zero) group uses its full range
+        assert np.abs(q).max() == qmax
+
+
+def test_zero_groups_get_zero_scale_and_zero_q():
+    w = weight(rows=4, cols=96)
+    w[1, 32:64] = 0.0
+    w[2, :] = 0.0
+    q8 = Q8("float16").quantize(w, "w")
+    assert q8["scales"][1, 1] == 0 and (q8["scales"][2] == 0).all()
+    assert (q8["qweight"][1, 32:64] == 0).all() and (q8["qweight"][2] == 0).all()
+    q4 = Q4("float16").quantize(w, "w")
+    assert q4["scales"][1, 1] == 0 and (q4["scales"][2] == 0).all()
+    assert (unpack_q4(q4["qweight"])[1, 32:64] == Q4_OFFSET).all()
+    assert (q4["qweight"][2] == 0x88888888).all()
+    for fmt, arrays in ((Q8("float16"), q8), (Q4("float16"), q4)):
+        deq = fmt.dequantize(arrays)
+        assert (deq[1, 32:64] == 0).all() and (deq[2] == 0).all()
+        assert np.isfinite(deq).all()
+
+
+def test_group_whose_f16_scale_underflows_stores_zero():
+    w = np.zeros((1, GROUP_SIZE), np.float32)
+    w[0, 0] = 1e-12  # max/7 is far below float16's smallest subnormal
+    arrays = Q4("float16").quantize(w, "w")
+    assert arrays["scales"][0, 0] == 0
+    assert np.isfinite(Q4("float16").dequantize(arrays)).all()
+
+
+@pytest.mark.parametrize("fmt", [Q8("float16"), Q4("float32")], ids=repr)
+def test_width_not_divisible_by_32_names_the_tensor(fmt):
+    with pytest.raises(EdgeforgeError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*width 40"):
+        fmt.quantize(np.ones((8, 40), np.float32), "model.layers.0.mlp.up_proj.weight")
+
+
+def test_non_finite_and_f16_overflow_name_the_tensor():
+    w = weight()
+    w[0, 0] = np.nan
+    with pytest.raises(EdgeforgeError, match="'bad.weight'.*NaN"):
+        Q4("float16").quantize(w, "bad.weight")
+    with pytest.raises(EdgeforgeError, match="'big.weight'.*float16"):
+        F16().quantize(np.full((2, 32), 1e6, np.float32), "big.weight")
+
+
+# ---- q4 bit layout --------------------------------------------------------------------------
+
+def test_pack_q4_known_words():
+    nibbles = np.array([[1, 2, 3, 4, 5, 6, 7, 8, 15, 0, 0, 0, 0, 0, 0, 9]], np.uint8)
+    words = pack_q4(nibbles)
+    assert words.dtype == np.uint32
+    # element 8k+j in bits 4j..4j+3 of word k: low nibble first
+    assert words.tolist() == [[0x87654321, 0x9000000F]]
+    np.testing.assert_array_equal(unpack_q4(words), nibbles)
+
+
+def test_q4_qweight_word_layout_from_known_weights():
+    # scale = 7/7 = 1, so q = w exactly; stored nibble = q + 8.
+    row = np.array([7, -7, 0, 1, -1, 3, -3, 2] * 4, np.float32)
+    arrays = Q4("float32").quantize(row[None, :], "w")
+    assert arrays["qweight"].shape == (1, GROUP_SIZE // 8)
+    nibbles = [15, 1, 8, 9, 7, 11, 5, 10]
+    word = sum(n << (4 * j) for j, n in enumerate(nibbles))
+    assert arrays["qweight"].tolist() == [[word] * 4]
+
+
+def test_q4_bytes_are_matmulnbits_layout():
+    """Little-endian bytes: element 2k is the low nibble of byte k, element 2k+1 the high one."""
+    rng = np.random.default_rng(3)
+    nibbles = rng.integers(0, 16, size=(5, 64)).astype(np.uint8)
+    blob = pack_q4(nibbles).astype("<u4").view(np.uint8)
+    assert blob.shape == (5, 32)
+    np.testing.assert_array_equal(blob & 0xF, nibbles[:, 0::2])
+    np.testing.assert_array_equal(blob >> 4, nibbles[:, 1::2])
+
+
+def _matmulnbits(x, b_blob, scales, n, k, bits):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node(
+        "MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft",
+        K=k, N=n, bits=bits, block_size=GROUP_SIZE, accuracy_level=0,
+    )
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(b_blob, "b"), numpy_helper.from_array(scales, "s")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def test_onnx_matmulnbits_4bit_reads_qweight_bytes_as_is():
+    """Real ONNX Runtime: feeding our q4 bytes (default zero point 8) gives x @ dequantize(w).T."""
+    w = weight(rows=24, cols=96, seed=4)
+    arrays = Q4("float32").quantize(w, "w")
+    n, k = w.shape
+    blob = arrays["qweight"].astype("<u4").view(np.uint8).reshape(n, k // GROUP_SIZE, GROUP_SIZE // 2)
+    x = np.random.default_rng(5).normal(size=(3, k)).astype(np.float32)
+    y = _matmulnbits(x, blob, arrays["scales"].reshape(-1), n, k, bits=4)
+    np.testing.assert_allclose(y, x @ Q4("float32").dequantize(arrays).T, atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_matmulnbits_8bit_with_zero_point_128():
+    w = weight(rows=16, cols=64, seed=6)
+    arrays = Q8("float32").quantize(w, "w")
+    n, k = w.shape
+    blob = (arrays["qweight"].astype(np.int16) + 128).astype(np.uint8).reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    x = np.random.default_rng(7).normal(size=(2, k)).astype(np.float32)
+    y = _matmulnbits(x, blob, arrays["scales"].reshape(-1), n, k, bits=8)
+    np.testing.assert_allclose(y, x @ Q8("float32").dequantize(arrays).T, atol=1e-5, rtol=1e-5)
+
+
+# ---- schemes -------------------------------------------------------------------------------
+
+NAMES = {
+    "model.embed_tokens.weight": (384, 64),
+    "model.layers.0.input_layernorm.weight": (64,),
+    "model.layers.0.self_attn.q_proj.weight": (64, 64),
+    "model.layers.0.mlp.down_proj.weight": (64, 160),
+    "model.norm.weight": (64,),
+    "lm_head.weight": (384, 64),
+}
+
+EXPECTED = {  # scheme -> (linear format, scale dtype, model dtype)
+    "q0f32": ("f32", None, "float32"),
+    "q0f16": ("f16", None, "float16"),
+    "q8f16": ("q8", "float16", "float16"),
+    "q4f16": ("q4", "float16", "float16"),
+    "q4f32": ("q4", "float32", "float32"),
+}
+
+
+def test_scheme_registry_matches_the_contract():
+    assert sorted(SCHEMES) == sorted(EXPECTED)
+    for name, (linear, scale, model_dtype) in EXPECTED.items():
+        s = get_scheme(name)
+        assert (s.linear, s.scale_dtype, s.model_dtype) == (linear, scale, model_dtype)
+
+
+@pytest.mark.parametrize("scheme", sorted(EXPECTED))
+@pytest.mark.parametrize("embed_bits", [None, 8])
+def test_scheme_assigns_formats(scheme, embed_bits):
+    s = get_scheme(scheme)
+    linear, scale, _ = EXPECTED[scheme]
+    for tensor, shape in NAMES.items():
+        fmt = s.format_for(tensor, shape, embed_bits)
+        if len(shape) == 1:
+            assert fmt.name == "f32"  # norms always f32
+        elif "embed" in tensor or "lm_head" in tensor:
+            assert fmt.name == ("q8" if embed_bits == 8 else linear)
+        else:
+            assert fmt.name == linear
+        if fmt.name in ("q8", "q4"):
+            assert fmt.scale_dtype == (scale or s.model_dtype)
+
+
+# per scheme, the worst relative error (max |deq - w| / max |w|) on Gaussian weights
+SCHEME_BOUNDS = {"q0f32": 0.0, "q0f16": 2.0 ** -11, "q8f16": 1 / 127 / 2 * 1.01, "q4f16": 1 / 7 / 2 * 1.01,
+                 "q4f32": 1 / 7 / 2 * 1.0001}
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEME_BOUNDS))
+def test_scheme_round_trip_bound(scheme):
+    s = get_scheme(scheme)
+    w = weight(rows=64, cols=160, seed=8)
+    fmt = s.format_for("model.layers.0.mlp.down_proj.weight", w.shape)
+    deq = fmt.dequantize(fmt.quantize(w, "x"))
+    groups = np.abs(w).reshape(64, -1, GROUP_SIZE).max(axis=2)
+    rel = (np.abs(deq - w).reshape(64, -1, GROUP_SIZE).max(axis=2) / groups).max()
+    assert rel <= SCHEME_BOUNDS[scheme]
+
+
+def test_unknown_scheme_lists_the_known_ones():
+    with pytest.raises(EdgeforgeError, match="'q3f16'.*q0f32, q0f16, q8f16, q4f16, q4f32"):
+        get_scheme("q3f16")
+
+
+def test_bad_embed_bits_and_format_names():
+    with pytest.raises(EdgeforgeError, match="--embed-bits 4"):
+        get_scheme("q4f16").format_for("lm_head.weight", (8, 32), embed_bits=4)
+    with pytest.raises(EdgeforgeError, match="'q2'"):
+        get_format("q2", "float16")
+    with pytest.raises(EdgeforgeError, match="scale dtype 'int8'"):
+        Q4("int8")
+
+
+@pytest.mark.parametrize("fmt", [F32(), F16(), Q8("float16"), Q8("float32"), Q4("float16"), Q4("float32")], ids=repr)
+def test_stored_shapes_predict_quantize_output(fmt):
+    w = weight(rows=10, cols=96)
+    arrays = fmt.quantize(w, "w")
+    assert {k: (a.shape, str(a.dtype)) for k, a in arrays.items()} == fmt.stored(w.shape)

@@ -1,0 +1,99 @@
+"""`edgeforge smoke --ssh` against a real sshd started on 127.0.0.1 (temporary host key and
+authorized_keys, a free port). The "device" Python is this venv's Python: a device needs the
+bundle's requirements.txt installed, nothing of edgeforge."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bundle_helpers import cli, copy_bundle, host_bundle, resign  # noqa: F401 (fixture)
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+pytestmark = pytest.mark.skipif(not Path(SSHD).exists(), reason="openssh-server not installed (apt-get install openssh-server)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sshd")
+    host_key, client_key = keygen(d / "host_key"), keygen(d / "client_key")
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"PidFile {d / 'sshd.pid'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation folder sshd insists on
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE, text=True)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"sshd did not start: {proc.stderr.read()}")
+            time.sleep(0.1)
+    known = d / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {(d / 'host_key.pub').read_text().split(' ', 2)[0]} "
+                     f"{(d / 'host_key.pub').read_text().split(' ', 2)[1]}\n")
+    yield {"port": port, "key": client_key, "known_hosts": known, "dest": f"{getpass.getuser()}@127.0.0.1"}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def ssh_args(sshd, *extra):
+    return ["--ssh", sshd["dest"], "--port", sshd["port"], "--identity", sshd["key"],
+            "--remote-python", sys.executable, *extra]
+
+
+def test_ssh_smoke_passes(host_bundle, sshd, capsys):
+    code, out, err = cli(capsys, "smoke", host_bundle[0], *ssh_args(sshd, "--known-hosts", sshd["known_hosts"]), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["status"] == "PASS" and result["tokens_agree"] == result["tokens_total"]
+
+
+def test_ssh_archive_and_fail_passthrough(host_bundle, sshd, tmp_path, capsys):
+    code, out, err = cli(capsys, "smoke", host_bundle[1], *ssh_args(sshd))
+    assert code == 0 and "PASS" in out, err
+    bundle = copy_bundle(host_bundle[0], tmp_path / "b")
+    golden = json.loads((bundle / "golden.json").read_text())
+    golden["prompts"][0]["tokens"] = [(t + 1) % 300 for t in golden["prompts"][0]["tokens"]]
+    (bundle / "golden.json").write_text(json.dumps(golden))
+    resign(bundle)
+    code, out, err = cli(capsys, "smoke", bundle, *ssh_args(sshd))
+    assert code == 1 and out.startswith("FAIL"), (out, err)
+
+
+def test_ssh_unreachable_or_untrusted_host(host_bundle, sshd, tmp_path, capsys):
+    closed = free_port()
+    code, _, err = cli(capsys, "smoke", host_bundle[0], "--ssh", "root@127.0.0.1", "--port", closed,
+                       "--identity", sshd["key"])
+    assert code == 2 and f"root@127.0.0.1:{closed}: cannot connect" in err
+    code, _, err = cli(capsys, "smoke", host_bundle[0], "--ssh", "pi@no-such-host.invalid", "--identity", sshd["key"])
+    assert code == 2 and "pi@no-such-host.invalid:22: cannot connect" in err
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{sshd['port']} " + (keygen(tmp_path / "other").with_suffix(".pub").read_text()))
+    code, _, err = cli(capsys, "smoke", host_bundle[0], *ssh_args(sshd, "--known-hosts", wrong))
+    assert code == 2 and "ssh failed" in err and "127.0.0.1" in err
