@@ -67,7 +67,8 @@ def test_float16_compute_graph(built, shape, scheme, tmp_path):
     """compute_dtype float16 (what GPU and ARM targets get for *f16 schemes), run on the CPU here.
 
     float16 activations round every matmul input and output (~2.4e-4 relative each), so the
-    bound is 3e-3 of the logit range instead of 1e-3; the greedy tokens must still be equal.
+    bound is 3e-3 of the logit range instead of 1e-3, and the argmax must agree wherever the
+    reference's top-2 gap is larger than that bound (a random tiny model has near ties).
     """
     model, ref, arts = built(shape, scheme)
     art = compile_onnx(arts[0].parent / "qdir", tmp_path / "f16", accuracy_level=0, compute_dtype="float16")
@@ -76,11 +77,15 @@ def test_float16_compute_graph(built, shape, scheme, tmp_path):
     for prompt in PROMPTS:
         ids = model.tokenizer.encode(prompt)
         expected_tokens = greedy(ref, ids, GREEDY_TOKENS)
-        errs = relative_errors(step_logits(engine, ids, 8, feed=expected_tokens),
-                               step_logits(ref, ids, 8, feed=expected_tokens))
+        got = step_logits(engine, ids, 16, feed=expected_tokens)
+        want = step_logits(ref, ids, 16, feed=expected_tokens)
+        errs = relative_errors(got, want)
         print(f"float16 compute {shape} {scheme}: max error / logit range {max(errs):.2e}")
         assert max(errs) <= 3e-3, errs
-        assert greedy(engine, ids, GREEDY_TOKENS) == expected_tokens
+        for step, (g, w) in enumerate(zip(got, want)):
+            top2 = np.sort(w)[-2:]
+            if top2[1] - top2[0] > 2 * 3e-3 * np.ptp(w):  # each of the two may be off by the bound
+                assert np.argmax(g) == np.argmax(w), f"step {step}"
 
 
 @pytest.mark.parametrize("shape,scheme", [("llama32", "q4f32"), ("headdim", "q8f16")])

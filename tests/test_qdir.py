@@ -187,6 +187,27 @@ def test_error_mid_write_leaves_old_output_untouched(loaded, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
+def test_inconsistent_qdir_is_refused_with_the_file_named(loaded, tmp_path):
+    from edgeforge.runtime.bundle_errors import BundleError
+
+    out = tmp_path / "q"
+    write_qdir(loaded("llama2"), "q4f16", out)
+    quant_path = out / "quantization.json"
+    quant = json.loads(quant_path.read_text())
+    quant["tensors"]["model.layers.0.mlp.up_proj.weight"]["scale_dtype"] = "float32"
+    quant_path.write_text(json.dumps(quant))
+    with pytest.raises(BundleError, match=r"model\.layers\.0\.mlp\.up_proj\.scales.*float16, expected float32"):
+        QdirWeights(out).arrays("model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(EdgeforgeError, match="up_proj"):
+        load_qdir(out).tensors.get("model.layers.0.mlp.up_proj.weight")
+    (out / "model-00001-of-00001.safetensors").unlink()
+    with pytest.raises(EdgeforgeError, match="model-00001-of-00001.safetensors"):
+        load_qdir(out)
+    (out / "config.json").write_text('{"format": "something-else"}')
+    with pytest.raises(EdgeforgeError, match=r"config\.json.*edgeforge-config"):
+        load_qdir(out)
+
+
 # Bound on the relative RMS error of the logits of the reference run on the dequantized weights
 # (||got - float|| / ||float||). Measured on the tiny random models (docs/notes/quant.md):
 # q0f32 0, q0f16 <= 8e-4, q8f16 <= 0.022, q4 <= 0.38 (random weights are near-Gaussian, so q4's
@@ -243,3 +264,26 @@ def test_cli_quantize_bad_options_exit_2_and_write_nothing(tiny_model, tmp_path,
 def test_cli_quantize_help_has_an_example(capsys):
     code, stdout, _ = run_cli(["quantize", "--help"], capsys)
     assert code == 0 and "Example:" in stdout and "edgeforge quantize" in stdout
+
+
+@pytest.mark.slow
+def test_smollm2_q4f16_qdir_still_answers(smollm2_gguf, tmp_path, capsys):
+    """The real model through `edgeforge quantize` and back: q4 is ~0.56 bytes per weight and the
+    reference on the dequantized QDIR still answers the chat question like the float model."""
+    from edgeforge.model.reference import ReferenceModel
+
+    out = tmp_path / "s"
+    code, stdout, stderr = run_cli(["quantize", str(smollm2_gguf), "--quant", "q4f16", "-o", str(out), "--json"], capsys)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    model = load_qdir(out)
+    params = sum(int(np.prod(model.tensors.shape(n))) for n in model.tensors.names())
+    assert 134e6 < params < 136e6
+    assert summary["bytes"] < params * (0.5 + 2 / 32) * 1.01  # nibbles + one f16 scale per 32
+    engine = ReferenceModel(model)
+    ids = model.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    tokens, logits = [], engine.prefill(ids)
+    for _ in range(6):
+        tokens.append(int(np.argmax(logits)))
+        logits = engine.decode(tokens[-1])
+    assert model.tokenizer.decode(tokens).startswith("The capital of France is Paris")

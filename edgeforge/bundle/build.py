@@ -11,6 +11,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -37,6 +38,10 @@ def _one(args) -> dict:
         manifest = make_bundle(dest, qdir, target, backend, golden, log=log)
     except EdgeforgeError as err:
         return {"target": target.name, "backend": backend, "ok": False, "error": str(err)}
+    except Exception as err:  # noqa: BLE001 - one broken backend must not stop the other targets
+        traceback.print_exc(file=sys.stderr)
+        return {"target": target.name, "backend": backend, "ok": False,
+                "error": f"internal error in the {backend} backend: {type(err).__name__}: {err}"}
     result = {"target": target.name, "backend": backend, "ok": True, "path": str(dest),
               "files": len(manifest["files"]), "bytes": sum(f["size"] for f in manifest["files"].values()),
               "seconds": round(time.perf_counter() - start, 1)}

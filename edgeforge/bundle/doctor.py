@@ -40,19 +40,22 @@ def _package(dist: str, module: str) -> tuple[bool, str]:
 
 
 def _toolchain(probe: str) -> tuple[bool, str]:
-    """Ask edgeforge.toolchains (arm64 root, WebGPU venv, lavapipe); absent module = not set up."""
+    """Ask edgeforge.toolchains about the arm64 root and the WebGPU venv + lavapipe (nothing is built)."""
+    from .. import toolchains
+
     try:
-        from .. import toolchains
-    except ImportError as err:
-        return False, f"edgeforge.toolchains unavailable ({err})"
-    fn = getattr(toolchains, probe, None)
-    if fn is None:
-        return False, f"edgeforge.toolchains has no {probe}()"
-    try:
-        ok, detail = fn()
-    except Exception as err:  # noqa: BLE001 - report any probe failure as a doctor line
+        if probe == "arm64 root":
+            root = toolchains.arm64_root()
+            return (True, str(root)) if root else (False, "not built: run scripts/setup-arm64.sh")
+        found = toolchains.vulkan_env()
+        if not found:
+            return False, "not built: run scripts/setup-vulkan.sh"
+        if probe == "onnxruntime-webgpu":
+            return True, str(found[0])
+        devices = toolchains.vulkan_devices(found[1])
+        return (True, ", ".join(str(d.get("name", d)) for d in devices)) if devices else (False, "lavapipe: no Vulkan device seen")
+    except Exception as err:  # noqa: BLE001 - any probe failure is a doctor line, not a crash
         return False, f"{type(err).__name__}: {err}"
-    return bool(ok), str(detail)
 
 
 def _gpu() -> tuple[bool, str]:
@@ -73,9 +76,9 @@ CHECKS = {
     "nvcc": lambda: _tool("nvcc"),
     "aarch64 g++": lambda: _tool("aarch64-linux-gnu-g++"),
     "qemu-aarch64": lambda: _tool("qemu-aarch64-static"),
-    "arm64 root": lambda: _toolchain("check_arm64_root"),
-    "onnxruntime-webgpu": lambda: _toolchain("check_webgpu_python"),
-    "lavapipe": lambda: _toolchain("check_lavapipe"),
+    "arm64 root": lambda: _toolchain("arm64 root"),
+    "onnxruntime-webgpu": lambda: _toolchain("onnxruntime-webgpu"),
+    "lavapipe": lambda: _toolchain("lavapipe"),
     "CUDA GPU": _gpu,
     "Vulkan loader": _vulkan_loader,
 }

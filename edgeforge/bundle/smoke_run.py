@@ -42,7 +42,7 @@ def verify(bundle: Path) -> dict:
         raise EdgeforgeError(str(err)) from None
 
 
-def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
+def python_for(manifest: dict, emulate: bool, log=lambda m: None) -> tuple[list[str], dict]:
     """The command prefix and environment of a Python that can run this bundle on this machine."""
     run = manifest["target"].get("run", "host")
     if emulate:
@@ -50,7 +50,8 @@ def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
             raise EdgeforgeError(f"--emulate: bundle target '{manifest['target']['name']}' is not aarch64 Linux")
         from .. import toolchains
 
-        return toolchains.arm64_python()
+        root = toolchains.ensure_arm64(log=log)  # builds the arm64 root the first time (minutes)
+        return toolchains.qemu_python_command([], root=root)
     try:
         check_can_run(manifest)
     except BundleError as err:
@@ -58,7 +59,8 @@ def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
     if run == "vulkan" or manifest.get("device", "").startswith(("webgpu", "vulkan")):
         from .. import toolchains
 
-        return toolchains.webgpu_python()
+        python, env = toolchains.ensure_vulkan(log=log)  # onnxruntime-webgpu venv + Mesa lavapipe
+        return [str(python)], env
     return [sys.executable], dict(os.environ)
 
 
@@ -94,6 +96,6 @@ def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int =
 
             code, out, err = smoke_over_ssh(bundle, ssh, port, identity, remote_python, known_hosts, log)
             return parse_result(code, out, err, ssh)
-        python, env = python_for(manifest, emulate)
+        python, env = python_for(manifest, emulate, log)
         where = "qemu-aarch64" if emulate else "this machine"
         return run_local(bundle, python, env, where)

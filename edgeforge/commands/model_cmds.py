@@ -1,0 +1,238 @@
+"""Model commands: fetch-model, inspect, generate (numpy reference, or a bundle's engine)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import EdgeforgeError
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def resolve(spec: str) -> Path:
+    """MODEL argument: a registry name or HF repo id (fetched), or a path."""
+    from ..models import resolve_model_path
+
+    return resolve_model_path(spec, log=_log)
+
+
+# ---- engines -------------------------------------------------------------------------------------
+def open_engine_for(path: Path, device: str | None = None):
+    """(engine, tokenizer, info) for a model path.
+
+    HF folders, GGUF files and QDIRs run on the numpy reference. A BUNDLE (folder with
+    manifest.json) is handed to `edgeforge.bundle.engine.open_bundle_engine(path, device)`, which
+    the bundle part provides and which must return the same triple.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "manifest.json").exists():
+        try:
+            from ..bundle.engine import open_bundle_engine
+        except ImportError:
+            raise EdgeforgeError(f"{path}: running a bundle needs edgeforge.bundle.engine, which is not installed") from None
+        return open_bundle_engine(path, device)
+    if device not in (None, "cpu"):
+        raise EdgeforgeError(f"--device {device}: models run on the numpy reference (cpu); build a bundle for {device}")
+    from ..model.loader import load_model
+    from ..model.reference import ReferenceModel
+
+    model = load_model(path)
+    info = {"engine": "reference", "format": model.source["format"], "model_id": model.source["model_id"]}
+    return ReferenceModel(model), model.tokenizer, info
+
+
+# ---- fetch-model ---------------------------------------------------------------------------------
+@click.command("fetch-model")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print {name, path, sha256} as JSON.")
+def fetch_model(name, as_json):
+    """Download a named model (or an HF repo ORG/NAME) into the cache and print its path.
+
+    \b
+    Example:
+      edgeforge fetch-model smollm2-135m
+      edgeforge fetch-model HuggingFaceTB/SmolLM2-135M-Instruct --json
+    """
+    from ..models import fetch_model as fetch
+
+    path = fetch(name, log=_log)
+    if as_json:
+        click.echo(json.dumps({"name": name, "path": str(path)}))
+    else:
+        click.echo(str(path))
+
+
+# ---- inspect -------------------------------------------------------------------------------------
+def describe(model) -> dict:
+    names = model.tensors.names()
+    dtypes = collections.Counter(_stored_dtype(model.tensors, n) for n in names)
+    params = sum(int(_prod(model.tensors.shape(n))) for n in names)
+    tok = model.tokenizer
+    return {
+        "path": model.source["path"],
+        "format": model.source["format"],
+        "model_id": model.source.get("model_id"),
+        "sha256": model.source.get("sha256"),
+        "architecture": model.config.architecture,
+        "config": model.config.to_dict(),
+        "parameters": params,
+        "tensors": len(names),
+        "tensor_dtypes": dict(sorted(dtypes.items())),
+        "tokenizer": {
+            "kind": tokenizer_kind(tok),
+            "vocab_size": tok.vocab_size,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_ids": tok.eos_token_ids,
+            "add_bos_token": tok.add_bos_token,
+            "chat_template": bool(tok.chat_template),
+        },
+    }
+
+
+def _stored_dtype(tensors, name: str) -> str:
+    """How a tensor is stored: dtype() for HF/GGUF sources, the storage format for a QDIR."""
+    if hasattr(tensors, "dtype"):
+        return tensors.dtype(name)
+    if hasattr(tensors, "format"):
+        return getattr(tensors.format(name), "name", "?")
+    return "?"
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def tokenizer_kind(tok) -> str:
+    """"byte-level BPE" / "sentencepiece BPE" / ..., from the tokenizers JSON."""
+    spec = json.loads(tok.tok.to_str())
+    model = (spec.get("model") or {}).get("type", "?")
+    text = json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
+    if "ByteLevel" in text:
+        return f"byte-level {model}"
+    if "Metaspace" in text or (spec.get("model") or {}).get("byte_fallback"):
+        return f"sentencepiece {model}"
+    return model
+
+
+@click.command("inspect")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
+def inspect(model, as_json):
+    """Show a model's architecture, normalized config, parameters, tensor types and tokenizer.
+
+    MODEL is a registry name, an HF repo id, an HF folder, a .gguf file or a QDIR.
+
+    \b
+    Example:
+      edgeforge inspect smollm2-135m
+      edgeforge inspect ./Llama-3.2-1B-Instruct --json
+    """
+    from ..model.loader import load_model
+
+    info = describe(load_model(resolve(model)))
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    c = info["config"]
+    t = info["tokenizer"]
+    lines = [
+        f"model:        {info['model_id']} ({info['format']}) {info['path']}",
+        f"sha256:       {info['sha256']}",
+        f"architecture: {info['architecture']}",
+        f"parameters:   {info['parameters']:,} in {info['tensors']} tensors "
+        f"({', '.join(f'{k} x{v}' for k, v in info['tensor_dtypes'].items())})",
+        f"layers:       {c['num_layers']}, hidden {c['hidden_size']}, intermediate {c['intermediate_size']}",
+        f"attention:    {c['num_heads']} heads, {c['num_kv_heads']} KV heads, head_dim {c['head_dim']}",
+        f"rope:         theta {c['rope_theta']:g}, scaling {c['rope_scaling'] or 'none'}",
+        f"vocab:        {c['vocab_size']}, tied embeddings: {c['tie_word_embeddings']}, context {c['context_length']}",
+        f"tokenizer:    {t['kind']}, bos {t['bos_token_id']} (added: {t['add_bos_token']}), eos {t['eos_token_ids']}, "
+        f"chat template: {'yes' if t['chat_template'] else 'no'}",
+    ]
+    click.echo("\n".join(lines))
+
+
+# ---- generate ------------------------------------------------------------------------------------
+@click.command("generate")
+@click.argument("model")
+@click.option("--prompt", "-p", required=True, help="The prompt text (the user message with --chat).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("--max-tokens", "-n", default=64, show_default=True, type=click.IntRange(1, 1 << 20))
+@click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(0, None),
+              help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed (temperature > 0).")
+@click.option("--device", default=None, help="Device for a bundle's engine (bundles only).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: prompt_tokens, prompt_ids, tokens, text, timings, device.")
+def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, device, as_json):
+    """Generate text with the numpy reference (MODEL, QDIR) or a bundle's engine (BUNDLE).
+
+    Streams the text to stdout as it is generated; --json prints one object at the end.
+
+    \b
+    Example:
+      edgeforge generate smollm2-135m --chat --prompt "What is the capital of France?"
+      edgeforge generate ./qdir-q4f16 -p "Once upon a time" -n 32 -t 0.8 --top-p 0.95 --seed 1 --json
+    """
+    from ..runtime.generate import generate as run
+    from ..runtime.sampling import Sampler
+    from ..runtime.tokenizer import TokenizerError
+
+    engine, tok, info = open_engine_for(resolve(model), device)
+    try:
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok.encode_chat(messages)
+        else:
+            ids = tok.encode(prompt)
+    except TokenizerError as err:
+        raise EdgeforgeError(f"{model}: {err}") from None
+    stream = None if as_json else _Streamer(tok)
+    result = run(engine, ids, max_tokens, Sampler(temperature, top_p, seed), stop_ids=tok.eos_token_ids,
+                 on_token=stream)
+    text = tok.decode(result.tokens)
+    if as_json:
+        click.echo(json.dumps({
+            "prompt_tokens": len(ids), "prompt_ids": ids, "tokens": result.tokens, "text": text,
+            "stopped": result.stopped, "timings": result.timings(), "device": engine.device, **info,
+        }))
+    else:
+        stream.finish()
+        _log(f"[{len(ids)} prompt tokens, {len(result.tokens)} generated; prefill "
+             f"{result.prefill_tokens_per_second:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s "
+             f"on {engine.device}]")
+
+
+class _Streamer:
+    """Print text as tokens arrive. Decoding the whole sequence each time keeps multi-byte
+    characters and sentencepiece spaces right; a trailing U+FFFD is an incomplete character: wait."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+    def finish(self) -> None:
+        text = self.tok.decode(self.ids)
+        if text.startswith(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+        sys.stdout.write("\n")
+        sys.stdout.flush()

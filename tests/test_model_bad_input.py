@@ -1,0 +1,129 @@
+"""Bad model input through the CLI: exit code 2 and one line `error: ...` naming the path/tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from edgeforge.cli import main
+
+from tiny_gguf import write_gguf
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what fixtures printed (e.g. transformers' progress bars)
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def assert_error(capsys, args, *needles):
+    code, out, err = run_cli(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def folder(tiny_model, tmp_path):
+    """A private copy of the tiny llama32 folder to break."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model("llama32"), dst)
+    return dst
+
+
+def edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("command", ["inspect", "generate"])
+def test_missing_path(capsys, tmp_path, command):
+    missing = tmp_path / "no" / "such-model"
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    assert_error(capsys, [command, str(missing), *extra], missing)
+
+
+@pytest.mark.parametrize("command", ["inspect", "generate"])
+def test_truncated_safetensors(capsys, folder, command):
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    assert_error(capsys, [command, str(folder), *extra], f, "truncated")
+
+
+def test_tensor_shape_mismatch(capsys, folder):
+    edit_config(folder, intermediate_size=200)
+    line = assert_error(capsys, ["inspect", str(folder)], folder / "model.safetensors", "mlp.")
+    assert "[256, 128]" in line or "[128, 256]" in line  # the shape on disk is named too
+
+
+def test_missing_tensor(capsys, folder):
+    edit_config(folder, num_hidden_layers=3)
+    assert_error(capsys, ["generate", str(folder), "-p", "hi"], folder, "model.layers.2.")
+
+
+@pytest.mark.parametrize("arch, model_type", [("MixtralForCausalLM", "mixtral"), ("GPT2LMHeadModel", "gpt2")])
+def test_unknown_architecture(capsys, folder, arch, model_type):
+    edit_config(folder, architectures=[arch], model_type=model_type)
+    assert_error(capsys, ["inspect", str(folder)], folder / "config.json", arch)
+
+
+def test_llama_with_biases_is_refused(capsys, folder):
+    edit_config(folder, attention_bias=True)
+    assert_error(capsys, ["inspect", str(folder)], folder / "config.json", "attention_bias")
+
+
+def test_unsupported_rope_scaling(capsys, folder):
+    edit_config(folder, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+    assert_error(capsys, ["inspect", str(folder)], folder / "config.json", "yarn")
+
+
+def test_missing_tokenizer(capsys, folder):
+    (folder / "tokenizer.json").unlink()
+    assert_error(capsys, ["generate", str(folder), "-p", "hi"], folder, "tokenizer")
+
+
+def test_bad_config_json(capsys, folder):
+    (folder / "config.json").write_text("{not json")
+    assert_error(capsys, ["inspect", str(folder)], folder / "config.json")
+
+
+def test_gguf_bad_magic(capsys, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + bytes(200))
+    assert_error(capsys, ["inspect", str(bad)], bad, "magic")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_gguf_truncated(capsys, tiny_model, tmp_path, keep):
+    """Cut in the metadata (half) and in the last tensor (almost all)."""
+    path = write_gguf(tiny_model("llama32"), tmp_path / "m.gguf")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    assert_error(capsys, ["generate", str(path), "-p", "hi"], path)
+
+
+def test_not_a_model(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert_error(capsys, ["inspect", str(tmp_path / "notes.txt")], tmp_path / "notes.txt")
+    assert_error(capsys, ["inspect", str(tmp_path)], tmp_path)
+
+
+def test_good_model_exits_0_with_json(capsys, tiny_model):
+    """The same CLI path succeeds on an intact model (so the errors above come from the damage)."""
+    code, out, err = run_cli(capsys, "generate", str(tiny_model("llama32")), "-p", "hello", "-n", "4", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert len(result["tokens"]) <= 4 and result["prompt_tokens"] == len(result["prompt_ids"])
+    code, out, _ = run_cli(capsys, "inspect", str(tiny_model("llama32")), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["architecture"] == "LlamaForCausalLM" and info["config"]["num_kv_heads"] == 2

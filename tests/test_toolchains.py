@@ -1,0 +1,275 @@
+"""Toolchains: the arm64 root under qemu and lavapipe + onnxruntime-webgpu.
+
+The slow tests build the toolchains on first use (scripts/setup-*.sh, a few minutes, root needed)
+and then run real aarch64 / WebGPU processes; their results are checked against numpy on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeforge import toolchains
+from edgeforge.errors import EdgeforgeError
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import check_webgpu  # noqa: E402
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEFORGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# ----------------------------------------------------------------------------- fast checks
+
+
+def test_missing_toolchains_are_reported_not_guessed(empty_cache):
+    assert toolchains.arm64_root() is None
+    assert toolchains.vulkan_env() is None
+    with pytest.raises(EdgeforgeError, match="setup-arm64.sh"):
+        toolchains.qemu_python_command(["-c", "pass"])
+
+
+@pytest.mark.parametrize("script", ["setup-arm64.sh", "setup-vulkan.sh"])
+def test_setup_scripts_check_mode_and_bad_option(script, empty_cache):
+    path = REPO / "scripts" / script
+    env = dict(os.environ, EDGEFORGE_CACHE=str(empty_cache))
+    assert subprocess.run(["bash", str(path), "--check"], env=env).returncode == 1
+    assert not empty_cache.exists(), "--check must not create anything"
+    bad = subprocess.run(["bash", str(path), "--bogus"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--bogus" in bad.stderr
+
+
+def test_handmade_matmul_model_is_valid_onnx():
+    """check_webgpu.py encodes its model by hand; onnx must accept it and CPU ORT must compute A @ B."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    blob = check_webgpu.matmul_model(5, 32, 3)
+    onnx.checker.check_model(onnx.load_from_string(blob), full_check=True)
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((5, 32), dtype=np.float32), rng.standard_normal((32, 3), dtype=np.float32)
+    np.testing.assert_allclose(sess.run(None, {"A": a, "B": b})[0], a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpuinfo_follows_host_cpu_count(tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "cpuinfo").write_text("processor\t: 0\n" * 999)
+    toolchains._sync_cpuinfo(tmp_path)
+    text = (tmp_path / "proc" / "cpuinfo").read_text()
+    assert text.count("processor\t:") == os.cpu_count()
+    assert "CPU implementer\t: 0x41" in text  # an ARM entry, which onnxruntime's cpuinfo can parse
+
+
+def test_probe_is_json_and_matches_the_scripts():
+    info = toolchains.probe()
+    json.dumps(info)
+    assert info["arm64_ready"] == (toolchains.arm64_root() is not None)
+    assert info["lavapipe_ready"] == (toolchains.vulkan_env() is not None)
+    for key in ("nvcc", "aarch64_gxx", "qemu_aarch64"):
+        assert info[key] is None or info[key][0].isdigit(), (key, info[key])
+    assert isinstance(info["vulkan_devices"], list) and isinstance(info["gpu_present"], bool)
+
+
+# ----------------------------------------------------------------------------- arm64 under qemu
+
+
+def _arm64_root() -> Path:
+    try:
+        return toolchains.ensure_arm64(log=print)
+    except EdgeforgeError as err:
+        if os.geteuid() != 0:
+            pytest.skip(f"arm64 root not built and building needs root: {err}")
+        raise
+
+
+def _run_qemu(args, extra_pythonpath=(), timeout=600):
+    cmd, env = toolchains.qemu_python_command(args, extra_pythonpath=extra_pythonpath)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+ARM64_STACK_CHECK = r"""
+import json, platform, sys
+import numpy as np, jinja2, onnxruntime as ort, tokenizers, tvm
+from tvm.runtime.vm import VirtualMachine  # noqa: F401  (runtime-only TVM still has the VM)
+work = sys.argv[1]
+sess = ort.InferenceSession(work + "/model.onnx", providers=["CPUExecutionProvider"])
+x = np.load(work + "/x.npy")
+np.save(work + "/y_arm64.npy", sess.run(None, {"x": x})[0])
+tok = tokenizers.Tokenizer.from_file(work + "/tokenizer.json")
+print(json.dumps({
+    "machine": platform.machine(),
+    "tvm_runtime_only": bool(tvm.base._RUNTIME_ONLY),
+    "providers": sess.get_providers(),
+    "ids": tok.encode("hello tiny world").ids,
+    "template": jinja2.Template("{{ a }}+{{ b }}").render(a=1, b=2),
+}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.arm
+def test_arm64_python_runs_numpy_onnxruntime_tokenizers_and_tvm_runtime(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    _arm64_root()
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8), dtype=np.float32)
+    bias = rng.standard_normal(8, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "model.onnx")
+    x = rng.standard_normal((4, 16), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    vocab = {"[UNK]": 0, "hello": 1, "tiny": 2, "world": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    script = tmp_path / "check.py"
+    script.write_text(ARM64_STACK_CHECK)
+
+    start = time.perf_counter()
+    result = json.loads(_run_qemu([script, tmp_path]).strip().splitlines()[-1])
+    print(f"emulated check took {time.perf_counter() - start:.1f} s")
+
+    assert result["machine"] == "aarch64"
+    assert result["tvm_runtime_only"] is True
+    assert result["providers"] == ["CPUExecutionProvider"]
+    assert result["ids"] == tok.encode("hello tiny world").ids == [1, 2, 3]
+    assert result["template"] == "1+2"
+    np.testing.assert_allclose(np.load(tmp_path / "y_arm64.npy"), x @ w + bias, rtol=1e-5, atol=1e-5)
+
+
+TVM_RUN = r"""
+import sys, numpy as np, tvm
+from tvm.runtime.vm import VirtualMachine
+work = sys.argv[1]
+vm = VirtualMachine(tvm.runtime.load_module(work + "/affine.so"), tvm.cpu())
+out = vm["main"](tvm.runtime.tensor(np.load(work + "/x.npy")), tvm.runtime.tensor(np.load(work + "/w.npy")))
+np.save(work + "/y_arm64.npy", out.numpy())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.arm
+def test_cross_compiled_tvm_module_runs_under_qemu(tmp_path):
+    """The whole ARM chain: TVM compiles for aarch64, the cross g++ links, runtime-only TVM runs it."""
+    tvm = pytest.importorskip("tvm")
+    from tvm import relax
+    from tvm.support import cc
+
+    _arm64_root()
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 32), "float32"))
+    w = relax.Var("w", relax.TensorType((32, 8), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(relax.op.matmul(x, w), relax.const(1.0, "float32")))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon"]})
+    relax.build(bb.get(), target=target).export_library(
+        str(tmp_path / "affine.so"), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++")
+    )
+    assert (tmp_path / "affine.so").read_bytes()[18] == 183  # ELF e_machine EM_AARCH64
+    rng = np.random.default_rng(2)
+    xv, wv = rng.standard_normal((4, 32), dtype=np.float32), rng.standard_normal((32, 8), dtype=np.float32)
+    np.save(tmp_path / "x.npy", xv)
+    np.save(tmp_path / "w.npy", wv)
+    (tmp_path / "run.py").write_text(TVM_RUN)
+    _run_qemu([tmp_path / "run.py", tmp_path])
+    np.testing.assert_allclose(np.load(tmp_path / "y_arm64.npy"), xv @ wv + 1.0, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.arm
+def test_ensure_arm64_is_instant_when_cached():
+    _arm64_root()
+    start = time.perf_counter()
+    root = toolchains.ensure_arm64()
+    assert time.perf_counter() - start < 5
+    assert (root / toolchains.ARM64_PYTHON).exists()
+    assert not (root / toolchains.ARM64_SITE / "tvm/lib/libtvm_compiler.so").exists()
+
+
+# ----------------------------------------------------------------------------- Vulkan (lavapipe)
+
+
+def _vulkan():
+    try:
+        return toolchains.ensure_vulkan(log=print)
+    except EdgeforgeError as err:
+        if os.geteuid() != 0:
+            pytest.skip(f"lavapipe not set up and setting it up needs root: {err}")
+        raise
+
+
+WEBGPU_RUN = r"""
+import json, sys, numpy as np, onnxruntime as ort
+work = sys.argv[1]
+opts = ort.SessionOptions()
+opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+sess = ort.InferenceSession(work + "/model.onnx", opts, providers=["WebGpuExecutionProvider"])
+np.save(work + "/y_webgpu.npy", sess.run(None, {"x": np.load(work + "/x.npy")})[0])
+print(json.dumps({"providers": sess.get_providers(), "version": ort.__version__}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vulkan
+def test_webgpu_matmul_runs_on_lavapipe(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    python, env = _vulkan()
+    devices = toolchains.vulkan_devices(env, python)
+    assert [d["type"] for d in devices] == ["cpu"] and "llvmpipe" in devices[0]["name"], devices
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 48), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 48])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "model.onnx")
+    x = rng.standard_normal((16, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "run.py").write_text(WEBGPU_RUN)
+    proc = subprocess.run([str(python), str(tmp_path / "run.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["providers"][0] == "WebGpuExecutionProvider"
+    np.testing.assert_allclose(np.load(tmp_path / "y_webgpu.npy"), x @ w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.vulkan
+def test_webgpu_check_fails_loudly_without_an_adapter(tmp_path):
+    """With no Vulkan driver ORT would fall back to CPU silently; check_webgpu.py must fail instead."""
+    python, env = _vulkan()
+    env = dict(env, VK_DRIVER_FILES=str(tmp_path / "none.json"), VK_ICD_FILENAMES=str(tmp_path / "none.json"))
+    proc = subprocess.run([str(python), str(REPO / "scripts" / "check_webgpu.py")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "WebGPU EP" in proc.stderr
