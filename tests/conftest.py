@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# Before numpy loads: on 2 shared cores, multithreaded OpenBLAS is many times slower for the
+# reference's small GEMVs than one thread (measured in docs/notes/model.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import sys
 from pathlib import Path
 

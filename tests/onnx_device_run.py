@@ -37,7 +37,9 @@ def main():
     np.savez(a.out, logits=np.stack(logits), tokens=np.array(tokens))
     print(json.dumps({"device": engine.device, "providers": engine.session.get_providers(), "tokens": tokens,
                       "machine": platform.machine(), "load_seconds": round(t1 - t0, 1),
-                      "run_seconds": round(t2 - t1, 1)}))
+                      "run_seconds": round(t2 - t1, 1)}), flush=True)
+    # Drop the session before interpreter teardown: Dawn on lavapipe crashes when it goes last.
+    del engine
 
 
 if __name__ == "__main__":

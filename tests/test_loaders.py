@@ -238,3 +238,32 @@ def test_quantized_gguf_dequantizes_close_to_source(tiny_model, tmp_path, qtype,
         assert err.max() < bound, (n, float(err.max()))
         checked += 1
     assert checked >= 4
+
+
+K_QUANT_HALVES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # byte offsets of fp16 scales in a block
+
+
+@pytest.mark.parametrize("type_name", sorted(K_QUANT_HALVES))
+def test_k_quants_dequantize_like_transformers(tiny_model, tmp_path, type_name):
+    """gguf cannot quantize K-quants, so store random blocks (with sane fp16 scales) and compare our
+    loader with transformers' independent GGUF dequantizer on the same bytes."""
+    torch = pytest.importorskip("torch")
+    from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    folder = tiny_model("llama32")  # down_proj rows are 256 wide: one K-quant block per row
+    rng = np.random.default_rng(0)
+    raw = {}
+    for layer in range(2):
+        data = rng.integers(0, 256, (128, 256 // block * size), dtype=np.uint8)
+        for off in K_QUANT_HALVES[type_name]:
+            scales = rng.uniform(1e-3, 1e-2, (128, 1)).astype(np.float16)
+            data[:, off : off + 2] = scales.view(np.uint8)
+        raw[f"model.layers.{layer}.mlp.down_proj.weight"] = (data, qtype)
+    b = load_model(write_gguf(folder, tmp_path / "k.gguf", raw=raw))
+    for name, (data, _) in raw.items():
+        assert b.tensors.dtype(name) == type_name
+        expected = hf_dequantize(torch.from_numpy(data.reshape(-1)), int(qtype)).numpy().reshape(128, 256)
+        np.testing.assert_allclose(b.tensors.get(name), expected, rtol=1e-6, atol=1e-7, err_msg=name)
+        assert np.abs(expected).max() > 0

@@ -124,6 +124,17 @@ def test_good_model_exits_0_with_json(capsys, tiny_model):
     assert code == 0, err
     result = json.loads(out)
     assert len(result["tokens"]) <= 4 and result["prompt_tokens"] == len(result["prompt_ids"])
+    code, streamed, _ = run_cli(capsys, "generate", str(tiny_model("llama32")), "-p", "hello", "-n", "4")
+    assert code == 0 and streamed == result["text"] + "\n"  # streamed text is the decoded whole
     code, out, _ = run_cli(capsys, "inspect", str(tiny_model("llama32")), "--json")
     info = json.loads(out)
     assert code == 0 and info["architecture"] == "LlamaForCausalLM" and info["config"]["num_kv_heads"] == 2
+
+
+def test_fetch_model_unknown_name(capsys):
+    assert_error(capsys, ["fetch-model", "no-such-model-xyz"], "no-such-model-xyz")
+
+
+def test_generate_chat_without_template(capsys, tiny_model):
+    folder = tiny_model("llama2")  # sentencepiece only: no chat template
+    assert_error(capsys, ["generate", str(folder), "--chat", "-p", "hi"], "chat template")

@@ -187,6 +187,24 @@ def test_error_mid_write_leaves_old_output_untouched(loaded, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
+def test_refuses_to_replace_something_that_is_not_a_qdir(loaded, tmp_path):
+    model = loaded("llama2")
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(EdgeforgeError, match="not a QDIR; refusing"):
+        write_qdir(model, "q8f16", precious)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EdgeforgeError, match="not a folder"):
+        write_qdir(model, "q8f16", tmp_path / "file")
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "home"]
+    (tmp_path / "empty").mkdir()
+    write_qdir(model, "q8f16", tmp_path / "empty")  # an empty folder or an old QDIR is fine
+    write_qdir(model, "q4f16", tmp_path / "empty")
+    assert QdirWeights(tmp_path / "empty").scheme == "q4f16"
+
+
 def test_inconsistent_qdir_is_refused_with_the_file_named(loaded, tmp_path):
     from edgeforge.runtime.bundle_errors import BundleError
 

@@ -337,3 +337,16 @@ def test_stored_shapes_predict_quantize_output(fmt):
     w = weight(rows=10, cols=96)
     arrays = fmt.quantize(w, "w")
     assert {k: (a.shape, str(a.dtype)) for k, a in arrays.items()} == fmt.stored(w.shape)
+
+
+@pytest.mark.parametrize("fmt", [Q8("float16"), Q4("float16")], ids=repr)
+def test_row_blocks_give_the_same_result(fmt, monkeypatch):
+    import edgeforge.quant.formats as formats
+
+    w = weight(rows=37, cols=128, seed=11)
+    whole = fmt.quantize(w, "w")
+    monkeypatch.setattr(formats, "BLOCK_ELEMENTS", 300)  # 2 rows per block, the last one short
+    blocks = fmt.quantize(w, "w")
+    for k in whole:
+        np.testing.assert_array_equal(blocks[k], whole[k])
+        assert blocks[k].dtype == whole[k].dtype

@@ -93,3 +93,40 @@ def test_prefill_in_pieces_equals_one_prefill(loaded):
     ref.prefill(ids[:5])
     pieces = ref.prefill(ids[5:])
     np.testing.assert_allclose(pieces, whole, atol=1e-5)
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+def test_sampler_greedy_seeded_and_top_p():
+    logits = np.array([1.0, 3.0, 2.0, 3.0 - 1e-3, -5.0], dtype=np.float32)
+    assert Sampler(0.0).sample(logits) == 1
+    a = [Sampler(1.0, 1.0, seed=7).sample(logits) for _ in range(3)]
+    s1, s2 = Sampler(1.0, 1.0, seed=7), Sampler(1.0, 1.0, seed=7)
+    assert [s1.sample(logits) for _ in range(50)] == [s2.sample(logits) for _ in range(50)]
+    assert len(set(a)) == 1  # a fresh sampler with the same seed starts the same way
+    # top_p small enough keeps only the most likely token
+    assert {Sampler(1.0, 0.01, seed=s).sample(logits) for s in range(20)} == {1}
+    # top_p = 0.8 keeps tokens 1, 3 (mass ~0.73) and 2 (next), never 0 or 4
+    drawn = {Sampler(1.0, 0.8, seed=s).sample(logits) for s in range(200)}
+    assert drawn == {1, 2, 3}
+
+
+def test_sampler_frequencies_follow_softmax_with_temperature():
+    logits = np.array([0.0, 1.0, 2.0], dtype=np.float32)
+    s = Sampler(temperature=2.0, seed=0)
+    counts = np.bincount([s.sample(logits) for _ in range(6000)], minlength=3) / 6000
+    p = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum()
+    assert np.abs(counts - p).max() < 0.03
+
+
+def test_generate_stops_on_stop_id_and_streams(loaded):
+    _, _, model, ref = loaded
+    ids = model.tokenizer.encode(PROMPT)
+    free = generate(ref, ids, 12, Sampler(0.0))
+    stop = free.tokens[3]
+    seen = []
+    stopped = generate(ref, ids, 12, Sampler(0.0), stop_ids=[stop], on_token=seen.append, keep_logits=True)
+    first = free.tokens.index(stop)
+    assert stopped.tokens == free.tokens[: first + 1] and stopped.stopped == "stop"
+    assert seen == stopped.tokens and len(stopped.logits) == len(stopped.tokens)
+    assert free.stopped == "length" and len(free.tokens) == 12
+    assert stopped.prefill_seconds > 0 and stopped.prompt_tokens == len(ids)

@@ -137,7 +137,8 @@ def test_arm64_python_runs_numpy_onnxruntime_tokenizers_and_tvm_runtime(tmp_path
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "model.onnx")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "model.onnx")
     x = rng.standard_normal((4, 16), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
     vocab = {"[UNK]": 0, "hello": 1, "tiny": 2, "world": 3}
@@ -186,7 +187,9 @@ def test_cross_compiled_tvm_module_runs_under_qemu(tmp_path):
             y = bb.emit(relax.op.add(relax.op.matmul(x, w), relax.const(1.0, "float32")))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon"]})
+    target = tvm.target.Target(
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon"]}
+    )
     relax.build(bb.get(), target=target).export_library(
         str(tmp_path / "affine.so"), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++")
     )
@@ -253,11 +256,13 @@ def test_webgpu_matmul_runs_on_lavapipe(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 48])],
         [numpy_helper.from_array(w, "w")],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "model.onnx")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "model.onnx")
     x = rng.standard_normal((16, 64), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
     (tmp_path / "run.py").write_text(WEBGPU_RUN)
-    proc = subprocess.run([str(python), str(tmp_path / "run.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    cmd = [str(python), str(tmp_path / "run.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["providers"][0] == "WebGpuExecutionProvider"
@@ -270,6 +275,7 @@ def test_webgpu_check_fails_loudly_without_an_adapter(tmp_path):
     """With no Vulkan driver ORT would fall back to CPU silently; check_webgpu.py must fail instead."""
     python, env = _vulkan()
     env = dict(env, VK_DRIVER_FILES=str(tmp_path / "none.json"), VK_ICD_FILENAMES=str(tmp_path / "none.json"))
-    proc = subprocess.run([str(python), str(REPO / "scripts" / "check_webgpu.py")], env=env, capture_output=True, text=True, timeout=600)
+    cmd = [str(python), str(REPO / "scripts" / "check_webgpu.py")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "WebGPU EP" in proc.stderr

@@ -56,9 +56,10 @@ def llama3_rope_factors(cfg: dict, head_dim: int) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F32) -> Path:
+def write_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F32, raw: dict | None = None) -> Path:
     """Convert the HF folder to a GGUF at `out`; 2-D weights stored as `qtype` (F32 where the row
-    length is not a multiple of the type's block), norms as F32."""
+    length is not a multiple of the type's block), norms as F32. `raw` {hf name: (uint8 bytes
+    [rows, row bytes], qtype)} stores given bytes instead (for types gguf cannot quantize)."""
     from safetensors.numpy import load_file
 
     folder, out = Path(folder), Path(out)
@@ -93,7 +94,9 @@ def write_gguf(folder: Path, out: Path, qtype=gguf.GGMLQuantizationType.F32) -> 
             arr = llama_cpp_permute(arr, heads)
         elif name.endswith("k_proj.weight"):
             arr = llama_cpp_permute(arr, kv)
-        if arr.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32 \
+        if raw and name in raw:
+            w.add_tensor(gguf_name(name), raw[name][0], raw_dtype=raw[name][1])
+        elif arr.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32 \
                 and arr.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
             w.add_tensor(gguf_name(name), gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
         else:

@@ -1,56 +1,96 @@
-"""Helpers for the TVM backend tests: a plain numpy Llama forward over dequantized weights.
-
-Used only until/unless edgeforge.model.reference is importable; it is written from the Llama
-equations (HF modeling_llama semantics), not from the TVM backend's code.
-"""
+"""Helpers for the TVM backend tests: build QDIR -> artifact, compare engines with the reference."""
 
 from __future__ import annotations
 
+import shutil
+import struct
+import time
+from pathlib import Path
+
 import numpy as np
 
+from edgeforge.runtime.generate import generate
+from edgeforge.runtime.sampling import Sampler
 
-def _rms(x, w, eps):
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
-
-
-def _rope(x, pos, inv_freq):
-    # x [s, heads, d]; HF rotate_half convention
-    ang = pos[:, None].astype(np.float64) * inv_freq[None, :].astype(np.float64)
-    cos = np.cos(np.concatenate([ang, ang], -1))[:, None, :]
-    sin = np.sin(np.concatenate([ang, ang], -1))[:, None, :]
-    half = x.shape[-1] // 2
-    rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
-    return (x * cos + rot * sin).astype(np.float32)
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time, in a land far away, there lived",
+    "Numbers: 1, 2, 3, 4, 5,",
+]
+# Bounds on max |logit error| / (logit range), from the issue: f32 schemes 1e-3, f16 schemes 2e-2.
+TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
+BUILD_TIMES: dict[str, float] = {}  # "<what>": seconds, printed by the tests that build
 
 
-def numpy_logits(cfg, get, ids):
-    """float32 logits [len(ids), vocab] of a causal forward over the whole sequence.
+def compile_tvm(qdir: Path, target: str, out: Path) -> Path:
+    """Compile with the real TVM backend (via the `edgeforge compile` code path)."""
+    from edgeforge.commands.compile_cmd import compile_qdir
 
-    cfg: edgeforge LlamaConfig; get(name) -> float32 weight (dequantized)."""
-    h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    inv_freq = cfg.rope_inv_freq()
-    ids = np.asarray(ids)
-    s = len(ids)
-    pos = np.arange(s)
-    x = get("model.embed_tokens.weight")[ids].astype(np.float32)
-    mask = np.triu(np.full((s, s), -np.inf, dtype=np.float32), 1)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
-        a = _rms(x, get(f"{p}.input_layernorm.weight"), cfg.rms_norm_eps)
-        q = _rope((a @ get(f"{p}.self_attn.q_proj.weight").T).reshape(s, h, d), pos, inv_freq)
-        k = _rope((a @ get(f"{p}.self_attn.k_proj.weight").T).reshape(s, kvh, d), pos, inv_freq)
-        v = (a @ get(f"{p}.self_attn.v_proj.weight").T).reshape(s, kvh, d)
-        rep = h // kvh
-        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
-        att = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d) + mask
-        att = np.exp(att - att.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        o = np.einsum("hqk,khd->qhd", att, v).reshape(s, h * d)
-        x = x + o @ get(f"{p}.self_attn.o_proj.weight").T
-        m = _rms(x, get(f"{p}.post_attention_layernorm.weight"), cfg.rms_norm_eps)
-        g = m @ get(f"{p}.mlp.gate_proj.weight").T
-        u = m @ get(f"{p}.mlp.up_proj.weight").T
-        x = x + (g / (1 + np.exp(-g)) * u) @ get(f"{p}.mlp.down_proj.weight").T
-    x = _rms(x, get("model.norm.weight"), cfg.rms_norm_eps)
-    head = get("model.embed_tokens.weight") if cfg.tie_word_embeddings else get("lm_head.weight")
-    return (x @ head.T).astype(np.float32)
+    start = time.time()
+    compile_qdir(Path(qdir), target, "tvm", Path(out), log=lambda m: None)
+    BUILD_TIMES[f"{target}:{Path(qdir).name}"] = round(time.time() - start, 1)
+    return Path(out)
+
+
+def step_logits(engine, ids, steps: int, feed) -> list[np.ndarray]:
+    """Logits of a prefill then `steps` decodes of the tokens in `feed` (teacher forcing)."""
+    engine.reset()
+    out = [engine.prefill(ids)]
+    for i in range(steps):
+        out.append(engine.decode(feed[i]))
+    return out
+
+
+def relative_errors(got, expected) -> list[float]:
+    return [float(np.max(np.abs(g - e)) / np.ptp(e)) for g, e in zip(got, expected)]
+
+
+def greedy(engine, ids, n: int) -> list[int]:
+    return generate(engine, ids, n, Sampler(temperature=0.0)).tokens
+
+
+def copy_runtime(dest: Path) -> Path:
+    """edgeforge/runtime copied as the stand-alone package `edgeforge_runtime`, as bundles ship it."""
+    import edgeforge.runtime
+
+    pkg = Path(dest) / "edgeforge_runtime"
+    shutil.copytree(Path(edgeforge.runtime.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    return Path(dest)
+
+
+# ---- inspecting built binaries ------------------------------------------------------------------
+
+FATBIN_MAGIC = 0xBA55ED50
+EM_CUDA = 190
+
+
+def fatbin_entries(blob: bytes) -> list[dict]:
+    """Entries of every CUDA fatbin embedded in `blob`: [{"kind": 1 PTX | 2 ELF, "arch": 80, ...}].
+
+    Layout (CUDA's fatbinary.h): header {u32 magic, u16 version, u16 header size, u64 size},
+    then entries {u16 kind, u16 flags, u32 header size, u64 payload size, ..., u32 arch at 28}.
+    """
+    entries = []
+    pos = 0
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    while (start := blob.find(magic, pos)) >= 0:
+        _, _, header, size = struct.unpack_from("<IHHQ", blob, start)
+        off, end = start + header, start + header + size
+        while off < end:
+            kind, _, ehdr, payload = struct.unpack_from("<HHIQ", blob, off)
+            arch = struct.unpack_from("<I", blob, off + 28)[0]
+            body = blob[off + ehdr: off + ehdr + 20]
+            machine = struct.unpack_from("<H", body, 18)[0] if body[:4] == b"\x7fELF" else None
+            entries.append({"kind": kind, "arch": arch, "elf_machine": machine, "size": payload})
+            off += ehdr + payload
+        pos = end
+    return entries
+
+
+def macho_arm64(data: bytes) -> bool:
+    """A 64-bit Mach-O object for arm64 (magic 0xfeedfacf, cputype CPU_TYPE_ARM64)."""
+    return len(data) > 8 and struct.unpack_from("<II", data, 0) == (0xFEEDFACF, 0x0100000C)
+
+
+def elf_aarch64(data: bytes) -> bool:
+    return data[:4] == b"\x7fELF" and struct.unpack_from("<H", data, 18)[0] == 183  # EM_AARCH64

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,10 @@ def python_for(manifest: dict, emulate: bool, log=lambda m: None) -> tuple[list[
 
 
 def parse_result(code: int, out: str, err: str, where: str) -> tuple[int, dict]:
+    if code < 0:
+        sig = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        raise EdgeforgeError(f"smoke.py on {where} crashed with {sig} (last words: {last})")
     try:
         result = json.loads(out)
     except ValueError:

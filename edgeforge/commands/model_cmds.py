@@ -25,27 +25,42 @@ def resolve(spec: str) -> Path:
 
 # ---- engines -------------------------------------------------------------------------------------
 def open_engine_for(path: Path, device: str | None = None):
-    """(engine, tokenizer, info) for a model path.
+    """(engine, tokenizer, info) for a model path: the one place that decides what runs a MODEL.
 
-    HF folders, GGUF files and QDIRs run on the numpy reference. A BUNDLE (folder with
-    manifest.json) is handed to `edgeforge.bundle.engine.open_bundle_engine(path, device)`, which
-    the bundle part provides and which must return the same triple.
+    HF folders, GGUF files and QDIRs run on the numpy reference; a BUNDLE (folder with
+    manifest.json) runs on its own compiled engine through the device-side runtime. Extend here
+    for new kinds of input.
     """
     path = Path(path)
     if path.is_dir() and (path / "manifest.json").exists():
-        try:
-            from ..bundle.engine import open_bundle_engine
-        except ImportError:
-            raise EdgeforgeError(f"{path}: running a bundle needs edgeforge.bundle.engine, which is not installed") from None
-        return open_bundle_engine(path, device)
+        return open_bundle(path, device)
     if device not in (None, "cpu"):
-        raise EdgeforgeError(f"--device {device}: models run on the numpy reference (cpu); build a bundle for {device}")
+        raise EdgeforgeError(f"--device {device}: a model runs on the numpy reference (cpu); build a bundle for {device}")
     from ..model.loader import load_model
     from ..model.reference import ReferenceModel
 
     model = load_model(path)
     info = {"engine": "reference", "format": model.source["format"], "model_id": model.source["model_id"]}
     return ReferenceModel(model), model.tokenizer, info
+
+
+def open_bundle(bundle: Path, device: str | None = None):
+    """A bundle's engine and tokenizer, opened the way its smoke test opens them."""
+    from ..runtime.bundle_errors import BundleError
+    from ..runtime.smoke import open_bundle_engine
+    from ..runtime.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        engine = open_bundle_engine(bundle, manifest, device)
+        tokenizer = Tokenizer.load(bundle / "tokenizer")
+    except (OSError, ValueError) as err:
+        raise EdgeforgeError(f"{bundle / 'manifest.json'}: unreadable ({err})") from None
+    except (BundleError, TokenizerError) as err:
+        raise EdgeforgeError(str(err)) from None
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    info = {"engine": "bundle", "format": "bundle", "model_id": model.get("id")}
+    return engine, tokenizer, info
 
 
 # ---- fetch-model ---------------------------------------------------------------------------------

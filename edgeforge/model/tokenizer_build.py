@@ -32,12 +32,12 @@ LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3",
 
 # ---- sentencepiece --------------------------------------------------------------------------------
 def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int], unk_id: int | None,
-                      add_prefix_space: bool = True) -> HFTokenizer:
+                      add_prefix_space: bool = True, byte_fallback: bool = True) -> HFTokenizer:
     """A tokenizers BPE equivalent to a sentencepiece BPE model with byte fallback."""
     vocab = {t: i for i, t in enumerate(tokens)}
     unk = tokens[unk_id] if unk_id is not None else None
     model = models.BPE(vocab=vocab, merges=_merges_from_scores(tokens, scores, types), unk_token=unk,
-                       fuse_unk=True, byte_fallback=True, dropout=None)
+                       fuse_unk=True, byte_fallback=byte_fallback, dropout=None)
     tok = HFTokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="\u2581", prepend_scheme="first" if add_prefix_space else "never", split=False
@@ -51,9 +51,9 @@ def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int], 
 
 
 def _merges_from_scores(tokens, scores, types) -> list[tuple[str, str]]:
-    """Sentencepiece BPE merges the pair whose concatenation scores highest; list every (left, right)
-    split of every normal piece, ordered by the merged piece's score (ties: shorter left first is
-    irrelevant for ids; we keep transformers' order: by score, then longer left piece)."""
+    """Sentencepiece BPE merges the adjacent pair whose concatenation scores highest. As tokenizers
+    merges: every (left, right) split of every normal piece into two known pieces, best merged
+    score first; ties (splits of one piece) by longer left piece, then ids, as transformers does."""
     vocab = {t: i for i, t in enumerate(tokens)}
     mergeable = {t for t, ty in zip(tokens, types) if ty in (NORMAL, USER_DEFINED)}
     found = []
@@ -139,7 +139,8 @@ def from_sentencepiece_file(path: Path) -> tuple[HFTokenizer, dict]:
     for name, piece in (("bos_token_id", "<s>"), ("eos_token_id", "</s>")):
         ids[name] = next((i for i, (t, ty) in enumerate(zip(sp["tokens"], types)) if t == piece and ty == CONTROL), None)
     ids["unk_token_id"] = next((i for i, ty in enumerate(types) if ty == UNKNOWN), None)
-    tok = sentencepiece_bpe(sp["tokens"], sp["scores"], types, ids["unk_token_id"], sp["add_dummy_prefix"])
+    tok = sentencepiece_bpe(sp["tokens"], sp["scores"], types, ids["unk_token_id"], sp["add_dummy_prefix"],
+                            sp["byte_fallback"] or BYTE in types)
     return tok, ids
 
 

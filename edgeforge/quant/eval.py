@@ -118,6 +118,6 @@ def evaluate(model, schemes, text: str, max_tokens: int | None = 256, embed_bits
 def format_table(result: dict) -> str:
     lines = [f"{'scheme':<8} {'ppl':>10} {'ppl ratio':>10} {'KL':>10} {'seconds':>8}"]
     for r in result["rows"]:
-        lines.append(f"{r['scheme']:<8} {r['ppl']:>10.4f} {r['ppl_ratio']:>10.4f} {r['kl']:>10.5f} {r['seconds']:>8.1f}")
+        lines.append(f"{r['scheme']:<8} {r['ppl']:>10.4f} {r['ppl_ratio']:>10.4f} {r['kl']:>10.4g} {r['seconds']:>8.1f}")
     lines.append(f"({result['predictions']} predicted tokens, {result['chunks']} chunk(s); KL = mean KL(float || scheme), nats)")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ Q8_ONNX_ZERO_POINT = 128  # MatMulNBits 8-bit stores uint8(q + 128)
 Q4_PER_WORD = 8  # nibbles per uint32 word, element 8k+j in bits 4j..4j+3 of word k
 
 SCALE_DTYPES = ("float16", "float32")
+BLOCK_ELEMENTS = 1 << 22  # rows quantized per step: bounds temporaries to ~16 MB of float32
 
 
 def _as_f32(w, name: str) -> np.ndarray:
@@ -95,8 +96,7 @@ class _Grouped:
     def __repr__(self):
         return f"{type(self).__name__}(scale_dtype={self.scale_dtype!r})"
 
-    def _groups(self, w, name: str) -> np.ndarray:
-        w = _as_f32(w, name)
+    def _check_shape(self, w: np.ndarray, name: str) -> None:
         if w.ndim != 2:
             raise EdgeforgeError(f"tensor '{name}': {self.name} needs a 2-D [out, in] weight, got shape {list(w.shape)}")
         if w.shape[1] % GROUP_SIZE:
@@ -104,7 +104,6 @@ class _Grouped:
                 f"tensor '{name}': width {w.shape[1]} is not divisible by the group size {GROUP_SIZE}, "
                 f"cannot store it as {self.name}"
             )
-        return w.reshape(w.shape[0], w.shape[1] // GROUP_SIZE, GROUP_SIZE)
 
     def _scales(self, groups: np.ndarray, name: str) -> np.ndarray:
         """Scales in the scale dtype; this rounded value is the one quantization divides by."""
@@ -130,10 +129,20 @@ class _Grouped:
         return np.clip(q, self.qmin, self.qmax).astype(np.int8)
 
     def quantize(self, w, name: str = "weight") -> dict[str, np.ndarray]:
-        groups = self._groups(w, name)
-        scales = self._scales(groups, name)
-        q = self._quantize_groups(groups, scales).reshape(groups.shape[0], -1)
-        return {"qweight": self._store(q), "scales": scales}
+        w = np.asarray(w)
+        self._check_shape(w, name)
+        # Blocks of rows: rows are independent, and the float temporaries stay ~BLOCK_ELEMENTS
+        # large even for an 8B model's 500M-element embedding.
+        step = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
+        qweights, scales = [], []
+        for r in range(0, w.shape[0], step):
+            groups = _as_f32(w[r : r + step], name).reshape(-1, w.shape[1] // GROUP_SIZE, GROUP_SIZE)
+            s = self._scales(groups, name)
+            qweights.append(self._store(self._quantize_groups(groups, s).reshape(groups.shape[0], -1)))
+            scales.append(s)
+        if not qweights:  # zero rows
+            return {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.stored(w.shape).items()}
+        return {"qweight": np.concatenate(qweights), "scales": np.concatenate(scales)}
 
     def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         q = self._load(np.asarray(arrays["qweight"])).astype(np.float32)

@@ -25,7 +25,7 @@ from ..fsutil import atomic_output_dir
 from ..runtime.bundle_errors import BundleError
 from ..runtime.safetensors import write_safetensors
 from ..runtime.weights import (
-    CONFIG, CONFIG_FORMAT, INDEX, QUANT_FORMAT, QUANTIZATION, VERSION, QdirWeights, shard_name, stored_key,
+    CONFIG, CONFIG_FORMAT, INDEX, QUANT_FORMAT, QUANTIZATION, VERSION, QdirWeights, is_qdir, shard_name, stored_key,
 )
 from .formats import GROUP_SIZE, get_format
 from .schemes import Scheme, check_embed_bits, get_scheme
@@ -74,6 +74,15 @@ def plan_shards(plan, max_shard_bytes: int) -> list[list[int]]:
     return shards
 
 
+def check_replaceable(out) -> None:
+    """Only an earlier QDIR or an empty folder may be replaced: `-o ~` must never wipe a home."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise EdgeforgeError(f"output {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_qdir(out):
+        raise EdgeforgeError(f"output {out}: is a non-empty folder that is not a QDIR; refusing to replace it")
+
+
 def tensor_entry(shape, fmt) -> dict:
     entry = {"format": fmt.name, "shape": list(shape)}
     if fmt.scale_dtype:
@@ -90,6 +99,7 @@ def write_qdir(model, scheme, out, embed_bits: int | None = None, log: Callable[
     """
     scheme = get_scheme(scheme)
     check_embed_bits(embed_bits)
+    check_replaceable(out)
     start = time.perf_counter()
     plan = plan_tensors(model, scheme, embed_bits)
     shards = plan_shards(plan, max_shard_bytes)
@@ -97,29 +107,30 @@ def write_qdir(model, scheme, out, embed_bits: int | None = None, log: Callable[
     weight_map: dict[str, str] = {}
     total = 0
     with atomic_output_dir(out) as tmp:
-        done = 0
         for s, members in enumerate(shards, start=1):
             fname = shard_name(s, len(shards))
-            arrays = {}
+            arrays = {}  # this shard's stored arrays only: freed before the next shard
             for i in members:
                 name, shape, fmt = plan[i]
-                stored = fmt.quantize(model.tensors.get(name), name)
-                entries[name] = {**tensor_entry(shape, fmt), "arrays": {}}
-                for role, arr in stored.items():
-                    key = stored_key(name, role)
-                    entries[name]["arrays"][role] = key
-                    arrays[key] = arr
-                    weight_map[key] = fname
-                done += 1
-                log(f"[{done}/{len(plan)}] {name} {list(shape)} -> {fmt.name}")
+                entries[name] = _quantize_tensor(model, name, shape, fmt, arrays)
+                weight_map.update({key: fname for key in entries[name]["arrays"].values()})
+                log(f"[{i + 1}/{len(plan)}] {name} {list(shape)} -> {fmt.name}")
             total += write_safetensors(tmp / fname, arrays)
-            del arrays  # free the shard before quantizing the next one
         _write_metadata(tmp, model, scheme, embed_bits, entries, weight_map, total)
     return {
         "path": str(Path(out)), "scheme": scheme.name, "model_dtype": scheme.model_dtype,
         "embed_format": scheme.embed_format(embed_bits), "tensors": len(plan), "shards": len(shards),
         "bytes": total, "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _quantize_tensor(model, name: str, shape, fmt, arrays: dict) -> dict:
+    """Read one source tensor, store its quantized arrays into `arrays`; its quantization.json entry."""
+    entry = {**tensor_entry(shape, fmt), "arrays": {}}
+    for role, arr in fmt.quantize(model.tensors.get(name), name).items():
+        entry["arrays"][role] = stored_key(name, role)
+        arrays[stored_key(name, role)] = arr
+    return entry
 
 
 def _write_metadata(tmp: Path, model, scheme: Scheme, embed_bits, entries, weight_map, total) -> None:

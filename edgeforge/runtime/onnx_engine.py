@@ -23,6 +23,11 @@ DEVICE_PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "webgpu": "WebG
                     "vulkan": "WebGpuExecutionProvider", "coreml": "CoreMLExecutionProvider"}
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 THREADS_ENV = "EDGEFORGE_THREADS"
+# shared: past and present bound to one max-length buffer that GroupQueryAttention appends to in
+# place (CPU, CUDA). copy: past holds exactly the previous rows and ORT allocates a new present
+# each step (the classic layout): ONNX Runtime WebGPU 1.27's GroupQueryAttention computes garbage
+# when the past buffer is longer than the valid sequence, and copies host buffers anyway.
+KV_MODES = {CPU: "shared", "CUDAExecutionProvider": "shared"}
 FIRST_CAPACITY = 256
 
 
@@ -38,7 +43,7 @@ class OnnxEngine:
     """reset() / prefill(ids) / decode(token) -> float32 [vocab] logits; `device` says where it ran."""
 
     def __init__(self, artifact_dir, device: str | None = None, threads: int | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, kv_mode: str | None = None):
         self.ort = _import_ort()
         self.artifact_dir = Path(artifact_dir)
         self.info = _read_artifact(self.artifact_dir)
@@ -49,13 +54,19 @@ class OnnxEngine:
         self.vocab_size = int(self.info["vocab_size"])
         self.max_length = int(max_length or self.info["context_length"])
         self.kv_dtype = KV_DTYPES[self.info["kv_dtype"]]
+        self.kv_mode = kv_mode or KV_MODES.get(self.provider, "copy")
+        if self.kv_mode not in ("shared", "copy"):
+            raise BundleError(f"kv_mode must be 'shared' or 'copy', got {self.kv_mode!r}")
         self.kv_on_cpu = self.provider != "CUDAExecutionProvider"
         self.io = self.session.io_binding()
         self._bind_small_buffers()
         self.capacity = 0
-        first = FIRST_CAPACITY if self.kv_on_cpu else self.max_length
-        self._allocate_kv(min(first, self.max_length))
         self.length = 0
+        if self.kv_mode == "shared":
+            first = FIRST_CAPACITY if self.kv_on_cpu else self.max_length
+            self._allocate_kv(min(first, self.max_length))
+        else:
+            self._bind_copy_kv(None)
 
     # ---- session --------------------------------------------------------------------------------
     def _open_session(self, threads):
@@ -122,7 +133,9 @@ class OnnxEngine:
 
     # ---- Engine interface -----------------------------------------------------------------------
     def reset(self) -> None:
-        self.length = 0  # the buffers keep stale rows; GroupQueryAttention reads only `total` of them
+        self.length = 0  # shared: the buffers keep stale rows; GroupQueryAttention reads only `total` of them
+        if self.kv_mode == "copy":
+            self._bind_copy_kv(None)
 
     def prefill(self, ids) -> np.ndarray:
         ids = np.asarray(list(ids), dtype=np.int64).reshape(1, -1)
@@ -134,10 +147,29 @@ class OnnxEngine:
         self._ids1[0, 0] = int(token)
         return self._step(None)
 
+    def _bind_copy_kv(self, presents):
+        """copy mode: bind past = the previous step's presents (empty at the start), presents to new buffers."""
+        shape = (1, int(self.info["num_kv_heads"]), 0, int(self.info["head_dim"]))
+        empty = None
+        for i in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                if presents is None:
+                    empty = np.zeros(shape, self.kv_dtype)
+                    self._keep.append(empty)
+                    past = self.ort.OrtValue.ortvalue_from_numpy(empty)
+                else:
+                    past = presents[2 * i + j]
+                self.io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", past)
+                self.io.bind_output(f"present.{i}.{kind}", "cpu")
+        self._presents = presents
+
     def _step(self, ids) -> np.ndarray:
         n = 1 if ids is None else ids.shape[1]
         total = self.length + n
-        self._ensure_capacity(total)
+        if self.kv_mode == "shared":
+            self._ensure_capacity(total)
+        elif total > self.max_length:
+            raise BundleError(f"sequence of {total} tokens exceeds max_length {self.max_length}")
         if ids is None:
             self.io.bind_ortvalue_input("input_ids", self._ids1_ov)
         else:
@@ -146,6 +178,9 @@ class OnnxEngine:
         self._seqlens[0] = total - 1
         self._total[...] = total
         self.session.run_with_iobinding(self.io)
+        if self.kv_mode == "copy":
+            # get_outputs() follows the binding order: logits, then present.{i}.key/.value.
+            self._bind_copy_kv(self.io.get_outputs()[1:])
         self.length = total
         return self._logits[0, 0].copy()
 

