@@ -16,6 +16,7 @@ command lines and environments the backends, bundles and tests use:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -78,7 +79,8 @@ def qemu_python_command(
 
     Host paths work as they are inside the emulated process (qemu -L only redirects paths that
     exist inside the root, such as /usr/lib and /etc). `extra_pythonpath` comes before the root's
-    site folder. `cpu` is a qemu CPU name (default cortex-a76; "max" enables SVE/SME). The TVM in
+    site folder. `cpu` is a qemu CPU name (default cortex-a76; "max" enables SVE/SME; see
+    qemu_cpu_for() to map a target's mcpu). The TVM in
     the root is runtime-only (TVM_USE_RUNTIME_LIB=1). Raises EdgeforgeError if the root is not built.
     """
     root = Path(root) if root else arm64_root()
@@ -97,6 +99,25 @@ def qemu_python_command(
         LC_ALL="C.UTF-8",
     )
     return cmd, env
+
+
+@functools.lru_cache(maxsize=None)
+def _qemu_cpus() -> frozenset[str]:
+    text = subprocess.run([QEMU, "-cpu", "help"], capture_output=True, text=True).stdout
+    return frozenset(line.split()[0] for line in text.splitlines()[1:] if line.strip())
+
+
+def qemu_cpu_for(mcpu: str | None) -> str:
+    """The qemu CPU to emulate a target's LLVM `mcpu` (the common Arm cores share names).
+
+    Cores qemu does not know (cortex-a78, apple-m1, ...) get "max", which has every extension,
+    so code built for them runs; it then says nothing about whether the real core has them.
+    """
+    if not mcpu:
+        return DEFAULT_QEMU_CPU
+    if shutil.which(QEMU) is None:
+        raise EdgeforgeError(f"{QEMU} not found: apt-get install qemu-user-static (or run scripts/setup-arm64.sh)")
+    return mcpu if mcpu in _qemu_cpus() else "max"
 
 
 def run_qemu_python(

@@ -39,7 +39,7 @@ case "${1:-}" in
     --check) is_ready && exit 0 || exit 1 ;;
     --force) MODE=force ;;
     "") ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) die "unknown option '$1' (use --check, --force or nothing)" ;;
 esac
 if [[ $MODE == build ]] && is_ready; then

@@ -138,3 +138,20 @@ def test_fetch_model_unknown_name(capsys):
 def test_generate_chat_without_template(capsys, tiny_model):
     folder = tiny_model("llama2")  # sentencepiece only: no chat template
     assert_error(capsys, ["generate", str(folder), "--chat", "-p", "hi"], "chat template")
+
+
+def test_generate_dispatches_a_bundle_to_its_engine(capsys, tiny_model, tmp_path):
+    """`generate BUNDLE` runs the bundle's compiled engine (ONNX here: quick to build), not the reference."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = str(tiny_model("llama32"))
+    code, out, err = run_cli(capsys, "build", model, "--quant", "q4f32", "--target", "x86-cpu", "--backend", "onnx",
+                             "-o", str(tmp_path / "dist"), "--json")
+    assert code == 0, err
+    bundle = next((tmp_path / "dist").iterdir())
+    code, out, err = run_cli(capsys, "generate", str(bundle), "-p", "hello there", "-n", "5", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    code, ref_out, _ = run_cli(capsys, "generate", model, "-p", "hello there", "-n", "5", "--json")
+    assert result["engine"] == "bundle" and json.loads(ref_out)["engine"] == "reference"
+    assert result["prompt_ids"] == json.loads(ref_out)["prompt_ids"] and len(result["tokens"]) == 5

@@ -127,6 +127,19 @@ def test_kv_buffer_growth_keeps_the_sequence(built, monkeypatch):
         short.decode(feed[2])
 
 
+def test_copy_kv_mode_gives_the_same_logits(built):
+    """kv_mode copy (what WebGPU uses: exact-length past, new present per step), checked on the CPU."""
+    model, ref, arts = built("headdim", "q4f32")
+    ids = model.tokenizer.encode(PROMPTS[2])
+    feed = greedy(ref, ids, 12)
+    shared = step_logits(OnnxEngine(arts[0], kv_mode="shared"), ids, 12, feed=feed)
+    copy_engine = OnnxEngine(arts[0], kv_mode="copy")
+    step_logits(copy_engine, ids[:3], 4)  # a previous sequence: reset() must drop it
+    copy = step_logits(copy_engine, ids, 12, feed=feed)
+    assert max(relative_errors(copy, shared)) <= 1e-6
+    assert max(relative_errors(copy, step_logits(ref, ids, 12, feed=feed))) <= 1e-3
+
+
 def test_artifact_is_self_describing_and_checker_clean(built):
     _, _, arts = built("llama32", "q4f32")
     art = json.loads((arts[4] / "artifact.json").read_text())

@@ -71,6 +71,13 @@ def test_cpuinfo_follows_host_cpu_count(tmp_path):
     assert "CPU implementer\t: 0x41" in text  # an ARM entry, which onnxruntime's cpuinfo can parse
 
 
+@pytest.mark.skipif(not toolchains.shutil.which(toolchains.QEMU), reason="qemu-user-static not installed")
+def test_qemu_cpu_for_target_mcpu():
+    assert toolchains.qemu_cpu_for(None) == "cortex-a76"
+    assert toolchains.qemu_cpu_for("cortex-a53") == "cortex-a53"
+    assert toolchains.qemu_cpu_for("no-such-core") == "max"
+
+
 def test_probe_is_json_and_matches_the_scripts():
     info = toolchains.probe()
     json.dumps(info)

@@ -66,7 +66,7 @@ def open_bundle(bundle: Path, device: str | None = None):
 # ---- fetch-model ---------------------------------------------------------------------------------
 @click.command("fetch-model")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print {name, path, sha256} as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print {name, path} as JSON.")
 def fetch_model(name, as_json):
     """Download a named model (or an HF repo ORG/NAME) into the cache and print its path.
 

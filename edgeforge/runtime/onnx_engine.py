@@ -24,9 +24,10 @@ DEVICE_PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "webgpu": "WebG
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 THREADS_ENV = "EDGEFORGE_THREADS"
 # shared: past and present bound to one max-length buffer that GroupQueryAttention appends to in
-# place (CPU, CUDA). copy: past holds exactly the previous rows and ORT allocates a new present
-# each step (the classic layout): ONNX Runtime WebGPU 1.27's GroupQueryAttention computes garbage
-# when the past buffer is longer than the valid sequence, and copies host buffers anyway.
+# place (CPU, CUDA: the buffers live where the op runs). copy: past holds exactly the previous rows
+# and ONNX Runtime allocates a new present each step (the classic layout); used where the KV cache
+# sits in host memory but the op runs on a device (WebGPU), so each step moves `length` rows, not
+# the whole buffer.
 KV_MODES = {CPU: "shared", "CUDAExecutionProvider": "shared"}
 FIRST_CAPACITY = 256
 
@@ -103,12 +104,9 @@ class OnnxEngine:
         self._total = np.zeros((), np.int32)
         self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
         # OrtValues over CPU numpy arrays share their memory: keep both alive on self.
-        self._ids1_ov, seq_ov, total_ov = ov(self._ids1), ov(self._seqlens), ov(self._total)
+        self._ids1_ov, self._seqlens_ov, self._total_ov = ov(self._ids1), ov(self._seqlens), ov(self._total)
         self._logits_ov = ov(self._logits)
-        self.io.bind_ortvalue_input("seqlens_k", seq_ov)
-        self.io.bind_ortvalue_input("total_sequence_length", total_ov)
         self.io.bind_ortvalue_output("logits", self._logits_ov)
-        self._keep = [seq_ov, total_ov]
 
     def _allocate_kv(self, capacity: int):
         """(Re)bind every layer's shared past/present buffer with room for `capacity` positions."""
@@ -150,13 +148,11 @@ class OnnxEngine:
     def _bind_copy_kv(self, presents):
         """copy mode: bind past = the previous step's presents (empty at the start), presents to new buffers."""
         shape = (1, int(self.info["num_kv_heads"]), 0, int(self.info["head_dim"]))
-        empty = None
+        self._empty = np.zeros(shape, self.kv_dtype)  # kept alive: the OrtValue shares its memory
         for i in range(self.num_layers):
             for j, kind in enumerate(("key", "value")):
                 if presents is None:
-                    empty = np.zeros(shape, self.kv_dtype)
-                    self._keep.append(empty)
-                    past = self.ort.OrtValue.ortvalue_from_numpy(empty)
+                    past = self.ort.OrtValue.ortvalue_from_numpy(self._empty)
                 else:
                     past = presents[2 * i + j]
                 self.io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", past)
@@ -177,6 +173,10 @@ class OnnxEngine:
             self.io.bind_ortvalue_input("input_ids", self._prompt_ov)
         self._seqlens[0] = total - 1
         self._total[...] = total
+        # Rebind after writing: IOBinding copies an input to the device at bind time when the
+        # consuming node runs elsewhere (WebGPU), so writing into a bound buffer would go unseen.
+        self.io.bind_ortvalue_input("seqlens_k", self._seqlens_ov)
+        self.io.bind_ortvalue_input("total_sequence_length", self._total_ov)
         self.session.run_with_iobinding(self.io)
         if self.kv_mode == "copy":
             # get_outputs() follows the binding order: logits, then present.{i}.key/.value.
