@@ -15,7 +15,7 @@ def _fmt(v, digits=1):
 
 
 def _mib(v):
-    return "-" if v is None else f"{v / 2**20:.0f}"
+    return "-" if v is None else f"{v / 2**20:.1f}"
 
 
 def _header(r):
@@ -45,14 +45,16 @@ def _speed(r):
     out = ["## CPU speed (tokens/s, median)"]
     for t in r["threads"]:
         out += ["", f"### {t} thread(s)", "",
-                f"| engine | pp{r['n_prompt']} | tg{r['n_gen']} | pp vs best peer | tg vs best peer | runs |",
-                "|---|---:|---:|---:|---:|---:|"]
+                f"| engine | model | pp{r['n_prompt']} | tg{r['n_gen']} | pp vs best peer | tg vs best peer | runs |",
+                "|---|---|---:|---:|---:|---:|---:|"]
         for row in (x for x in rows if x["threads"] == t):
             if row.get("error") and not row["reps"]:
-                out.append(f"| {row['engine']} | failed | failed | | | 0 |")
+                out.append(f"| {row['engine']} | {row['model']} | failed | failed | | | 0 |")
                 continue
-            out.append(f"| {row['engine']} | {_fmt(row['pp_ts'])} | {_fmt(row['tg_ts'])} | "
+            out.append(f"| {row['engine']} | {row['model']} | {_fmt(row['pp_ts'])} | {_fmt(row['tg_ts'])} | "
                        f"{_ratio(row.get('pp_vs_best'))} | {_ratio(row.get('tg_vs_best'))} | {row['reps']} |")
+    if any(row["model"] != "smollm2-135m" for row in rows):
+        out += ["", "Ratios are left out where edgeforge and the peers ran different models (smoke mode)."]
     return "\n".join(out)
 
 

@@ -52,29 +52,37 @@ def run_measured(cmd: list, env: dict | None = None, timeout: float = 1800) -> d
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
-        # wait4 gives this child's own rusage (ru_maxrss), not the sum over every child we ran.
-        _, status, usage = _wait4(proc, timeout)
+        peak = _watch_peak_rss(proc, timeout)
         seconds = time.monotonic() - t0
         out.seek(0), err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
+    if proc.returncode != 0:
         tail = " | ".join(stderr.strip().splitlines()[-3:])
-        raise RuntimeError(f"`{shlex.join(cmd)}` exited {code}: {tail}")
-    return {"stdout": stdout, "stderr": stderr, "seconds": seconds, "peak_rss": usage.ru_maxrss * 1024}
+        raise RuntimeError(f"`{shlex.join(cmd)}` exited {proc.returncode}: {tail}")
+    return {"stdout": stdout, "stderr": stderr, "seconds": seconds, "peak_rss": peak}
 
 
-def _wait4(proc, timeout):
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return pid, status, usage
+def _watch_peak_rss(proc, timeout: float) -> int | None:
+    """Wait for proc, polling its VmHWM (peak RSS of the exec'd image).
+
+    Not getrusage/wait4: a child's ru_maxrss counts the pages it shared with this (large, torch-
+    importing) process between fork and exec, so every child would report our own size.
+    """
+    deadline, peak = time.monotonic() + timeout, None
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"timed out after {timeout} s: {proc.args[0]}")
-        time.sleep(0.05)
+            proc.wait()
+            raise RuntimeError(f"timed out after {timeout} s: {shlex.join(proc.args)}")
+        time.sleep(0.02)
+    return peak
 
 
 def thread_env(threads: int) -> dict:
@@ -95,8 +103,8 @@ class Engine:
 
     family = "?"
 
-    def __init__(self, name: str, label: str, path: Path):
-        self.name, self.label, self.path = name, label, path
+    def __init__(self, name: str, label: str, path: Path, model: str = "smollm2-135m"):
+        self.name, self.label, self.path, self.model = name, label, path, model
         self.weight_bytes = weight_bytes(path)
 
     def speed(self, threads: int, n_prompt: int, n_gen: int) -> dict:
@@ -179,7 +187,8 @@ def build_edgeforge(model: str, schemes, backends, out: Path, reuse: bool, notes
                 bundle = Path(summary["bundles"][0]["path"])
                 notes.append(f"edgeforge {scheme}/{backend}: built in {res['seconds']:.0f} s "
                              f"(`{_show(cmd)}`)")
-            engines.append(EdgeforgeEngine(f"edgeforge {backend} {scheme}", f"edgeforge-{backend}-{scheme}", bundle))
+            engines.append(EdgeforgeEngine(f"edgeforge {backend} {scheme}", f"edgeforge-{backend}-{scheme}", bundle,
+                                           Path(model).name))
     return engines
 
 
@@ -238,7 +247,7 @@ def measure_speed(engines, threads_list, reps, n_prompt, n_gen) -> list[dict]:
     for e in engines:
         for t in threads_list:
             got = samples[(e.label, t)]
-            rows.append({"engine": e.name, "label": e.label, "family": e.family, "threads": t,
+            rows.append({"engine": e.name, "label": e.label, "family": e.family, "threads": t, "model": e.model,
                          "n_prompt": n_prompt, "n_gen": n_gen, "reps": len(got),
                          "pp_ts": _median([s["pp_ts"] for s in got]), "tg_ts": _median([s["tg_ts"] for s in got]),
                          "pp_samples": [s["pp_ts"] for s in got], "tg_samples": [s["tg_ts"] for s in got],
@@ -258,10 +267,10 @@ def measure_memory(engines, threads: int, n_gen: int) -> list[dict]:
         log(f"memory: {e.name}")
         try:
             res = e.speed(threads, 0, n_gen)
-            rows.append({"engine": e.name, "family": e.family, "peak_rss": res["peak_rss"],
+            rows.append({"engine": e.name, "family": e.family, "model": e.model, "peak_rss": res["peak_rss"],
                          "weight_bytes": e.weight_bytes, "cmd": res["cmd"]})
         except (RuntimeError, ValueError, KeyError) as err:
-            rows.append({"engine": e.name, "family": e.family, "peak_rss": None,
+            rows.append({"engine": e.name, "family": e.family, "model": e.model, "peak_rss": None,
                          "weight_bytes": e.weight_bytes, "error": str(err)})
     return rows
 
@@ -269,6 +278,8 @@ def measure_memory(engines, threads: int, n_gen: int) -> list[dict]:
 def add_ratios(rows: list[dict]) -> None:
     """edgeforge rows get tok/s divided by the best peer's tok/s at the same thread count."""
     for row in rows:
+        if row.get("model") != "smollm2-135m":
+            continue  # smoke mode: edgeforge runs a tiny model, the peers SmolLM2; no ratio makes sense
         if row["family"] != "edgeforge":
             continue
         for key in ("pp_ts", "tg_ts"):
@@ -367,7 +378,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, action="append", help="thread counts (repeat; default 2 and all cores)")
     ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 3; smoke 1)")
     ap.add_argument("--model", default="smollm2-135m", help="edgeforge model name or path (not in smoke mode)")
-    ap.add_argument("--schemes", default="q4f16,q8f16", help="edgeforge schemes to build and time")
+    ap.add_argument("--schemes", default=None, help="edgeforge schemes to build and time (default q4f16,q8f16; "
+                    "smoke q4f16)")
     ap.add_argument("--backends", default="tvm,onnx", help="edgeforge backends to build and time")
     ap.add_argument("--text", type=Path, default=ROOT / "tests" / "data" / "eval.txt", help="quality text")
     ap.add_argument("--ctx", type=int, default=128, help="llama-perplexity context (text must hold 2x)")
@@ -388,6 +400,7 @@ def main(argv=None) -> int:
     reps = args.reps or (1 if smoke else 3)
     n_prompt, n_gen = (32, 16) if smoke else (512, 128)
     notes: list[str] = []
+    args.schemes = args.schemes or ("q4f16" if smoke else "q4f16,q8f16")
     result = {"mode": "smoke" if smoke else "full", "machine": machine(), "versions": versions(),
               "threads": threads, "reps": reps, "n_prompt": n_prompt, "n_gen": n_gen, "notes": notes}
     with tempfile.TemporaryDirectory(prefix="edgeforge-bench-") as tmp:

@@ -79,9 +79,9 @@ def qemu_python_command(
 
     Host paths work as they are inside the emulated process (qemu -L only redirects paths that
     exist inside the root, such as /usr/lib and /etc). `extra_pythonpath` comes before the root's
-    site folder. `cpu` is a qemu CPU name (default cortex-a76; "max" enables SVE/SME; see
-    qemu_cpu_for() to map a target's mcpu). The TVM in
-    the root is runtime-only (TVM_USE_RUNTIME_LIB=1). Raises EdgeforgeError if the root is not built.
+    site folder. `cpu` is a qemu CPU name (default cortex-a76; "max" enables SVE/SME; use
+    qemu_cpu_for() to map a target's mcpu). The TVM in the root is runtime-only
+    (TVM_USE_RUNTIME_LIB=1). Raises EdgeforgeError if the root is not built.
     """
     root = Path(root) if root else arm64_root()
     if root is None:

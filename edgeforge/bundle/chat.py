@@ -24,6 +24,14 @@ class Streamer:
         self.shown = text
 
 
+def answer_json(engine, tokenizer, prompt: str, chat: bool, max_tokens=128, temperature=0.0, top_p=1.0, seed=0) -> dict:
+    """One answer as a dict (prompt ids, tokens, text, timings): what --json prints."""
+    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt)
+    result = generate(engine, ids, max_tokens, Sampler(temperature, top_p, seed), stop_ids=tokenizer.eos_token_ids)
+    return {"prompt_ids": list(ids), "tokens": result.tokens, "text": tokenizer.decode(result.tokens),
+            "stopped": result.stopped, "device": getattr(engine, "device", "?"), **result.timings()}
+
+
 def stream_answer(engine, tokenizer, prompt, max_tokens=128, temperature=0.0, top_p=1.0, seed=0) -> list[int]:
     """prompt: a string (plain) or a list of chat messages. Returns the generated ids."""
     ids = tokenizer.encode_chat(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)

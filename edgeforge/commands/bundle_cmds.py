@@ -129,7 +129,8 @@ def open_verified(bundle: Path):
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed):
+@click.option("--json", "as_json", is_flag=True, help="No streaming: print tokens, text and timings as JSON.")
+def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, as_json):
     """Generate text with a bundle, streaming tokens as they come.
 
     \b
@@ -137,10 +138,15 @@ def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed):
       edgeforge run dist/smollm2-135m-q4f16-x86-cpu-onnx --chat -p "What is the capital of France?"
       edgeforge run dist/smollm2-135m-q4f16-x86-cpu-onnx        # interactive chat on a terminal
     """
-    from ..bundle.chat import chat_loop, stream_answer
+    from ..bundle.chat import answer_json, chat_loop, stream_answer
 
     _, engine, tokenizer = open_verified(bundle)
     opts = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if as_json:
+        if prompt is None:
+            raise EdgeforgeError("--json needs --prompt")
+        _echo_json(answer_json(engine, tokenizer, prompt, chat, **opts))
+        return
     if prompt is None:
         if not sys.stdin.isatty():
             raise EdgeforgeError("--prompt is required when stdin is not a terminal")

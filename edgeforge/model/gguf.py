@@ -1,7 +1,8 @@
 """GGUF loader (llama architecture) on top of the `gguf` package.
 
-- Tensors are memory-mapped by gguf.GGUFReader and dequantized one at a time on get()
-  (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and whatever else gguf.quants handles).
+- The header is parsed here (read_gguf: much faster than gguf.GGUFReader on big vocabularies);
+  tensors are memory-mapped and dequantized one at a time on get() with gguf.quants
+  (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and whatever else it handles).
 - llama.cpp's converter permutes the rows of Q and K (it interleaves the two rotary halves);
   we undo that so Q/K are in HF order like every other source.
 - GGUF names are mapped to HF names (INTERNALS "Tensor names").
@@ -60,12 +61,6 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     (half, pair) to (pair, half); swap them back."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's converter permutation (HF order -> GGUF order); used by tests to write GGUFs."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 @dataclass

@@ -1,0 +1,128 @@
+"""bench/: the smoke run of the harness end to end, and the pieces it trusts (F32 GGUF writer, ratios)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Run `python bench/run.py --smoke` once; return (result dict, markdown text)."""
+    out = tmp_path_factory.mktemp("bench")
+    md, js = out / "BENCHMARKS.md", out / "latest.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(md),
+                           "--json-out", str(js)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(js.read_text()), md.read_text()
+
+
+def test_smoke_times_both_edgeforge_backends(smoke):
+    result, _ = smoke
+    assert result["mode"] == "smoke" and result["machine"]["cores"] >= 1
+    rows = {r["engine"]: r for r in result["speed"]}
+    for engine in ("edgeforge tvm q4f16", "edgeforge onnx q4f16"):
+        row = rows[engine]
+        assert row["error"] is None and row["reps"] == 1
+        assert row["pp_ts"] > 0 and row["tg_ts"] > 0
+        # tok/s must be consistent with the run: n tokens over a positive time, not a placeholder
+        assert row["pp_samples"] == [row["pp_ts"]] and row["tg_samples"] == [row["tg_ts"]]
+
+
+def test_smoke_memory_and_quality_are_measured(smoke):
+    result, _ = smoke
+    for row in result["memory"]:
+        assert row["peak_rss"] > 0 and row["weight_bytes"] > 0, row
+        if row["family"] == "edgeforge":
+            # the process held at least its weights (and a Python interpreter: far more than 1 MiB)
+            assert row["peak_rss"] > max(row["weight_bytes"], 2**20)
+    q = {r["scheme"]: r for r in result["quality"]["edgeforge"]["rows"]}
+    assert q["float"]["ppl"] > 1 and q["float"]["kl"] == 0
+    assert q["q4f16"]["ppl"] > 1 and q["q4f16"]["kl"] > 0
+
+
+def test_smoke_markdown_matches_json(smoke):
+    result, md = smoke
+    for heading in ("# edgeforge benchmarks", "## CPU speed", "## Quality", "## Memory", "## GPU",
+                    "## Exact commands"):
+        assert heading in md
+    assert "Not measured in this run: no GPU machine." in md
+    assert result["machine"]["cpu"] in md
+    for row in result["speed"]:
+        if row["reps"]:
+            assert f"| {row['engine']} | {row['model']} | {row['pp_ts']:.1f} | {row['tg_ts']:.1f} |" in md
+    # a peer that is not installed is named as skipped, never silently missing
+    names = {r["family"] for r in result["speed"]}
+    for family, word in (("llama.cpp", "llama.cpp"), ("ort-genai", "ORT GenAI")):
+        if family not in names:
+            assert any(n.startswith(word) and "skipped" in n for n in result["notes"]), result["notes"]
+
+
+def _row(engine, family, threads, pp, tg, model="smollm2-135m"):
+    return {"engine": engine, "family": family, "threads": threads, "pp_ts": pp, "tg_ts": tg, "model": model,
+            "reps": 1, "n_prompt": 512, "n_gen": 128}
+
+
+def test_ratios_use_the_best_peer_at_the_same_thread_count():
+    import report
+    from run import add_ratios
+
+    rows = [_row("edgeforge tvm q4f16", "edgeforge", 2, 100.0, 50.0),
+            _row("llama.cpp Q4_0", "llama.cpp", 2, 400.0, 40.0),
+            _row("ORT GenAI int4", "ort-genai", 2, 200.0, 100.0),
+            _row("llama.cpp Q4_0", "llama.cpp", 4, 1000.0, 1000.0)]
+    add_ratios(rows)
+    assert rows[0]["pp_vs_best"] == pytest.approx(0.25) and rows[0]["pp_best_peer"] == "llama.cpp Q4_0"
+    assert rows[0]["tg_vs_best"] == pytest.approx(0.5) and rows[0]["tg_best_peer"] == "ORT GenAI int4"
+    text = report._behind({"speed": rows, "n_prompt": 512, "n_gen": 128})
+    assert "prefill (pp512) is 4.0x slower than llama.cpp Q4_0 (100.0 vs 400.0 tok/s)" in text
+    assert "decode (tg128) is 2.0x slower than ORT GenAI int4" in text
+
+
+def test_ratios_are_not_made_across_different_models():
+    from run import add_ratios
+
+    rows = [_row("edgeforge tvm q4f16", "edgeforge", 2, 100.0, 50.0, model="tiny-llama32"),
+            _row("llama.cpp Q4_0", "llama.cpp", 2, 400.0, 40.0)]
+    add_ratios(rows)
+    assert "pp_vs_best" not in rows[0]
+
+
+def test_f32_gguf_holds_the_dequantized_source(tmp_path):
+    """The llama.cpp peers start from bench/float_gguf.py's output: it must equal gguf's dequantization."""
+    import gguf
+    from float_gguf import write_f32_gguf
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src.gguf"
+    w = gguf.GGUFWriter(str(src), "llama")
+    w.add_block_count(1)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    weight = rng.standard_normal((8, 64)).astype(np.float32)
+    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("output_norm.weight", rng.standard_normal(64).astype(np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+    out = write_f32_gguf(src, tmp_path / "f32.gguf")
+    r_src, r_out = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+    assert r_out.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert r_out.fields["general.file_type"].contents() == int(gguf.LlamaFileType.ALL_F32)
+    by_name = {t.name: t for t in r_out.tensors}
+    for t in r_src.tensors:
+        got = by_name[t.name]
+        assert got.tensor_type == gguf.GGMLQuantizationType.F32
+        assert list(got.shape) == list(t.shape)
+        expect = gguf.quants.dequantize(t.data, t.tensor_type)
+        np.testing.assert_array_equal(np.asarray(got.data).reshape(expect.shape), expect)
+    # Q8_0 is lossy: the F32 file holds the dequantized values, not the original floats
+    assert not np.array_equal(np.asarray(by_name["blk.0.attn_q.weight"].data).reshape(8, 64), weight)
