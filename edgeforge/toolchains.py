@@ -161,10 +161,15 @@ def _sync_cpuinfo(root: Path) -> None:
         "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\n"
         "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".cpuinfo.{os.getpid()}")
-    tmp.write_text("".join(entry.format(i=i) for i in range(count)))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(entry.format(i=i) for i in range(count)))
+        os.replace(tmp, path)
+    except OSError:
+        # A root built by another user (read-only here): any ARM entries avoid the crash; the
+        # count only refines what onnxruntime believes about cores.
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

@@ -196,6 +196,8 @@ if [[ $MODE == build ]] && is_ready; then
     exit 0
 fi
 
+# Holding the lock, no other build is running: clear what a killed one left behind.
+rm -rf "$TOOLS"/.arm64-root.tmp-* "$TOOLS"/.arm64-root.old-*
 BUILD="$TOOLS/.arm64-root.tmp-$$"
 # EDGEFORGE_KEEP_BUILD=1 keeps a failed build folder for debugging.
 [[ ${EDGEFORGE_KEEP_BUILD:-0} == 1 ]] ||

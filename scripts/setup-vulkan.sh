@@ -144,6 +144,8 @@ if [[ $MODE == build ]] && is_ready; then
     exit 0
 fi
 
+# Holding the lock, no other build is running: clear what a killed one left behind.
+rm -rf "$TOOLS"/.vulkan.tmp-* "$TOOLS"/.vulkan.old-*
 BUILD="$TOOLS/.vulkan.tmp-$$"
 [[ ${EDGEFORGE_KEEP_BUILD:-0} == 1 ]] || trap 'rm -rf "$BUILD" "$TOOLS/.vulkan.old-$$"' EXIT
 rm -rf "$BUILD"

@@ -190,3 +190,16 @@ def test_bad_target_and_qdir_errors_name_the_culprit(built, tmp_path):
     with pytest.raises(EdgeforgeError, match="model.layers.1.mlp.down_proj.weight"):
         compile_qdir(broken, str(target_file(tmp_path, "ok", "CPUExecutionProvider", 0)), "onnx", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_cli_compile_json(built, tmp_path, capsys):
+    from edgeforge.cli import main
+
+    _, _, arts = built("llama32", "q4f32")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compile", str(arts[0].parent / "qdir"), "--target", "x86-cpu", "--backend", "onnx",
+              "-o", str(tmp_path / "out"), "--json"])
+    assert exit_info.value.code == 0
+    art = json.loads(capsys.readouterr().out)
+    assert art["backend"] == "onnx" and art["target"] == "x86-cpu" and art["onnx"]["compute_dtype"] == "float32"
+    assert OnnxEngine(tmp_path / "out").prefill([1, 2, 3]).shape == (art["onnx"]["vocab_size"],)

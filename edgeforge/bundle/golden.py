@@ -16,7 +16,7 @@ from ..runtime.smoke import encode_prompt
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
     "Write one sentence about the sea.",
-    "List three colors.",
+    "Describe a cat in one sentence.",
 )
 DEFAULT_TOKENS = 12
 TOP_K = 8
@@ -37,15 +37,18 @@ def tolerance_for(artifact: dict) -> dict:
     return {"rel": rel, "why": why, "basis": "golden logit range (max - min) per step"}
 
 
-def greedy(engine, prompt_ids: list[int], max_tokens: int, top_k: int = TOP_K) -> tuple[list[int], list[dict]]:
+def greedy(engine, prompt_ids: list[int], max_tokens: int, stop_ids=(), top_k: int = TOP_K) -> tuple[list[int], list[dict]]:
+    """Greedy tokens and per-step summaries; stops after a stop token (positions past the end of an
+    answer are never used and their logits are unusually sensitive to rounding)."""
     engine.reset()
     logits = engine.prefill(prompt_ids)
     tokens, steps = [], []
     for i in range(max_tokens):
         steps.append(step_summary(logits, top_k))
         tokens.append(int(np.argmax(logits)))
-        if i + 1 < max_tokens:
-            logits = engine.decode(tokens[-1])
+        if tokens[-1] in stop_ids or i + 1 == max_tokens:
+            break
+        logits = engine.decode(tokens[-1])
     return tokens, steps
 
 
@@ -62,7 +65,7 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
     for text in prompts:
         ids = encode_prompt(model.tokenizer, text, chat)
         limit = model.config.context_length - len(ids)
-        tokens, steps = greedy(engine, ids, min(max_tokens, limit))
+        tokens, steps = greedy(engine, ids, min(max_tokens, limit), set(model.tokenizer.eos_token_ids))
         log(f"golden: {text!r}: {len(ids)} prompt tokens -> {tokens}")
         out.append({"text": text, "chat": chat, "prompt_ids": ids, "tokens": tokens, "steps": steps})
     return {"format": GOLDEN_FORMAT, "version": 1, "model_dtype": dtype, "top_k": TOP_K,

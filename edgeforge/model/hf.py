@@ -53,6 +53,10 @@ class HFTensors(TensorSource):
         except SafetensorsError as err:
             raise EdgeforgeError(str(err)) from None
 
+    def release(self, name: str) -> None:
+        """Done with `name` for now: drop its mapped pages (streaming quantization calls this)."""
+        self.st.release(name)
+
 
 def read_json(path: Path) -> dict:
     try:
@@ -81,8 +85,16 @@ def load_hf_folder(folder: Path) -> LoadedModel:
     tokenizer = load_hf_tokenizer(folder, config)
     files = tensors.st.files()
     source = {"path": str(folder.resolve()), "format": "hf", "sha256": files_sha256(files),
-              "model_id": hf.get("_name_or_path") or folder.resolve().name}
+              "model_id": _model_id(folder, hf)}
     return LoadedModel(config=config, tensors=tensors, tokenizer=tokenizer, source=source)
+
+
+def _model_id(folder: Path, hf: dict) -> str:
+    """'org/name' for a hub cache snapshot (its folder name is only the commit hash), else the
+    config's _name_or_path, else the folder name."""
+    from ..models import repo_id_of_snapshot
+
+    return repo_id_of_snapshot(folder.resolve()) or hf.get("_name_or_path") or folder.resolve().name
 
 
 def _merge_eos(config_eos: list[int], gen_eos) -> list[int]:

@@ -1,8 +1,9 @@
 """Write and read QDIRs (quantized model folders, docs/INTERNALS.md "QDIR").
 
-write_qdir() streams: shards are planned from tensor shapes alone, then filled one at a time by
-reading one source tensor, quantizing it and dropping the float copy. Peak memory is about one
-shard (<= max_shard_bytes) plus one float tensor, never the whole model twice.
+write_qdir() streams: shards (and their safetensors headers) are planned from tensor shapes alone,
+then filled by reading one source tensor, quantizing it, writing the result at its planned offset
+and dropping both. Peak memory is about one float32 tensor plus its quantized arrays, and the
+source's mapped pages are released after each tensor (docs/notes/models-memory.md).
 
 load_qdir() gives a LoadedModel whose tensors.get(name) is the *dequantized* float32 weight, so
 the numpy reference runs on exactly the weights the backends see; tensors.arrays(name) gives the
@@ -23,7 +24,7 @@ import numpy as np
 from ..errors import EdgeforgeError
 from ..fsutil import atomic_output_dir
 from ..runtime.bundle_errors import BundleError
-from ..runtime.safetensors import write_safetensors
+from ..runtime.safetensors import layout, st_dtype
 from ..runtime.weights import (
     CONFIG, CONFIG_FORMAT, INDEX, QUANT_FORMAT, QUANTIZATION, VERSION, QdirWeights, is_qdir, shard_name, stored_key,
 )
@@ -109,13 +110,13 @@ def write_qdir(model, scheme, out, embed_bits: int | None = None, log: Callable[
     with atomic_output_dir(out) as tmp:
         for s, members in enumerate(shards, start=1):
             fname = shard_name(s, len(shards))
-            arrays = {}  # this shard's stored arrays only: freed before the next shard
-            for i in members:
-                name, shape, fmt = plan[i]
-                entries[name] = _quantize_tensor(model, name, shape, fmt, arrays)
-                weight_map.update({key: fname for key in entries[name]["arrays"].values()})
-                log(f"[{i + 1}/{len(plan)}] {name} {list(shape)} -> {fmt.name}")
-            total += write_safetensors(tmp / fname, arrays)
+            with ShardWriter(tmp / fname, shard_specs(plan[i] for i in members)) as shard:
+                for i in members:
+                    name, shape, fmt = plan[i]
+                    entries[name] = _quantize_tensor(model, name, shape, fmt, shard)
+                    weight_map.update({key: fname for key in entries[name]["arrays"].values()})
+                    log(f"[{i + 1}/{len(plan)}] {name} {list(shape)} -> {fmt.name}")
+            total += shard.nbytes
         _write_metadata(tmp, model, scheme, embed_bits, entries, weight_map, total)
     return {
         "path": str(Path(out)), "scheme": scheme.name, "model_dtype": scheme.model_dtype,
@@ -124,12 +125,56 @@ def write_qdir(model, scheme, out, embed_bits: int | None = None, log: Callable[
     }
 
 
-def _quantize_tensor(model, name: str, shape, fmt, arrays: dict) -> dict:
-    """Read one source tensor, store its quantized arrays into `arrays`; its quantization.json entry."""
+def shard_specs(members) -> dict[str, tuple[str, tuple]]:
+    """{stored key: (numpy dtype, shape)} of every array the plan entries (name, shape, format) store."""
+    return {stored_key(name, role): (dtype, tuple(s))
+            for name, shape, fmt in members for role, (s, dtype) in fmt.stored(shape).items()}
+
+
+class ShardWriter:
+    """One safetensors shard written as its tensors arrive. The header is planned up front from
+    the stored shapes (runtime.safetensors.layout, so the bytes equal write_safetensors' for the
+    same arrays) and each array goes straight to its offset: nothing accumulates in memory."""
+
+    def __init__(self, path: Path, specs: dict[str, tuple[str, tuple]]):
+        self.path, self.specs, self.done = Path(path), specs, set()
+        head, self.offsets = layout({k: (st_dtype(d), shape) for k, (d, shape) in specs.items()})
+        self.base = len(head)
+        self.nbytes = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(d).itemsize for d, shape in specs.values())
+        self.f = open(self.path, "wb")
+        self.f.write(head)
+        self.f.truncate(self.base + self.nbytes)
+
+    def write(self, key: str, arr: np.ndarray) -> None:
+        dtype, shape = self.specs[key]
+        if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != shape:  # formats.stored() disagrees with quantize()
+            raise EdgeforgeError(f"tensor '{key}': quantized to {arr.dtype} {list(arr.shape)}, planned {dtype} {list(shape)}")
+        data = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
+        self.f.seek(self.base + self.offsets[key])
+        self.f.write(memoryview(data.reshape(-1)).cast("B"))
+        self.done.add(key)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.f.close()
+        missing = sorted(set(self.specs) - self.done)
+        if exc_type is None and missing:
+            raise EdgeforgeError(f"{self.path}: tensor '{missing[0]}' was planned but never written")
+
+
+def _quantize_tensor(model, name: str, shape, fmt, shard: ShardWriter) -> dict:
+    """Read one source tensor, write its quantized arrays into `shard`; its quantization.json entry."""
     entry = {**tensor_entry(shape, fmt), "arrays": {}}
     for role, arr in fmt.quantize(model.tensors.get(name), name).items():
         entry["arrays"][role] = stored_key(name, role)
-        arrays[stored_key(name, role)] = arr
+        shard.write(stored_key(name, role), arr)
+    # Memory-mapped sources keep every page read resident until the mapping closes: without
+    # this, resident memory grows to the whole checkpoint (measured in docs/notes/models-memory.md).
+    release = getattr(model.tensors, "release", None)
+    if release is not None:
+        release(name)
     return entry
 
 

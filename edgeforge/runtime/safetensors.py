@@ -107,6 +107,17 @@ class SafetensorsFile:
         raw = self.get_raw(name)
         return bf16_to_f32(raw) if self.dtype(name) == "BF16" else raw
 
+    def release(self, name: str) -> None:
+        """Drop this tensor's mapped pages from the process (they stay in the page cache and are
+        read again on next use). Streaming readers call it once done with a tensor, so resident
+        memory stays about one tensor instead of growing to the whole file."""
+        if not hasattr(self._mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return  # not Linux/macOS: the pages are only reclaimed under memory pressure
+        begin, end = self._entry(name)["data_offsets"]
+        start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > begin:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
+
     def _entry(self, name: str) -> dict:
         try:
             return self._entries[name]
@@ -171,17 +182,34 @@ def serialize(tensors: dict, metadata: dict[str, str] | None = None) -> tuple[by
     item size (as the reference implementation does); there are no holes.
     """
     stored = {name: _as_stored(name, tensors[name]) for name in sorted(tensors)}
-    order = sorted(stored, key=lambda k: (-stored[k][1].dtype.itemsize, k))
+    head, offsets = layout({k: (dtype, arr.shape) for k, (dtype, arr) in stored.items()}, metadata)
+    return head, [stored[name][1] for name in sorted(offsets, key=offsets.get)]
+
+
+def layout(specs: dict[str, tuple[str, tuple]], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+    """Header bytes and each tensor's data offset for {name: (safetensors dtype, shape)}: the file
+    write_safetensors would write, planned before any data exists (streaming writers fill it in)."""
+    size = {k: int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize for k, (dtype, shape) in specs.items()}
+    order = sorted(specs, key=lambda k: (-DTYPES[specs[k][0]].itemsize, k))
     header: dict = {"__metadata__": {**DEFAULT_METADATA, **{str(k): str(v) for k, v in (metadata or {}).items()}}}
-    offset, arrays = 0, []
+    offset, offsets = 0, {}
     for name in order:
-        dtype, arr = stored[name]
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
+        dtype, shape = specs[name]
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + size[name]]}
+        offsets[name] = offset
+        offset += size[name]
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
     text += b" " * (-(8 + len(text)) % 8)
-    return struct.pack("<Q", len(text)) + text, arrays
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+def st_dtype(dtype) -> str:
+    """The safetensors dtype name of a numpy dtype (e.g. float16 -> "F16")."""
+    d = np.dtype(dtype)
+    d = d.newbyteorder("<") if d.byteorder == ">" else d
+    if d not in _NUMPY_TO_ST:
+        raise SafetensorsError(f"numpy dtype {dtype} cannot be stored in safetensors")
+    return _NUMPY_TO_ST[d]
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> int:
@@ -257,6 +285,9 @@ class SafetensorsFolder:
 
     def get(self, name: str) -> np.ndarray:
         return self.file_for(name).get(name)
+
+    def release(self, name: str) -> None:
+        self.file_for(name).release(name)
 
 
 def _read_index(index: Path) -> dict[str, str]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
+from .quantized_linear import DEQ_BLOCK
+
 ROWS = 8
 # 8 lanes = the 8 nibbles of one q4 word: the word and its scale are scalar broadcasts, the
 # shifts a constant vector, the activations one contiguous load (one AVX2 / two NEON registers).
@@ -53,7 +55,9 @@ def schedule_qmatmul(func):
     if not isinstance(n_extent, int) or not isinstance(k_extent, int) or k_extent % LANES:
         return None
     rows = ROWS if n_extent % ROWS == 0 else 1
+    deq = sch.get_sblock(DEQ_BLOCK)
     m = sch.fuse(i, j)
+    prompt_rows = _extent(sch, m)
     n_outer, n_inner = sch.split(n, [None, rows])
     k_outer, k_lane = sch.split(k, [None, LANES])
     sch.reorder(n_outer, m, n_inner, k_outer, k_lane)
@@ -61,10 +65,17 @@ def schedule_qmatmul(func):
     # rf block loops: n_outer, m, n_inner, k_outer, lane
     rf_loops = sch.get_loops(rf)
     sch.parallel(rf_loops[0])
-    # Sum the lanes right after each output's reduction: the partial-sum buffer then shrinks to
-    # one vector (registers) instead of a [rows, out, lanes] array in memory.
+    # Sum the lanes right after each output's reduction: the partial sums stay one vector.
     sch.reverse_compute_at(block, rf_loops[2])
     sch.vectorize(rf_loops[-1])
+    if prompt_rows == 1:
+        sch.compute_inline(deq)  # one activation row: dequantize straight into the FMA
+    else:
+        # Several rows (prefill): dequantize a [rows, in] tile once per parallel step, into a
+        # small buffer (L1/L2-sized) that every prompt row then reads as plain floats.
+        sch.compute_at(deq, rf_loops[0])
+        _, lane = sch.split(sch.get_loops(deq)[-1], [None, LANES])
+        sch.vectorize(lane)
     return sch.mod["main"]
 
 

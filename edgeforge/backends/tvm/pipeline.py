@@ -62,6 +62,30 @@ def _tensorize_rules_disabled(matmul_module):
             getattr(matmul_module, name).apply = fn
 
 
+def InlineDequantize():  # noqa: N802 - a pass factory, named like TVM's
+    """Inline our kernels' dequantize stage into the matmul reduction, so dlight's GEMV/Matmul
+    rules see one block reading the packed weights (they then schedule it like any matmul)."""
+    from tvm import s_tir, tirx
+
+    from .quantized_linear import DEQ_BLOCK
+
+    @tvm.transform.module_pass(opt_level=0, name="edgeforge_inline_dequantize")
+    def _pass(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            sch = s_tir.Schedule(func)
+            try:
+                block = sch.get_sblock(DEQ_BLOCK)
+            except Exception:  # noqa: BLE001 - not one of our kernels
+                continue
+            sch.compute_inline(block)
+            mod[gv] = sch.mod["main"]
+        return mod
+
+    return _pass
+
+
 def lowering_pipeline(target: tvm.target.Target, cpu_schedule=None):
     """A module pass: legalize, fuse, schedule, lower to VM code for `target`."""
     from tvm.s_tir import dlight as dl
@@ -77,6 +101,7 @@ def lowering_pipeline(target: tvm.target.Target, cpu_schedule=None):
         relax.transform.FuseTIR(),
     ]
     if is_gpu:
+        passes.append(InlineDequantize())
         passes.append(dl.ApplyDefaultSchedule(*gpu_rules(target)))
     elif cpu_schedule is not None:
         passes.append(cpu_schedule)

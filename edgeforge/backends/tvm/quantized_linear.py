@@ -18,6 +18,7 @@ GROUP = 32
 
 # Marks our fused kernels so that pipeline.py can give them a hand-written CPU schedule.
 KERNEL_ATTR = "edgeforge_qmatmul"
+DEQ_BLOCK = "dequantize"
 
 
 def param_arrays(fmt: str, out_f: int, in_f: int, scale_dtype: str | None) -> dict[str, tuple[tuple, str]]:
@@ -66,9 +67,13 @@ def qmatmul(x: Tensor, fmt: str, arrays: dict[str, Tensor], in_f: int, out_f: in
         stored = dict(zip(names, ws))
         b, s = xt.shape[0], xt.shape[1]
         k = te.reduce_axis((0, in_f), name="k")
+        # A separate stage in the same kernel, so that schedules choose where it lives: inlined
+        # into the reduction (GPU, decode) or a per-tile buffer reused by every prompt row (CPU
+        # prefill). It never becomes a kernel or a full-size buffer of its own.
+        deq = te.compute((out_f, in_f), lambda n, kk: dequant_expr(fmt, stored, n, kk), name=DEQ_BLOCK)
         acc = te.compute(
             (b, s, out_f),
-            lambda i, j, n: te.sum(xt[i, j, k].astype("float32") * dequant_expr(fmt, stored, n, k), axis=k),
+            lambda i, j, n: te.sum(xt[i, j, k].astype("float32") * deq[n, k], axis=k),
             name="acc",
         )
         if out_dtype == "float32":

@@ -1,0 +1,67 @@
+"""Builds for machines this one cannot run: CUDA fatbins for every listed arch without a GPU, Metal
+(macOS/iOS) tars of Mach-O objects with the shader source of every kernel, Android object tars."""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+
+import pytest
+
+pytest.importorskip("tvm")
+
+from tvm_support import compile_tvm, elf_aarch64, fatbin_entries, macho_arm64  # noqa: E402
+
+from edgeforge.model.loader import load_model  # noqa: E402
+from edgeforge.quant.qdir import write_qdir  # noqa: E402
+from edgeforge.targets import get_target  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def qdir(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tvm-cross")
+    write_qdir(load_model(tiny_model("llama32")), "q4f16", root / "qdir")
+    return root / "qdir"
+
+
+def tar_members(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+@pytest.mark.slow
+def test_cuda_fatbin_has_real_code_for_every_arch(qdir, tmp_path):
+    art = compile_tvm(qdir, "cuda", tmp_path / "cuda")
+    artifact = json.loads((art / "artifact.json").read_text())
+    arches = get_target("cuda").tvm["arches"]
+    assert artifact["device_requirements"]["gpu_arch"] == arches
+    entries = fatbin_entries((art / "model.so").read_bytes())
+    cubins = {e["arch"] for e in entries if e["kind"] == 2 and e["elf_machine"] == 190}
+    assert cubins == {int(a[3:]) for a in arches}, entries
+    # no CUDA source left for a JIT at load time (there is no compiler on the device)
+    assert b"extern \"C\" __global__" not in (art / "model.so").read_bytes()
+
+
+@pytest.mark.parametrize("target", ["metal-macos", "iphone"])
+def test_metal_tar_has_macho_objects_and_shader_source(qdir, tmp_path, target):
+    art = compile_tvm(qdir, target, tmp_path / target)
+    artifact = json.loads((art / "artifact.json").read_text())
+    assert artifact["device"] == "metal" and "link" in artifact["device_requirements"]
+    members = tar_members(art / "model.tar")
+    assert members and all(macho_arm64(data) for data in members.values()), list(members)
+    blob = b"".join(members.values())
+    # kernels the host code launches: named in the device-module table and defined in MSL
+    defined = set(re.findall(rb"kernel void ([A-Za-z0-9_]+)\(", blob))
+    assert len(defined) >= 10
+    assert any(name.startswith(b"qmatmul") or b"qmatmul" in name for name in defined), sorted(defined)
+    for name in defined:
+        assert blob.count(name) >= 2, f"{name} defined in MSL but never referenced by the module"
+    assert blob.count(b"#include <metal_stdlib>") >= len(defined)
+
+
+def test_android_tar_has_aarch64_objects(qdir, tmp_path):
+    art = compile_tvm(qdir, "android-arm64", tmp_path / "android")
+    members = tar_members(art / "model.tar")
+    assert members and all(elf_aarch64(data) for data in members.values()), list(members)
+    assert json.loads((art / "artifact.json").read_text())["device_requirements"]["os"] == "android"
