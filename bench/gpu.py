@@ -173,8 +173,9 @@ def main(argv=None) -> int:
             print(f"| {r['model']} | {r['quant']} | failed: {r['error'][:80]} | | | |")
             continue
         roof = f"{r['roofline_fraction']:.0%}" if r.get("roofline_fraction") is not None else "-"
-        print(f"| {r['model']} | {r['quant']} | {r['weight_bytes'] / 2**20:.0f} | {r.get('pp_ts', 0):.0f} | "
-              f"{r.get('tg_ts', 0):.1f} | {roof} |")
+        pp, tg = r.get("pp_ts"), r.get("tg_ts")
+        print(f"| {r['model']} | {r['quant']} | {r['weight_bytes'] / 2**20:.1f} | {'-' if pp is None else f'{pp:.0f}'} | "
+              f"{'-' if tg is None else f'{tg:.1f}'} | {roof} |")
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -264,9 +264,22 @@ def _run_setup(name: str, log) -> str:
         tail = (tail + [line])[-40:]
     out = proc.stdout.read()
     if proc.wait() != 0:
-        errors = [t for t in tail if "error:" in t] or tail[-1:] or ["no output"]
-        raise EdgeforgeError(f"scripts/{name} failed (exit {proc.returncode}): {errors[-1]}")
+        raise EdgeforgeError(f"scripts/{name} failed (exit {proc.returncode}): {_failure_reason(tail)}")
     return out
+
+
+def _failure_reason(tail: list[str]) -> str:
+    """One line: the script's own error, plus the last line of the tool output before it."""
+    marks = [i for i, line in enumerate(tail) if "] error: " in line]
+    if not marks:
+        return next((line for line in reversed(tail) if line.strip()), "no output")
+    reason = tail[marks[-1]].split("] error: ", 1)[1].replace(" (its last lines are above)", "")
+    before = [line.strip() for line in tail[: marks[-1]] if line.strip() and not line.startswith("[setup-")]
+    if not before:
+        return reason
+    # apt and debootstrap end with a summary ("Some index files failed ..."); the cause is earlier.
+    causes = [line for line in before if re.search(r"Could not|Failed to fetch|Failed getting|Unable to", line)]
+    return f"{reason}; {(causes or before)[-1]}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,8 +95,10 @@ make_root() {
     [[ $(id -u) -eq 0 ]] || die "debootstrap needs root to build $ROOT (run this script as root once)"
     log "debootstrap --foreign --arch=arm64 $SUITE (first stage only)"
     PATH="$PATH:/usr/sbin:/sbin" debootstrap --foreign --arch=arm64 --variant=minbase \
-        --include=python3,libstdc++6 "$SUITE" "$dir" "$MIRROR" >"$dir.debootstrap.log" 2>&1 ||
-        die "debootstrap failed (see $dir.debootstrap.log)"
+        --include=python3,libstdc++6 "$SUITE" "$dir" "$MIRROR" >"$dir.debootstrap.log" 2>&1 || {
+        tail -n 15 "$dir.debootstrap.log" >&2
+        die "debootstrap --foreign --arch=arm64 $SUITE from $MIRROR failed (its last lines are above)"
+    }
     # The second stage runs the arm64 maintainer scripts in a chroot, which needs binfmt_misc
     # (absent here). Running Python needs files only, so unpacking each package is enough.
     local debs=("$dir"/var/cache/apt/archives/*.deb)

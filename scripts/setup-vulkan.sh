@@ -75,7 +75,12 @@ EOF
         -o "Dir::Etc::PreferencesParts=$apt/prefs" -o "Dir::State::Lists=$apt/lists"
         -o "Dir::Cache=$apt/cache" -o "APT::Sandbox::User=root" -o "Debug::NoLocking=1")
     log "apt-get update (private lists: bookworm + $MESA_RELEASE)"
-    apt-get "${APT_OPTS[@]}" update >"$apt/update.log" 2>&1 || die "apt-get update failed (see $apt/update.log)"
+    # --error-on=any: without it an unreachable mirror is only a warning and the failure shows up
+    # later as a confusing "Unable to locate package".
+    apt-get "${APT_OPTS[@]}" update --error-on=any >"$apt/update.log" 2>&1 || {
+        tail -n 5 "$apt/update.log" >&2
+        die "apt-get update of bookworm + $MESA_RELEASE from $MIRROR failed (its last lines are above)"
+    }
 }
 
 download_mesa() {

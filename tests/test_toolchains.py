@@ -88,6 +88,34 @@ def test_probe_is_json_and_matches_the_scripts():
     assert isinstance(info["vulkan_devices"], list) and isinstance(info["gpu_present"], bool)
 
 
+def _can_build(*tools: str) -> bool:
+    """Building needs root, and these host tools already present (else the script runs apt)."""
+    return os.geteuid() == 0 and all(toolchains.shutil.which(t) for t in tools)
+
+
+@pytest.mark.skipif(not _can_build("qemu-aarch64-static", "aarch64-linux-gnu-g++", "debootstrap"),
+                    reason="needs root and the arm64 host tools")
+def test_arm64_setup_failure_is_one_clear_line(empty_cache, monkeypatch):
+    monkeypatch.setenv("EDGEFORGE_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")  # nothing listens there
+    with pytest.raises(EdgeforgeError) as err:
+        toolchains.ensure_arm64()
+    message = str(err.value)
+    assert "debootstrap" in message and "127.0.0.1:9" in message and "\n" not in message
+    assert toolchains.arm64_root() is None
+    assert not list((empty_cache / "toolchains").glob(".arm64-root.tmp-*")), "half-built root left behind"
+
+
+@pytest.mark.skipif(not _can_build("apt-get", "dpkg-deb"), reason="needs root on a Debian host")
+def test_vulkan_setup_failure_is_one_clear_line(empty_cache, monkeypatch):
+    monkeypatch.setenv("EDGEFORGE_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")
+    with pytest.raises(EdgeforgeError) as err:
+        toolchains.ensure_vulkan()
+    message = str(err.value)
+    assert "apt-get update" in message and "127.0.0.1:9" in message and "\n" not in message
+    assert toolchains.vulkan_env() is None
+    assert not (empty_cache / "toolchains" / "vulkan").exists()
+
+
 # ----------------------------------------------------------------------------- arm64 under qemu
 
 

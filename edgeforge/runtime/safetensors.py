@@ -53,7 +53,9 @@ class SafetensorsError(ValueError):
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """Widen bfloat16 bit patterns (uint16) to float32: bf16 is the top half of a float32."""
-    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    wide = np.asarray(raw, dtype=np.uint16).astype(np.uint32)
+    wide <<= 16  # in place: one float32-sized array at the peak, not two (an 8B embedding is 2 GB)
+    return wide.view(np.float32)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
