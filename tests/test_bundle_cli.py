@@ -89,3 +89,23 @@ def test_build_config_and_options(tmp_path):
         make_plan(str(cfg), None, (), "auto", None)
     with pytest.raises(EdgeforgeError, match="vulkan.*cannot be built with --backend tvm"):
         make_plan("model", "q4f16", ("vulkan",), "tvm", tmp_path)
+
+
+def test_generate_on_a_bundle_matches_run_and_verifies(host_bundle, tmp_path, capsys):
+    from bundle_helpers import copy_bundle
+
+    prompt = json.loads((host_bundle[0] / "golden.json").read_text())["prompts"][1]
+    args = ["--chat", "-p", prompt["text"], "-n", 8, "--json"]
+    code, out, err = cli(capsys, "generate", host_bundle[0], *args)
+    assert code == 0, err
+    code, out2, err = cli(capsys, "run", host_bundle[0], *args)
+    assert code == 0, err
+    assert json.loads(out)["tokens"] == json.loads(out2)["tokens"]
+    bundle = copy_bundle(host_bundle[0], tmp_path / "b")
+    with open(bundle / "artifact" / "model.onnx", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    code, _, err = cli(capsys, "generate", bundle, *args)
+    assert code == 2 and "model.onnx" in err

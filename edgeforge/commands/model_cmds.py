@@ -47,11 +47,14 @@ def open_engine_for(path: Path, device: str | None = None):
 def open_bundle(bundle: Path, device: str | None = None):
     """A bundle's engine and tokenizer, opened the way its smoke test opens them."""
     from ..runtime.bundle_errors import BundleError
+    from ..runtime.hostcheck import check_can_run
+    from ..runtime.manifest_check import verify_bundle
     from ..runtime.smoke import open_bundle_engine
     from ..runtime.tokenizer import Tokenizer, TokenizerError
 
     try:
-        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest = verify_bundle(bundle)  # checksums before any native code loads (bundle helper)
+        check_can_run(manifest)
         engine = open_bundle_engine(bundle, manifest, device)
         tokenizer = Tokenizer.load(bundle / "tokenizer")
     except (OSError, ValueError) as err:

@@ -125,8 +125,8 @@ class LlamaOnnxBuilder:
     def skip_norm(self, x: str, residual: str, weight: str, name: str) -> tuple[str, str]:
         """(RMSNorm(x + residual) * weight in the compute dtype, x + residual in float32).
 
-        The residual stream and the norms stay float32 in float16 graphs too: summing 2 x layers
-        float16 updates into a float16 stream is where most of the float16 error came from.
+        The residual stream and the norms stay float32 in float16 graphs too, so 2 x layers sums
+        never round to float16 (cheap: elementwise on [S, hidden]).
         """
         w = self.g.init(weight, self._dense(weight).astype(np.float32))
         out, total = f"{name}/out", f"{name}/sum"
@@ -140,8 +140,8 @@ class LlamaOnnxBuilder:
         name = "model.embed_tokens.weight"
         g, h = self.g, self.cfg.hidden_size
         if not self._is_quant(name):
-            return g.op("Gather", [g.init(name, self._dense(name)), ids], "embed", axis=0) if self.dtype == np.float32 \
-                else self.to_f32(g.op("Gather", [g.init(name, self._dense(name)), ids], "embed", axis=0), "embed/cast")
+            rows = g.op("Gather", [g.init(name, self._dense(name)), ids], "embed", axis=0)
+            return self.to_f32(rows, "embed/cast")
         # GatherBlockQuantized reads MatMulNBits' blob as is: [vocab, H/32, blob] packed along the
         # last axis; a tied head then uses the same initializer (one copy of the biggest tensor).
         entry, arrays = self._entry(name)

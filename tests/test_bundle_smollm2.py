@@ -1,0 +1,91 @@
+"""The real SmolLM2-135M: ONE `edgeforge build examples/smollm2.toml` makes q4f16 bundles for
+x86-cpu (tvm, onnx), rpi5 (tvm, onnx), cuda (tvm), vulkan (onnx) and metal-macos (tvm); each is
+smoke-tested where this machine can run it (host, qemu, lavapipe) and the others must say
+"cannot run here" with exit 2. About 7 min to build on 2 cores, plus ~4 min per emulated smoke.
+
+Set EDGEFORGE_SMOLLM2_DIST to a folder holding such a build to reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bundle_helpers import cli
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED = {("x86-cpu", "tvm"), ("x86-cpu", "onnx"), ("rpi5", "tvm"), ("rpi5", "onnx"), ("cuda", "tvm"),
+            ("vulkan", "onnx"), ("metal-macos", "tvm")}
+
+
+def name(target, backend):
+    return f"smollm2-135m-q4f16-{target}-{backend}"
+
+
+@pytest.fixture(scope="module")
+def dist(smollm2_gguf, tmp_path_factory):
+    reuse = os.environ.get("EDGEFORGE_SMOLLM2_DIST")
+    if reuse:
+        return Path(reuse)
+    out = tmp_path_factory.mktemp("smollm2-dist")
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "build", str(ROOT / "examples" / "smollm2.toml"),
+                           "-o", str(out), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert {(b["target"], b["backend"]) for b in summary["bundles"] if b["ok"]} == EXPECTED
+    return out
+
+
+def smoke_json(capsys, bundle, *args):
+    code, out, err = cli(capsys, "smoke", bundle, *args, "--json")
+    return code, (json.loads(out) if out.strip() else {}), err
+
+
+def test_one_build_makes_every_bundle(dist):
+    for target, backend in EXPECTED:
+        manifest = json.loads((dist / name(target, backend) / "manifest.json").read_text())
+        assert (manifest["target"]["name"], manifest["backend"], manifest["scheme"]) == (target, backend, "q4f16")
+        assert manifest["model"]["source_sha256"] and manifest["config"]["num_layers"] == 30
+    # every TVM bundle ships the same quantized weights (quantized once)
+    weights = [{k: v for k, v in json.loads((dist / name(t, b) / "manifest.json").read_text())["files"].items()
+                if k.startswith("weights/")} for t, b in EXPECTED if b == "tvm"]
+    assert weights[0] and all(w == weights[0] for w in weights)
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_x86_smoke_passes(dist, capsys, backend):
+    code, result, err = smoke_json(capsys, dist / name("x86-cpu", backend))
+    assert code == 0, err
+    assert result["status"] == "PASS" and result["token_agreement"] >= 0.9
+
+
+@pytest.mark.arm
+@pytest.mark.parametrize("backend", ["tvm", "onnx"])
+def test_rpi5_smoke_passes_under_qemu(dist, capsys, backend):
+    code, result, err = smoke_json(capsys, dist / name("rpi5", backend), "--emulate")
+    assert code == 0, (err, result)
+    assert result["status"] == "PASS"
+
+
+@pytest.mark.vulkan
+def test_vulkan_smoke_passes_on_lavapipe(dist, capsys):
+    code, result, err = smoke_json(capsys, dist / name("vulkan", "onnx"))
+    assert code == 0, (err, result)
+    assert result["status"] == "PASS" and result["device"].startswith("webgpu")
+
+
+@pytest.mark.parametrize("target,words", [("cuda", "cannot run here: no CUDA device"),
+                                          ("metal-macos", "cannot run here: target 'metal-macos' needs macOS")])
+def test_gpu_bundles_cannot_run_here(dist, capsys, target, words):
+    from edgeforge.runtime.hostcheck import cuda_device_count
+
+    if target == "cuda" and cuda_device_count()[0]:
+        pytest.skip("this machine has a CUDA device")
+    code, out, err = cli(capsys, "smoke", dist / name(target, "tvm"))
+    assert code == 2 and words in err and "PASS" not in out
