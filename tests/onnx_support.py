@@ -32,6 +32,7 @@ def target_file(folder: Path, name: str, provider: str, accuracy_level: int, run
 def compile_onnx(qdir: Path, out: Path, provider="CPUExecutionProvider", accuracy_level=0, name="onnx-test",
                  **onnx_extra) -> Path:
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     toml = target_file(out.parent, f"{name}-{out.name}", provider, accuracy_level, **onnx_extra)
     compile_qdir(qdir, str(toml), "onnx", out, log=lambda m: None)
     return out

@@ -157,6 +157,13 @@ def test_artifact_is_self_describing_and_checker_clean(built):
     assert (arts[4] / "model.onnx").stat().st_size < 200_000  # weights live in the data file
 
 
+def test_build_is_reproducible(built, tmp_path):
+    _, _, arts = built("headdim", "q8f16")
+    again = compile_onnx(arts[4].parent / "qdir", tmp_path / "art4", accuracy_level=4)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (again / name).read_bytes() == (arts[4] / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("provider", ["CUDAExecutionProvider", "WebGpuExecutionProvider"])
 def test_gpu_target_without_its_provider_fails_loudly(built, tmp_path, provider):
     if provider in ort.get_available_providers():

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from ..errors import EdgeforgeError
@@ -80,15 +81,28 @@ def parse_result(code: int, out: str, err: str, where: str) -> tuple[int, dict]:
     return code, result
 
 
-def run_local(bundle: Path, python: list[str], env: dict, where: str, timeout: float | None = None) -> tuple[int, dict]:
+def run_local(bundle: Path, python: list[str], env: dict, where: str, log=lambda m: None,
+              timeout: float | None = None) -> tuple[int, dict]:
+    """Run BUNDLE/smoke.py --json; its progress lines (stderr) are passed to `log` as they come."""
     cmd = [*python, str(bundle.resolve() / "smoke.py"), "--json"]
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except FileNotFoundError as err:
         raise EdgeforgeError(f"cannot start {python[0]}: {err}") from None
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()  # stdout is read aside so that a large result can never block the child
+    err_lines = []
+    for line in proc.stderr:
+        err_lines.append(line)
+        log(f"  [{where}] {line.rstrip()}")
+    try:
+        code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
         raise EdgeforgeError(f"smoke.py on {where} did not finish within {timeout} s") from None
-    return parse_result(proc.returncode, proc.stdout, proc.stderr, where)
+    reader.join()
+    return parse_result(code, "".join(out), "".join(err_lines), where)
 
 
 def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int = 22, identity: str | None = None,
@@ -103,4 +117,4 @@ def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int =
             return parse_result(code, out, err, ssh)
         python, env = python_for(manifest, emulate, log)
         where = "qemu-aarch64" if emulate else "this machine"
-        return run_local(bundle, python, env, where)
+        return run_local(bundle, python, env, where, log)

@@ -92,7 +92,12 @@ def run_smoke(bundle: Path, device: str | None = None, log=lambda m: None) -> di
     load_s = time.perf_counter() - t1
     log(f"loaded {manifest.get('backend')} engine on {getattr(engine, 'device', '?')} ({load_s:.1f} s)")
     rel = float(golden["tolerance"]["rel"])
-    results = [run_prompt(engine, p, rel) for p in golden["prompts"]]
+    results = []
+    for i, prompt in enumerate(golden["prompts"], 1):
+        results.append(run_prompt(engine, prompt, rel))
+        r = results[-1]
+        log(f"prompt {i}/{len(golden['prompts'])}: {'ok' if r['ok'] else 'BAD'}, max err {r['max_err']:.4g}, "
+            f"{r['agree']}/{r['steps']} tokens agree ({r['prefill_s'] + r['decode_s']:.1f} s)")
     out = summarize(results)
     out.update(bundle=manifest.get("name", bundle.name), target=manifest["target"].get("name"),
                backend=manifest.get("backend"), device=getattr(engine, "device", "?"),

@@ -5,8 +5,9 @@ Without a schedule TVM emits one serial scalar loop nest. Ours, per kernel:
     (TVM_NUM_THREADS) with a parallel loop;
   - the reduction split into lanes of LANES consecutive inputs kept as a vector of partial sums
     (rfactor), so each step dequantizes LANES weights with vector shifts/masks and one FMA;
-  - all activation rows (the prompt in prefill) handled inside a tile, so each weight tile is
-    fetched from memory once per call, not once per token.
+  - decode (one activation row): the dequantize is inlined into the FMA (registers only);
+    prefill (a prompt of rows): each [ROWS, in] weight tile is dequantized once into a small
+    buffer that all prompt rows then read, instead of once per row.
 Epilogue blocks (cast, residual add, SiLU*up) stay as TVM lowers them: they are O(rows) work.
 """
 

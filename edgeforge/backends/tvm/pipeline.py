@@ -2,8 +2,8 @@
 
 CPU: our fused dequantize-matmul kernels get the hand-written schedule of cpu_schedule.py (parallel
 over output rows, vectorized); everything else keeps TVM's default CPU lowering.
-GPU: dlight's default rules, minus the tensor-core rules that segfault in this wheel (see
-tensorize_rules_crash()).
+GPU: the dequantize stage inlined into the matmul, then dlight's default rules minus the
+tensor-core rules that segfault in this wheel (tests/test_tvm_tensorize.py tells when they stop).
 """
 
 from __future__ import annotations
