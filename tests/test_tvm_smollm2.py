@@ -87,7 +87,8 @@ def test_rpi5_q4f16_under_qemu_reproduces_reference_tokens(smol, tmp_path):
     rt = copy_runtime(tmp_path / "rt")
     script = tmp_path / "run.py"
     script.write_text(
-        "import json, sys, time\n"
+        "import json, os, sys, time\n"
+        "os.environ.setdefault('TVM_NUM_THREADS', '1')  # emulated threads only contend\n"
         "from edgeforge_runtime.tvm_engine import TvmEngine, compiler_loaded\n"
         "from edgeforge_runtime.generate import generate\n"
         "from edgeforge_runtime.sampling import Sampler\n"

@@ -19,6 +19,11 @@ from .hostcheck import check_can_run
 from .manifest_check import verify_bundle
 
 
+# Dawn on Mesa lavapipe segfaults when a WebGPU session is destroyed: engines stay referenced until
+# the process ends, and main() leaves with os._exit() after a WebGPU run (see there).
+_KEEP_ALIVE: list = []
+
+
 def peak_rss_mb() -> float | None:
     """Peak resident memory of this process in MiB.
 
@@ -89,6 +94,7 @@ def run_smoke(bundle: Path, device: str | None = None, log=lambda m: None) -> di
     check_tokenizer(bundle, golden)
     t1 = time.perf_counter()
     engine = open_bundle_engine(bundle, manifest, device)
+    _KEEP_ALIVE.append(engine)
     load_s = time.perf_counter() - t1
     log(f"loaded {manifest.get('backend')} engine on {getattr(engine, 'device', '?')} ({load_s:.1f} s)")
     rel = float(golden["tolerance"]["rel"])
@@ -138,8 +144,8 @@ def main(argv=None, bundle: Path | None = None) -> int:
     else:
         print(describe(result))
     if str(result.get("device", "")).startswith("webgpu"):
-        # Dawn on Mesa lavapipe segfaults while the interpreter tears down (after every result is
-        # out): leave without running native destructors so the exit code is the smoke verdict.
+        # Dawn on Mesa lavapipe segfaults while native objects are torn down (after every result is
+        # out): leave without running destructors so the exit code is the smoke verdict.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
