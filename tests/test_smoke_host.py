@@ -5,6 +5,7 @@ runtime isolation, archives, reproducibility and racing builds. Uses the real ON
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,8 @@ def test_layout(host_bundle):
     reqs = (bundle / "requirements.txt").read_text().split()
     assert any(r.startswith("onnxruntime==") for r in reqs) and any(r.startswith("numpy==") for r in reqs)
     assert not any(r.startswith(("onnx==", "apache-tvm", "torch")) for r in reqs), "no compiler on the device"
+    spec = re.compile(r"[A-Za-z0-9._-]+((==|>=|<=|~=|!=)[0-9][0-9A-Za-z.+-]*)?")
+    assert all(spec.fullmatch(r) for r in reqs), reqs
 
 
 def test_bundle_runs_without_edgeforge(host_bundle, tmp_path):

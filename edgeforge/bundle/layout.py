@@ -76,8 +76,15 @@ def requirements(artifact: dict) -> dict[str, str]:
     return dict(sorted(reqs.items()))
 
 
+def requirement_line(name: str, version: str) -> str:
+    """`name==1.2.3` for a version; a specifier the backend gave (">=1.27") is kept as it is."""
+    if not version:
+        return name
+    return f"{name}{version}" if version[0] in "<>=!~" else f"{name}=={version}"
+
+
 def write_requirements(bundle: Path, reqs: dict[str, str]) -> None:
-    lines = [f"{name}=={ver}" if ver else name for name, ver in reqs.items()]
+    lines = [requirement_line(name, ver) for name, ver in reqs.items()]
     (bundle / "requirements.txt").write_text("\n".join(lines) + "\n")
 
 

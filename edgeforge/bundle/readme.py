@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .layout import requirement_line
+
 TEMPLATE = """\
 # {name}
 
@@ -63,7 +65,7 @@ def render(m: dict) -> str:
         name=m["name"], model_id=m["model"]["id"], scheme=m["scheme"], model_dtype=m["model_dtype"],
         edgeforge=m["toolchain"].get("edgeforge", "?"), backend=m["backend"], target=m["target"]["name"],
         description=m["target"].get("description", ""), os=m["target"]["os"], arch=m["target"]["arch"],
-        device_line=device_line, requirements="\n".join(f"{k}=={v}" if v else k for k, v in reqs.items()),
+        device_line=device_line, requirements="\n".join(requirement_line(k, v) for k, v in reqs.items()),
         extra=("\nOther device requirements:\n\n" + extra) if extra else "",
         weights_arg=', "weights"' if m.get("has_weights") else "",
         weights_row="| weights/ | quantized weights (QDIR layout) read by the TVM module |\n" if m.get("has_weights") else "",
