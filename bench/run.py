@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,12 @@ def run_measured(cmd: list, env: dict | None = None, timeout: float = 1800) -> d
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
-        peak = _watch_peak_rss(proc, timeout)
+        try:
+            peak = _watch_peak_rss(proc, timeout)
+        except BaseException:  # Ctrl-C or a kill of the harness must not leave a benchmark running
+            proc.kill()
+            proc.wait()
+            raise
         seconds = time.monotonic() - t0
         out.seek(0), err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
@@ -473,5 +477,12 @@ def _quality(args, model, peer_src, smoke, notes) -> dict:
     return out
 
 
+def _exit_on_sigterm(*_):
+    raise SystemExit(143)  # turns `kill` into an exception, so run_measured stops its child
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

@@ -75,6 +75,15 @@ def _target_settings(target) -> tuple[str, int]:
     return ep, int(level)
 
 
+# onnxruntime-webgpu ships on its own release train; this is the version scripts/setup-vulkan.sh
+# installs and the Vulkan tests run. The GPU build of ORT follows the CPU version we compiled against.
+WEBGPU_RUNTIME_VERSION = "1.27.0"
+
+
+def _runtime_version(package: str, ort_version: str) -> str:
+    return WEBGPU_RUNTIME_VERSION if package == "onnxruntime-webgpu" else ort_version
+
+
 def _artifact(weights: QdirWeights, target, ep: str, level: int, compute: str) -> dict:
     import onnxruntime
 
@@ -88,7 +97,7 @@ def _artifact(weights: QdirWeights, target, ep: str, level: int, compute: str) -
         "needs_weights": False,
         # The graph needs GroupQueryAttention with shared past/present buffers and
         # GatherBlockQuantized(bits=...): tested with these versions.
-        "runtime": {package: ort_version if package == "onnxruntime" else ">=1.27"},
+        "runtime": {package: _runtime_version(package, ort_version)},
         "toolchain": {"onnx": onnx.__version__, "onnxruntime": ort_version},
         "device_requirements": {"execution_provider": ep, "package": package},
         "onnx": {
