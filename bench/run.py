@@ -299,9 +299,11 @@ def add_ratios(rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------- quality
 
 
-def edgeforge_quality(model: str, schemes, text: Path, max_tokens: int) -> dict:
+def edgeforge_quality(model: str, schemes, text: Path, max_tokens: int, embed_bits: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "edgeforge.cli", "eval", model, *[a for s in schemes for a in ("--quant", s)],
            "--text", text, "--max-tokens", max_tokens, "--json"]
+    if embed_bits:
+        cmd += ["--embed-bits", embed_bits]
     log("edgeforge eval")
     res = run_measured(cmd)
     return {**json.loads(res["stdout"]), "cmd": _show(cmd), "seconds": res["seconds"]}
@@ -461,7 +463,16 @@ def _quality(args, model, peer_src, smoke, notes) -> dict:
     out = {"text": str(args.text.resolve().relative_to(ROOT)) if args.text.resolve().is_relative_to(ROOT)
            else str(args.text)}
     try:
-        out["edgeforge"] = edgeforge_quality(model, schemes, args.text, args.eval_tokens or (64 if smoke else 256))
+        max_tokens = args.eval_tokens or (64 if smoke else 256)
+        out["edgeforge"] = edgeforge_quality(model, schemes, args.text, max_tokens)
+        # llama-quantize keeps the (tied) output matrix at higher precision; the fair 4-bit
+        # comparison also shows edgeforge with q8 embeddings/lm_head.
+        four = [s for s in schemes if s.startswith("q4")]
+        if four and not smoke:
+            e8 = edgeforge_quality(model, four, args.text, max_tokens, embed_bits=8)
+            out["edgeforge"]["rows"] += [{**r, "scheme": r["scheme"] + " --embed-bits 8"}
+                                         for r in e8["rows"] if r["scheme"] != "float"]
+            out["edgeforge"]["cmd"] += "\n" + e8["cmd"]
     except RuntimeError as err:
         notes.append(f"edgeforge eval failed: {err}")
     if smoke:

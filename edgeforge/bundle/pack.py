@@ -31,7 +31,7 @@ def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, log=
         if has_weights:
             layout.copy_weights(qdir, tmp)
         layout.copy_tokenizer(qdir, tmp)
-        golden = dict(golden, tolerance=tolerance_for(artifact))
+        golden = dict(golden, tolerance=tolerance_for(artifact, target.arch))
         (tmp / "golden.json").write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
         layout.copy_runtime(tmp)
         layout.write_smoke_py(tmp)

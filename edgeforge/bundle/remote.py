@@ -71,7 +71,7 @@ def _exec(client, command: str, timeout: float | None = None) -> tuple[int, str,
 
 def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None = None,
                    python: str = "python3", known_hosts: str | None = None, log=lambda m: None,
-                   keep: bool = False) -> tuple[int, str, str]:
+                   keep: bool = False, smoke_args: tuple[str, ...] = ()) -> tuple[int, str, str]:
     """Copy the bundle to a fresh temp folder on the device, run smoke.py --json, clean up.
 
     Returns (exit code, stdout, stderr) of the remote smoke.py.
@@ -87,7 +87,7 @@ def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None
         n = _upload(sftp, Path(bundle), remote)
         sftp.close()
         log(f"copied {n} files to {dest}:{remote}")
-        cmd = f"cd {shlex.quote(remote)} && {python} smoke.py --json"
+        cmd = " ".join([f"cd {shlex.quote(remote)} && {python} smoke.py --json", *map(shlex.quote, smoke_args)])
         code, out, err = _exec(client, cmd)
         if code == 127:
             raise EdgeforgeError(f"--ssh {dest}: '{python}' not found on the device ({err.strip()})")

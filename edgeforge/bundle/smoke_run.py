@@ -82,9 +82,9 @@ def parse_result(code: int, out: str, err: str, where: str) -> tuple[int, dict]:
 
 
 def run_local(bundle: Path, python: list[str], env: dict, where: str, log=lambda m: None,
-              timeout: float | None = None) -> tuple[int, dict]:
+              timeout: float | None = None, smoke_args: tuple[str, ...] = ()) -> tuple[int, dict]:
     """Run BUNDLE/smoke.py --json; its progress lines (stderr) are passed to `log` as they come."""
-    cmd = [*python, str(bundle.resolve() / "smoke.py"), "--json"]
+    cmd = [*python, str(bundle.resolve() / "smoke.py"), "--json", *smoke_args]
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except FileNotFoundError as err:
@@ -106,15 +106,18 @@ def run_local(bundle: Path, python: list[str], env: dict, where: str, log=lambda
 
 
 def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int = 22, identity: str | None = None,
-          remote_python: str = "python3", known_hosts: str | None = None, log=lambda m: None) -> tuple[int, dict]:
+          remote_python: str = "python3", known_hosts: str | None = None, log=lambda m: None,
+          prompts: int | None = None) -> tuple[int, dict]:
+    smoke_args = ("--prompts", str(prompts)) if prompts else ()
     with opened_bundle(spec) as bundle:
         manifest = verify(bundle)
         log(f"checksums ok: {len(manifest['files'])} files")
         if ssh:
             from .remote import smoke_over_ssh
 
-            code, out, err = smoke_over_ssh(bundle, ssh, port, identity, remote_python, known_hosts, log)
+            code, out, err = smoke_over_ssh(bundle, ssh, port, identity, remote_python, known_hosts, log,
+                                            smoke_args=smoke_args)
             return parse_result(code, out, err, ssh)
         python, env = python_for(manifest, emulate, log)
         where = "qemu-aarch64" if emulate else "this machine"
-        return run_local(bundle, python, env, where, log)
+        return run_local(bundle, python, env, where, log, smoke_args=smoke_args)

@@ -71,7 +71,9 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json):
 @click.option("--known-hosts", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Accept only host keys from this file (default: accept a new host key, like accept-new).")
 @click.option("--remote-python", default="python3", show_default=True, help="Python command on the ssh device.")
-def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_python):
+@click.option("--prompts", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Check only the first N golden prompts (slow emulation or devices); the result says N of M.")
+def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_python, prompts):
     """Verify a bundle's checksums, run its golden prompts, print PASS or FAIL.
 
     Exit codes: 0 PASS, 1 FAIL, 2 unusable bundle or machine (the message says which).
@@ -87,7 +89,8 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
 
     if emulate and ssh:
         raise EdgeforgeError("--emulate and --ssh exclude each other")
-    code, result = run_smoke(bundle, emulate, ssh, port, identity, remote_python, known_hosts, log=_stderr_log)
+    code, result = run_smoke(bundle, emulate, ssh, port, identity, remote_python, known_hosts, log=_stderr_log,
+                             prompts=prompts)
     if as_json:
         _echo_json(result)
     if code == 2:
