@@ -6,10 +6,10 @@ Only the backend's *runtime* is imported (tvm runtime or onnxruntime), never a c
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 from .bundle_errors import BundleError
+from .files import read_json
 
 ARTIFACT_FORMAT = "edgeforge-artifact"
 # backend -> (engine module in this package, the pip requirement that provides its runtime)
@@ -18,10 +18,7 @@ ENGINES = {"tvm": (".tvm_engine", "apache-tvm"), "onnx": (".onnx_engine", "onnxr
 
 def read_artifact(artifact_dir: Path) -> dict:
     path = Path(artifact_dir) / "artifact.json"
-    try:
-        artifact = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{path}: unreadable ({err})") from None
+    artifact = read_json(path)
     if artifact.get("format") != ARTIFACT_FORMAT or artifact.get("backend") not in ENGINES:
         raise BundleError(f"{path}: not an edgeforge artifact, or unknown backend {artifact.get('backend')!r}")
     return artifact

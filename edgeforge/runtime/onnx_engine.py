@@ -10,13 +10,13 @@ copying the cache every token (on CPU the buffer grows by doubling when a sequen
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from .bundle_errors import BundleError, CannotRunHere
+from .files import read_json
 
 CPU = "CPUExecutionProvider"
 DEVICE_PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "webgpu": "WebGpuExecutionProvider",
@@ -199,10 +199,7 @@ class OnnxEngine:
 
 def _read_artifact(artifact_dir: Path) -> dict:
     path = artifact_dir / "artifact.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{path}: cannot read ({err})") from err
+    meta = read_json(path)
     if meta.get("backend") != "onnx" or "onnx" not in meta:
         raise BundleError(f"{path}: not an ONNX artifact (backend {meta.get('backend')!r})")
     return meta["onnx"]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .bundle_errors import BundleError, SmokeFailed
+from .files import read_json
 from .golden_check import GOLDEN_FORMAT, run_prompt, summarize
 from .hostcheck import check_can_run
 from .manifest_check import verify_bundle
@@ -46,10 +47,7 @@ def peak_rss_mb() -> float | None:
 
 def read_golden(bundle: Path) -> dict:
     path = bundle / "golden.json"
-    try:
-        golden = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{path}: unreadable ({err})") from None
+    golden = read_json(path)
     if golden.get("format") != GOLDEN_FORMAT or not golden.get("prompts"):
         raise BundleError(f"{path}: not an edgeforge golden file, or it has no prompts")
     return golden

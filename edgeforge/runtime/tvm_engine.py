@@ -10,7 +10,6 @@ decode(token) -> float32 [vocab], device.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle_errors import BundleError
+from .files import read_json
 from .weights import QdirWeights
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill call: bounds the activations' memory
@@ -64,7 +64,7 @@ def _load_cuda_runtime(tvm):
 class TvmEngine:
     def __init__(self, artifact_dir, weights_dir, device: str | None = None, max_seq_len: int | None = None):
         self.artifact_dir = Path(artifact_dir)
-        self.artifact = _read_json(self.artifact_dir / "artifact.json")
+        self.artifact = read_json(self.artifact_dir / "artifact.json")
         if self.artifact.get("backend") != "tvm":
             raise BundleError(f"{self.artifact_dir / 'artifact.json'}: backend is not tvm")
         tvm, self._ffi = import_tvm_runtime()
@@ -139,7 +139,7 @@ class TvmEngine:
         return dev
 
     def _load_params(self, weights: QdirWeights):
-        spec = _read_json(self.artifact_dir / "params.json").get("params", [])
+        spec = read_json(self.artifact_dir / "params.json").get("params", [])
         arrays = []
         for p in spec:
             tensor, role = _tensor_and_role(p["name"])
@@ -161,8 +161,3 @@ def _tensor_and_role(param: str) -> tuple[str, str]:
     return f"{base}.weight", role
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{path}: cannot read ({err})") from None
