@@ -40,8 +40,8 @@ STAMP="$ROOT/.edgeforge-stamp"
 WHEEL_CACHE="$TOOLS/wheels/arm64-cp311"
 PYTHON="${PYTHON:-python3}"
 
-log() { echo "[setup-arm64] $*" >&2; }
-die() { echo "[setup-arm64] error: $*" >&2; exit 2; }
+SETUP_NAME=setup-arm64
+. "$(dirname "${BASH_SOURCE[0]}")/lib-setup.sh"
 
 # Ready = the stamp matches these versions and the host tools exist (a cache restored onto a fresh
 # CI machine still needs qemu and the cross compiler installed).
@@ -50,20 +50,7 @@ is_ready() {
         command -v qemu-aarch64-static >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null
 }
 
-MODE=build
-case "${1:-}" in
-    --check) is_ready && exit 0 || exit 1 ;;
-    --force) MODE=force ;;
-    "") ;;
-    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) die "unknown option '$1' (use --check, --force or nothing)" ;;
-esac
-
-if [[ $MODE == build ]] && is_ready; then
-    log "arm64 root ready (cached): $ROOT"
-    echo "$ROOT"
-    exit 0
-fi
+setup_start "arm64 root ready" "$ROOT" "$@"
 
 # --- host tools: cross compiler, qemu-user, debootstrap (apt, only what is missing) -------------
 ensure_host_tools() {

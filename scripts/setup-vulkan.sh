@@ -30,23 +30,11 @@ STAMP="$BASE/.edgeforge-stamp"
 PYTHON="${PYTHON:-python3}"
 ARCH_TRIPLET=x86_64-linux-gnu
 
-log() { echo "[setup-vulkan] $*" >&2; }
-die() { echo "[setup-vulkan] error: $*" >&2; exit 2; }
+SETUP_NAME=setup-vulkan
+. "$(dirname "${BASH_SOURCE[0]}")/lib-setup.sh"
 is_ready() { [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]]; }
 
-MODE=build
-case "${1:-}" in
-    --check) is_ready && exit 0 || exit 1 ;;
-    --force) MODE=force ;;
-    "") ;;
-    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) die "unknown option '$1' (use --check, --force or nothing)" ;;
-esac
-if [[ $MODE == build ]] && is_ready; then
-    log "lavapipe + webgpu venv ready (cached): $BASE"
-    echo "$BASE"
-    exit 0
-fi
+setup_start "lavapipe + webgpu venv ready" "$BASE" "$@"
 [[ $(dpkg --print-architecture 2>/dev/null) == amd64 ]] || die "only x86-64 (amd64) Debian hosts are supported"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null ||
     die "$PYTHON is not Python >= 3.10 (set PYTHON=...)"
