@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import EdgeforgeError
+from .runtime.bundle_errors import BundleError, SmokeFailed
 
 # name -> "module:attribute". Imported on first use so `edgeforge --help` stays fast and a missing
 # optional dependency (tvm, onnx) only affects the commands that need it.
@@ -72,7 +73,8 @@ def cli():
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="edgeforge", standalone_mode=False)
-    except EdgeforgeError as err:
+    except (EdgeforgeError, BundleError, SmokeFailed) as err:
+        # The runtime's errors (raised on the device side too) carry the same exit codes.
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Abort:
