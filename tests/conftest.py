@@ -33,6 +33,27 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_qdir(tiny_model, tmp_path_factory):
+    """tiny_qdir(shape, scheme) -> (QDIR path, the QDIR loaded, its numpy reference engine): what
+    every backend test compiles and compares against, made once per session."""
+    from edgeforge.model.loader import load_model
+    from edgeforge.model.reference import ReferenceModel
+    from edgeforge.quant.qdir import load_qdir, write_qdir
+
+    made: dict[tuple[str, str], tuple] = {}
+
+    def get(shape: str, scheme: str):
+        if (shape, scheme) not in made:
+            qdir = tmp_path_factory.mktemp(f"qdir-{shape}-{scheme}") / "qdir"
+            write_qdir(load_model(tiny_model(shape)), scheme, qdir)
+            model = load_qdir(qdir)
+            made[(shape, scheme)] = (qdir, model, ReferenceModel(model))
+        return made[(shape, scheme)]
+
+    return get
+
+
 @pytest.fixture(scope="session", params=sorted(SHAPES))
 def tiny_shape(request, tiny_model):
     """Parametrized over every tiny shape: (shape name, HF folder)."""

@@ -87,6 +87,18 @@ def test_ratios_use_the_best_peer_at_the_same_thread_count():
     assert "decode (tg128) is 2.0x slower than ORT GenAI int4" in text
 
 
+def test_goals_table_says_met_or_not_met():
+    import report
+
+    rows = [_row("edgeforge onnx q4f16", "edgeforge", 2, 480.0, 130.0),
+            _row("ORT GenAI int4", "ort-genai", 2, 380.0, 120.0),
+            _row("llama.cpp Q4_1", "llama.cpp", 2, 370.0, 110.0)]
+    text = report._goals({"speed": rows})
+    assert "| edgeforge onnx q4f16 vs ORT GenAI int4 | 130.0 / 120.0 | 1.08x | >= 1.0x | met |" in text
+    assert "| edgeforge onnx q4f16 vs llama.cpp Q4_1 | 130.0 / 110.0 | 1.18x | >= 1.3x | NOT met |" in text
+    assert report._goals({"speed": rows[:1]}) == ""  # no peer in the run: no verdict
+
+
 def test_ratios_are_not_made_across_different_models():
     from run import add_ratios
 
@@ -126,3 +138,13 @@ def test_f32_gguf_holds_the_dequantized_source(tmp_path):
         np.testing.assert_array_equal(np.asarray(got.data).reshape(expect.shape), expect)
     # Q8_0 is lossy: the F32 file holds the dequantized values, not the original floats
     assert not np.array_equal(np.asarray(by_name["blk.0.attn_q.weight"].data).reshape(8, 64), weight)
+
+
+def test_quality_leaves_out_the_source_files_own_quant_type():
+    """Requantizing dequantized Q4_1 weights to Q4_1 is lossless: that row would claim KL 0."""
+    from run import LLAMA_QUANTS, quality_quants
+
+    notes = []
+    assert quality_quants(Path("SmolLM2-135M-Instruct.Q4_1.gguf"), notes) == [q for q in LLAMA_QUANTS if q != "Q4_1"]
+    assert "Q4_1 left out" in notes[0]
+    assert quality_quants(Path("model-f16.gguf"), []) == LLAMA_QUANTS

@@ -105,6 +105,36 @@ def test_cli_eval_json_and_table(tiny_model, capsys):
     assert lines[2].split()[0] == "q4f16"
 
 
+def test_cli_eval_compare_scores_other_checkpoints_on_the_same_positions(tiny_model, tmp_path, capsys):
+    """--compare: llama.cpp-style GGUFs of the same weights, scored by the same scorer as the schemes."""
+    import gguf
+    from tiny_gguf import write_gguf
+
+    folder = tiny_model("llama32")
+    same = write_gguf(folder, tmp_path / "f32.gguf")
+    q8 = write_gguf(folder, tmp_path / "q8.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    code, out, err = run_cli(["eval", str(folder), "--quant", "q8f16", "--quant", "q4f16", "--compare", str(same),
+                              "--compare", str(q8), "--text", str(EVAL_TEXT), "--max-tokens", "128", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    rows = rows_by_scheme(result)
+    assert list(rows) == ["float", "q8f16", "q4f16", "f32.gguf", "q8.gguf"]
+    # the same float weights from another file: nothing lost
+    assert rows["f32.gguf"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["f32.gguf"]["ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
+    # Q8_0 (block 32, f16 scale) costs about what our q8f16 costs, far less than q4f16
+    assert 0 < rows["q8.gguf"]["kl"] < rows["q4f16"]["kl"] / 5
+    assert rows["q8.gguf"]["kl"] == pytest.approx(rows["q8f16"]["kl"], rel=0.5)
+
+
+def test_cli_eval_compare_refuses_another_model(tiny_model, capsys):
+    code, out, err = run_cli(["eval", str(tiny_model("llama32")), "--quant", "q8f16", "--compare",
+                              str(tiny_model("llama2")), "--text", str(EVAL_TEXT)], capsys)
+    assert code == 2 and out == ""
+    other = tiny_model("llama2").name
+    assert f"--compare {other}: vocab_size is" in err and "compare only checkpoints of the same model" in err
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--quant", "q5"], "unknown quantization scheme 'q5'"),
     (["--quant", "q4f16", "--text", "/nonexistent/x.txt"], "--text /nonexistent/x.txt: no such file"),

@@ -14,9 +14,6 @@ ort = pytest.importorskip("onnxruntime")
 from onnx_support import PROMPTS, compile_onnx, greedy, record, relative_errors, step_logits  # noqa: E402
 
 from edgeforge.errors import EdgeforgeError  # noqa: E402
-from edgeforge.model.loader import load_model  # noqa: E402
-from edgeforge.model.reference import ReferenceModel  # noqa: E402
-from edgeforge.quant.qdir import load_qdir, write_qdir  # noqa: E402
 from edgeforge.runtime.bundle_errors import BundleError, CannotRunHere  # noqa: E402
 from edgeforge.runtime.loader import open_engine  # noqa: E402
 from edgeforge.runtime.onnx_engine import OnnxEngine  # noqa: E402
@@ -29,17 +26,16 @@ GREEDY_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def built(tiny_model, tmp_path_factory):
+def built(tiny_qdir):
     """(shape, scheme) -> (loaded QDIR model, reference engine, {accuracy level: artifact dir})."""
     cache = {}
 
     def get(shape, scheme):
         if (shape, scheme) not in cache:
-            root = tmp_path_factory.mktemp(f"onnx-{shape}-{scheme}")
-            write_qdir(load_model(tiny_model(shape)), scheme, root / "qdir")
-            model = load_qdir(root / "qdir")
-            arts = {lvl: compile_onnx(root / "qdir", root / f"art{lvl}", accuracy_level=lvl) for lvl in (0, 4)}
-            cache[(shape, scheme)] = (model, ReferenceModel(model), arts)
+            qdir, model, ref = tiny_qdir(shape, scheme)
+            # next to the QDIR: tests reach it as arts[level].parent / "qdir"
+            arts = {lvl: compile_onnx(qdir, qdir.parent / f"onnx-art{lvl}", accuracy_level=lvl) for lvl in (0, 4)}
+            cache[(shape, scheme)] = (model, ref, arts)
         return cache[(shape, scheme)]
 
     return get

@@ -49,9 +49,9 @@ def lowered_prim_funcs(spec, target_name):
 
 
 def weight_shapes(spec):
-    h, i, d = spec.hidden_size, spec.intermediate_size, spec.head_dim
-    return {(spec.num_heads * d, h), (spec.num_kv_heads * d, h), (h, spec.num_heads * d), (i, h), (h, i),
-            (spec.vocab_size, h)}
+    c = spec.config
+    h, i, d = c.hidden_size, c.intermediate_size, c.head_dim
+    return {(c.num_heads * d, h), (c.num_kv_heads * d, h), (h, c.num_heads * d), (i, h), (h, i), (c.vocab_size, h)}
 
 
 @pytest.mark.parametrize("target_name", ["x86-cpu", "cuda"])

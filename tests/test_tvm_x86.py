@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,6 @@ pytest.importorskip("tvm")
 from tvm_support import PROMPTS, TOLERANCE, compile_tvm, copy_runtime, greedy, relative_errors, step_logits  # noqa: E402
 
 from edgeforge.errors import EdgeforgeError  # noqa: E402
-from edgeforge.model.loader import load_model  # noqa: E402
-from edgeforge.model.reference import ReferenceModel  # noqa: E402
-from edgeforge.quant.qdir import load_qdir, write_qdir  # noqa: E402
 from edgeforge.runtime.bundle_errors import BundleError  # noqa: E402
 from edgeforge.runtime.loader import open_engine  # noqa: E402
 from edgeforge.runtime.tvm_engine import TvmEngine  # noqa: E402
@@ -31,17 +27,15 @@ STEPS = 8
 
 
 @pytest.fixture(scope="session")
-def tvm_built(tiny_model, tmp_path_factory):
+def tvm_built(tiny_qdir, tmp_path_factory):
     """(shape, scheme) -> (QDIR path, loaded QDIR model, reference engine, x86 artifact dir)."""
     cache = {}
 
     def get(shape, scheme):
         if (shape, scheme) not in cache:
-            root = tmp_path_factory.mktemp(f"tvm-{shape}-{scheme}")
-            write_qdir(load_model(tiny_model(shape)), scheme, root / "qdir")
-            model = load_qdir(root / "qdir")
-            art = compile_tvm(root / "qdir", "x86-cpu", root / "art")
-            cache[(shape, scheme)] = (root / "qdir", model, ReferenceModel(model), art)
+            qdir, model, ref = tiny_qdir(shape, scheme)
+            art = compile_tvm(qdir, "x86-cpu", tmp_path_factory.mktemp(f"tvm-{shape}-{scheme}") / "art")
+            cache[(shape, scheme)] = (qdir, model, ref, art)
         return cache[(shape, scheme)]
 
     return get

@@ -65,17 +65,21 @@ def quantize(model, scheme, embed_bits, output, as_json):
 @click.option("--max-tokens", type=click.IntRange(min=2), default=256, show_default=True,
               help="score only the first N tokens of the text (the numpy reference is slow on big models)")
 @click.option("--embed-bits", type=int, default=None, help="quantize embed_tokens/lm_head as q8 in every scheme")
+@click.option("--compare", "others", multiple=True, metavar="CHECKPOINT",
+              help="also score this checkpoint of the same model as it is (e.g. a llama.cpp-quantized GGUF; repeat)")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON on stdout")
-def eval_cmd(model, schemes, text_file, max_tokens, embed_bits, as_json):
+def eval_cmd(model, schemes, text_file, max_tokens, embed_bits, others, as_json):
     """Perplexity of MODEL in float and in each --quant scheme, with KL(float || scheme).
 
     Runs the numpy reference with teacher forcing over the text (chunked to the context length)
-    on weights quantized in memory exactly as `edgeforge quantize` stores them.
+    on weights quantized in memory exactly as `edgeforge quantize` stores them. --compare scores
+    other checkpoints of the same model (dequantized, same tokens and positions) in the same table.
 
     \b
     Example:
       edgeforge eval smollm2-135m --quant q8f16 --quant q4f16 --text tests/data/eval.txt
       edgeforge eval ./model.gguf --quant q4f16 --text book.txt --max-tokens 512 --json
+      edgeforge eval f32.gguf --quant q4f16 --compare Q4_K_M.gguf --text tests/data/eval.txt
     """
     from ..quant.eval import evaluate, format_table
 
@@ -84,7 +88,10 @@ def eval_cmd(model, schemes, text_file, max_tokens, embed_bits, as_json):
     check_embed_bits(embed_bits)
     text = _read_text(text_file)
     loaded = _load(model)
-    result = evaluate(loaded, schemes, text, max_tokens=max_tokens, embed_bits=embed_bits, log=_err)
+    compare = {}
+    for other in others:  # labelled by file name, or by the path given when two names collide
+        compare[other if Path(other).name in compare else Path(other).name] = _load(other)
+    result = evaluate(loaded, schemes, text, max_tokens=max_tokens, embed_bits=embed_bits, log=_err, compare=compare)
     result["model"] = model
     click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
 

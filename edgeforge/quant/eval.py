@@ -3,6 +3,9 @@ and the mean KL(float || quantized) of the next-token distributions over the sam
 
 Everything runs on the numpy reference (teacher forcing: one forward over each chunk), on weights
 quantized in memory exactly as a QDIR would store them (quant.qdir.quantize_in_memory).
+Other checkpoints of the same model (say llama.cpp's Q4_K_M GGUF of the same float weights) can be
+scored alongside (`compare`): same tokens, same positions, same scorer, so their rows compare
+exactly with the schemes' rows.
 
 The token stream is the whole text encoded once (with BOS when the tokenizer adds one), cut to
 `max_tokens`, then split into chunks of at most the model's context length. Each chunk is scored
@@ -28,7 +31,7 @@ FLOAT = "float"
 
 @dataclass
 class EvalRow:
-    scheme: str  # "float" or a scheme name
+    scheme: str  # "float", a scheme name, or the label of a compared checkpoint
     ppl: float
     ppl_ratio: float  # ppl / ppl(float)
     kl: float  # mean KL(float || this) in nats per predicted token; 0 for float
@@ -88,10 +91,15 @@ def mean_kl(ref: list[np.ndarray], other: list[np.ndarray]) -> float:
 
 
 def evaluate(model, schemes, text: str, max_tokens: int | None = 256, embed_bits: int | None = None,
-             log: Callable[[str], None] = lambda m: None, make_forward=reference_forward) -> dict:
-    """Perplexity and KL of `model` (float) and of `model` quantized with each of `schemes`."""
+             log: Callable[[str], None] = lambda m: None, make_forward=reference_forward,
+             compare: dict | None = None) -> dict:
+    """Perplexity and KL of `model` (float), of `model` quantized with each of `schemes`, and of
+    each checkpoint in `compare` ({label: loaded model}, scored as they are)."""
     schemes = [get_scheme(s).name for s in schemes]
     check_embed_bits(embed_bits)
+    compare = compare or {}
+    for label, other in compare.items():
+        check_comparable(model, other, label)
     ids = token_ids(model, text, max_tokens)
     chunks = split_chunks(ids, int(model.config.context_length))
     predicted = sum(len(c) - 1 for c in chunks)
@@ -104,20 +112,34 @@ def evaluate(model, schemes, text: str, max_tokens: int | None = 256, embed_bits
     log(f"{FLOAT}: ppl {rows[0].ppl:.4f}")
     for name in schemes:
         start = time.perf_counter()
-        quantized = quantize_in_memory(model, name, embed_bits)
-        lq = chunk_logprobs(quantized, chunks, make_forward)
-        nll = mean_nll(lq, chunks)
-        row = EvalRow(name, math.exp(nll), math.exp(nll - float_nll), mean_kl(ref, lq), nll,
-                      time.perf_counter() - start)
-        rows.append(row)
-        log(f"{name}: ppl {row.ppl:.4f} (x{row.ppl_ratio:.4f}), KL {row.kl:.5f}")
+        rows.append(_score(name, quantize_in_memory(model, name, embed_bits), chunks, make_forward, ref, float_nll, start))
+        log(f"{name}: ppl {rows[-1].ppl:.4f} (x{rows[-1].ppl_ratio:.4f}), KL {rows[-1].kl:.5f}")
+    for label, other in compare.items():
+        rows.append(_score(label, other, chunks, make_forward, ref, float_nll, time.perf_counter()))
+        log(f"{label}: ppl {rows[-1].ppl:.4f} (x{rows[-1].ppl_ratio:.4f}), KL {rows[-1].kl:.5f}")
     return {"tokens": len(ids), "predictions": predicted, "chunks": len(chunks), "embed_bits": embed_bits,
             "rows": [r.to_dict() for r in rows]}
 
 
+def _score(label: str, model, chunks, make_forward, ref, float_nll: float, start: float) -> EvalRow:
+    lq = chunk_logprobs(model, chunks, make_forward)
+    nll = mean_nll(lq, chunks)
+    return EvalRow(label, math.exp(nll), math.exp(nll - float_nll), mean_kl(ref, lq), nll, time.perf_counter() - start)
+
+
+def check_comparable(model, other, label: str) -> None:
+    """A compared checkpoint must be the same network: same vocabulary and shapes, or KL is meaningless."""
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        mine, theirs = getattr(model.config, key), getattr(other.config, key)
+        if mine != theirs:
+            raise EdgeforgeError(f"--compare {label}: {key} is {theirs}, but the evaluated model has {mine}; "
+                                 "compare only checkpoints of the same model")
+
+
 def format_table(result: dict) -> str:
-    lines = [f"{'scheme':<8} {'ppl':>10} {'ppl ratio':>10} {'KL':>10} {'seconds':>8}"]
+    width = max(8, *(len(r["scheme"]) for r in result["rows"]))
+    lines = [f"{'scheme':<{width}} {'ppl':>10} {'ppl ratio':>10} {'KL':>10} {'seconds':>8}"]
     for r in result["rows"]:
-        lines.append(f"{r['scheme']:<8} {r['ppl']:>10.4f} {r['ppl_ratio']:>10.4f} {r['kl']:>10.4g} {r['seconds']:>8.1f}")
+        lines.append(f"{r['scheme']:<{width}} {r['ppl']:>10.4f} {r['ppl_ratio']:>10.4f} {r['kl']:>10.4g} {r['seconds']:>8.1f}")
     lines.append(f"({result['predictions']} predicted tokens, {result['chunks']} chunk(s); KL = mean KL(float || scheme), nats)")
     return "\n".join(lines)

@@ -12,8 +12,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ...errors import EdgeforgeError
 from .model import LlamaForCausalLM, ModelSpec
 from .targets import TvmTarget, tvm_target_for
@@ -42,13 +40,7 @@ def load_spec(qdir: Path) -> tuple[ModelSpec, dict]:
     if model_dtype not in ("float32", "float16"):
         raise EdgeforgeError(f"{quant_path}: model_dtype {model_dtype!r} is not float32 or float16")
     _check_formats(cfg, formats, quant_path)
-    spec = ModelSpec(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        intermediate_size=cfg.intermediate_size, rms_norm_eps=float(cfg.rms_norm_eps),
-        tie_word_embeddings=bool(cfg.tie_word_embeddings), model_dtype=model_dtype,
-        inv_freq=np.asarray(cfg.rope_inv_freq(), dtype=np.float32), formats=formats,
-    )
+    spec = ModelSpec(config=cfg, model_dtype=model_dtype, formats=formats)
     return spec, quant
 
 
@@ -81,7 +73,6 @@ def export_module(spec: ModelSpec):
 
 def build(spec: ModelSpec, tt: TvmTarget, log=lambda m: None):
     """relax.build the model for a target; returns (executable, params)."""
-    import tvm
     from tvm import relax
 
     from .cpu_schedule import ScheduleQuantizedMatmul

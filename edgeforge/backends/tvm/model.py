@@ -21,29 +21,26 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
+from ...model.config import LlamaConfig
 from .quantized_linear import QEmbedding, QLinear
 
 
 @dataclass
 class ModelSpec:
-    """Everything the graph depends on: shapes, per-tensor storage formats, dtype, rope frequencies."""
+    """Everything the graph depends on: the normalized config, per-tensor storage formats, dtype."""
 
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    rms_norm_eps: float
-    tie_word_embeddings: bool
+    config: LlamaConfig
     model_dtype: str  # float16 | float32
-    inv_freq: np.ndarray  # float32 [head_dim / 2]
     # HF tensor name -> (storage format, scale dtype or None)
     formats: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
     def fmt(self, name: str) -> tuple[str, str | None]:
         return self.formats[name]
+
+    @property
+    def inv_freq(self) -> np.ndarray:
+        """float32 [head_dim / 2]: the same (scaled) RoPE frequencies the numpy reference uses."""
+        return np.asarray(self.config.rope_inv_freq(), dtype=np.float32)
 
 
 def _linear(spec: ModelSpec, name: str, out_f: int, in_f: int, out_dtype: str | None = None) -> QLinear:
@@ -88,16 +85,16 @@ def apply_rope(qkv: Tensor, positions: Tensor, inv_freq: Tensor, rotated_heads: 
 
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, prefix: str):
-        d, h, kv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        d, h, kv = spec.config.head_dim, spec.config.num_heads, spec.config.num_kv_heads
         self.spec = spec
-        self.q_proj = _linear(spec, f"{prefix}.q_proj.weight", h * d, spec.hidden_size)
-        self.k_proj = _linear(spec, f"{prefix}.k_proj.weight", kv * d, spec.hidden_size)
-        self.v_proj = _linear(spec, f"{prefix}.v_proj.weight", kv * d, spec.hidden_size)
-        self.o_proj = _linear(spec, f"{prefix}.o_proj.weight", spec.hidden_size, h * d)
+        self.q_proj = _linear(spec, f"{prefix}.q_proj.weight", h * d, spec.config.hidden_size)
+        self.k_proj = _linear(spec, f"{prefix}.k_proj.weight", kv * d, spec.config.hidden_size)
+        self.v_proj = _linear(spec, f"{prefix}.v_proj.weight", kv * d, spec.config.hidden_size)
+        self.o_proj = _linear(spec, f"{prefix}.o_proj.weight", spec.config.hidden_size, h * d)
 
     def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor, inv_freq: Tensor):
         sp = self.spec
-        d, h, kv = sp.head_dim, sp.num_heads, sp.num_kv_heads
+        d, h, kv = sp.config.head_dim, sp.config.num_heads, sp.config.num_kv_heads
         b, s, _ = x.shape
         q = op.reshape(self.q_proj(x), (b, s, h, d))
         k = op.reshape(self.k_proj(x), (b, s, kv, d))
@@ -109,7 +106,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, prefix: str):
-        i, hid = spec.intermediate_size, spec.hidden_size
+        i, hid = spec.config.intermediate_size, spec.config.hidden_size
         self.gate_proj = _linear(spec, f"{prefix}.gate_proj.weight", i, hid)
         self.up_proj = _linear(spec, f"{prefix}.up_proj.weight", i, hid)
         self.down_proj = _linear(spec, f"{prefix}.down_proj.weight", hid, i)
@@ -121,8 +118,8 @@ class MLP(nn.Module):
 class Norm(nn.Module):
     def __init__(self, spec: ModelSpec, name: str):
         fmt, _ = spec.fmt(name)
-        self.weight = nn.Parameter((spec.hidden_size,), "float32" if fmt == "f32" else "float16")
-        self.eps = spec.rms_norm_eps
+        self.weight = nn.Parameter((spec.config.hidden_size,), "float32" if fmt == "f32" else "float16")
+        self.eps = spec.config.rms_norm_eps
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps)
@@ -144,8 +141,8 @@ class DecoderLayer(nn.Module):
 class Body(nn.Module):
     def __init__(self, spec: ModelSpec):
         fmt, scale_dtype = spec.fmt("model.embed_tokens.weight")
-        self.embed_tokens = QEmbedding(fmt, spec.vocab_size, spec.hidden_size, scale_dtype, spec.model_dtype)
-        self.layers = nn.ModuleList([DecoderLayer(spec, i) for i in range(spec.num_layers)])
+        self.embed_tokens = QEmbedding(fmt, spec.config.vocab_size, spec.config.hidden_size, scale_dtype, spec.model_dtype)
+        self.layers = nn.ModuleList([DecoderLayer(spec, i) for i in range(spec.config.num_layers)])
         self.norm = Norm(spec, "model.norm.weight")
 
 
@@ -153,8 +150,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.model = Body(spec)
-        if not spec.tie_word_embeddings:
-            self.lm_head = _linear(spec, "lm_head.weight", spec.vocab_size, spec.hidden_size, "float32")
+        if not spec.config.tie_word_embeddings:
+            self.lm_head = _linear(spec, "lm_head.weight", spec.config.vocab_size, spec.config.hidden_size, "float32")
 
     def _forward(self, input_ids: Tensor, cache: PagedKVCache, last_only: bool) -> Tensor:
         b, s = input_ids.shape
@@ -167,7 +164,7 @@ class LlamaForCausalLM(nn.Module):
         if last_only:  # only the last position's logits are needed: skip the vocab matmul for the rest
             x = op.tensor_expr_op(lambda t: te.compute((t.shape[0], 1, t.shape[2]), lambda i, _, c: t[i, t.shape[1] - 1, c], name="last"), "last_token", [x])
         x = self.model.norm(x)
-        if self.spec.tie_word_embeddings:
+        if self.spec.config.tie_word_embeddings:
             return self.model.embed_tokens.head(x)
         return self.lm_head(x)
 
@@ -186,12 +183,12 @@ class LlamaForCausalLM(nn.Module):
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            layer_partition=rx.ShapeExpr([0, sp.num_layers]),
-            num_hidden_layers=sp.num_layers,
-            num_attention_heads=sp.num_heads,
-            num_key_value_heads=sp.num_kv_heads,
-            qk_head_dim=sp.head_dim,
-            v_head_dim=sp.head_dim,
+            layer_partition=rx.ShapeExpr([0, sp.config.num_layers]),
+            num_hidden_layers=sp.config.num_layers,
+            num_attention_heads=sp.config.num_heads,
+            num_key_value_heads=sp.config.num_kv_heads,
+            qk_head_dim=sp.config.head_dim,
+            v_head_dim=sp.config.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
             rope_mode=RopeMode.NONE,
@@ -199,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
             rope_theta=10000,
             rope_scaling={},
             rope_ext_factors=rx.prim_value(0),  # a tensor here would switch the cache to longrope
-            rotary_dim=sp.head_dim,
+            rotary_dim=sp.config.head_dim,
             enable_disaggregation=False,
             dtype=sp.model_dtype,
             target=_current_target(),
