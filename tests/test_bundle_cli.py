@@ -109,3 +109,15 @@ def test_generate_on_a_bundle_matches_run_and_verifies(host_bundle, tmp_path, ca
         f.write(bytes([byte[0] ^ 1]))
     code, _, err = cli(capsys, "generate", bundle, *args)
     assert code == 2 and "model.onnx" in err
+
+
+def test_run_ctx_sizes_the_cache_and_bench_sizes_it_to_the_test(host_bundle, capsys):
+    """--ctx caps a conversation (a clear error past it, exit 2); a length past the model's context is refused."""
+    bundle = host_bundle[0]
+    code, out, err = cli(capsys, "run", bundle, "-p", "one two three four five six", "-n", 4, "--ctx", 6, "--json")
+    assert code == 2 and out == "" and "exceeds" in err and "6" in err
+    code, out, err = cli(capsys, "run", bundle, "-p", "hello", "-n", 4, "--ctx", 64, "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["tokens"]) == 4
+    code, _, err = cli(capsys, "run", bundle, "-p", "hello", "--ctx", 10**6)
+    assert code == 2 and "exceeds the model's context length" in err

@@ -145,3 +145,16 @@ def test_missing_cross_compiler_is_named(tvm_built, tmp_path, monkeypatch):
     with pytest.raises(EdgeforgeError, match="aarch64-linux-gnu-g\\+\\+"):
         compile_tvm(qdir, "rpi4", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_max_length_sizes_the_kv_cache(tvm_built):
+    """open_engine(max_length=N): the paged KV cache holds N tokens; longer sequences are refused, by name."""
+    qdir, model, ref, art = tvm_built("llama32", "q4f32")
+    engine = open_engine(art, qdir, max_length=16)
+    assert engine.max_seq_len == 16
+    ids = list(range(3, 15))
+    np.testing.assert_allclose(engine.prefill(ids), ref.forward(ids)[-1], atol=1e-3 * np.ptp(ref.forward(ids)[-1]))
+    with pytest.raises(BundleError, match="exceeds the context of 16"):
+        engine.prefill(list(range(3, 8)))
+    with pytest.raises(BundleError, match="exceeds the model's context length"):
+        open_engine(art, qdir, max_length=10**6)

@@ -103,8 +103,8 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
 
 # ---- run / generate ------------------------------------------------------------------------------
 
-def open_verified(bundle: Path):
-    """(manifest, engine, tokenizer) of a verified bundle folder."""
+def open_verified(bundle: Path, max_length: int | None = None):
+    """(manifest, engine, tokenizer) of a verified bundle folder; max_length sizes the KV cache."""
     from ..runtime.bundle_errors import BundleError
     from ..runtime.hostcheck import check_can_run
     from ..runtime.manifest_check import verify_bundle
@@ -117,7 +117,7 @@ def open_verified(bundle: Path):
     try:
         manifest = verify_bundle(bundle)
         check_can_run(manifest)
-        engine = open_bundle_engine(bundle, manifest)
+        engine = open_bundle_engine(bundle, manifest, max_length=max_length)
         tokenizer = Tokenizer.load(bundle / "tokenizer")
     except BundleError as err:
         raise EdgeforgeError(str(err)) from None
@@ -132,18 +132,22 @@ def open_verified(bundle: Path):
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ctx", type=click.IntRange(2), default=None,
+              help="Most tokens a conversation may hold (prompt + answers); default the model's context length. "
+                   "Smaller saves memory: TVM allocates its KV cache for it up front.")
 @click.option("--json", "as_json", is_flag=True, help="No streaming: print tokens, text and timings as JSON.")
-def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, as_json):
+def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, ctx, as_json):
     """Generate text with a bundle, streaming tokens as they come.
 
     \b
     Examples:
       edgeforge run dist/smollm2-135m-q4f16-x86-cpu-onnx --chat -p "What is the capital of France?"
       edgeforge run dist/smollm2-135m-q4f16-x86-cpu-onnx        # interactive chat on a terminal
+      edgeforge run dist/smollm2-135m-q4f16-rpi5-tvm --ctx 1024 -p "Hello"   # a smaller KV cache
     """
     from ..bundle.chat import answer_json, chat_loop, stream_answer
 
-    _, engine, tokenizer = open_verified(bundle)
+    _, engine, tokenizer = open_verified(bundle, max_length=ctx)
     opts = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if as_json:
         if prompt is None:
@@ -175,7 +179,8 @@ def bench(bundle, n_prompt, n_gen, repetitions, as_json):
     """
     from ..bundle.bench import run_bench
 
-    manifest, engine, _ = open_verified(bundle)
+    # A cache for what the tests need, as llama-bench sizes its context to n_prompt + n_gen.
+    manifest, engine, _ = open_verified(bundle, max_length=max(n_prompt, n_gen + 1))
     records = run_bench(engine, manifest, n_prompt, n_gen, repetitions)
     if as_json:
         _echo_json(records)

@@ -24,8 +24,21 @@ def read_artifact(artifact_dir: Path) -> dict:
     return artifact
 
 
-def open_engine(artifact_dir, weights_dir=None, device=None):
-    """Return an Engine (reset/prefill/decode/device) for a compiled artifact folder."""
+def checked_max_length(asked, context, default=None) -> int:
+    """The sequence length an engine is opened for: `asked`, else the model's context length."""
+    if asked is not None and context and int(asked) > int(context):
+        raise BundleError(f"a length of {asked} tokens exceeds the model's context length {context}")
+    if asked is not None and int(asked) < 2:
+        raise BundleError(f"a length of {asked} tokens is too short (at least 2)")
+    return int(asked or context or default)
+
+
+def open_engine(artifact_dir, weights_dir=None, device=None, max_length=None):
+    """Return an Engine (reset/prefill/decode/device) for a compiled artifact folder.
+
+    max_length: the most tokens (prompt + generated) a sequence may hold; default the model's
+    context length. TVM allocates its paged KV cache for it up front (SmolLM2, 8192: 189 MB), so a
+    smaller value is the memory knob on small devices."""
     artifact_dir = Path(artifact_dir)
     artifact = read_artifact(artifact_dir)
     backend = artifact["backend"]
@@ -38,5 +51,5 @@ def open_engine(artifact_dir, weights_dir=None, device=None):
         raise BundleError(f"the {backend} runtime is not installed here ({err}); "
                           f"pip install {requirement} (see the bundle's requirements.txt)") from None
     if backend == "tvm":
-        return module.TvmEngine(artifact_dir, weights_dir, device=device)
-    return module.OnnxEngine(artifact_dir, device=device)
+        return module.TvmEngine(artifact_dir, weights_dir, device=device, max_seq_len=max_length)
+    return module.OnnxEngine(artifact_dir, device=device, max_length=max_length)

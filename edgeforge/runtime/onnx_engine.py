@@ -17,6 +17,7 @@ import numpy as np
 
 from .bundle_errors import BundleError, CannotRunHere
 from .files import read_json
+from .loader import checked_max_length
 
 CPU = "CPUExecutionProvider"
 DEVICE_PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "webgpu": "WebGpuExecutionProvider",
@@ -53,7 +54,7 @@ class OnnxEngine:
         self.device = _device_name(self.provider, self.device_id)
         self.num_layers = int(self.info["num_layers"])
         self.vocab_size = int(self.info["vocab_size"])
-        self.max_length = int(max_length or self.info["context_length"])
+        self.max_length = checked_max_length(max_length, self.info["context_length"])
         self.kv_dtype = KV_DTYPES[self.info["kv_dtype"]]
         self.kv_mode = kv_mode or KV_MODES.get(self.provider, "copy")
         if self.kv_mode not in ("shared", "copy"):

@@ -53,11 +53,11 @@ def read_golden(bundle: Path) -> dict:
     return golden
 
 
-def open_bundle_engine(bundle: Path, manifest: dict, device: str | None = None):
+def open_bundle_engine(bundle: Path, manifest: dict, device: str | None = None, max_length: int | None = None):
     from .loader import open_engine
 
     weights = bundle / "weights"
-    return open_engine(bundle / "artifact", weights if weights.is_dir() else None, device=device)
+    return open_engine(bundle / "artifact", weights if weights.is_dir() else None, device=device, max_length=max_length)
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
