@@ -100,12 +100,7 @@ def _schedule_grouped_gemv(sch, acc):
     sch.reorder(w, dot_lane)
     sch.unroll(w)
     sch.vectorize(dot_lane)
-    sch.unroll(n_inner)
-    sch.vectorize(lane)
-    sch.reverse_compute_at(acc, m)
-    # Vectorizing needs the update block to still own its init: split the init off last.
-    init = sch.decompose_reduction(lanes, g)
-    sch.vectorize(sch.get_loops(init)[-1])
+    _rows_in_registers(sch, lanes, n_inner, lane, acc, m, g)
     x_sum = _find_block(sch, X_SUM_BLOCK)
     if x_sum is not None:  # q4: a few hundred adds before the parallel loop
         *_, x_lane, wx = sch.get_loops(x_sum)
@@ -122,11 +117,17 @@ def _schedule_decode(sch, rf, block, deq):
     n_outer, m, n_inner, k_outer, lane = sch.get_loops(rf)
     sch.reorder(k_outer, n_inner)
     sch.parallel(n_outer)
+    _rows_in_registers(sch, rf, n_inner, lane, block, m, k_outer)
+
+
+def _rows_in_registers(sch, reduction, n_inner, lane, epilogue, m, reduce_loop):
+    """The tail both decode forms share: the tile's rows unrolled and lanes vectorized (their
+    partial sums become registers), the epilogue placed per row tile, the init split off."""
     sch.unroll(n_inner)
     sch.vectorize(lane)
-    sch.reverse_compute_at(block, m)
+    sch.reverse_compute_at(epilogue, m)
     # Vectorizing needs the update block to still own its init: split the init off last.
-    init = sch.decompose_reduction(rf, k_outer)
+    init = sch.decompose_reduction(reduction, reduce_loop)
     sch.vectorize(sch.get_loops(init)[-1])
 
 
