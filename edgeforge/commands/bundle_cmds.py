@@ -134,7 +134,7 @@ def open_verified(bundle: Path, max_length: int | None = None):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ctx", type=click.IntRange(2), default=None,
               help="Most tokens a conversation may hold (prompt + answers); default the model's context length. "
-                   "Smaller saves memory: TVM allocates its KV cache for it up front.")
+                   "TVM reserves its KV cache for this many tokens when the bundle opens.")
 @click.option("--json", "as_json", is_flag=True, help="No streaming: print tokens, text and timings as JSON.")
 def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, ctx, as_json):
     """Generate text with a bundle, streaming tokens as they come.
@@ -143,7 +143,7 @@ def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, ctx, as_json
     Examples:
       edgeforge run dist/smollm2-135m-q4f16-x86-cpu-onnx --chat -p "What is the capital of France?"
       edgeforge run dist/smollm2-135m-q4f16-x86-cpu-onnx        # interactive chat on a terminal
-      edgeforge run dist/smollm2-135m-q4f16-rpi5-tvm --ctx 1024 -p "Hello"   # a smaller KV cache
+      edgeforge run dist/smollm2-135m-q4f16-rpi5-tvm --ctx 1024 -p "Hello"   # at most 1024 tokens
     """
     from ..bundle.chat import answer_json, chat_loop, stream_answer
 

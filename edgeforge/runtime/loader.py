@@ -37,8 +37,9 @@ def open_engine(artifact_dir, weights_dir=None, device=None, max_length=None):
     """Return an Engine (reset/prefill/decode/device) for a compiled artifact folder.
 
     max_length: the most tokens (prompt + generated) a sequence may hold; default the model's
-    context length. TVM allocates its paged KV cache for it up front (SmolLM2, 8192: 189 MB), so a
-    smaller value is the memory knob on small devices."""
+    context length. TVM reserves its paged KV cache for it when the engine opens (SmolLM2, 8192
+    tokens: 189 MB of address space; pages become resident as they fill, so peak RSS on Linux
+    does not change with it: measured in docs/notes/tvm.md)."""
     artifact_dir = Path(artifact_dir)
     artifact = read_artifact(artifact_dir)
     backend = artifact["backend"]

@@ -126,8 +126,13 @@ def _rows_in_registers(sch, reduction, n_inner, lane, epilogue, m, reduce_loop):
     sch.unroll(n_inner)
     sch.vectorize(lane)
     sch.reverse_compute_at(epilogue, m)
-    # Vectorizing needs the update block to still own its init: split the init off last.
-    init = sch.decompose_reduction(reduction, reduce_loop)
+    _vectorized_init(sch, reduction, reduce_loop)
+
+
+def _vectorized_init(sch, reduction, loop):
+    """Split the reduction's init off above `loop` and vectorize it. Done last: vectorizing needs
+    the update block to still own its init."""
+    init = sch.decompose_reduction(reduction, loop)
     sch.vectorize(sch.get_loops(init)[-1])
 
 
@@ -151,9 +156,7 @@ def _schedule_prefill(sch, acc, deq, x32, m, n, k, n_extent):
     sch.vectorize(sch.get_loops(write_back)[-1])
     sch.unroll(m_inner)
     sch.vectorize(n_inner)
-    # Vectorizing needs the update block to still own its init: split the init off last.
-    init = sch.decompose_reduction(acc, k)
-    sch.vectorize(sch.get_loops(init)[-1])
+    _vectorized_init(sch, acc, k)
     sch.compute_at(x32, m_outer)
     sch.vectorize(sch.split(sch.get_loops(x32)[-1], [None, LANES])[1])
     _dequantize_tile(sch, deq, n_outer)

@@ -143,11 +143,11 @@ def grouped_gemv(xt, fmt: str, stored: dict, in_f: int, out_f: int):
     b, s = xt.shape[0], xt.shape[1]
     groups, vectors = in_f // GROUP, GROUP // LANES
 
-    def x(i, j, g, vec, lane):
-        return xt[i, j, g * GROUP + vec * LANES + lane].astype("float32")
-
     def col(g, vec, lane):
         return g * GROUP + vec * LANES + lane
+
+    def x(i, j, g, vec, lane):
+        return xt[i, j, col(g, vec, lane)].astype("float32")
 
     w = te.reduce_axis((0, vectors), name="w")
     group_dot = te.compute(
