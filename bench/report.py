@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+from pathlib import Path
 
 
 def render(r: dict) -> str:
@@ -147,17 +149,62 @@ def _memory(r):
     return "\n".join(out)
 
 
+GPU_RESULTS = Path(__file__).resolve().parent / "results"
+# Earlier GPU figures of llama.cpp (same sdist, CUDA, all layers on the GPU; PLATFORM-NOTES.md)
+LLAMA_CPP_H100 = {"smollm2": {"tg": 906, "pp": 50700, "gpu": "H100 80GB HBM3", "quant": "Q4_1"}}
+GPU_ROWS = [("smollm2", "SmolLM2-135M (real weights)", "bench-smollm2"),
+            ("smollm2", "SmolLM2-135M, no CUDA graphs", "bench-smollm2-nograph"),
+            ("llama32-1b", "Llama-3.2-1B-shaped (random)", "bench-llama32-1b"),
+            ("llama3-8b", "Llama-3-8B-shaped (random)", "bench-llama3-8b")]
+
+
 def _gpu():
-    return "\n".join([
-        "## GPU",
-        "",
-        "Not measured in this run: no GPU machine.",
-        "",
-        "On a CUDA machine, `python bench/gpu.py` builds edgeforge cuda bundles for SmolLM2 and for random "
-        "Llama-3.2-1B- and Llama-3-8B-shaped models, runs `edgeforge bench --json` on each and reports decode and "
-        "prefill tok/s and the fraction of the HBM bandwidth roofline (weight bytes x decode tok/s / peak "
-        "bandwidth); see bench/README.md.",
-    ])
+    """The GPU section from bench/results/gpu-*.json (bench/gpu.py device runs; a GPU machine is lent
+    to some sessions only, so these files are kept rather than regenerated with the CPU run)."""
+    out = ["## GPU", ""]
+    files = sorted(GPU_RESULTS.glob("gpu-*.json"))
+    if not files:
+        return "\n".join(out + ["Not measured: no GPU machine has run `bench/gpu.py device` yet."])
+    for path in files:
+        g = json.loads(path.read_text())
+        steps = g["steps"]
+        bw = g.get("peak_bandwidth_gbs")
+        out += [f"Measured on {g['gpu']} ({g.get('date', '?')}; peak HBM {bw} GB/s), q4f16 TVM cuda bundles, "
+                f"`edgeforge bench -p {g['n_prompt']} -n {g['n_gen']} -r {g['reps']}`; {g.get('code', '')}. "
+                f"File: bench/results/{path.name}.", "",
+                f"| model | weights (MiB) | pp{g['n_prompt']} tok/s | tg{g['n_gen']} tok/s | HBM roofline (decode) |",
+                "|---|---:|---:|---:|---:|"]
+        for _, label, key in GPU_ROWS:
+            row = steps.get(key)
+            if not row or "error" in row:
+                continue
+            roof = row.get("roofline_fraction")
+            out.append(f"| {label} | {row['weight_bytes'] / 2**20:.1f} | {row['pp_ts']:.0f} ± {row['pp_sd']:.0f} | "
+                       f"{row['tg_ts']:.1f} ± {row['tg_sd']:.1f} | {'-' if roof is None else f'{roof:.1%}'} |")
+        smokes = [(k, v) for k, v in steps.items() if k.startswith("smoke-")]
+        out.append("")
+        for key, v in smokes:
+            out.append(f"- `edgeforge smoke` {key[6:]}: **{v.get('status', 'ERROR')}** on {v.get('device')}, max logit "
+                       f"err {v.get('max_logit_err', float('nan')):.3g} (tol {v.get('tolerance', float('nan')):.3g}), "
+                       f"tokens {v.get('tokens_agree')}/{v.get('tokens_total')} agree")
+        refuse = steps.get("refuse-sm80")
+        if refuse:
+            out.append(f"- A bundle built for sm_80 only: exit {refuse['exit_code']}, "
+                       f"\"{refuse['stderr'].splitlines()[-1]}\"")
+        goals = []
+        smol = steps.get("bench-smollm2")
+        ref = LLAMA_CPP_H100["smollm2"]
+        if smol:
+            goals.append(f"- Goal, SmolLM2 decode >= 1.5x llama.cpp CUDA: **NOT met**: {smol['tg_ts']:.0f} tok/s against "
+                         f"llama.cpp {ref['quant']}'s {ref['tg']} on an {ref['gpu']} measured earlier "
+                         f"({smol['tg_ts'] / ref['tg']:.2f}x; not the same session or card: the same-session run "
+                         "was prepared but no further GPU time was lent).")
+        big = steps.get("bench-llama3-8b")
+        if big and big.get("roofline_fraction") is not None:
+            goals.append(f"- Goal, 8B-shaped decode >= 60% of the HBM roofline: **NOT met**: "
+                         f"{big['roofline_fraction']:.0%}.")
+        out += ["", *goals]
+    return "\n".join(out)
 
 
 def _commands(r):

@@ -33,10 +33,11 @@ def test_write_then_verify(bundle):
     m = verify_bundle(bundle)
     assert set(m["files"]) == {"artifact/model.so", "golden.json", "runtime/edgeforge_runtime/__init__.py"}
     assert m["files"]["artifact/model.so"]["size"] == 3000
-    # caches Python writes when the runtime is imported are not bundle content
+    # a bytecode cache is code Python would run: never exempt (issue 11)
     (bundle / "runtime" / "edgeforge_runtime" / "__pycache__").mkdir()
     (bundle / "runtime" / "edgeforge_runtime" / "__pycache__" / "x.pyc").write_bytes(b"x")
-    verify_bundle(bundle)
+    with pytest.raises(BundleError, match="bytecode caches are never loaded"):
+        verify_bundle(bundle)
 
 
 def flip(path, offset):

@@ -39,6 +39,11 @@ def test_cuda_fatbin_has_real_code_for_every_arch(qdir, tmp_path):
     entries = fatbin_entries((art / "model.so").read_bytes())
     cubins = {e["arch"] for e in entries if e["kind"] == 2 and e["elf_machine"] == 190}
     assert cubins == {int(a[3:]) for a in arches}, entries
+    # PTX for the newest arch, so that a newer GPU can JIT it; the manifest says so, and which driver
+    ptx = {e["arch"] for e in entries if e["kind"] == 1}
+    assert ptx == {int(arches[-1][3:])}, entries
+    req = artifact["device_requirements"]
+    assert req["gpu_ptx"] == [arches[-1]] and req["min_driver_cuda"] >= 12000
     # no CUDA source left for a JIT at load time (there is no compiler on the device)
     assert b"extern \"C\" __global__" not in (art / "model.so").read_bytes()
 

@@ -30,12 +30,12 @@ def model_slug(spec: str) -> str:
 
 def _one(args) -> dict:
     """One (target, backend): compile and bundle. Runs in a worker process when --jobs > 1."""
-    dest, qdir, target, backend, golden, make_archive, quiet = args
+    dest, qdir, target, backend, golden, make_archive, quiet, sign_key = args
     # progress goes to stderr: stdout is for the result (the --json summary)
     log = (lambda m: None) if quiet else (lambda m: print(f"  [{target.name}/{backend}] {m}", file=sys.stderr, flush=True))
     start = time.perf_counter()
     try:
-        manifest = make_bundle(dest, qdir, target, backend, golden, log=log)
+        manifest = make_bundle(dest, qdir, target, backend, golden, log=log, sign_key=sign_key)
     except EdgeforgeError as err:
         return {"target": target.name, "backend": backend, "ok": False, "error": str(err)}
     except Exception as err:  # noqa: BLE001 - one broken backend must not stop the other targets
@@ -69,7 +69,7 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False, log=pr
         log(f"[quantize] {summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
         log(f"[golden] {len(plan.prompts)} prompts x {plan.golden_tokens} tokens on the numpy reference")
         golden = make_golden(qdir, plan.prompts, plan.golden_tokens, log=lambda m: log(f"  {m}"))
-        tasks = [(plan.output / bundle_name(slug, plan.quant, t.name, b), qdir, t, b, golden, make_archive, jobs > 1)
+        tasks = [(plan.output / bundle_name(slug, plan.quant, t.name, b), qdir, t, b, golden, make_archive, jobs > 1, plan.sign_key)
                  for t, b in plan.jobs]
         results = _run_tasks(tasks, jobs, log)
     return {"model": plan.model, "quant": plan.quant, "output": str(plan.output),

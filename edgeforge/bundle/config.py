@@ -36,6 +36,7 @@ class BuildPlan:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     golden_tokens: int = DEFAULT_TOKENS
     source: Path | None = None  # the config file, when there was one
+    sign_key: Path | None = None  # ed25519 private key (PEM): every bundle gets a manifest.sig
 
 
 def is_config(arg: str) -> bool:

@@ -20,24 +20,60 @@ BASE_REQUIREMENTS = ("numpy", "tokenizers", "jinja2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT_GLOBS = ("config.json", "quantization.json", "*.safetensors", "model.safetensors.index.json")
 
-SMOKE_PY = '''\
+SMOKE_HEAD = '''\
 #!/usr/bin/env python3
-"""Smoke-test this edgeforge bundle on this machine: `python smoke.py [--json]`.
+"""Smoke-test this edgeforge bundle on this machine: `python smoke.py [--json] [--trust KEY.pem]`.
 
-Needs only what requirements.txt lists. Exit codes: 0 PASS, 1 FAIL, 2 unusable bundle or machine.
+Needs only what requirements.txt lists (and the `cryptography` package for --trust). Exit codes:
+0 PASS, 1 FAIL, 2 unusable bundle or machine. Every file is checked against manifest.json (and the
+signature against the trusted key) by the code in this file, before anything is imported from the
+bundle's runtime/ folder.
 """
 import os
 import sys
 
-sys.dont_write_bytecode = True  # leave the bundle exactly as manifest.json lists it
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "runtime"))
+# Nothing may come from the bundle before it is verified: take this folder off the import path, and
+# never read Python bytecode caches from the bundle (nor write any into it).
+sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != HERE]
+sys.dont_write_bytecode = True
+sys.pycache_prefix = os.devnull  # caches are looked up under a path that holds none
 
-from edgeforge_runtime.smoke import main  # noqa: E402
+# ---- the verifier: edgeforge/runtime/manifest_check.py, copied in when the bundle was built ----
+'''
+
+SMOKE_TAIL = '''
+# ---- end of the verifier ----
+
+
+def _verify_then_run():
+    import json as _json
+
+    args = sys.argv[1:]
+    trust = args[args.index("--trust") + 1] if "--trust" in args[:-1] else None
+    try:
+        manifest = verify_bundle(Path(HERE), trust)
+    except BundleError as err:
+        if "--json" in args:
+            print(_json.dumps({"status": "ERROR", "error": str(err)}, indent=1))
+        else:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"checksums ok: {len(manifest['files'])} files" + (", signature ok" if trust else ""), file=sys.stderr)
+    sys.path.insert(0, os.path.join(HERE, "runtime"))
+    from edgeforge_runtime.smoke import main
+
+    return main(bundle=HERE, verified=manifest)
+
 
 if __name__ == "__main__":
-    sys.exit(main(bundle=HERE))
+    sys.exit(_verify_then_run())
 '''
+
+
+def smoke_py_text() -> str:
+    """smoke.py: the verifier's source inline between a header and the entry point."""
+    return SMOKE_HEAD + (RUNTIME_SRC / "manifest_check.py").read_text() + SMOKE_TAIL
 
 
 def copy_runtime(bundle: Path) -> None:
@@ -90,5 +126,5 @@ def write_requirements(bundle: Path, reqs: dict[str, str]) -> None:
 
 def write_smoke_py(bundle: Path) -> None:
     path = bundle / "smoke.py"
-    path.write_text(SMOKE_PY)
+    path.write_text(smoke_py_text())
     path.chmod(0o755)

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..commands.compile_cmd import compile_qdir
 from ..fsutil import atomic_output_dir
 from ..runtime.loader import read_artifact
+from ..runtime.manifest_check import sign_bundle
 from . import layout, readme
 from .golden import tolerance_for
 from .manifest import manifest_data, write_manifest
@@ -21,7 +22,8 @@ def bundle_name(model_name: str, scheme: str, target: str, backend: str) -> str:
     return f"{model_name}-{scheme}-{target}-{backend}"
 
 
-def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, log=lambda m: None) -> dict:
+def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, log=lambda m: None,
+                sign_key: Path | None = None) -> dict:
     """Build the bundle at `dest` for (target, backend); returns its manifest."""
     dest = Path(dest)
     with atomic_output_dir(dest) as tmp:
@@ -40,4 +42,7 @@ def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, log=
         data = manifest_data(dest.name, qdir, target, artifact, reqs, has_weights)
         readme.write_readme(tmp, data)
         manifest = write_manifest(tmp, data)
+        if sign_key is not None:
+            sig = sign_bundle(tmp, sign_key)
+            log(f"signed with ed25519 key {sig['key_id']}")
     return manifest

@@ -37,9 +37,9 @@ def opened_bundle(spec: Path):
     yield spec
 
 
-def verify(bundle: Path) -> dict:
+def verify(bundle: Path, trust=None) -> dict:
     try:
-        return verify_bundle(bundle)
+        return verify_bundle(bundle, trust)
     except BundleError as err:
         raise EdgeforgeError(str(err)) from None
 
@@ -107,11 +107,11 @@ def run_local(bundle: Path, python: list[str], env: dict, where: str, log=lambda
 
 def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int = 22, identity: str | None = None,
           remote_python: str = "python3", known_hosts: str | None = None, log=lambda m: None,
-          prompts: int | None = None) -> tuple[int, dict]:
+          prompts: int | None = None, trust=None) -> tuple[int, dict]:
     smoke_args = ("--prompts", str(prompts)) if prompts else ()
     with opened_bundle(spec) as bundle:
-        manifest = verify(bundle)
-        log(f"checksums ok: {len(manifest['files'])} files")
+        manifest = verify(bundle, trust)  # edgeforge's own code, before any of the bundle's runs
+        log(f"checksums ok: {len(manifest['files'])} files" + (", signature ok" if trust else ""))
         if ssh:
             from .remote import smoke_over_ssh
 

@@ -32,7 +32,9 @@ def _stderr_log(msg: str) -> None:
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True, help="Compile this many bundles at once.")
 @click.option("--archive", "make_archive", is_flag=True, help="Also write BUNDLE.tar.gz next to each bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (progress goes to stderr).")
-def build(model, quant, targets, backend, output, jobs, make_archive, as_json):
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None, metavar="KEY.pem",
+              help="Sign every bundle with this ed25519 private key (openssl genpkey -algorithm ed25519 -out KEY.pem).")
+def build(model, quant, targets, backend, output, jobs, make_archive, as_json, sign_key):
     """Build deployment bundles: quantize once, compile and bundle for each target.
 
     MODEL is a model name, an HF folder, a .gguf file, or a build config (.toml).
@@ -42,11 +44,15 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json):
       edgeforge build smollm2-135m --quant q4f16 --target x86-cpu --target rpi5 -o dist
       edgeforge build examples/smollm2.toml                 # every target of the config
       edgeforge build examples/smollm2.toml --target rpi5   # one CI job
+      edgeforge build smollm2-135m --target rpi5 --sign release.pem   # smoke --trust release.pub.pem
     """
     from ..bundle.build import run_build
     from ..bundle.config import make_plan
 
     plan = make_plan(model, quant, tuple(targets), backend, output)
+    if sign_key is not None:
+        _check_signing_key(sign_key)
+        plan.sign_key = sign_key
     summary = run_build(plan, jobs=jobs, make_archive=make_archive, log=_stderr_log)
     failed = [b for b in summary["bundles"] if not b["ok"]]
     if as_json:
@@ -57,6 +63,23 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json):
     if failed:
         raise EdgeforgeError(f"{len(failed)} bundle(s) failed: " + "; ".join(
             f"{b['target']}/{b['backend']}: {b['error']}" for b in failed))
+
+
+def _check_signing_key(path: Path) -> None:
+    """Fail before a long build when the signing key is unusable."""
+    from ..runtime.bundle_errors import BundleError
+    from ..runtime.manifest_check import load_private_key
+
+    try:
+        load_private_key(path)
+    except BundleError as err:
+        raise EdgeforgeError(f"--sign: {err}") from None
+
+
+TRUST_OPTION = click.option(
+    "--trust", type=click.Path(path_type=Path), default=None, metavar="PUBKEY.pem",
+    help="Refuse the bundle unless manifest.sig is a valid signature by this ed25519 public key "
+         "(checked before anything else). Checksums alone prove integrity, not who made the bundle.")
 
 
 # ---- smoke ---------------------------------------------------------------------------------------
@@ -73,7 +96,8 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json):
 @click.option("--remote-python", default="python3", show_default=True, help="Python command on the ssh device.")
 @click.option("--prompts", type=click.IntRange(min=1), default=None, metavar="N",
               help="Check only the first N golden prompts (slow emulation or devices); the result says N of M.")
-def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_python, prompts):
+@TRUST_OPTION
+def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_python, prompts, trust):
     """Verify a bundle's checksums, run its golden prompts, print PASS or FAIL.
 
     Exit codes: 0 PASS, 1 FAIL, 2 unusable bundle or machine (the message says which).
@@ -90,7 +114,7 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
     if emulate and ssh:
         raise EdgeforgeError("--emulate and --ssh exclude each other")
     code, result = run_smoke(bundle, emulate, ssh, port, identity, remote_python, known_hosts, log=_stderr_log,
-                             prompts=prompts)
+                             prompts=prompts, trust=trust)
     if as_json:
         _echo_json(result)
     if code == 2:
@@ -103,7 +127,7 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
 
 # ---- run / generate ------------------------------------------------------------------------------
 
-def open_verified(bundle: Path, max_length: int | None = None):
+def open_verified(bundle: Path, max_length: int | None = None, trust: Path | None = None):
     """(manifest, engine, tokenizer) of a verified bundle folder; max_length sizes the KV cache."""
     from ..runtime.bundle_errors import BundleError
     from ..runtime.hostcheck import check_can_run
@@ -115,7 +139,7 @@ def open_verified(bundle: Path, max_length: int | None = None):
     if not bundle.is_dir():
         raise EdgeforgeError(f"{bundle}: no such bundle folder")
     try:
-        manifest = verify_bundle(bundle)
+        manifest = verify_bundle(bundle, trust)
         check_can_run(manifest)
         engine = open_bundle_engine(bundle, manifest, max_length=max_length)
         tokenizer = Tokenizer.load(bundle / "tokenizer")
@@ -136,7 +160,8 @@ def open_verified(bundle: Path, max_length: int | None = None):
               help="Most tokens a conversation may hold (prompt + answers); default the model's context length. "
                    "TVM reserves its KV cache for this many tokens when the bundle opens.")
 @click.option("--json", "as_json", is_flag=True, help="No streaming: print tokens, text and timings as JSON.")
-def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, ctx, as_json):
+@TRUST_OPTION
+def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, ctx, as_json, trust):
     """Generate text with a bundle, streaming tokens as they come.
 
     \b
@@ -147,7 +172,7 @@ def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, ctx, as_json
     """
     from ..bundle.chat import answer_json, chat_loop, stream_answer
 
-    _, engine, tokenizer = open_verified(bundle, max_length=ctx)
+    _, engine, tokenizer = open_verified(bundle, max_length=ctx, trust=trust)
     opts = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if as_json:
         if prompt is None:
@@ -170,7 +195,8 @@ def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, ctx, as_json
 @click.option("-n", "--n-gen", type=click.IntRange(0), default=128, show_default=True, help="Generated tokens (tg test).")
 @click.option("-r", "--repetitions", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print llama-bench style JSON records.")
-def bench(bundle, n_prompt, n_gen, repetitions, as_json):
+@TRUST_OPTION
+def bench(bundle, n_prompt, n_gen, repetitions, as_json, trust):
     """Measure prefill (ppN) and decode (tgN) speed of a bundle, like llama-bench.
 
     \b
@@ -180,7 +206,7 @@ def bench(bundle, n_prompt, n_gen, repetitions, as_json):
     from ..bundle.bench import run_bench
 
     # A cache for what the tests need, as llama-bench sizes its context to n_prompt + n_gen.
-    manifest, engine, _ = open_verified(bundle, max_length=max(n_prompt, n_gen + 1))
+    manifest, engine, _ = open_verified(bundle, max_length=max(n_prompt, n_gen + 1), trust=trust)
     records = run_bench(engine, manifest, n_prompt, n_gen, repetitions)
     if as_json:
         _echo_json(records)

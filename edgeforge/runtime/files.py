@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from .bundle_errors import BundleError
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from .manifest_check import sha256_file  # noqa: F401 - one implementation, re-exported
 
 
 def read_json(path: str | os.PathLike) -> dict:

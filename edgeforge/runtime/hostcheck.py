@@ -48,8 +48,13 @@ def _os_name(os_key: str) -> str:
     return {"macos": "macOS", "linux": "Linux", "android": "Android", "windows": "Windows"}.get(os_key, os_key)
 
 
-def cuda_device_count() -> tuple[int, str]:
-    """Number of CUDA devices through the driver API (libcuda), and why there are none."""
+# cuDeviceGetAttribute codes (CUdevice_attribute in cuda.h)
+_CC_MAJOR, _CC_MINOR = 75, 76
+
+
+def cuda_gpus() -> tuple[list[dict], int | None, str]:
+    """The CUDA devices through the driver API (libcuda): [{index, name, sm}], the driver's CUDA
+    version (e.g. 13000), and why there are none. `sm` is the compute capability as 'sm_90'."""
     names = {"linux": ["libcuda.so.1", "libcuda.so"], "windows": ["nvcuda.dll"]}.get(host_os(), [])
     for lib in names:
         try:
@@ -57,16 +62,72 @@ def cuda_device_count() -> tuple[int, str]:
         except OSError:
             continue
         if cuda.cuInit(0) != 0:
-            return 0, f"{lib} found but cuInit failed (no GPU or driver mismatch)"
+            return [], None, f"{lib} found but cuInit failed (no GPU or driver mismatch)"
+        driver = ctypes.c_int(0)
+        cuda.cuDriverGetVersion(ctypes.byref(driver))
         count = ctypes.c_int(0)
         if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0, "cuDeviceGetCount failed"
-        return count.value, ""
-    return 0, "no NVIDIA driver (libcuda) on this machine"
+            return [], driver.value or None, "cuDeviceGetCount failed"
+        gpus = []
+        for i in range(count.value):
+            dev, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+            name = ctypes.create_string_buffer(256)
+            cuda.cuDeviceGet(ctypes.byref(dev), i)
+            cuda.cuDeviceGetName(name, 256, dev)
+            cuda.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, dev)
+            cuda.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, dev)
+            gpus.append({"index": i, "name": name.value.decode(errors="replace"), "sm": f"sm_{major.value}{minor.value}"})
+        return gpus, driver.value or None, ""
+    return [], None, "no NVIDIA driver (libcuda) on this machine"
 
 
-def check_cuda(requirements: dict) -> None:
-    count, why = cuda_device_count()
-    if count == 0:
-        arches = ", ".join(requirements.get("gpu_arch", [])) or "any"
-        raise CannotRunHere(f"cannot run here: no CUDA device ({why}); the bundle needs an NVIDIA GPU ({arches})")
+def cuda_device_count() -> tuple[int, str]:
+    """Number of CUDA devices, and why there are none."""
+    gpus, _, why = cuda_gpus()
+    return len(gpus), why
+
+
+def _sm_number(arch: str) -> tuple[int, int, bool]:
+    """'sm_86' -> (8, 6, False); 'sm_90a' -> (9, 0, True): arch-specific code runs on that chip only."""
+    digits = arch.removeprefix("sm_").removeprefix("compute_")
+    specific = digits.endswith(("a", "f"))
+    digits = digits.rstrip("af")
+    return int(digits[:-1]), int(digits[-1]), specific
+
+
+def sass_runs_on(arch: str, gpu_sm: str) -> bool:
+    """Machine code (SASS) for `arch` runs on a GPU of the same major version and an equal or newer
+    minor one (sm_80 code runs on sm_86 and sm_89, never on sm_90); sm_90a only on sm_90."""
+    major, minor, specific = _sm_number(arch)
+    g_major, g_minor, _ = _sm_number(gpu_sm)
+    return major == g_major and (minor == g_minor if specific else minor <= g_minor)
+
+
+def ptx_runs_on(arch: str, gpu_sm: str) -> bool:
+    """PTX for `arch` is compiled by the driver for any GPU of that arch or newer."""
+    return _sm_number(arch)[:2] <= _sm_number(gpu_sm)[:2]
+
+
+def check_cuda(requirements: dict) -> dict:
+    """Refuse, by name, a machine whose GPU 0 the bundle has no code for, or whose driver is older
+    than the bundle's CUDA. Returns GPU 0's description for the result."""
+    gpus, driver, why = cuda_gpus()
+    arches = list(requirements.get("gpu_arch", []))
+    ptx = list(requirements.get("gpu_ptx", []))
+    if not gpus:
+        raise CannotRunHere(f"cannot run here: no CUDA device ({why}); the bundle needs an NVIDIA GPU "
+                            f"({', '.join(arches) or 'any'})")
+    gpu = gpus[0]
+    if arches and not (any(sass_runs_on(a, gpu["sm"]) for a in arches) or any(ptx_runs_on(a, gpu["sm"]) for a in ptx)):
+        have = ", ".join(arches) + (f" (PTX: {', '.join(ptx)})" if ptx else "")
+        raise CannotRunHere(f"cannot run here: GPU 0 is {gpu['name']} ({gpu['sm']}); the bundle has code for {have} "
+                            f"only: rebuild with {gpu['sm']!r} in the target's [tvm] arches")
+    need = requirements.get("min_driver_cuda")
+    if need and driver and driver < int(need):
+        raise CannotRunHere(f"cannot run here: the NVIDIA driver supports CUDA {_cuda_version(driver)}; the bundle "
+                            f"was built with CUDA {_cuda_version(int(need))} and needs a driver that supports it")
+    return dict(gpu, driver_cuda=_cuda_version(driver) if driver else None)
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"

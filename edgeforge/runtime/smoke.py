@@ -81,15 +81,18 @@ def check_tokenizer(bundle: Path, golden: dict) -> None:
             raise SmokeFailed(f"{bundle / 'tokenizer'}: encodes golden prompt {p['text']!r} differently than at build time")
 
 
-def run_smoke(bundle: Path, device: str | None = None, log=lambda m: None, max_prompts: int | None = None) -> dict:
+def run_smoke(bundle: Path, device: str | None = None, log=lambda m: None, max_prompts: int | None = None,
+              trust=None, verified: dict | None = None) -> dict:
     """Verify and run a bundle; returns the result dict (status PASS or FAIL). Raises BundleError.
 
     `max_prompts` checks only the first golden prompts (for slow emulated or remote runs); the
-    result says how many of how many were checked."""
+    result says how many of how many were checked. `verified`: the manifest, when the caller (the
+    bundle's smoke.py, before importing this module) has verified the bundle already."""
     bundle = Path(bundle).resolve()
     t0 = time.perf_counter()
-    manifest = verify_bundle(bundle)
-    log(f"checksums ok: {len(manifest['files'])} files ({time.perf_counter() - t0:.1f} s)")
+    manifest = verified if verified is not None else verify_bundle(bundle, trust)
+    if verified is None:
+        log(f"checksums ok: {len(manifest['files'])} files ({time.perf_counter() - t0:.1f} s)")
     check_can_run(manifest)
     golden = read_golden(bundle)
     check_tokenizer(bundle, golden)
@@ -126,16 +129,18 @@ def describe(result: dict) -> str:
             f"peak mem {'n/a' if mem is None else f'{mem:.0f} MB'}")
 
 
-def main(argv=None, bundle: Path | None = None) -> int:
+def main(argv=None, bundle: Path | None = None, verified: dict | None = None) -> int:
     ap = argparse.ArgumentParser(prog="smoke.py", description="Smoke-test this edgeforge bundle on this machine.")
     ap.add_argument("bundle", nargs="?", default=str(bundle or Path.cwd()), help="bundle folder (default: here)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--device", default=None, help="device override, e.g. cuda:1")
     ap.add_argument("--prompts", type=int, default=None, metavar="N", help="check only the first N golden prompts")
+    ap.add_argument("--trust", default=None, metavar="KEY.pem", help="refuse the bundle unless signed by this ed25519 key")
     args = ap.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731 - progress on stderr, the result on stdout
     try:
-        result = run_smoke(Path(args.bundle), args.device, log, args.prompts)
+        result = run_smoke(Path(args.bundle), args.device, log, args.prompts, trust=args.trust,
+                           verified=verified if Path(args.bundle).resolve() == Path(bundle or ".").resolve() else None)
         code = 0 if result["status"] == "PASS" else 1
     except SmokeFailed as err:
         result, code = {"status": "FAIL", "error": str(err)}, 1

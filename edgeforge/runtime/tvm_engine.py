@@ -89,7 +89,7 @@ class TvmEngine:
         tvm, self._ffi = import_tvm_runtime()
         kind = device or self.artifact.get("device", "cpu")
         self.dev = self._device(tvm, kind)
-        self.device = "cpu" if kind in ("cpu", "llvm") else f"{kind}:0"
+        self.device = "cpu" if kind in ("cpu", "llvm") else _gpu_label(self.dev, kind)
         module_path = self.artifact_dir / self.artifact.get("module", "model.so")
         if module_path.suffix != ".so":
             raise BundleError(f"{module_path}: a {module_path.suffix} export must be linked by the app; it cannot run here")
@@ -162,9 +162,13 @@ class TvmEngine:
         arrays = []
         for p in spec:
             tensor, role = _tensor_and_role(p["name"])
-            stored = weights.arrays(tensor).get(role)
-            if stored is None:
-                raise BundleError(f"{weights.path}: tensor '{tensor}' has no '{role}' array (the module needs it)")
+            parts = []
+            for source in p.get("sources") or [tensor]:  # several: stacked by rows (a fused matmul)
+                part = weights.arrays(source).get(role)
+                if part is None:
+                    raise BundleError(f"{weights.path}: tensor '{source}' has no '{role}' array (the module needs it)")
+                parts.append(part)
+            stored = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
             if list(stored.shape) != p["shape"] or str(stored.dtype) != p["dtype"]:
                 raise BundleError(
                     f"{weights.path}: array '{p['name']}' is {stored.dtype}{list(stored.shape)}, "
@@ -172,6 +176,15 @@ class TvmEngine:
                 )
             arrays.append(self._tvm.runtime.tensor(np.ascontiguousarray(stored), self.dev))
         return arrays
+
+
+def _gpu_label(dev, kind: str) -> str:
+    """'cuda:0 (NVIDIA H100 80GB HBM3)': results name the GPU that produced them."""
+    try:
+        name = dev.device_name
+    except Exception:  # noqa: BLE001 - not every device API reports a name
+        name = None
+    return f"{kind}:0 ({name})" if name else f"{kind}:0"
 
 
 def _tensor_and_role(param: str) -> tuple[str, str]:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ...errors import EdgeforgeError
-from .model import LlamaForCausalLM, ModelSpec
+from .model import LlamaForCausalLM, ModelSpec, fused_sources
 from .targets import TvmTarget, tvm_target_for
 
 PARAMS_FILE = "params.json"
@@ -65,14 +65,19 @@ def export_module(spec: ModelSpec):
     """IRModule + ordered parameter list [(name, shape, dtype)] of the model."""
     model = LlamaForCausalLM(spec)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
-    params = [
-        {"name": name, "shape": [int(d) for d in p.shape], "dtype": str(p.dtype)} for name, p in named_params
-    ]
+    params = []
+    for name, p in named_params:
+        entry = {"name": name, "shape": [int(d) for d in p.shape], "dtype": str(p.dtype)}
+        sources = fused_sources(name)
+        if sources:
+            entry["sources"] = sources  # stacked by rows at load time (runtime/tvm_engine.py)
+        params.append(entry)
     return mod, params
 
 
 def build(spec: ModelSpec, tt: TvmTarget, log=lambda m: None):
     """relax.build the model for a target; returns (executable, params)."""
+    import tvm
     from tvm import relax
 
     from .cpu_schedule import ScheduleQuantizedMatmul
@@ -83,9 +88,16 @@ def build(spec: ModelSpec, tt: TvmTarget, log=lambda m: None):
         mod, params = export_module(spec)
     cpu_sched = None if tt.is_gpu else ScheduleQuantizedMatmul(target)
     # nvcc's wrapper reads the arch from the current target, hence `with target` here too.
-    with tt.build_env(), target:
+    with tt.build_env(), tvm.transform.PassContext(config=pass_config(tt)), target:
         ex = relax.build(mod, target=target, relax_pipeline=lowering_pipeline(target, cpu_sched))
     return ex, params
+
+
+def pass_config(tt: TvmTarget) -> dict:
+    """CUDA: decode runs as CUDA graphs. RewriteCUDAGraph (in our pipeline) captures the kernels
+    between two KV-cache calls into one graph, replayed on later steps: one launch per layer
+    instead of ~10. Decode of small models is launch-bound, so this is where GPU decode speed is."""
+    return {"relax.backend.use_cuda_graph": bool(tt.device and tt.device["kind"] == "cuda" and tt.cuda_graph)}
 
 
 def compile_model(qdir: Path, target, out: Path, log=print) -> dict:
@@ -109,6 +121,7 @@ def compile_model(qdir: Path, target, out: Path, log=print) -> dict:
         "runtime": {"apache-tvm": tvm.__version__},
         "toolchain": dict({"apache-tvm": tvm.__version__}, **tt.toolchain_versions()),
         "device_requirements": tt.device_requirements(),
+        "cuda_graph": pass_config(tt)["relax.backend.use_cuda_graph"],
         "build_seconds": round(built, 1),
     }
     (out / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))

@@ -83,23 +83,49 @@ def apply_rope(qkv: Tensor, positions: Tensor, inv_freq: Tensor, rotated_heads: 
     return op.tensor_expr_op(compute, "rope", [qkv, positions, inv_freq])
 
 
+# Parameters the module takes as one matrix made of several QDIR tensors (stacked by rows at load
+# time, params.json lists the sources): one matmul kernel instead of three. GPU decode is
+# launch-bound, and on CPUs one pass over the activations serves all three.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
+
+def fused_sources(param: str) -> list[str] | None:
+    """'model.layers.0.self_attn.qkv_proj.qweight' -> the three HF tensor names it stacks."""
+    base = param.rsplit(".", 1)[0]
+    prefix, _, leaf = base.rpartition(".")
+    if leaf not in FUSED:
+        return None
+    return [f"{prefix}.{part}.weight" for part in FUSED[leaf]]
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, prefix: str):
         d, h, kv = spec.config.head_dim, spec.config.num_heads, spec.config.num_kv_heads
+        hidden = spec.config.hidden_size
         self.spec = spec
-        self.q_proj = _linear(spec, f"{prefix}.q_proj.weight", h * d, spec.config.hidden_size)
-        self.k_proj = _linear(spec, f"{prefix}.k_proj.weight", kv * d, spec.config.hidden_size)
-        self.v_proj = _linear(spec, f"{prefix}.v_proj.weight", kv * d, spec.config.hidden_size)
-        self.o_proj = _linear(spec, f"{prefix}.o_proj.weight", spec.config.hidden_size, h * d)
+        names = [f"{prefix}.{x}_proj.weight" for x in "qkv"]
+        # mixed formats cannot share a kernel
+        self.fused = "qkv_proj" in FUSED and len({spec.fmt(n) for n in names}) == 1
+        if self.fused:
+            self.qkv_proj = _linear(spec, names[0], (h + 2 * kv) * d, hidden)
+        else:
+            self.q_proj = _linear(spec, names[0], h * d, hidden)
+            self.k_proj = _linear(spec, names[1], kv * d, hidden)
+            self.v_proj = _linear(spec, names[2], kv * d, hidden)
+        self.o_proj = _linear(spec, f"{prefix}.o_proj.weight", hidden, h * d)
 
     def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor, inv_freq: Tensor):
         sp = self.spec
         d, h, kv = sp.config.head_dim, sp.config.num_heads, sp.config.num_kv_heads
         b, s, _ = x.shape
-        q = op.reshape(self.q_proj(x), (b, s, h, d))
-        k = op.reshape(self.k_proj(x), (b, s, kv, d))
-        v = op.reshape(self.v_proj(x), (b, s, kv, d))
-        qkv = apply_rope(op.concat([q, k, v], dim=2), positions, inv_freq, h + kv)
+        if self.fused:
+            qkv = op.reshape(self.qkv_proj(x), (b, s, h + 2 * kv, d))
+        else:
+            q = op.reshape(self.q_proj(x), (b, s, h, d))
+            k = op.reshape(self.k_proj(x), (b, s, kv, d))
+            v = op.reshape(self.v_proj(x), (b, s, kv, d))
+            qkv = op.concat([q, k, v], dim=2)
+        qkv = apply_rope(qkv, positions, inv_freq, h + kv)
         out = cache.attention_with_fused_qkv(layer_id, qkv, h, sm_scale=d**-0.5)
         return self.o_proj(op.reshape(out, (b, s, h * d)))
 

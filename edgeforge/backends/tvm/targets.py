@@ -6,6 +6,8 @@
   arches          CUDA archs to embed real code for (default sm_80, sm_86, sm_89, sm_90)
   cross_compiler  the C++ driver that links the .so (aarch64-linux-gnu-g++); absent: host g++
   export          "so" (shared library) or "tar" (objects for the app / the Mac to link)
+  cuda_graph      CUDA: run decode as CUDA graphs (default true; false for an A/B or a driver that
+                  mishandles graphs)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class TvmTarget:
     arches: list[str] = field(default_factory=list)
     cross_compiler: str | None = None
     export_kind: str = "so"
+    cuda_graph: bool = True
 
     # ---- what to build for -----------------------------------------------------------------------
     @property
@@ -110,6 +113,10 @@ class TvmTarget:
         req: dict = {"os": self.os, "cpu": self.host.get("mtriple", ""), "mcpu": self.host.get("mcpu", "")}
         if self.device and self.device["kind"] == "cuda":
             req["gpu_arch"] = list(self.arches)
+            req["gpu_ptx"] = [f"sm_{self.arches[-1][3:].rstrip('af')}"]
+            cuda = nvcc_cuda_version()
+            if cuda:  # the driver must support the CUDA the kernels were built with
+                req["min_driver_cuda"] = cuda
         elif self.device:
             req["gpu"] = self.device["kind"]
         if self.export_kind == "tar":
@@ -135,9 +142,13 @@ def tvm_target_for(target) -> TvmTarget:
         if not (arch.startswith("sm_") and arch[3:].rstrip("af").isdigit()):
             raise EdgeforgeError(f"{where}: [tvm] arches entry {arch!r} is not like sm_90")
     arches.sort(key=lambda a: int(a[3:].rstrip("af")))
+    cuda_graph = table.get("cuda_graph", True)
+    if not isinstance(cuda_graph, bool):
+        raise EdgeforgeError(f"{where}: [tvm] cuda_graph must be true or false, got {cuda_graph!r}")
     return TvmTarget(
         name=target.name, os=getattr(target, "os", "linux"), host=dict(host), device=device,
         arches=arches, cross_compiler=table.get("cross_compiler"), export_kind=export_kind,
+        cuda_graph=cuda_graph,
     )
 
 
@@ -157,6 +168,9 @@ def _cuda_fatbin_compiler(arches: list[str]):
     for arch in arches:
         num = arch[3:]
         gencode += ["-gencode", f"arch=compute_{num},code={arch}"]
+    # PTX of the newest arch too: a newer GPU than any listed runs it through the driver's JIT
+    newest = arches[-1][3:].rstrip("af")
+    gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
 
     def compile_fatbin(code, *_target):
         return nvcc.compile_cuda(code, target_format="fatbin", arch=gencode, compiler="nvcc")
@@ -235,11 +249,21 @@ def _cuda_driver_stub() -> Path:
     return out
 
 
-def _first_line(cmd: list[str], last: bool = False) -> str:
+def nvcc_cuda_version() -> int | None:
+    """nvcc's CUDA release as the driver API encodes it (13.0 -> 13000), or None."""
+    import re
+
+    m = re.search(r"release (\d+)\.(\d+)", _first_line(["nvcc", "--version"], last=False, whole=True))
+    return int(m.group(1)) * 1000 + int(m.group(2)) * 10 if m else None
+
+
+def _first_line(cmd: list[str], last: bool = False, whole: bool = False) -> str:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
     except (OSError, subprocess.SubprocessError):
         return "unavailable"
     if not out:
         return "unavailable"
+    if whole:
+        return "\n".join(out)
     return out[-1] if last else out[0]
