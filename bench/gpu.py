@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -142,7 +141,7 @@ def synth_qdir(out: Path, shape: str, scheme: str = "q4f16", seed: int = 0, log=
     shards = Q.plan_shards(plan, Q.MAX_SHARD_BYTES)
     entries, weight_map, total = {}, {}, 0
     t0 = time.monotonic()
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, Q.is_qdir, "QDIR") as tmp:
         for s, members in enumerate(shards, start=1):
             fname = shard_name(s, len(shards))
             with Q.ShardWriter(tmp / fname, Q.shard_specs(plan[i] for i in members)) as shard:

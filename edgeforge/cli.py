@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 
 import click
 
@@ -66,26 +67,67 @@ def cli():
       edgeforge build smollm2-135m --quant q4f16 --target x86-cpu -o dist
       edgeforge smoke dist/smollm2-135m-q4f16-x86-cpu-tvm
 
-    Exit codes: 0 ok, 1 a check failed, 2 bad input or unusable environment.
+    Exit codes: 0 ok, 1 a check failed, 2 bad input or unusable environment, 130 interrupted,
+    143 terminated (SIGTERM; temporary folders are removed). --debug (anywhere) prints the traceback
+    of a failure as well as its one-line message.
     """
 
 
+def _terminate(signum, _frame):
+    """SIGTERM unwinds like Ctrl-C: every temporary folder is removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
+    """Run the CLI. Every failure is one `error:` line on stderr and an exit code (module docstring);
+    `--debug` (anywhere on the line, or EDGEFORGE_DEBUG=1) adds the Python traceback."""
+    import os
+    import signal
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("EDGEFORGE_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        pass
+    code = 0
     try:
         cli.main(args=argv, prog_name="edgeforge", standalone_mode=False)
     except (EdgeforgeError, BundleError, SmokeFailed) as err:
         # The runtime's errors (raised on the device side too) carry the same exit codes.
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
+        code = _fail(str(err), err.exit_code, debug)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        code = 130
     except click.ClickException as err:
         err.show()
-        sys.exit(2)
+        code = 2
     except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
-    sys.exit(0)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        code = 130
+    except OSError as err:  # unwritable or full output locations, vanished files
+        where = f"{err.filename}: " if err.filename else ""
+        code = _fail(f"{where}{err.strerror or err}", 2, debug)
+    except RecursionError as err:
+        code = _fail(f"input too deeply nested ({err})", 2, debug)
+    except Exception as err:  # noqa: BLE001 - the one error path: never a bare traceback
+        code = _fail(f"internal error ({type(err).__name__}: {err}); rerun with --debug for the traceback "
+                     "and report it", 2, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    sys.exit(code)
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        click.echo(traceback.format_exc().rstrip(), err=True)
+    click.echo(f"error: {message}", err=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,31 +1,78 @@
-"""Filesystem helpers: outputs appear whole or not at all."""
+"""Filesystem helpers: outputs appear whole or not at all, and never replace what is not ours.
+
+Every output edgeforge writes (QDIR, compiled artifact, bundle, extracted archive) is built in a
+hidden temporary folder next to its final place and renamed into place at the end. An existing
+final path is replaced only when it is edgeforge's own output of that kind (each caller says how to
+recognize one) or an empty folder: `-o ~` or `-o some-project` is refused, never wiped.
+
+Temporary folders are named `.NAME.tmp-PID-XXXX`: a run killed with SIGKILL leaves one behind, and
+the next run writing next to it removes it once that PID is gone. SIGTERM and SIGINT unwind normally
+(cli.main turns SIGTERM into SystemExit), so the `except` below removes the folder itself.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+from .errors import EdgeforgeError
+
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^/]+$")
+
+
+def is_json_of_format(path: Path, fmt: str) -> bool:
+    """True when `path` is a JSON file whose "format" is `fmt` (how edgeforge marks its outputs)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.loads(f.read(1 << 20))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == fmt
+
+
+def check_replaceable(final: Path, is_ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse to replace `final` unless it is absent, an empty folder, or edgeforge's own `what`."""
+    final = Path(final)
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise EdgeforgeError(f"output {final}: exists and is not a folder; refusing to replace it")
+    if final.is_dir() and any(final.iterdir()) and not is_ours(final):
+        raise EdgeforgeError(f"output {final}: is a non-empty folder that is not an edgeforge {what}; "
+                             "refusing to replace it (choose another path, or empty it yourself)")
 
 
 @contextlib.contextmanager
-def atomic_output_dir(final: str | os.PathLike):
+def atomic_output_dir(final: str | os.PathLike, is_ours: Callable[[Path], bool], what: str):
     """Yield a fresh temporary folder next to `final`; on success it replaces `final` by rename.
 
-    On any exception the temporary folder is removed and `final` is left untouched. Two writers
-    racing for the same `final` each build privately; the last rename wins and the result is always
-    one whole output, never a mix.
+    On any exception (KeyboardInterrupt and SystemExit included) the temporary folder is removed and
+    `final` is left untouched. Two writers racing for the same `final` each build privately; the
+    last rename wins and the result is always one whole output, never a mix.
     """
     final = Path(final).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    check_replaceable(final, is_ours, what)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EdgeforgeError(f"output {final}: cannot create its folder ({err.strerror})") from None
+    clean_stale_temps(final.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    except OSError as err:
+        raise EdgeforgeError(f"output {final}: cannot write next to it ({err.strerror})") from None
     try:
         yield tmp
+        check_replaceable(final, is_ours, what)  # again: something may have appeared meanwhile
+        _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, final)
 
 
 def _replace_dir(new: Path, final: Path) -> None:
@@ -37,8 +84,33 @@ def _replace_dir(new: Path, final: Path) -> None:
             if not final.exists():
                 raise
     # Move the old output aside first: rename() cannot replace a non-empty folder.
-    trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
     os.rename(final, trash / "old")
     os.rename(new, final)
     shutil.rmtree(trash, ignore_errors=True)
 
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove edgeforge temporary folders in `folder` left by runs that no longer exist."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TMP_RE.match(entry.name)
+        if m and entry.is_dir() and not entry.is_symlink() and int(m["pid"]) != os.getpid() \
+                and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed

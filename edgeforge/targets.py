@@ -7,6 +7,7 @@ the current folder, then every folder in $EDGEFORGE_TARGETS (os.pathsep-separate
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,14 +61,29 @@ def _search_dirs() -> list[Path]:
     return out
 
 
+# Target names become parts of bundle folder names: letters, digits, '.', '_' and '-' only.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 def load_target_file(path: Path) -> Target:
     try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise EdgeforgeError(f"target file {path}: {err}") from err
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise EdgeforgeError(f"target file {path}: {err}") from None
     for key in ("name", "backends", "run", "os", "arch"):
         if key not in raw:
             raise EdgeforgeError(f"target file {path}: missing key '{key}'")
+    for key in ("name", "run", "os", "arch", "description"):
+        if key in raw and not isinstance(raw[key], str):
+            raise EdgeforgeError(f"target file {path}: '{key}' must be a string, got {type(raw[key]).__name__}")
+    if not NAME_RE.match(raw["name"]) or ".." in raw["name"]:
+        raise EdgeforgeError(f"target file {path}: name {raw['name']!r} must be 1-64 letters, digits, '.', '_' "
+                             "or '-' (it becomes part of the bundle's folder name)")
+    for table in ("tvm", "onnx"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise EdgeforgeError(f"target file {path}: [{table}] must be a table")
+    if not isinstance(raw["backends"], list) or not all(isinstance(b, str) for b in raw["backends"]):
+        raise EdgeforgeError(f"target file {path}: backends must be a list of names, got {raw['backends']!r}")
     backends = tuple(raw["backends"])
     bad = [b for b in backends if b not in BACKENDS]
     if not backends or bad:

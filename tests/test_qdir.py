@@ -192,7 +192,7 @@ def test_refuses_to_replace_something_that_is_not_a_qdir(loaded, tmp_path):
     precious = tmp_path / "home"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(EdgeforgeError, match="not a QDIR; refusing"):
+    with pytest.raises(EdgeforgeError, match="not an edgeforge QDIR.*refusing"):
         write_qdir(model, "q8f16", precious)
     (tmp_path / "file").write_text("x")
     with pytest.raises(EdgeforgeError, match="not a folder"):

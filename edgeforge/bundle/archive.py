@@ -60,16 +60,41 @@ def _member(root: Path, path: Path):
     return info, open(path, "rb")
 
 
+# Bounds checked while reading, before anything is written: a small archive must not expand into
+# gigabytes of memory or /tmp before it is refused. Quantized weights barely compress, so a real
+# bundle expands far less than MAX_EXPANSION times; MIN_ALLOWANCE covers small, text-heavy bundles.
+MAX_MEMBERS = 10_000
+MAX_EXPANSION = 20
+MIN_ALLOWANCE = 256 << 20
+CHUNK = 1 << 20
+
+
 def check_members(archive: Path) -> list[tarfile.TarInfo]:
-    """Read the whole archive and refuse unsafe members; returns the members. Nothing is written."""
+    """Stream the whole archive once and refuse unsafe members; returns the members. Nothing is
+    written and memory stays at one chunk: member data is read and dropped (a truncated archive
+    must fail here), counts and sizes are bounded as they come."""
+    archive = Path(archive)
+    try:
+        allowance = max(MIN_ALLOWANCE, MAX_EXPANSION * archive.stat().st_size)
+    except OSError as err:
+        raise EdgeforgeError(f"{archive}: cannot read ({err.strerror})") from None
+    total = 0
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = []
             for m in tar:
                 _check_member(archive, m)
                 members.append(m)
-                if m.isfile():  # read the data too: a truncated archive must fail here
-                    tar.extractfile(m).read()
+                if len(members) > MAX_MEMBERS:
+                    raise EdgeforgeError(f"{archive}: more than {MAX_MEMBERS} members; not a bundle, refused")
+                total += m.size
+                if total > allowance:
+                    raise EdgeforgeError(f"{archive}: members expand to more than {allowance >> 20} MiB "
+                                         f"({MAX_EXPANSION}x the archive's size); refused before extracting")
+                if m.isfile():
+                    data = tar.extractfile(m)
+                    while data.read(CHUNK):
+                        pass
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile, zlib.error) as err:
         raise EdgeforgeError(f"{archive}: unreadable or truncated archive ({type(err).__name__}: {err})") from None
     if not members:
@@ -88,6 +113,8 @@ def _check_member(archive: Path, m: tarfile.TarInfo) -> None:
         raise EdgeforgeError(f"{archive}: member {name!r} is a link ({m.linkname!r}); bundles hold no links; refused")
     if not (m.isfile() or m.isdir()):
         raise EdgeforgeError(f"{archive}: member {name!r} is a device, fifo or special file; refused")
+    if m.issparse():
+        raise EdgeforgeError(f"{archive}: member {name!r} is a sparse file (its size is not its data); refused")
 
 
 def extract(archive: Path, dest_parent: Path) -> Path:
@@ -99,7 +126,7 @@ def extract(archive: Path, dest_parent: Path) -> Path:
         raise EdgeforgeError(f"{archive}: expected one top-level bundle folder, found {sorted(tops)[:5]}")
     top = tops.pop()
     final = Path(dest_parent) / top
-    with atomic_output_dir(final) as tmp:
+    with atomic_output_dir(final, lambda p: False, "bundle") as tmp:  # dest_parent is a fresh folder
         with tarfile.open(archive, "r:*") as tar:
             # The members were checked above; the "data" filter is a second line of defence.
             tar.extractall(tmp, members=_strip(tar, top), filter="data")

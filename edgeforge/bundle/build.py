@@ -1,12 +1,14 @@
 """`edgeforge build`: quantize once, compute the golden data once, then compile and bundle per target.
 
 Stages (each printed as progress): fetch/load -> quantize (QDIR in a private temp folder) -> golden
-(numpy reference on that QDIR) -> per (target, backend): compile + bundle (+ archive).
+(numpy reference on that QDIR) -> per (target, backend): compile + bundle (+ archive) -> the bundle's
+own smoke test on this machine, where it can run here (--no-smoke skips it).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import sys
 import tempfile
@@ -16,6 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..errors import EdgeforgeError
+from ..fsutil import clean_stale_temps
+from ..runtime.bundle_errors import BundleError
 from . import archive
 from .config import BuildPlan
 from .pack import bundle_name, make_bundle
@@ -62,16 +66,21 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False, log=pr
     log(f"[load] {plan.model} ({path})")
     model = load_model(path)
     plan.output.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".edgeforge-build-", dir=plan.output) as work:
+    clean_stale_temps(plan.output)  # what a killed build left behind
+    with tempfile.TemporaryDirectory(prefix=f".edgeforge-build.tmp-{os.getpid()}-", dir=plan.output) as work:
         qdir = Path(work) / "qdir"
         log(f"[quantize] {plan.quant}")
-        summary = write_qdir(model, plan.quant, qdir)
+        summary = write_qdir(model, plan.quant, qdir, embed_bits=plan.embed_bits)
         log(f"[quantize] {summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
         log(f"[golden] {len(plan.prompts)} prompts x {plan.golden_tokens} tokens on the numpy reference")
         golden = make_golden(qdir, plan.prompts, plan.golden_tokens, log=lambda m: log(f"  {m}"))
         tasks = [(plan.output / bundle_name(slug, plan.quant, t.name, b), qdir, t, b, golden, make_archive, jobs > 1, plan.sign_key)
                  for t, b in plan.jobs]
         results = _run_tasks(tasks, jobs, log)
+    if plan.smoke:
+        for result in results:
+            if result["ok"]:
+                _smoke_here(result, log)
     return {"model": plan.model, "quant": plan.quant, "output": str(plan.output),
             "seconds": round(time.perf_counter() - t0, 1), "bundles": results}
 
@@ -89,6 +98,35 @@ def _run_tasks(tasks, jobs: int, log) -> list[dict]:
         for result in pool.map(_one, tasks):
             results.append(_report(result, log))
     return results
+
+
+def _smoke_here(result: dict, log) -> None:
+    """Run the new bundle's own smoke test on this machine when it can run here (CPU targets of this
+    machine's architecture, CUDA with a GPU). A FAIL makes the build fail: a bundle that cannot
+    reproduce its own golden outputs is never reported as built."""
+    from .smoke_run import run_local, verify
+
+    bundle = Path(result["path"])
+    manifest = verify(bundle)
+    run = manifest["target"].get("run", "host")
+    try:
+        from ..runtime.hostcheck import check_can_run
+
+        if run not in ("host", "cuda"):
+            raise BundleError(f"its target runs under {run} (`edgeforge smoke` runs it there)")
+        check_can_run(manifest)
+    except BundleError as err:
+        result["smoke"] = f"not run here: {err}"
+        log(f"  smoke {result['target']}/{result['backend']}: not run here ({err})")
+        return
+    code, out = run_local(bundle, [sys.executable], dict(os.environ), "this machine")
+    result["smoke"] = out.get("status", "ERROR")
+    result["smoke_result"] = {k: out.get(k) for k in ("max_logit_err", "tolerance", "tokens_agree", "tokens_total")}
+    log(f"  smoke {result['target']}/{result['backend']}: {result['smoke']} "
+        f"(max logit err {out.get('max_logit_err')}, tokens {out.get('tokens_agree')}/{out.get('tokens_total')})")
+    if code != 0:
+        result.update(ok=False, error=f"its own smoke test on this machine: {out.get('status')} "
+                                      f"({out.get('error') or 'outputs disagree with golden.json'}); bundle at {bundle}")
 
 
 def _report(result: dict, log) -> dict:

@@ -35,7 +35,9 @@ class BuildPlan:
     jobs: list[tuple[object, str]] = field(default_factory=list)  # (Target, backend)
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     golden_tokens: int = DEFAULT_TOKENS
+    embed_bits: int | None = None  # storage bits of the embedding (None: the scheme's choice)
     source: Path | None = None  # the config file, when there was one
+    smoke: bool = True  # run each new bundle's smoke test here when this machine can run it
     sign_key: Path | None = None  # ed25519 private key (PEM): every bundle gets a manifest.sig
 
 
@@ -55,7 +57,40 @@ def read_config(path: Path) -> dict:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise EdgeforgeError(f"build config {path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    _check_values(raw, f"build config {path}")
     return raw
+
+
+MAX_GOLDEN_TOKENS = 256
+
+
+def _check_values(raw: dict, where: str) -> None:
+    """Every value that would build an unusable bundle is refused here, before any work, by key."""
+    for key in ("model", "quant"):
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise EdgeforgeError(f"{where}: '{key}' must be a non-empty string, got {raw[key]!r}")
+    if "output" in raw and (not isinstance(raw["output"], str) or not raw["output"].strip()):
+        raise EdgeforgeError(f"{where}: 'output' must be a non-empty path, got {raw['output']!r}")
+    if "prompts" in raw:
+        prompts = raw["prompts"]
+        if not isinstance(prompts, list) or not prompts:
+            raise EdgeforgeError(f"{where}: 'prompts' must be a non-empty list of strings")
+        bad = [p for p in prompts if not isinstance(p, str) or not p.strip()]
+        if bad:
+            raise EdgeforgeError(f"{where}: 'prompts' has an empty or non-text entry: {bad[0]!r}")
+    if "golden_tokens" in raw:
+        n = raw["golden_tokens"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_GOLDEN_TOKENS:
+            raise EdgeforgeError(f"{where}: 'golden_tokens' must be an integer from 1 to {MAX_GOLDEN_TOKENS}, got {n!r}")
+    if "embed_bits" in raw:
+        from ..quant.schemes import check_embed_bits
+
+        if isinstance(raw["embed_bits"], bool) or not isinstance(raw["embed_bits"], int):
+            raise EdgeforgeError(f"{where}: 'embed_bits' must be an integer, got {raw['embed_bits']!r}")
+        try:
+            check_embed_bits(raw["embed_bits"])
+        except EdgeforgeError as err:
+            raise EdgeforgeError(f"{where}: 'embed_bits': {err}") from None
 
 
 def expand(target_name: str, backends, where: str) -> list[tuple[object, str]]:
@@ -92,7 +127,8 @@ def make_plan(spec: str, quant, targets: tuple[str, ...], backend: str, output) 
         plan = BuildPlan(model=raw["model"], quant=quant or raw["quant"],
                          output=Path(output or raw.get("output", "dist")), source=Path(spec),
                          prompts=tuple(raw.get("prompts", DEFAULT_PROMPTS)),
-                         golden_tokens=int(raw.get("golden_tokens", DEFAULT_TOKENS)))
+                         golden_tokens=int(raw.get("golden_tokens", DEFAULT_TOKENS)),
+                         embed_bits=raw.get("embed_bits"))
         if not Path(plan.model).is_absolute() and (Path(spec).parent / plan.model).exists():
             plan.model = str(Path(spec).parent / plan.model)  # paths in a config are relative to it
     else:

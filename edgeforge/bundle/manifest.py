@@ -30,6 +30,7 @@ def manifest_data(name: str, qdir: Path, target, artifact: dict, requirements: d
                   "source_format": source.get("format", "")},
         "config": config,
         "scheme": quant.get("scheme", artifact.get("scheme")),
+        "embed_format": quant.get("embed_format"),
         "model_dtype": quant.get("model_dtype", artifact.get("model_dtype")),
         "target": {"name": target.name, "description": target.description, "os": target.os,
                    "arch": target.arch, "run": target.run},

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..commands.compile_cmd import compile_qdir
-from ..fsutil import atomic_output_dir
+from ..fsutil import atomic_output_dir, is_json_of_format
 from ..runtime.loader import read_artifact
 from ..runtime.manifest_check import sign_bundle
 from . import layout, readme
@@ -22,11 +22,16 @@ def bundle_name(model_name: str, scheme: str, target: str, backend: str) -> str:
     return f"{model_name}-{scheme}-{target}-{backend}"
 
 
+def is_bundle(path: Path) -> bool:
+    """An edgeforge bundle folder (what a new build of the same name may replace)."""
+    return is_json_of_format(Path(path) / "manifest.json", "edgeforge-bundle")
+
+
 def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, log=lambda m: None,
                 sign_key: Path | None = None) -> dict:
     """Build the bundle at `dest` for (target, backend); returns its manifest."""
     dest = Path(dest)
-    with atomic_output_dir(dest) as tmp:
+    with atomic_output_dir(dest, is_bundle, "bundle") as tmp:
         compile_qdir(qdir, str(target.path) if target.path else target.name, backend, tmp / "artifact", log=log)
         artifact = read_artifact(tmp / "artifact")
         has_weights = bool(artifact.get("needs_weights"))

@@ -93,14 +93,17 @@ def run_local(bundle: Path, python: list[str], env: dict, where: str, log=lambda
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
     reader.start()  # stdout is read aside so that a large result can never block the child
     err_lines = []
-    for line in proc.stderr:
-        err_lines.append(line)
-        log(f"  [{where}] {line.rstrip()}")
     try:
+        for line in proc.stderr:
+            err_lines.append(line)
+            log(f"  [{where}] {line.rstrip()}")
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
         raise EdgeforgeError(f"smoke.py on {where} did not finish within {timeout} s") from None
+    finally:  # interrupted or terminated: the child goes too (it may hold an extracted archive)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     reader.join()
     return parse_result(code, "".join(out), "".join(err_lines), where)
 

@@ -19,6 +19,20 @@ def _stderr_log(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def prompt_text(_ctx, param, value):
+    """click callback for --prompt: non-empty, valid UTF-8 text (argv bytes that are not UTF-8 arrive
+    as lone surrogates, which no tokenizer can encode)."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise click.BadParameter("is not valid UTF-8 text", param=param) from None
+    if not value.strip():
+        raise click.BadParameter("is empty", param=param)
+    return value
+
+
 # ---- build ---------------------------------------------------------------------------------------
 
 @click.command()
@@ -32,9 +46,12 @@ def _stderr_log(msg: str) -> None:
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True, help="Compile this many bundles at once.")
 @click.option("--archive", "make_archive", is_flag=True, help="Also write BUNDLE.tar.gz next to each bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (progress goes to stderr).")
+@click.option("--no-smoke", "no_smoke", is_flag=True,
+              help="Do not run each new bundle's smoke test on this machine (it runs by default where the "
+                   "bundle can run here, and a FAIL fails the build).")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None, metavar="KEY.pem",
               help="Sign every bundle with this ed25519 private key (openssl genpkey -algorithm ed25519 -out KEY.pem).")
-def build(model, quant, targets, backend, output, jobs, make_archive, as_json, sign_key):
+def build(model, quant, targets, backend, output, jobs, make_archive, as_json, no_smoke, sign_key):
     """Build deployment bundles: quantize once, compile and bundle for each target.
 
     MODEL is a model name, an HF folder, a .gguf file, or a build config (.toml).
@@ -50,6 +67,7 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json, s
     from ..bundle.config import make_plan
 
     plan = make_plan(model, quant, tuple(targets), backend, output)
+    plan.smoke = not no_smoke
     if sign_key is not None:
         _check_signing_key(sign_key)
         plan.sign_key = sign_key
@@ -89,7 +107,7 @@ TRUST_OPTION = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--emulate", is_flag=True, help="Run an aarch64 Linux bundle under qemu in the arm64 root.")
 @click.option("--ssh", "ssh", metavar="USER@HOST", default=None, help="Copy the bundle to a device and run smoke.py there.")
-@click.option("--port", type=int, default=22, show_default=True, help="ssh port.")
+@click.option("--port", type=click.IntRange(1, 65535), default=22, show_default=True, help="ssh port.")
 @click.option("--identity", "-i", type=click.Path(exists=True, dir_okay=False), default=None, help="ssh private key.")
 @click.option("--known-hosts", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Accept only host keys from this file (default: accept a new host key, like accept-new).")
@@ -150,11 +168,12 @@ def open_verified(bundle: Path, max_length: int | None = None, trust: Path | Non
 
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompt", "-p", default=None, help="Prompt text; without it (and a terminal) an interactive chat starts.")
+@click.option("--prompt", "-p", default=None, callback=prompt_text,
+              help="Prompt text; without it (and a terminal) an interactive chat starts.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--max-tokens", "-n", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, None), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ctx", type=click.IntRange(2), default=None,
               help="Most tokens a conversation may hold (prompt + answers); default the model's context length. "

@@ -10,8 +10,13 @@ import click
 
 from ..backends import get_backend
 from ..errors import EdgeforgeError
-from ..fsutil import atomic_output_dir
+from ..fsutil import atomic_output_dir, is_json_of_format
 from ..targets import get_target
+
+
+def is_artifact(path: Path) -> bool:
+    """A folder `edgeforge compile` wrote (what a new compile may replace)."""
+    return is_json_of_format(Path(path) / "artifact.json", "edgeforge-artifact")
 
 
 def compile_qdir(qdir: Path, target_name: str, backend: str, out: Path, log=click.echo) -> dict:
@@ -23,7 +28,7 @@ def compile_qdir(qdir: Path, target_name: str, backend: str, out: Path, log=clic
     backend = target.pick_backend(backend)
     module = get_backend(backend)
     start = time.time()
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, is_artifact, "compiled artifact") as tmp:
         artifact = module.compile_model(qdir, target, Path(tmp), log)
         if not (Path(tmp) / "artifact.json").is_file():
             (Path(tmp) / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))

@@ -182,7 +182,8 @@ def inspect(model, as_json):
 # ---- generate ------------------------------------------------------------------------------------
 @click.command("generate")
 @click.argument("model")
-@click.option("--prompt", "-p", required=True, help="The prompt text (the user message with --chat).")
+@click.option("--prompt", "-p", required=True, callback=lambda c, p, v: _prompt_text(c, p, v),
+              help="The prompt text (the user message with --chat).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--max-tokens", "-n", default=64, show_default=True, type=click.IntRange(1, 1 << 20))
@@ -230,6 +231,12 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
         _log(f"[{len(ids)} prompt tokens, {len(result.tokens)} generated; prefill "
              f"{result.prefill_tokens_per_second:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s "
              f"on {engine.device}]")
+
+
+def _prompt_text(ctx, param, value):
+    from .bundle_cmds import prompt_text
+
+    return prompt_text(ctx, param, value)
 
 
 class _Streamer:

@@ -118,6 +118,14 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise EdgeforgeError(f"{source}: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        # Values that build a model whose every output is NaN or empty: refused by name, not shipped.
+        if not (np.isfinite(self.rms_norm_eps) and 0 < self.rms_norm_eps < 1):
+            raise EdgeforgeError(f"{source}: rms_norm_eps must be a small positive number, got {self.rms_norm_eps!r}")
+        if not (np.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise EdgeforgeError(f"{source}: rope_theta must be positive, got {self.rope_theta!r}")
+        if not isinstance(self.context_length, (int, np.integer)) or self.context_length < 2:
+            raise EdgeforgeError(f"{source}: the context length (max_position_embeddings) must be at least 2, "
+                                 f"got {self.context_length!r}")
         s = self.rope_scaling
         if s is not None and s.get("type") not in ("linear", "llama3", "factors"):
             raise EdgeforgeError(f"{source}: unsupported rope scaling {s.get('type')!r}")
@@ -140,10 +148,10 @@ class LlamaConfig:
             num_kv_heads=int(hf.get("num_key_value_heads") or heads),
             head_dim=int(hf.get("head_dim") or hidden // heads),
             intermediate_size=_int(hf, "intermediate_size", source),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_float(hf, "rms_norm_eps", source, 1e-6),
             rope_theta=0.0,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            context_length=int(hf.get("max_position_embeddings") or 2048),
+            context_length=_int(hf, "max_position_embeddings", source, 2048),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=[] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])],
         )
@@ -200,10 +208,27 @@ class LlamaConfig:
         return cfg
 
 
-def _int(d: dict, key: str, source: str) -> int:
-    if d.get(key) is None:
-        raise EdgeforgeError(f"{source}: missing '{key}'")
-    return int(d[key])
+_REQUIRED = object()
+
+
+def _float(d: dict, key: str, source: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EdgeforgeError(f"{source}: '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _int(d: dict, key: str, source: str, default=_REQUIRED) -> int:
+    """An integer field: missing -> `default` (or an error); present but not an integer -> an error
+    naming the key (a float or string count is a broken config, not something to round)."""
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise EdgeforgeError(f"{source}: missing '{key}'")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise EdgeforgeError(f"{source}: '{key}' must be an integer, got {value!r}")
+    return int(value)
 
 
 def _check_hf_architecture(hf: dict, source: str) -> None:

@@ -50,6 +50,8 @@ def load_model(path: str | os.PathLike, log=lambda msg: None) -> LoadedModel:
     p = Path(path)
     if not p.exists():
         raise EdgeforgeError(f"{path}: no such file or folder")
+    if not (p.is_dir() or p.is_file()):  # a FIFO or device would block or never end
+        raise EdgeforgeError(f"{path}: not a regular file or folder")
     if p.is_dir():
         if (p / "quantization.json").exists():
             from ..quant.qdir import load_qdir  # written by the quantization part; imported on use

@@ -76,6 +76,11 @@ class ReferenceModel:
         self.reset()
 
     # ---- Engine interface --------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        """The most tokens a sequence may hold (generate() refuses longer prompts)."""
+        return self.config.context_length
+
     def reset(self) -> None:
         self.cache = KVCache(self.config)
 

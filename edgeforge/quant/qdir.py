@@ -75,15 +75,6 @@ def plan_shards(plan, max_shard_bytes: int) -> list[list[int]]:
     return shards
 
 
-def check_replaceable(out) -> None:
-    """Only an earlier QDIR or an empty folder may be replaced: `-o ~` must never wipe a home."""
-    out = Path(out)
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise EdgeforgeError(f"output {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_qdir(out):
-        raise EdgeforgeError(f"output {out}: is a non-empty folder that is not a QDIR; refusing to replace it")
-
-
 def tensor_entry(shape, fmt) -> dict:
     entry = {"format": fmt.name, "shape": list(shape)}
     if fmt.scale_dtype:
@@ -100,14 +91,13 @@ def write_qdir(model, scheme, out, embed_bits: int | None = None, log: Callable[
     """
     scheme = get_scheme(scheme)
     check_embed_bits(embed_bits)
-    check_replaceable(out)
     start = time.perf_counter()
     plan = plan_tensors(model, scheme, embed_bits)
     shards = plan_shards(plan, max_shard_bytes)
     entries: dict[str, dict] = {}
     weight_map: dict[str, str] = {}
     total = 0
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, is_qdir, "QDIR (quantized model folder)") as tmp:
         for s, members in enumerate(shards, start=1):
             fname = shard_name(s, len(shards))
             with ShardWriter(tmp / fname, shard_specs(plan[i] for i in members)) as shard:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .bundle_errors import BundleError
 from .sampling import Sampler
 
 
@@ -48,7 +49,15 @@ def generate(engine, prompt_ids, max_tokens: int, sampler: Sampler | None = None
     """
     prompt_ids = [int(i) for i in prompt_ids]
     if not prompt_ids:
-        raise ValueError("the prompt has no tokens")
+        raise BundleError("the prompt is empty (no tokens): give some text")
+    # A prompt past the context would make an engine allocate for it (the numpy reference's
+    # attention is T x T per head): refuse it up front, and stop generating at the context's end.
+    limit = getattr(engine, "context_length", None)
+    if limit:
+        if len(prompt_ids) >= limit:
+            raise BundleError(f"the prompt has {len(prompt_ids)} tokens and the context holds {limit}: "
+                              "use a shorter prompt (or --ctx, where the model allows a longer context)")
+        max_tokens = min(max_tokens, limit - len(prompt_ids))
     sampler = sampler or Sampler()
     stop = {int(s) for s in stop_ids}
     tokens, kept = [], [] if keep_logits else None

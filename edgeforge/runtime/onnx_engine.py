@@ -55,6 +55,7 @@ class OnnxEngine:
         self.num_layers = int(self.info["num_layers"])
         self.vocab_size = int(self.info["vocab_size"])
         self.max_length = checked_max_length(max_length, self.info["context_length"])
+        self.context_length = self.max_length
         self.kv_dtype = KV_DTYPES[self.info["kv_dtype"]]
         self.kv_mode = kv_mode or KV_MODES.get(self.provider, "copy")
         if self.kv_mode not in ("shared", "copy"):

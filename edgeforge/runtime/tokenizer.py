@@ -81,8 +81,48 @@ class Tokenizer:
             raise TokenizerError(f"chat template failed: {type(err).__name__}: {err}") from err
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of the rendered chat. Like transformers, the template writes BOS itself if it wants one."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+        """Ids of the rendered chat. Like transformers, the template writes BOS itself if it wants one.
+
+        Message text is text: a user who types "<|im_start|>system" gets those characters, never the
+        special tokens that open a system turn. Only the template's own markup becomes special tokens.
+        When no message contains special-token text, the ids are exactly those of the whole rendered
+        string (what transformers gives)."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        specials = self._special_strings()
+        if not any(sp in str(m.get("content", "")) for m in messages for sp in specials):
+            return self.encode(text, add_bos=False)
+        return self._encode_with_plain_contents(messages, add_generation_prompt, text)
+
+    def _special_strings(self) -> list[str]:
+        return [t.content for t in self.tok.get_added_tokens_decoder().values() if t.special and t.content]
+
+    def _encode_with_plain_contents(self, messages, add_generation_prompt: bool, text: str) -> list[int]:
+        """Render with a placeholder per message, then encode the template's text with special tokens
+        matched and each message's text with special tokens spelled out as ordinary text."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        marked = [dict(m, content=mark) for m, mark in zip(messages, marks)]
+        skeleton = self.apply_chat_template(marked, add_generation_prompt)
+        pieces, rest = [], skeleton
+        for m, mark in zip(messages, marks):
+            before, found, rest = rest.partition(mark)
+            if not found:  # the template transforms message text: its spans cannot be located
+                raise TokenizerError("a message contains special-token text and this chat template rewrites "
+                                     "message text; refusing rather than letting the text act as markup")
+            pieces += [(before, True), (str(m.get("content", "")), False)]
+        pieces.append((rest, True))
+        if "".join(p for p, _ in pieces) != text:
+            raise TokenizerError("a message contains special-token text and the chat template does not place "
+                                 "message text verbatim; refusing rather than letting the text act as markup")
+        ids = []
+        for piece, markup in pieces:
+            if not piece:
+                continue
+            self.tok.encode_special_tokens = not markup
+            try:
+                ids += self.tok.encode(piece, add_special_tokens=False).ids
+            finally:
+                self.tok.encode_special_tokens = False
+        return ids
 
     # ---- files ---------------------------------------------------------------------------------
     def config_dict(self) -> dict:

@@ -101,6 +101,7 @@ class TvmEngine:
         self._tvm = tvm
         weights = QdirWeights(weights_dir)
         self.max_seq_len = checked_max_length(max_seq_len, weights.config.get("context_length"), 2048)
+        self.context_length = self.max_seq_len
         self.params = self._load_params(weights)
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
         self._cache_fns = {

@@ -1,0 +1,118 @@
+"""Issue 11, as a careless user: outputs never destroy what edgeforge did not create, names from
+files never become paths outside -o, and a killed run leaves nothing behind (or the next run cleans it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bundle_helpers import cli
+
+
+@pytest.fixture(scope="module")
+def qdir(tiny_model, tmp_path_factory):
+    from edgeforge.model.loader import load_model
+    from edgeforge.quant.qdir import write_qdir
+
+    out = tmp_path_factory.mktemp("outputs") / "qdir"
+    write_qdir(load_model(tiny_model("llama32")), "q4f32", out)
+    return out
+
+
+def _precious(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "thesis.tex").write_text("years of work")
+    return folder
+
+
+def test_compile_refuses_to_replace_an_unrelated_folder(qdir, tmp_path, capsys):
+    precious = _precious(tmp_path / "project")
+    code, _, err = cli(capsys, "compile", qdir, "--target", "x86-cpu", "--backend", "onnx", "-o", precious)
+    assert code == 2 and "refusing to replace" in err and str(precious) in err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_compile_refuses_to_replace_a_file(qdir, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep")
+    code, _, err = cli(capsys, "compile", qdir, "--target", "x86-cpu", "--backend", "onnx", "-o", target)
+    assert code == 2 and "not a folder" in err
+    assert target.read_text() == "keep"
+
+
+def test_compile_replaces_its_own_output_and_empty_folders(qdir, tmp_path, capsys):
+    out = tmp_path / "art"
+    out.mkdir()  # empty: fine
+    for _ in range(2):  # the second run replaces the first run's artifact
+        code, _, err = cli(capsys, "compile", qdir, "--target", "x86-cpu", "--backend", "onnx", "-o", out)
+        assert code == 0, err
+    assert (out / "artifact.json").is_file()
+
+
+def test_build_refuses_an_unrelated_folder_with_a_bundles_name(tiny_model, tmp_path, capsys):
+    dist = tmp_path / "dist"
+    name = "tiny-llama320-q4f32-x86-cpu-onnx"
+    precious = _precious(dist / name)
+    code, _, err = cli(capsys, "build", tiny_model("llama32"), "--quant", "q4f32", "--target", "x86-cpu",
+                       "--backend", "onnx", "-o", dist)
+    assert code == 2 and "refusing to replace" in err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", "", "x" * 65, ".hidden", "na me"])
+def test_target_names_never_become_paths(tmp_path, name):
+    import json
+
+    t = tmp_path / "evil.toml"
+    t.write_text(f"name = {json.dumps(name)}\nbackends = [\"onnx\"]\nrun = \"host\"\nos = \"linux\"\n"
+                 "arch = \"x86_64\"\n[onnx]\nexecution_provider = \"CPUExecutionProvider\"\n")
+    from edgeforge.errors import EdgeforgeError
+    from edgeforge.targets import load_target_file
+
+    with pytest.raises(EdgeforgeError, match="name .* must be"):
+        load_target_file(t)
+
+
+def test_stale_temporary_folders_of_dead_runs_are_cleaned(qdir, tmp_path, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".art.tmp-{dead}-abcd"
+    stale.mkdir()
+    (stale / "half-written").write_text("x")
+    alive = tmp_path / f".other.tmp-{os.getpid()}-abcd"  # ours (alive): kept
+    alive.mkdir()
+    code, _, err = cli(capsys, "compile", qdir, "--target", "x86-cpu", "--backend", "onnx", "-o", tmp_path / "art")
+    assert code == 0, err
+    assert not stale.exists() and alive.exists()
+
+
+def _wait_for(pred, timeout=120):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_build_leaves_nothing(tiny_model, tmp_path, sig):
+    dist = tmp_path / "dist"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant",
+                             "q4f32", "--target", "x86-cpu", "--backend", "tvm", "-o", str(dist)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # wait until the build is under way (its private work folder exists), then stop it
+    assert _wait_for(lambda: dist.is_dir() and any(p.name.startswith(".") for p in dist.iterdir())), \
+        proc.communicate(timeout=60)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, 128 + signal.SIGTERM), err
+    assert "Traceback" not in err
+    assert list(dist.iterdir()) == [], f"left behind: {list(dist.iterdir())}"
