@@ -151,7 +151,7 @@ def open_verified(bundle: Path, max_length: int | None = None, trust: Path | Non
     from ..runtime.hostcheck import check_can_run
     from ..runtime.manifest_check import verify_bundle
     from ..runtime.smoke import open_bundle_engine
-    from ..runtime.tokenizer import Tokenizer
+    from ..runtime.tokenizer import Tokenizer, TokenizerError
 
     bundle = Path(bundle)
     if not bundle.is_dir():
@@ -159,9 +159,9 @@ def open_verified(bundle: Path, max_length: int | None = None, trust: Path | Non
     try:
         manifest = verify_bundle(bundle, trust)
         check_can_run(manifest)
-        engine = open_bundle_engine(bundle, manifest, max_length=max_length)
         tokenizer = Tokenizer.load(bundle / "tokenizer")
-    except BundleError as err:
+        engine = open_bundle_engine(bundle, manifest, max_length=max_length)
+    except (BundleError, TokenizerError) as err:
         raise EdgeforgeError(str(err)) from None
     return manifest, engine, tokenizer
 

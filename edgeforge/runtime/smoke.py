@@ -146,6 +146,8 @@ def main(argv=None, bundle: Path | None = None, verified: dict | None = None) ->
         result, code = {"status": "FAIL", "error": str(err)}, 1
     except BundleError as err:
         result, code = {"status": "ERROR", "error": str(err)}, 2
+    except Exception as err:  # noqa: BLE001 - malformed bundle data (consistent checksums, bad content)
+        result, code = {"status": "ERROR", "error": f"unusable bundle: {type(err).__name__}: {err}"}, 2
     if args.json:
         print(json.dumps(result, indent=1, default=float))
     elif "error" in result:

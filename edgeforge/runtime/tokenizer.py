@@ -148,8 +148,16 @@ class Tokenizer:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise TokenizerError(f"{cfg_path}: cannot read tokenizer config ({err})") from None
-        return cls(tok, cfg.get("bos_token_id"), cfg.get("eos_token_ids") or [],
-                   cfg.get("add_bos_token", False), cfg.get("chat_template"))
+        try:
+            if not isinstance(cfg, dict):
+                raise TypeError("not a JSON object")
+            template = cfg.get("chat_template")
+            if template is not None and not isinstance(template, str):
+                raise TypeError("chat_template is not text")
+            return cls(tok, cfg.get("bos_token_id"), cfg.get("eos_token_ids") or [],
+                       cfg.get("add_bos_token", False), template)
+        except (TypeError, ValueError) as err:
+            raise TokenizerError(f"{cfg_path}: malformed tokenizer config ({err})") from None
 
 
 def load_tokenizer_json(path: str | os.PathLike) -> _HFTokenizer:
