@@ -13,8 +13,7 @@ import traceback
 import click
 
 from . import __version__
-from .errors import EdgeforgeError
-from .runtime.bundle_errors import BundleError, SmokeFailed
+from .runtime.bundle_errors import Failure
 
 # name -> "module:attribute". Imported on first use so `edgeforge --help` stays fast and a missing
 # optional dependency (tvm, onnx) only affects the commands that need it.
@@ -95,7 +94,7 @@ def main(argv=None):
     code = 0
     try:
         cli.main(args=argv, prog_name="edgeforge", standalone_mode=False)
-    except (EdgeforgeError, BundleError, SmokeFailed) as err:
+    except Failure as err:
         # The runtime's errors (raised on the device side too) carry the same exit codes.
         code = _fail(str(err), err.exit_code, debug)
     except click.exceptions.Abort:

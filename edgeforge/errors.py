@@ -1,7 +1,9 @@
 """Errors with exit codes. The CLI turns them into one line on stderr and a documented exit code."""
 
+from .runtime.bundle_errors import Failure
 
-class EdgeforgeError(Exception):
+
+class EdgeforgeError(Failure):
     """Bad input, an unusable bundle or a missing toolchain/accelerator: exit code 2.
 
     The message must name the file, tensor or option at fault.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bundle_helpers import cli, copy_bundle, host_bundle, resign  # noqa: F401 (fixture)
+from bundle_helpers import copy_bundle, host_bundle, resign  # noqa: F401 (fixture)
 
 CASES = int(os.environ.get("EDGEFORGE_FUZZ_CASES", "60"))
 TIME_BUDGET = float(os.environ.get("EDGEFORGE_FUZZ_SECONDS", "150"))

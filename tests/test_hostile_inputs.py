@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bundle_helpers import cli, copy_bundle, host_bundle  # noqa: F401 (fixture)
+from bundle_helpers import cli, host_bundle  # noqa: F401 (fixture)
 
 
 def _edf(*args, timeout=120, **kw) -> subprocess.CompletedProcess:

@@ -87,6 +87,6 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
 
 
 def _model_dtype(qdir: Path) -> str:
-    import json
+    from ..runtime.files import read_json
 
-    return json.loads((Path(qdir) / "quantization.json").read_text()).get("model_dtype", "float32")
+    return read_json(Path(qdir) / "quantization.json").get("model_dtype", "float32")

@@ -6,16 +6,12 @@ compiled files whose bytes the compiler does not keep stable.
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
 from .. import __version__
+from ..runtime.files import read_json
 from ..runtime.manifest_check import read_manifest, verify_bundle, write_manifest  # noqa: F401  (re-exported)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def manifest_data(name: str, qdir: Path, target, artifact: dict, requirements: dict, has_weights: bool) -> dict:

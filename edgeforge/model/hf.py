@@ -3,13 +3,13 @@ generation_config.json. Tensors are memory-mapped; nothing is read until asked f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import EdgeforgeError
 from ..runtime.safetensors import SafetensorsError, SafetensorsFolder
+from ..runtime.files import read_json
 from ..runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer_json
 from .config import LlamaConfig
 from .loader import LoadedModel, TensorSource, check_shapes, files_sha256
@@ -56,18 +56,6 @@ class HFTensors(TensorSource):
     def release(self, name: str) -> None:
         """Done with `name` for now: drop its mapped pages (streaming quantization calls this)."""
         self.st.release(name)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise EdgeforgeError(f"{path}: cannot read ({err.strerror})") from None
-    except ValueError as err:
-        raise EdgeforgeError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise EdgeforgeError(f"{path}: expected a JSON object")
-    return data
 
 
 def load_hf_folder(folder: Path) -> LoadedModel:

@@ -5,7 +5,14 @@ into EdgeforgeError / CheckFailed with the same exit codes.
 """
 
 
-class BundleError(Exception):
+class Failure(Exception):
+    """Every failure edgeforge reports: one line, an exit code. The compiler's EdgeforgeError and
+    the runtime's errors below all derive from it, so the CLI and smoke.py have one error path."""
+
+    exit_code = 2
+
+
+class BundleError(Failure):
     """The bundle or this machine cannot be used (tampered file, missing runtime, wrong device): exit 2."""
 
     exit_code = 2
@@ -15,7 +22,7 @@ class CannotRunHere(BundleError):
     """The bundle is fine but needs hardware or an OS this machine does not have: exit 2."""
 
 
-class SmokeFailed(Exception):
+class SmokeFailed(Failure):
     """The bundle ran and its outputs disagree with the golden data: exit 1."""
 
     exit_code = 1

@@ -7,13 +7,13 @@ docs/INTERNALS.md ("QDIR").
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from .bundle_errors import BundleError
+from .files import read_json as _read_json
 from .safetensors import SafetensorsError, SafetensorsFolder
 
 CONFIG = "config.json"
@@ -47,19 +47,7 @@ def is_qdir(path: str | os.PathLike) -> bool:
 
 
 def read_json(path: Path, fmt: str | None = None) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing") from None
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{path}: unreadable JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: expected a JSON object")
-    if fmt is not None and (data.get("format") != fmt or data.get("version") != VERSION):
-        raise BundleError(
-            f"{path}: expected format '{fmt}' version {VERSION}, got '{data.get('format')}' version {data.get('version')}"
-        )
-    return data
+    return _read_json(path, fmt, VERSION if fmt is not None else None)
 
 
 class QdirWeights:

@@ -24,14 +24,11 @@ MODULE_TAR = "model.tar"
 def load_spec(qdir: Path) -> tuple[ModelSpec, dict]:
     """ModelSpec from a QDIR's config.json and quantization.json (plus the quantization dict)."""
     from ...model.config import LlamaConfig
+    from ...runtime.files import read_json
 
     qdir = Path(qdir)
     config_path, quant_path = qdir / "config.json", qdir / "quantization.json"
-    try:
-        config = json.loads(config_path.read_text())
-        quant = json.loads(quant_path.read_text())
-    except (OSError, ValueError) as err:
-        raise EdgeforgeError(f"{qdir}: cannot read config.json/quantization.json ({err})") from None
+    config, quant = read_json(config_path), read_json(quant_path)
     cfg = LlamaConfig.from_dict(config, source=str(config_path))
     formats = {}
     for name, info in quant.get("tensors", {}).items():
