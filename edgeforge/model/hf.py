@@ -53,6 +53,12 @@ class HFTensors(TensorSource):
         except SafetensorsError as err:
             raise EdgeforgeError(str(err)) from None
 
+    def rows(self, name: str, index) -> np.ndarray:
+        try:
+            return np.asarray(self.st.get(name)[index], dtype=np.float32)  # memory-mapped: reads those rows
+        except SafetensorsError as err:
+            raise EdgeforgeError(str(err)) from None
+
     def release(self, name: str) -> None:
         """Done with `name` for now: drop its mapped pages (streaming quantization calls this)."""
         self.st.release(name)

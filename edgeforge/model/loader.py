@@ -36,6 +36,11 @@ class TensorSource:
         """How the source stores it, e.g. "BF16", "F32", "Q4_1" (for `inspect`)."""
         raise NotImplementedError
 
+    def rows(self, name: str, index) -> np.ndarray:
+        """Rows `index` (a slice or an id array) of a 2-D weight as float32. Sources that can read
+        part of a tensor override this; the fallback reads the whole tensor."""
+        return np.asarray(self.get(name)[index], dtype=np.float32)
+
 
 @dataclass
 class LoadedModel:

@@ -8,6 +8,8 @@ Engine interface (reset/prefill/decode) with a KV cache.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .config import LlamaConfig
@@ -60,18 +62,71 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / np.sum(e, axis=-1, keepdims=True)
 
 
+def cache_budget_bytes() -> int:
+    """How much of the dequantized float32 weights the reference keeps (EDGEFORGE_REFERENCE_CACHE_MB,
+    default 1024): a 135M model stays whole (as fast as ever), an 8B one streams."""
+    return int(float(os.environ.get("EDGEFORGE_REFERENCE_CACHE_MB", "1024")) * (1 << 20))
+
+
+class Weights:
+    """name -> float32 weight, from the model's own storage (a memory-mapped QDIR, safetensors or
+    GGUF) when it is used. The first weights that fit the budget are kept (decoding walks the layers
+    in the same order every step, so "first come, kept" beats LRU, which would evict each weight just
+    before it is needed again); the others are dequantized for one use and dropped. Memory is then
+    the stored weights (mapped, paged in and out by the OS) plus the budget plus one matrix."""
+
+    def __init__(self, tensors, shapes: dict, budget: int, block_bytes: int | None = None):
+        self.tensors, self.shapes, self.kept, self.budget, self.used = tensors, shapes, {}, budget, 0
+        # x @ W.T over a weight larger than this goes in row blocks, so the working set stays one
+        # block (the tied 128k-vocab head is 2 GB in float32); each output is the same dot product.
+        self.block_bytes = block_bytes or int(float(os.environ.get("EDGEFORGE_REFERENCE_BLOCK_MB", "64")) * (1 << 20))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        w = self.kept.get(name)
+        if w is None:
+            w = np.ascontiguousarray(self.tensors.get(name), dtype=np.float32)
+            if self.used + w.nbytes <= self.budget:
+                self.kept[name] = w
+                self.used += w.nbytes
+        return w
+
+    def rows(self, name: str, index) -> np.ndarray:
+        w = self.kept.get(name)
+        if w is not None:
+            return w[index]
+        read = getattr(self.tensors, "rows", None)  # sources without partial reads give the whole tensor
+        rows = read(name, index) if read is not None else self.tensors.get(name)[index]
+        return np.asarray(rows, dtype=np.float32)
+
+    def matmul_t(self, x: np.ndarray, name: str) -> np.ndarray:
+        """x @ W.T, W [out, in], in row blocks when W is large and not kept."""
+        out_f, in_f = self.shapes[name]
+        size = out_f * in_f * 4
+        if name in self.kept or size <= self.block_bytes or self.used + size <= self.budget:
+            return x @ self[name].T
+        step = max(1, self.block_bytes // (in_f * 4))
+        y = np.empty((x.shape[0], out_f), dtype=np.float32)
+        for start in range(0, out_f, step):
+            block = self.rows(name, slice(start, start + step))
+            y[:, start : start + step] = x @ block.T
+        return y
+
+
 class ReferenceModel:
-    """Engine over a LoadedModel (or a config + a TensorSource): float32 numpy on the CPU."""
+    """Engine over a LoadedModel (or a config + a TensorSource): float32 numpy on the CPU.
+
+    Weights come from the model's storage as they are used (class Weights): the float32 model is
+    never held whole unless it fits the cache budget, so the reference of an 8B model runs in the
+    memory of its quantized weights plus a working set."""
 
     device = "cpu (numpy reference)"
 
-    def __init__(self, model=None, *, config: LlamaConfig | None = None, tensors=None):
+    def __init__(self, model=None, *, config: LlamaConfig | None = None, tensors=None, cache_bytes: int | None = None):
         self.config = config if config is not None else model.config
         tensors = tensors if tensors is not None else model.tensors
-        # Each weight converted to float32 once (dequantized if the source is quantized).
-        self.w = {name: np.ascontiguousarray(tensors.get(name), dtype=np.float32)
-                  for name in self.config.tensor_shapes()}
-        self.lm_head = self.w["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+        self.w = Weights(tensors, self.config.tensor_shapes(),
+                         cache_budget_bytes() if cache_bytes is None else cache_bytes)
+        self.head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
         self.inv_freq = self.config.rope_inv_freq()
         self.reset()
 
@@ -104,13 +159,13 @@ class ReferenceModel:
             raise ValueError(f"token id out of range [0, {c.vocab_size})")
         positions = np.arange(cache.length, cache.length + len(ids))
         cos, sin = self._rope_tables(positions)
-        x = self.w["model.embed_tokens.weight"][ids]
+        x = self.w.rows("model.embed_tokens.weight", np.asarray(ids))
         for layer in range(c.num_layers):
             x = x + self._attention(layer, x, cos, sin, cache, positions)
             x = x + self._mlp(layer, x)
         cache.length += len(ids)
         x = rms_norm(x, self.w["model.norm.weight"], c.rms_norm_eps)
-        return x @ self.lm_head.T
+        return self.w.matmul_t(x, self.head)
 
     def _rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # float32 products like transformers (inv_freq @ positions in float32), then cat(freqs, freqs)
@@ -122,9 +177,9 @@ class ReferenceModel:
         c, p = self.config, f"model.layers.{layer}."
         t, hd = x.shape[0], c.head_dim
         h = rms_norm(x, self.w[p + "input_layernorm.weight"], c.rms_norm_eps)
-        q = (h @ self.w[p + "self_attn.q_proj.weight"].T).reshape(t, c.num_heads, hd).transpose(1, 0, 2)
-        k = (h @ self.w[p + "self_attn.k_proj.weight"].T).reshape(t, c.num_kv_heads, hd).transpose(1, 0, 2)
-        v = (h @ self.w[p + "self_attn.v_proj.weight"].T).reshape(t, c.num_kv_heads, hd).transpose(1, 0, 2)
+        q = self.w.matmul_t(h, p + "self_attn.q_proj.weight").reshape(t, c.num_heads, hd).transpose(1, 0, 2)
+        k = self.w.matmul_t(h, p + "self_attn.k_proj.weight").reshape(t, c.num_kv_heads, hd).transpose(1, 0, 2)
+        v = self.w.matmul_t(h, p + "self_attn.v_proj.weight").reshape(t, c.num_kv_heads, hd).transpose(1, 0, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.append(layer, k, v)  # [kv_heads, S, hd]
         # GQA: query heads g*group .. g*group+group-1 share KV head g.
@@ -135,11 +190,11 @@ class ReferenceModel:
         scores = np.where(causal, np.float32(-np.inf), scores)
         out = softmax(scores).reshape(c.num_kv_heads, c.kv_group * t, -1) @ values  # [kv, group*T, hd]
         out = out.reshape(c.num_heads, t, hd).transpose(1, 0, 2).reshape(t, c.num_heads * hd)
-        return out @ self.w[p + "self_attn.o_proj.weight"].T
+        return self.w.matmul_t(out, p + "self_attn.o_proj.weight")
 
     def _mlp(self, layer, x) -> np.ndarray:
         c, p = self.config, f"model.layers.{layer}."
         h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-        gate = h @ self.w[p + "mlp.gate_proj.weight"].T
-        up = h @ self.w[p + "mlp.up_proj.weight"].T
-        return (silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T
+        gate = self.w.matmul_t(h, p + "mlp.gate_proj.weight")
+        up = self.w.matmul_t(h, p + "mlp.up_proj.weight")
+        return self.w.matmul_t(silu(gate) * up, p + "mlp.down_proj.weight")

@@ -208,6 +208,11 @@ class QdirTensors:
         except BundleError as err:
             raise EdgeforgeError(str(err)) from None
 
+    def rows(self, name: str, index) -> np.ndarray:
+        """Only the rows asked for are dequantized (formats work row by row on memory-mapped arrays)."""
+        arrays = {role: np.asarray(a[index]) if a.ndim == 2 else a for role, a in self.arrays(name).items()}
+        return self.format(name).dequantize(arrays)
+
     def get(self, name: str) -> np.ndarray:
         w = self.format(name).dequantize(self.arrays(name))
         shape = self.shape(name)
