@@ -43,6 +43,18 @@ SHAPES = {
     ),
 }
 
+# Shapes tested on their own (not in every shape-parametrized test)
+EXTRA_SHAPES = {
+    # Llama 3.1: llama3 rope scaling past an 8k original context, GQA 4:1, untied head
+    "llama31long": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, tie_word_embeddings=False, rope_theta=500000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=16384,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
+}
+
 
 def _train_bpe_tokenizer(out: Path) -> int:
     """Byte-level BPE (Llama-3 style) trained on the eval text; writes tokenizer.json + config."""
@@ -91,7 +103,7 @@ def make_tiny_llama(out: Path, shape: str, seed: int = 0) -> Path:
         vocab = _train_bpe_tokenizer(out)
         bos, eos = 0, 1  # <|begin_of_text|>, <|eot_id|>
     cfg = LlamaConfig(vocab_size=vocab, bos_token_id=bos, eos_token_id=eos,
-                      initializer_range=0.08, **SHAPES[shape])
+                      initializer_range=0.08, **(SHAPES.get(shape) or EXTRA_SHAPES[shape]))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     # Random norms (not all ones) so that a loader that drops or mixes them up is caught.
