@@ -199,3 +199,31 @@ def test_chat_text_never_becomes_special_tokens(tiny_model):
     assert "<|start_header_id|>system" in tok.decode(evil, skip_special_tokens=True)
     # and ordinary chats are unchanged: the same ids as the whole rendered string
     assert plain == tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello there"}]), add_bos=False)
+
+
+def test_a_listener_that_is_not_ssh_is_a_clear_error(host_bundle, capsys):
+    """A port that answers with something other than SSH (a web server, say)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+
+    def serve():
+        server.settimeout(30)
+        try:
+            conn, _ = server.accept()
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            conn.close()
+        except OSError:
+            pass
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    pytest.importorskip("paramiko")
+    proc = _edf("smoke", host_bundle[0], "--ssh", "pi@127.0.0.1", "--port", port)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --ssh pi@127.0.0.1")
+    assert "Traceback" not in proc.stderr and "raise " not in proc.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bundle_helpers import cli
+from bundle_helpers import cli, host_bundle  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,53 @@ def test_signal_during_build_leaves_nothing(tiny_model, tmp_path, sig):
     assert proc.returncode in (130, 128 + signal.SIGTERM), err
     assert "Traceback" not in err
     assert list(dist.iterdir()) == [], f"left behind: {list(dist.iterdir())}"
+
+
+def test_signal_during_archive_smoke_removes_the_extracted_bundle(host_bundle, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "smoke", str(host_bundle[1])], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: any(p.name.startswith("edgeforge-smoke-") for p in tmp.iterdir())), \
+        proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 128 + signal.SIGTERM), err  # 0: it finished first
+    assert "Traceback" not in err
+    assert not [p for p in tmp.iterdir() if p.name != ".ses"], f"left in TMPDIR: {list(tmp.iterdir())}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere: the permission check cannot fail")
+def test_unwritable_output_is_one_error_line(qdir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, _, err = cli(capsys, "compile", qdir, "--target", "x86-cpu", "--backend", "onnx", "-o", locked / "art")
+    assert code == 2 and err.startswith("error:") and "locked" in err
+
+
+def test_output_under_a_file_is_one_error_line(qdir, tmp_path, capsys):
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("x")
+    code, _, err = cli(capsys, "compile", qdir, "--target", "x86-cpu", "--backend", "onnx", "-o", blocker / "art")
+    assert code == 2 and err.startswith("error:") and "plain-file" in err and "Traceback" not in err
+    assert blocker.read_text() == "x"
+
+
+def test_a_bundle_that_fails_its_own_smoke_fails_the_build(host_bundle, tmp_path):
+    """build reports success only for bundles that reproduce their golden outputs here."""
+    import json
+
+    from bundle_helpers import copy_bundle, resign
+    from edgeforge.bundle.build import _smoke_here
+
+    bundle = copy_bundle(host_bundle[0], tmp_path / "b")
+    golden = json.loads((bundle / "golden.json").read_text())
+    for prompt in golden["prompts"]:  # the engine will disagree with every step
+        for step in prompt["steps"]:
+            step["top_logits"] = [v + 100.0 for v in step["top_logits"]]
+    (bundle / "golden.json").write_text(json.dumps(golden))
+    resign(bundle)
+    result = {"ok": True, "path": str(bundle), "target": "x86-cpu", "backend": "onnx"}
+    _smoke_here(result, lambda m: None)
+    assert result["ok"] is False and result["smoke"] == "FAIL" and "its own smoke test" in result["error"]

@@ -6,6 +6,7 @@ The device needs Python 3 with the bundle's requirements.txt installed. The remo
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import shlex
@@ -28,6 +29,8 @@ def connect(dest: str, port: int = 22, identity: str | None = None, known_hosts:
         import paramiko
     except ImportError:
         raise EdgeforgeError("--ssh needs paramiko: pip install 'edgeforge[ssh]'") from None
+    # paramiko logs its own tracebacks (a bad banner, say); our one-line error says what failed
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     user, host = parse_dest(dest)
     client = paramiko.SSHClient()
     client.load_system_host_keys()
