@@ -70,7 +70,7 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False, log=pr
     with tempfile.TemporaryDirectory(prefix=f".edgeforge-build.tmp-{os.getpid()}-", dir=plan.output) as work:
         qdir = Path(work) / "qdir"
         log(f"[quantize] {plan.quant}")
-        summary = write_qdir(model, plan.quant, qdir, embed_bits=plan.embed_bits)
+        summary = write_qdir(model, plan.quant, qdir, embed_bits=plan.embed_bits, log=_every_tenth(log, "[quantize]"))
         log(f"[quantize] {summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
         log(f"[golden] {len(plan.prompts)} prompts x {plan.golden_tokens} tokens on the numpy reference")
         golden = make_golden(qdir, plan.prompts, plan.golden_tokens, log=lambda m: log(f"  {m}"))
@@ -98,6 +98,20 @@ def _run_tasks(tasks, jobs: int, log) -> list[dict]:
         for result in pool.map(_one, tasks):
             results.append(_report(result, log))
     return results
+
+
+def _every_tenth(log, prefix: str):
+    """A per-item progress callback that prints about ten lines in all ('[i/n] ...' messages)."""
+    t0 = time.perf_counter()
+
+    def out(msg: str) -> None:
+        m = re.match(r"\[(\d+)/(\d+)\]", msg)
+        if m:
+            i, n = int(m.group(1)), int(m.group(2))
+            if i == n or i % max(1, n // 10) == 0:
+                log(f"{prefix} {i}/{n} tensors ({time.perf_counter() - t0:.0f} s)")
+
+    return out
 
 
 def _smoke_here(result: dict, log) -> None:

@@ -6,6 +6,8 @@ the logits at every step and tolerances that depend on the dtype the backend com
 
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +50,17 @@ def tolerance_for(artifact: dict, arch: str = "x86_64") -> dict:
     return {"rel": rel, "why": why, "basis": "golden logit range (max - min) per step"}
 
 
-def greedy(engine, prompt_ids: list[int], max_tokens: int, stop_ids=(), top_k: int = TOP_K) -> tuple[list[int], list[dict]]:
+def greedy(engine, prompt_ids: list[int], max_tokens: int, stop_ids=(), top_k: int = TOP_K,
+           progress=None) -> tuple[list[int], list[dict]]:
     """Greedy tokens and per-step summaries; stops after a stop token (positions past the end of an
-    answer are never used and their logits are unusually sensitive to rounding)."""
+    answer are never used and their logits are unusually sensitive to rounding). `progress(i)` is
+    called after each step (a large model's reference takes seconds per token)."""
     engine.reset()
     logits = engine.prefill(prompt_ids)
     tokens, steps = [], []
     for i in range(max_tokens):
+        if progress is not None:
+            progress(i)
         steps.append(step_summary(logits, top_k))
         tokens.append(int(np.argmax(logits)))
         if tokens[-1] in stop_ids or i + 1 == max_tokens:
@@ -76,7 +82,15 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
     for text in prompts:
         ids = encode_prompt(model.tokenizer, text, chat)
         limit = model.config.context_length - len(ids)
-        tokens, steps = greedy(engine, ids, min(max_tokens, limit), set(model.tokenizer.eos_token_ids))
+        t0 = time.monotonic()
+        slow = model.config.num_parameters() > 500e6  # per-token progress where a token takes seconds
+
+        def progress(i, text=text, t0=t0):
+            if slow and i:
+                log(f"golden: {text!r}: token {i}/{max_tokens} ({time.monotonic() - t0:.0f} s)")
+
+        tokens, steps = greedy(engine, ids, min(max_tokens, limit), set(model.tokenizer.eos_token_ids),
+                               progress=progress)
         log(f"golden: {text!r}: {len(ids)} prompt tokens -> {tokens}")
         out.append({"text": text, "chat": chat, "prompt_ids": ids, "tokens": tokens, "steps": steps})
     return {"format": GOLDEN_FORMAT, "version": 1, "model_dtype": dtype, "top_k": TOP_K,
