@@ -72,6 +72,7 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False, log=pr
         log(f"[quantize] {plan.quant}")
         summary = write_qdir(model, plan.quant, qdir, embed_bits=plan.embed_bits, log=_every_tenth(log, "[quantize]"))
         log(f"[quantize] {summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
+        check_memory("golden, compile and smoke", memory_needed(summary["bytes"], model.config, plan), log)
         log(f"[golden] {len(plan.prompts)} prompts x {plan.golden_tokens} tokens on the numpy reference")
         golden = make_golden(qdir, plan.prompts, plan.golden_tokens, log=lambda m: log(f"  {m}"))
         tasks = [(plan.output / bundle_name(slug, plan.quant, t.name, b), qdir, t, b, golden, make_archive, jobs > 1, plan.sign_key)
@@ -98,6 +99,43 @@ def _run_tasks(tasks, jobs: int, log) -> list[dict]:
         for result in pool.map(_one, tasks):
             results.append(_report(result, log))
     return results
+
+
+def mem_available() -> int | None:
+    """MemAvailable (bytes) from /proc/meminfo; None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def memory_needed(qbytes: int, config, plan) -> int:
+    """Peak memory of the stages after quantization, from what they hold (measured on an 8B model,
+    docs/notes/models-memory.md): the golden reference maps the quantized weights and keeps up to its
+    cache budget in float32; the ONNX export holds the packed weights once more as initializers; a
+    smoke test's engine copies the weights into its runtime while they are still mapped."""
+    from ..model.reference import cache_budget_bytes
+
+    floats = 4 * config.num_parameters()
+    golden = qbytes + min(cache_budget_bytes(), floats) + (512 << 20)
+    copies = 2 * qbytes + (512 << 20) if (plan.smoke or any(b == "onnx" for _, b in plan.jobs)) else 0
+    return max(golden, copies)
+
+
+def check_memory(stage: str, needed: int, log) -> None:
+    """Say before a stage starts that it cannot fit, instead of being killed halfway."""
+    avail = mem_available()
+    if avail is None:
+        return
+    log(f"[memory] {stage}: needs about {needed / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
+    if needed > avail:
+        raise EdgeforgeError(f"{stage} needs about {needed / 2**30:.1f} GiB of memory and {avail / 2**30:.1f} GiB "
+                             "is available: close other programs, build fewer targets at once, skip the "
+                             "smoke test (--no-smoke), or use a machine with more memory")
 
 
 def _every_tenth(log, prefix: str):

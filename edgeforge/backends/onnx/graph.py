@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ...errors import EdgeforgeError
 from ...model.config import LlamaConfig
 from . import pack
 from .qdir import QdirWeights
@@ -66,6 +67,9 @@ class LlamaOnnxBuilder:
     def __init__(self, weights: QdirWeights, accuracy_level: int, compute_dtype=None):
         self.w = weights
         self.cfg = LlamaConfig.from_dict(weights.config, source=str(weights.qdir / "config.json"))
+        if self.cfg.head_dim % 16:  # refused at run time otherwise ("head_size shall be a multiple of 16")
+            raise EdgeforgeError(f"{weights.qdir / 'config.json'}: head_dim {self.cfg.head_dim} is not a multiple of 16, "
+                                 "which ONNX Runtime's GroupQueryAttention needs; use --backend tvm for this model")
         # Activations, scales and KV cache; widening float16 scales/weights to float32 is exact.
         self.dtype = np.dtype(compute_dtype or weights.model_dtype).type
         self.accuracy_level = int(accuracy_level)
