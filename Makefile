@@ -8,6 +8,7 @@ OUT    ?= out
 MODEL  ?= smollm2-135m
 QUANT  ?= q4f16
 TARGET ?= x86-cpu
+BACKEND ?= onnx
 
 .PHONY: setup toolchains demo test test-fast clean
 
@@ -26,12 +27,13 @@ toolchains: setup
 	bash scripts/setup-arm64.sh
 	bash scripts/setup-vulkan.sh
 
-# The main job: SmolLM2 -> int4 -> x86 bundle -> smoke test -> answer a chat prompt from the bundle.
+# The main job: SmolLM2 -> int4 -> x86 bundle (ONNX: the faster backend on x86, BENCHMARKS.md) -> smoke
+# test -> answer a chat prompt from the bundle.
 demo: setup
 	$(BIN)/edgeforge fetch-model $(MODEL)
-	$(BIN)/edgeforge build $(MODEL) --quant $(QUANT) --target $(TARGET) -o $(OUT)/dist
-	$(BIN)/edgeforge smoke $(OUT)/dist/$(MODEL)-$(QUANT)-$(TARGET)-tvm
-	$(BIN)/edgeforge run $(OUT)/dist/$(MODEL)-$(QUANT)-$(TARGET)-tvm --chat --prompt "What is the capital of France?"
+	$(BIN)/edgeforge build $(MODEL) --quant $(QUANT) --target $(TARGET) --backend $(BACKEND) -o $(OUT)/dist
+	$(BIN)/edgeforge smoke $(OUT)/dist/$(MODEL)-$(QUANT)-$(TARGET)-$(BACKEND)
+	$(BIN)/edgeforge run $(OUT)/dist/$(MODEL)-$(QUANT)-$(TARGET)-$(BACKEND) --chat --prompt "What is the capital of France?"
 
 # Every tier, slow ones included (that is what CI runs).
 test: setup toolchains

@@ -21,7 +21,9 @@ from .errors import EdgeforgeError
 
 BACKENDS = ("tvm", "onnx")
 RUN_MODES = ("host", "qemu", "cuda", "vulkan", "none")
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "targets"
+# edgeforge/_targets is a link to the project's top-level targets/ folder: the same files in a
+# checkout and, copied in, inside the wheel.
+BUILTIN_DIR = Path(__file__).parent / "_targets"
 
 
 @dataclass(frozen=True)

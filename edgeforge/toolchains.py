@@ -28,7 +28,7 @@ from pathlib import Path
 from .errors import EdgeforgeError
 from .models import cache_dir
 
-SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS_DIR = Path(__file__).parent / "_scripts"  # a link to scripts/ in a checkout, copied into the wheel
 ARM64_PYTHON = "usr/bin/python3.11"
 ARM64_SITE = "opt/edgeforge/site"
 # Raspberry Pi 5's core; also a CPU both qemu 7.2 and LLVM know by this name.
