@@ -31,6 +31,7 @@ COMMANDS = {
     "targets": "edgeforge.commands.bundle_cmds:targets",
     "doctor": "edgeforge.commands.bundle_cmds:doctor",
     "plan": "edgeforge.commands.bundle_cmds:plan",
+    "toolchains": "edgeforge.commands.toolchain_cmds:toolchains",
 }
 
 

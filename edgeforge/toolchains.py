@@ -223,6 +223,98 @@ def _vulkan_paths(base: Path) -> tuple[Path, dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA compilers from PyPI (no GPU, no system CUDA needed)
+# ---------------------------------------------------------------------------------------------
+
+# The nvcc and CUDA runtime header wheels per CUDA major version, pinned: `cuda` bundles are built
+# with CUDA 13 (drivers >= 580), jetson-orin with CUDA 12 (JetPack 6). Each installs into
+# <cache>/toolchains/cuda<major>/ once.
+CUDA_WHEELS = {
+    # nvcc + ptxas, cicc (nvvm), the runtime and crt headers, and libcu++ (cccl) that kernels include
+    13: ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-runtime==13.0.96",
+         "nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85"],
+}
+# Measured: nvidia-cuda-nvcc-cu12 (12.6 to 12.9) holds ptxas but no nvcc, so PyPI cannot provide a
+# CUDA 12 nvcc; a CUDA 12 toolkit on the machine (JetPack's, or NVIDIA's packages) must.
+NO_WHEEL = {12: "PyPI's nvidia-cuda-nvcc-cu12 wheels hold ptxas but no nvcc; install a CUDA 12 toolkit "
+                "(its nvcc on PATH) to build for JetPack 6"}
+
+
+def nvcc_major(nvcc: str | os.PathLike) -> int | None:
+    out = _first_line([str(nvcc), "--version"]) or ""
+    m = re.search(r"(?:release |V)(\d+)\.(\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+def cuda_dir(major: int) -> Path:
+    return toolchains_dir() / f"cuda{major}"
+
+
+def _wheel_nvcc(major: int) -> Path | None:
+    base = cuda_dir(major)
+    found = sorted(base.glob("nvidia/*/bin/nvcc")) if (base / "READY").exists() else []
+    return found[0] if found else None
+
+
+def cuda_toolchain(major: int, install: bool = False, log=None) -> tuple[Path, dict[str, str]] | None:
+    """(nvcc, environment additions) for CUDA `major`: a system nvcc of that major first, else the
+    PyPI wheels under the cache (installed when `install`). None when neither is there."""
+    system = shutil.which("nvcc")
+    if system and nvcc_major(system) == major:
+        return Path(system), {}
+    nvcc = _wheel_nvcc(major)
+    if nvcc is None and install:
+        nvcc = _install_cuda_wheels(major, log or (lambda m: None))
+    if nvcc is None:
+        return None
+    root = cuda_dir(major)
+    # the header wheels may unpack next to nvcc (cu13) or in a sibling folder (cu12): name them all
+    includes = sorted({str(p.parent) for p in root.glob("nvidia/*/include/cuda_runtime.h")} |
+                      {str(p.parents[2]) for p in root.glob("nvidia/*/include/cccl/cuda/std/cstdint")})
+    env = {"PATH": f"{nvcc.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "NVCC_PREPEND_FLAGS": " ".join(f"-I{d}" for d in includes)}
+    return nvcc, env
+
+
+def _install_cuda_wheels(major: int, log) -> Path:
+    if major in NO_WHEEL:
+        raise EdgeforgeError(f"no nvcc for CUDA {major} on this machine: {NO_WHEEL[major]}")
+    if major not in CUDA_WHEELS:
+        raise EdgeforgeError(f"no CUDA {major} toolchain is known (known: {sorted(CUDA_WHEELS)})")
+    final = cuda_dir(major)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-install")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"installing CUDA {major} compilers from PyPI ({', '.join(CUDA_WHEELS[major])}) into {final} ...")
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary=:all:", "--target",
+           str(tmp), *CUDA_WHEELS[major]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EdgeforgeError(f"installing the CUDA {major} compilers failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    (tmp / "READY").write_text(json.dumps({"wheels": CUDA_WHEELS[major]}) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    nvcc = _wheel_nvcc(major)
+    if nvcc is None:
+        raise EdgeforgeError(f"the CUDA {major} wheels in {final} hold no nvcc")
+    return nvcc
+
+
+def install(name: str, log=None) -> str:
+    """`edgeforge toolchains install NAME`: arm64, vulkan, cuda (13) or cuda12. Idempotent, cached."""
+    log = log or (lambda m: None)
+    if name == "arm64":
+        return str(ensure_arm64(log=log))
+    if name == "vulkan":
+        return str(ensure_vulkan(log=log)[0])
+    if name in ("cuda", "cuda13", "cuda12"):
+        major = 12 if name == "cuda12" else 13
+        found = cuda_toolchain(major, install=True, log=log)
+        return str(found[0])
+    raise EdgeforgeError(f"unknown toolchain {name!r}: arm64, vulkan, cuda (CUDA 13) or cuda12")
+
+
+# ---------------------------------------------------------------------------------------------
 # running the setup scripts
 # ---------------------------------------------------------------------------------------------
 

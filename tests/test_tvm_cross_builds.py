@@ -70,3 +70,26 @@ def test_android_tar_has_aarch64_objects(qdir, tmp_path):
     members = tar_members(art / "model.tar")
     assert members and all(elf_aarch64(data) for data in members.values()), list(members)
     assert json.loads((art / "artifact.json").read_text())["device_requirements"]["os"] == "android"
+
+
+@pytest.mark.slow
+def test_cuda_builds_with_the_pypi_compiler_when_the_machine_has_none(qdir, tmp_path):
+    """A fresh machine or a hosted runner has no nvcc: the cuda target installs CUDA 13's compiler
+    wheels from PyPI into the edgeforge cache (once) and builds real fatbins with them."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and not (os.path.exists(os.path.join(d, "nvcc"))))
+    env = dict(os.environ, PATH=path)
+    assert shutil.which("nvcc", path=path) is None
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "compile", str(qdir), "--target", "cuda",
+                           "--backend", "tvm", "-o", str(tmp_path / "cuda"), "--json"], capture_output=True,
+                          text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    artifact = json.loads(proc.stdout)
+    assert "V13.0" in artifact["toolchain"]["nvcc"]
+    entries = fatbin_entries((tmp_path / "cuda" / "model.so").read_bytes())
+    assert {e["arch"] for e in entries if e["kind"] == 2} == {80, 86, 89, 90}

@@ -6,6 +6,8 @@
   arches          CUDA archs to embed real code for (default sm_80, sm_86, sm_89, sm_90)
   cross_compiler  the C++ driver that links the .so (aarch64-linux-gnu-g++); absent: host g++
   export          "so" (shared library) or "tar" (objects for the app / the Mac to link)
+  cuda            CUDA major version to build with (13; jetson-orin: 12): a system nvcc of that
+                  version, else the PyPI compiler wheels (edgeforge toolchains install cuda|cuda12)
   cuda_graph      CUDA: run decode as CUDA graphs (default true; false for an A/B or a driver that
                   mishandles graphs)
 """
@@ -13,6 +15,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -39,6 +43,7 @@ class TvmTarget:
     cross_compiler: str | None = None
     export_kind: str = "so"
     cuda_graph: bool = True
+    cuda_major: int = 13
 
     # ---- what to build for -----------------------------------------------------------------------
     @property
@@ -68,11 +73,33 @@ class TvmTarget:
         return " ".join(p for p in parts if p)
 
     # ---- build environment -----------------------------------------------------------------------
+    @property
+    def is_cuda(self) -> bool:
+        return bool(self.device and self.device["kind"] == "cuda")
+
+    @functools.cached_property
+    def nvcc(self) -> tuple[Path, dict]:
+        """(nvcc, environment additions) of this target's CUDA version, installed from PyPI when the
+        machine has none (cached under the edgeforge cache)."""
+        from ... import toolchains
+
+        return toolchains.cuda_toolchain(self.cuda_major, install=True)
+
     @contextlib.contextmanager
     def build_env(self):
-        if self.device and self.device["kind"] == "cuda":
-            with _cuda_fatbin_compiler(self.arches):
-                yield
+        if self.is_cuda:
+            _, env = self.nvcc
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                with _cuda_fatbin_compiler(self.arches):
+                    yield
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         else:
             yield
 
@@ -83,8 +110,8 @@ class TvmTarget:
                 f"target '{self.name}': cross compiler '{self.cross_compiler}' not found "
                 "(run scripts/setup-arm64.sh or apt-get install g++-aarch64-linux-gnu)"
             )
-        if self.device and self.device["kind"] == "cuda" and shutil.which("nvcc") is None:
-            raise EdgeforgeError(f"target '{self.name}': nvcc not found on PATH (install the CUDA toolkit)")
+        if self.is_cuda:
+            self.nvcc  # noqa: B018 - a system nvcc of the right version, or the PyPI wheels (installed once)
 
     # ---- export ----------------------------------------------------------------------------------
     def export(self, ex, out: Path, log) -> list[str]:
@@ -106,7 +133,7 @@ class TvmTarget:
         if compiler:
             out[compiler] = _first_line([compiler, "--version"])
         if self.device and self.device["kind"] == "cuda":
-            out["nvcc"] = _first_line(["nvcc", "--version"], last=True)
+            out["nvcc"] = _first_line([str(self.nvcc[0]), "--version"], last=True)
         return out
 
     def device_requirements(self) -> dict:
@@ -114,7 +141,7 @@ class TvmTarget:
         if self.device and self.device["kind"] == "cuda":
             req["gpu_arch"] = list(self.arches)
             req["gpu_ptx"] = [f"sm_{self.arches[-1][3:].rstrip('af')}"]
-            cuda = nvcc_cuda_version()
+            cuda = nvcc_cuda_version(self.nvcc[0])
             if cuda:  # the driver must support the CUDA the kernels were built with
                 req["min_driver_cuda"] = cuda
         elif self.device:
@@ -148,8 +175,14 @@ def tvm_target_for(target) -> TvmTarget:
     return TvmTarget(
         name=target.name, os=getattr(target, "os", "linux"), host=dict(host), device=device,
         arches=arches, cross_compiler=table.get("cross_compiler"), export_kind=export_kind,
-        cuda_graph=cuda_graph,
+        cuda_graph=cuda_graph, cuda_major=_cuda_major(table.get("cuda", 13), where),
     )
+
+
+def _cuda_major(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (12, 13):
+        raise EdgeforgeError(f"{where}: [tvm] cuda must be 12 or 13, got {value!r}")
+    return value
 
 
 @contextlib.contextmanager
@@ -162,7 +195,7 @@ def _cuda_fatbin_compiler(arches: list[str]):
     from tvm.support import nvcc
 
     if shutil.which("nvcc") is None:
-        raise EdgeforgeError("CUDA target: nvcc not found on PATH (install the CUDA toolkit)")
+        raise EdgeforgeError("CUDA target: nvcc not found (run `edgeforge toolchains install cuda`)")
     _load_cuda_codegen()
     gencode = []
     for arch in arches:
@@ -249,12 +282,14 @@ def _cuda_driver_stub() -> Path:
     return out
 
 
-def nvcc_cuda_version() -> int | None:
-    """nvcc's CUDA release as the driver API encodes it (13.0 -> 13000), or None."""
+def nvcc_cuda_version(nvcc="nvcc") -> int | None:
+    """The oldest driver CUDA version that runs this nvcc's machine code, as the driver API encodes
+    versions: the major's baseline (CUDA minor version compatibility: code from 13.x runs on any
+    13.0+ driver), e.g. 13000."""
     import re
 
-    m = re.search(r"release (\d+)\.(\d+)", _first_line(["nvcc", "--version"], last=False, whole=True))
-    return int(m.group(1)) * 1000 + int(m.group(2)) * 10 if m else None
+    m = re.search(r"release (\d+)\.(\d+)", _first_line([str(nvcc), "--version"], last=False, whole=True))
+    return int(m.group(1)) * 1000 if m else None
 
 
 def _first_line(cmd: list[str], last: bool = False, whole: bool = False) -> str:
