@@ -1,7 +1,7 @@
 """Issue 11: a bounded fuzz run over CLI arguments and bundle / manifest / archive mutations.
 
-Every case must end with exit 0, 1 or 2, print no Python traceback, and touch no file outside its
-own output folder. The seed is fixed (reproducible); EDGEFORGE_FUZZ_CASES scales the run. The count
+Every case must end with exit 0, 1 or 2, print no Python traceback, touch no file outside its own
+output folder, and stay under an 8 GiB address-space limit. The seed is fixed (reproducible); EDGEFORGE_FUZZ_CASES scales the run. The count
 of cases and the result are printed (-s) for the notes.
 """
 
@@ -66,11 +66,22 @@ def _check(proc, case: str) -> None:
     assert "Traceback (most recent call last)" not in proc.stderr, f"{case}: traceback\n{proc.stderr[-3000:]}"
 
 
+# Every case runs under an address-space limit: an allocation that grows with hostile input fails
+# the case (MemoryError or a kill is not exit 0/1/2) instead of passing unnoticed.
+MEMORY_LIMIT = 8 << 30
+
+
+def _limit_memory():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
 def _edf(args, cwd, timeout=120):
     env = dict(os.environ, TMPDIR=str(cwd / "tmp"))
     (cwd / "tmp").mkdir(exist_ok=True)
     return subprocess.run([sys.executable, "-m", "edgeforge.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+                          cwd=cwd, timeout=timeout, env=env, stdin=subprocess.DEVNULL, preexec_fn=_limit_memory)
 
 
 @pytest.mark.slow
