@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def render(r: dict) -> str:
-    parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _memory(r), _gpu(), _commands(r), _notes(r)]
+    parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _memory(r), _gpu(), _scaling(), _commands(r),
+             _notes(r)]
     return "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -204,6 +205,34 @@ def _gpu():
             goals.append(f"- Goal, 8B-shaped decode >= 60% of the HBM roofline: **NOT met**: "
                          f"{big['roofline_fraction']:.0%}.")
         out += ["", *goals]
+    return "\n".join(out)
+
+
+def _scaling():
+    """Builds of large models on this machine, from bench/results/scale-*.json (bench/scale.py build)."""
+    files = sorted(GPU_RESULTS.glob("scale-*.json"))
+    if not files:
+        return ""
+    out = ["## Scaling: large models built on this machine", "",
+           "`python bench/scale.py model SHAPE DIR` writes a random bf16 HF folder (sharded); `python bench/scale.py "
+           "build DIR -o DIST` times `edgeforge build DIR --quant q4f16 --target x86-cpu --backend all` "
+           "(quantize, golden on the streaming reference, TVM and ONNX bundles, each smoked here) under "
+           "/usr/bin/time. Stage times are from the build's own progress lines.", "",
+           "| model | total | timeline (elapsed when each stage ended) | smoke | peak RSS | bundles |",
+           "|---|---:|---|---|---:|---|"]
+    for path in files:
+        r = json.loads(path.read_text())
+        st = r.get("stage_start_s", {})
+        # a stage ends where the next one starts
+        marks = [("quantized", "[golden]"), ("golden", "bundle x86-cpu/tvm"), ("TVM bundle", "bundle x86-cpu/onnx"),
+                 ("TVM smoke", "smoke done x86-cpu/tvm"), ("ONNX bundle + smoke", "smoke done x86-cpu/onnx")]
+        timeline = ", ".join(f"{label} {st[key]:.0f} s" for label, key in marks if key in st)
+        sizes = ", ".join(f"{n.rsplit('-', 1)[-1]} {b / 2**30:.2f} GiB" for n, b in (r.get("bundles") or {}).items())
+        smoke = ", ".join(f"{k.split('/')[-1]} {v}" for k, v in (r.get("smoke") or {}).items()) or "-"
+        out.append(f"| {Path(r['model']).name} | {r['seconds']:.0f} s | {timeline} | {smoke} | "
+                   f"{r['peak_rss_gib']} GiB | {sizes or '-'} |")
+    out += ["", "Peak RSS is the largest of the build process and its children (the smoke tests), from "
+            "/usr/bin/time; the ONNX bundle is written before the smoke tests, which run after all bundles."]
     return "\n".join(out)
 
 

@@ -110,7 +110,7 @@ def timed_build(model: Path, args) -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "edgeforge.cli", "build", str(model), "--quant", args.quant,
            "--target", args.target, "--backend", args.backend, "-o", str(args.output)]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=BENCH.parent)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=BENCH.parent)
     lines = []
     for line in proc.stderr:
         stamp = time.monotonic() - t0
@@ -134,7 +134,14 @@ def timed_build(model: Path, args) -> dict:
         if m:
             result.setdefault("smoke", {})[m.group(1)] = m.group(2)
             result["stage_start_s"][f"smoke done {m.group(1)}"] = round(stamp, 1)
+    result["bundles"] = bundle_sizes(Path(args.output))
     return result
+
+
+def bundle_sizes(dist: Path) -> dict:
+    """Bytes of each bundle folder under `dist` (what a device downloads, before archiving)."""
+    return {b.name: sum(f.stat().st_size for f in b.rglob("*") if f.is_file())
+            for b in sorted(Path(dist).iterdir()) if (b / "manifest.json").is_file()}
 
 
 def main(argv=None) -> int:
