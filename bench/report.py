@@ -225,7 +225,7 @@ def _scaling():
         st = r.get("stage_start_s", {})
         # a stage ends where the next one starts
         marks = [("quantized", "[golden]"), ("golden", "bundle x86-cpu/tvm"), ("TVM bundle", "bundle x86-cpu/onnx"),
-                 ("TVM smoke", "smoke done x86-cpu/tvm"), ("ONNX bundle + smoke", "smoke done x86-cpu/onnx")]
+                 ("ONNX bundle + TVM smoke", "smoke done x86-cpu/tvm"), ("ONNX smoke", "smoke done x86-cpu/onnx")]
         timeline = ", ".join(f"{label} {st[key]:.0f} s" for label, key in marks if key in st)
         sizes = ", ".join(f"{n.rsplit('-', 1)[-1]} {b / 2**30:.2f} GiB" for n, b in (r.get("bundles") or {}).items())
         smoke = ", ".join(f"{k.split('/')[-1]} {v}" for k, v in (r.get("smoke") or {}).items()) or "-"
