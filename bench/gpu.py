@@ -111,7 +111,7 @@ def synth_qdir(out: Path, shape: str, scheme: str = "q4f16", seed: int = 0, log=
     from edgeforge.fsutil import atomic_output_dir
     from edgeforge.model.config import LlamaConfig
     from edgeforge.model.hf import load_hf_tokenizer
-    from edgeforge.model.loader import LoadedModel, TensorSource
+    from edgeforge.model.types import LoadedModel, TensorSource
     from edgeforge.quant import qdir as Q
     from edgeforge.quant.schemes import get_scheme
     from edgeforge.runtime.weights import shard_name, stored_key

@@ -15,6 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import cache_dir, cached_sha256  # noqa: F401 - cache_dir re-exported
 from .errors import EdgeforgeError
 from .runtime.files import sha256_file
 
@@ -44,13 +45,6 @@ REGISTRY: dict[str, NamedModel] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("EDGEFORGE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgeforge"
-    )
-    return Path(root)
-
-
 def is_hf_repo_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not os.path.exists(spec) and not spec.startswith(".")
@@ -76,7 +70,6 @@ def resolve_model_path(spec: str, log=lambda msg: None) -> Path:
 
 
 def _fetch_named(model: NamedModel, log) -> Path:
-    from .model.loader import cached_sha256  # remembered per (path, size, mtime): no re-hash per call
 
     dest = cache_dir() / "models" / model.name / Path(model.member).name
     if dest.exists():

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from .errors import EdgeforgeError
-from .models import cache_dir
+from .cache import cache_dir
 
 SCRIPTS_DIR = Path(__file__).parent / "_scripts"  # a link to scripts/ in a checkout, copied into the wheel
 ARM64_PYTHON = "usr/bin/python3.11"

@@ -23,7 +23,8 @@ import numpy as np
 from ..errors import EdgeforgeError
 from ..runtime.tokenizer import Tokenizer
 from .config import LlamaConfig
-from .loader import LoadedModel, TensorSource, cached_sha256, check_shapes
+from ..cache import cached_sha256
+from .types import LoadedModel, TensorSource, check_shapes
 from .tokenizer_build import from_gguf_metadata
 
 _LAYER_NAMES = {

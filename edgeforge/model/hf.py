@@ -12,7 +12,7 @@ from ..runtime.safetensors import SafetensorsError, SafetensorsFolder
 from ..runtime.files import read_json
 from ..runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer_json
 from .config import LlamaConfig
-from .loader import LoadedModel, TensorSource, check_shapes, files_sha256
+from .types import LoadedModel, TensorSource, check_shapes, files_sha256
 
 # Saved by some exporters but not weights of the model.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -231,7 +231,7 @@ def open_qdir(path: str | os.PathLike) -> QdirWeights:
 def load_qdir(path: str | os.PathLike):
     """A LoadedModel over a QDIR (tensors dequantized on get(); `.source["scheme"]` says which)."""
     from ..model.config import LlamaConfig
-    from ..model.loader import LoadedModel
+    from ..model.types import LoadedModel
     from ..runtime.tokenizer import Tokenizer, TokenizerError
 
     weights = open_qdir(path)

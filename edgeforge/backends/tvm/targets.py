@@ -261,7 +261,7 @@ def _cuda_driver_stub() -> Path:
     import os
     import tempfile
 
-    from ...models import cache_dir
+    from ...cache import cache_dir
 
     out = cache_dir() / "cuda-stub" / "libcuda.so.1"
     if out.exists():
