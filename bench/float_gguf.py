@@ -7,6 +7,14 @@ stored as F32 under its GGUF name and layout; all metadata (tokenizer, chat temp
 copied unchanged except general.file_type.
 
     python bench/float_gguf.py SRC.gguf OUT-f32.gguf
+    python bench/float_gguf.py SRC.gguf OUT-plausible-f32.gguf --plausible 0
+
+--plausible SEED writes a plausible float model behind the quantized source instead (issue 13):
+every element moves to a seeded uniform point of its own rounding cell, x + U(-d/2, d/2) with
+d = (max - min) / 15 per Q4_1 group of 32 and d = max|x| / 127 per Q8_0 block. Quantizers that
+start from the plain dequantized floats can re-find the source grid exactly (an asymmetric 4-bit
+format scores KL 0 on them), which says nothing about real checkpoints; on the plausible floats
+they cannot.
 """
 
 from __future__ import annotations
@@ -18,7 +26,21 @@ from pathlib import Path
 import numpy as np
 
 
-def write_f32_gguf(src: Path, dst: Path) -> Path:
+def plausible(data: np.ndarray, kind, rng) -> np.ndarray:
+    """Move each element to a uniform point of its rounding cell in the source's quantization."""
+    import gguf
+
+    if data.ndim != 2 or kind not in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
+        return data
+    g = data.reshape(data.shape[0], -1, 32)
+    if kind == gguf.GGMLQuantizationType.Q8_0:
+        d = np.abs(g).max(axis=2, keepdims=True) / 127
+    else:
+        d = (g.max(axis=2, keepdims=True) - g.min(axis=2, keepdims=True)) / 15
+    return (g + (rng.random(g.shape, dtype=np.float32) - np.float32(0.5)) * d).reshape(data.shape)
+
+
+def write_f32_gguf(src: Path, dst: Path, plausible_seed: int | None = None) -> Path:
     import gguf
 
     reader = gguf.GGUFReader(str(src))
@@ -35,10 +57,13 @@ def write_f32_gguf(src: Path, dst: Path) -> Path:
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    rng = np.random.default_rng(plausible_seed) if plausible_seed is not None else None
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         # numpy order is the reverse of GGUF's ne[]: the writer reverses it back.
         data = data.reshape(tuple(int(d) for d in reversed(t.shape)))
+        if rng is not None:
+            data = plausible(data, t.tensor_type, rng)
         writer.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -49,6 +74,12 @@ def write_f32_gguf(src: Path, dst: Path) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    seed = None
+    if "--plausible" in args:
+        i = args.index("--plausible")
+        seed = int(args[i + 1])
+        del args[i : i + 2]
+    if len(args) != 2:
         sys.exit(__doc__)
-    print(write_f32_gguf(Path(sys.argv[1]), Path(sys.argv[2])))
+    print(write_f32_gguf(Path(args[0]), Path(args[1]), seed))

@@ -101,6 +101,10 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         code = 130
+    except click.UsageError as err:  # one line, like every other failure
+        where = f" (edgeforge {err.ctx.command_path.split(' ', 1)[1]} --help)" if err.ctx and " " in err.ctx.command_path else ""
+        click.echo(f"error: {err.format_message()}{where}", err=True)
+        code = 2
     except click.ClickException as err:
         err.show()
         code = 2

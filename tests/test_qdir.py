@@ -54,6 +54,9 @@ def test_quantize_every_scheme_every_shape(tiny_shape, loaded, scheme, tmp_path)
     out = tmp_path / "q"
     lines = []
     summary = write_qdir(model, scheme, out, log=lines.append)
+    calibration = [line for line in lines if line.startswith("[calibrate]")]
+    assert bool(calibration) == get_scheme(scheme).calibrated  # calibrated schemes measure first
+    lines = [line for line in lines if not line.startswith("[calibrate]")]
     assert summary["tensors"] == len(model.tensors.names()) == len(lines)
     assert lines[-1].startswith(f"[{len(lines)}/{len(lines)}] ")
     names = sorted(p.name for p in out.iterdir())
@@ -65,7 +68,12 @@ def test_quantize_every_scheme_every_shape(tiny_shape, loaded, scheme, tmp_path)
     quant = json.loads((out / "quantization.json").read_text())
     assert (quant["format"], quant["version"], quant["scheme"], quant["model_dtype"], quant["group_size"]) == (
         "edgeforge-quant", 1, scheme, s.model_dtype, GROUP_SIZE)
-    assert quant["embed_format"] == s.linear
+    assert quant["embed_format"] == s.embed_format()
+    if s.calibrated:
+        assert quant["calibration"]["tokens"] > 0 and len(quant["calibration"]["sha256"]) == 64
+        assert any(t.get("scales") == "searched" for t in quant["tensors"].values())
+    else:
+        assert quant["calibration"] is None
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["format"] == "edgeforge-config" and cfg["version"] == 1
     assert {k: cfg[k] for k in model.config.to_dict()} == json.loads(json.dumps(model.config.to_dict()))
@@ -76,7 +84,7 @@ def test_quantize_every_scheme_every_shape(tiny_shape, loaded, scheme, tmp_path)
     assert index["metadata"]["total_size"] == sum(shard.get_raw(k).nbytes for k in shard.keys())
     assert set(quant["tensors"]) == set(model.tensors.names())
     for name, entry in quant["tensors"].items():
-        expected = "f32" if len(entry["shape"]) == 1 else s.linear
+        expected = s.format_name(name, entry["shape"], None, model.config.num_layers)
         assert entry["format"] == expected, name
         assert entry["shape"] == list(model.tensors.shape(name))
         for role, dtype in STORED_DTYPES[entry["format"]].items():
@@ -230,7 +238,8 @@ def test_inconsistent_qdir_is_refused_with_the_file_named(loaded, tmp_path):
 # (||got - float|| / ||float||). Measured on the tiny random models (docs/notes/quant.md):
 # q0f32 0, q0f16 <= 8e-4, q8f16 <= 0.022, q4 <= 0.38 (random weights are near-Gaussian, so q4's
 # ~10% per-weight noise compounds over the layers); the bounds leave ~1.5-4x margin.
-LOGIT_BOUNDS = {"q0f32": 1e-7, "q0f16": 3e-3, "q8f16": 0.06, "q4f16": 0.6, "q4f32": 0.6}
+LOGIT_BOUNDS = {"q0f32": 1e-7, "q0f16": 3e-3, "q8f16": 0.06, "q4f16": 0.6, "q4f32": 0.6, "q4f16_m": 0.6,
+                "q4f16_rtn": 0.6, "q4f32_rtn": 0.6}
 
 
 def test_reference_on_qdir_is_close_to_float(tiny_shape, loaded, tmp_path):
@@ -251,7 +260,9 @@ def test_reference_on_qdir_is_close_to_float(tiny_shape, loaded, tmp_path):
     # more bits, less error; and q8 vs q4 in the ratio of their steps (127/7 ~ 18): a format that
     # silently dropped precision (or a bound too loose to notice) would break this
     assert errors["q0f16"] < errors["q8f16"] < errors["q4f16"]
-    assert 8 < errors["q4f16"] / errors["q8f16"] < 40
+    assert 5 < errors["q4f16"] / errors["q8f16"] < 40
+    # the calibrated search (with 8-bit embeddings and v) beats round-to-nearest by a margin
+    assert errors["q4f16"] < 0.9 * errors["q4f16_rtn"] and errors["q4f32"] < 0.9 * errors["q4f32_rtn"]
 
 
 # ---- CLI ----------------------------------------------------------------------------------
@@ -267,8 +278,9 @@ def test_cli_quantize_json(tiny_model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--quant", "q3f16"], "unknown quantization scheme 'q3f16' (known: q0f32, q0f16, q8f16, q4f16, q4f32)"),
-    (["--quant", "q4f16", "--embed-bits", "4"], "--embed-bits 4"),
+    (["--quant", "q3f16"], "unknown quantization scheme 'q3f16' (known: q0f32, q0f16, q8f16, q4f16, q4f32, "
+                           "q4f16_m, q4f16_rtn, q4f32_rtn)"),
+    (["--quant", "q4f16", "--embed-bits", "6"], "--embed-bits"),
 ])
 def test_cli_quantize_bad_options_exit_2_and_write_nothing(tiny_model, tmp_path, capsys, args, message):
     out = tmp_path / "q"
@@ -286,8 +298,9 @@ def test_cli_quantize_help_has_an_example(capsys):
 
 @pytest.mark.slow
 def test_smollm2_q4f16_qdir_still_answers(smollm2_gguf, tmp_path, capsys):
-    """The real model through `edgeforge quantize` and back: q4 is ~0.56 bytes per weight and the
-    reference on the dequantized QDIR still answers the chat question like the float model."""
+    """The real model through `edgeforge quantize` and back: the size is what the scheme's formats
+    say (q4: nibbles + one fp16 scale per 32; embedding and v_proj q8: a byte + one scale per 32),
+    and the reference on the dequantized QDIR still answers the chat question like the float model."""
     from edgeforge.model.reference import ReferenceModel
 
     out = tmp_path / "s"
@@ -297,7 +310,11 @@ def test_smollm2_q4f16_qdir_still_answers(smollm2_gguf, tmp_path, capsys):
     model = load_qdir(out)
     params = sum(int(np.prod(model.tensors.shape(n))) for n in model.tensors.names())
     assert 134e6 < params < 136e6
-    assert summary["bytes"] < params * (0.5 + 2 / 32) * 1.01  # nibbles + one f16 scale per 32
+    quant = json.loads((out / "quantization.json").read_text())
+    per_weight = {"q4": 0.5 + 2 / 32, "q8": 1 + 2 / 32, "f32": 4}
+    expected = sum(np.prod(t["shape"]) * per_weight[t["format"]] for t in quant["tensors"].values())
+    assert abs(summary["bytes"] - expected) < 0.01 * expected
+    assert 5.2 < summary["bits_per_weight"] < 5.6  # SmolLM2: a large embedding share at 8 bits
     engine = ReferenceModel(model)
     ids = model.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     tokens, logits = [], engine.prefill(ids)

@@ -13,6 +13,7 @@ from ..quant.schemes import SCHEMES, check_embed_bits, get_scheme
 SCHEME_HELP = "quantization scheme: " + ", ".join(SCHEMES)
 
 
+
 def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
@@ -28,7 +29,8 @@ def _load(spec: str):
 @click.command("quantize")
 @click.argument("model")
 @click.option("--quant", "scheme", required=True, metavar="SCHEME", help=SCHEME_HELP)
-@click.option("--embed-bits", type=int, default=None, help="store embed_tokens/lm_head as q8 (only 8 is accepted)")
+@click.option("--embed-bits", type=click.Choice(["4", "8"]), default=None, callback=lambda c, p, v: int(v) if v else None,
+              help="store embed_tokens/lm_head as q4 or q8 whatever the scheme says")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="QDIR folder to write")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary on stdout (progress goes to stderr)")
 def quantize(model, scheme, embed_bits, output, as_json):
@@ -40,7 +42,16 @@ def quantize(model, scheme, embed_bits, output, as_json):
     \b
     Example:
       edgeforge quantize smollm2-135m --quant q4f16 -o out/smollm2-q4f16
-      edgeforge quantize ./Llama-3.2-1B --quant q4f16 --embed-bits 8 -o out/l32-q4 --json
+      edgeforge quantize ./Llama-3.2-1B --quant q4f16 --embed-bits 4 -o out/l32-q4 --json
+
+    \b
+    Schemes (bits per stored weight, scales included):
+      q4f16      4.5 (q4), 8.5 for embeddings and attn v: calibrated scale search, fp16 compute
+      q4f32      5.0 (q4), 9.0 for embeddings and attn v: the same, fp32 scales and compute
+      q4f16_m    as q4f16, and 8.5 for ffn down of llama.cpp's "more bits" layers (medium)
+      q4f16_rtn  4.5 everywhere, round-to-nearest (the earlier q4f16), for comparison
+      q4f32_rtn  5.0 everywhere, round-to-nearest, fp32
+      q8f16 8.5, q0f16 16, q0f32 32 (no quantization)
     """
     from ..quant.qdir import write_qdir
 
@@ -53,7 +64,7 @@ def quantize(model, scheme, embed_bits, output, as_json):
     else:
         click.echo(
             f"wrote {summary['path']}: {summary['scheme']} ({summary['tensors']} tensors, {summary['shards']} shard(s), "
-            f"{summary['bytes'] / 2**20:.1f} MiB) in {summary['seconds']:.1f} s"
+            f"{summary['bytes'] / 2**20:.1f} MiB, {summary['bits_per_weight']} bits per weight) in {summary['seconds']:.1f} s"
         )
 
 
@@ -64,7 +75,8 @@ def quantize(model, scheme, embed_bits, output, as_json):
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="UTF-8 text to score")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=256, show_default=True,
               help="score only the first N tokens of the text (the numpy reference is slow on big models)")
-@click.option("--embed-bits", type=int, default=None, help="quantize embed_tokens/lm_head as q8 in every scheme")
+@click.option("--embed-bits", type=click.Choice(["4", "8"]), default=None, callback=lambda c, p, v: int(v) if v else None,
+              help="quantize embed_tokens/lm_head as q4 or q8 in every scheme")
 @click.option("--compare", "others", multiple=True, metavar="CHECKPOINT",
               help="also score this checkpoint of the same model as it is (e.g. a llama.cpp-quantized GGUF; repeat)")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON on stdout")
@@ -103,3 +115,4 @@ def _read_text(path: str) -> str:
         raise EdgeforgeError(f"--text {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise EdgeforgeError(f"--text {path}: cannot read as UTF-8 text ({err})") from None
+

@@ -75,8 +75,9 @@ class Weights:
     before it is needed again); the others are dequantized for one use and dropped. Memory is then
     the stored weights (mapped, paged in and out by the OS) plus the budget plus one matrix."""
 
-    def __init__(self, tensors, shapes: dict, budget: int, block_bytes: int | None = None):
+    def __init__(self, tensors, shapes: dict, budget: int, block_bytes: int | None = None, observe=None):
         self.tensors, self.shapes, self.kept, self.budget, self.used = tensors, shapes, {}, budget, 0
+        self.observe = observe  # observe(name, x) before each x @ W.T (calibration statistics)
         # x @ W.T over a weight larger than this goes in row blocks, so the working set stays one
         # block (the tied 128k-vocab head is 2 GB in float32); each output is the same dot product.
         self.block_bytes = block_bytes or int(float(os.environ.get("EDGEFORGE_REFERENCE_BLOCK_MB", "64")) * (1 << 20))
@@ -88,7 +89,16 @@ class Weights:
             if self.used + w.nbytes <= self.budget:
                 self.kept[name] = w
                 self.used += w.nbytes
+            else:
+                self._release(name)
         return w
+
+    def _release(self, name: str) -> None:
+        """Done with a streamed weight: let a memory-mapped source drop its pages (they would
+        otherwise stay resident, growing to the whole checkpoint)."""
+        release = getattr(self.tensors, "release", None)
+        if release is not None:
+            release(name)
 
     def rows(self, name: str, index) -> np.ndarray:
         w = self.kept.get(name)
@@ -100,6 +110,8 @@ class Weights:
 
     def matmul_t(self, x: np.ndarray, name: str) -> np.ndarray:
         """x @ W.T, W [out, in], in row blocks when W is large and not kept."""
+        if self.observe is not None:
+            self.observe(name, x)
         out_f, in_f = self.shapes[name]
         size = out_f * in_f * 4
         if name in self.kept or size <= self.block_bytes or self.used + size <= self.budget:
@@ -109,6 +121,7 @@ class Weights:
         for start in range(0, out_f, step):
             block = self.rows(name, slice(start, start + step))
             y[:, start : start + step] = x @ block.T
+        self._release(name)
         return y
 
 
@@ -121,11 +134,12 @@ class ReferenceModel:
 
     device = "cpu (numpy reference)"
 
-    def __init__(self, model=None, *, config: LlamaConfig | None = None, tensors=None, cache_bytes: int | None = None):
+    def __init__(self, model=None, *, config: LlamaConfig | None = None, tensors=None, cache_bytes: int | None = None,
+                 observe=None):
         self.config = config if config is not None else model.config
         tensors = tensors if tensors is not None else model.tensors
         self.w = Weights(tensors, self.config.tensor_shapes(),
-                         cache_budget_bytes() if cache_bytes is None else cache_bytes)
+                         cache_budget_bytes() if cache_bytes is None else cache_bytes, observe=observe)
         self.head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
         self.inv_freq = self.config.rope_inv_freq()
         self.reset()

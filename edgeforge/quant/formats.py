@@ -42,7 +42,7 @@ class F32:
     array_names = ("weight",)
     scale_dtype = None
 
-    def quantize(self, w, name: str = "weight") -> dict[str, np.ndarray]:
+    def quantize(self, w, name: str = "weight", importance=None) -> dict[str, np.ndarray]:
         return {"weight": _as_f32(w, name)}
 
     def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -63,7 +63,7 @@ class F16:
     array_names = ("weight",)
     scale_dtype = None
 
-    def quantize(self, w, name: str = "weight") -> dict[str, np.ndarray]:
+    def quantize(self, w, name: str = "weight", importance=None) -> dict[str, np.ndarray]:
         w = _as_f32(w, name)
         with np.errstate(over="ignore"):
             h = w.astype(np.float16)
@@ -86,6 +86,7 @@ class _Grouped:
     # False: scale = max|w| / qmax (q8). True: scale = (the element of largest magnitude) / qmin,
     # signed, so that element is exactly qmin and the other side gets up to qmax (q4: -8..7).
     signed_scale = False
+    searchable = False  # quantize(importance=...) searches the scales (q4)
     array_names = ("qweight", "scales")
 
     def __init__(self, scale_dtype: str = "float16"):
@@ -128,9 +129,17 @@ class _Grouped:
         # signed scale the side opposite the extreme reaches up to -qmin = qmax + 1: clip.
         return np.clip(q, self.qmin, self.qmax).astype(np.int8)
 
-    def quantize(self, w, name: str = "weight") -> dict[str, np.ndarray]:
+    def quantize(self, w, name: str = "weight", importance=None) -> dict[str, np.ndarray]:
+        """Stored arrays of `w`. `importance` (float [in], the mean square of the activations that
+        multiply each input column, from calibration) switches q4 from round-to-nearest scales to a
+        weighted search (search_scales); the stored format and dequantize() are the same."""
         w = np.asarray(w)
         self._check_shape(w, name)
+        if importance is not None:
+            importance = np.asarray(importance, dtype=np.float32).reshape(-1)
+            if importance.shape[0] != w.shape[1]:
+                raise EdgeforgeError(f"tensor '{name}': importance has {importance.shape[0]} entries, the weight "
+                                     f"has {w.shape[1]} input columns")
         # Blocks of rows: rows are independent, and the float temporaries stay ~BLOCK_ELEMENTS
         # large even for an 8B model's 500M-element embedding.
         step = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
@@ -138,6 +147,8 @@ class _Grouped:
         for r in range(0, w.shape[0], step):
             groups = _as_f32(w[r : r + step], name).reshape(-1, w.shape[1] // GROUP_SIZE, GROUP_SIZE)
             s = self._scales(groups, name)
+            if importance is not None and self.searchable:
+                s = search_scales(groups, importance.reshape(1, -1, GROUP_SIZE), s, self)
             qweights.append(self._store(self._quantize_groups(groups, s).reshape(groups.shape[0], -1)))
             scales.append(s)
         if not qweights:  # zero rows
@@ -191,6 +202,7 @@ class Q4(_Grouped):
     name = "q4"
     qmin, qmax = Q4_MIN, Q4_MAX
     signed_scale = True
+    searchable = True
     qweight_dtype = "uint32"
     per_item = Q4_PER_WORD
 
@@ -201,6 +213,62 @@ class Q4(_Grouped):
         if stored.dtype != np.uint32:
             raise EdgeforgeError(f"q4 qweight must be uint32, got {stored.dtype}")
         return unpack_q4(stored).astype(np.int16) - Q4_OFFSET
+
+
+# The scale search (llama.cpp's make_qx_quants idea, weighted by calibration importance): start from
+# scale = extreme / divisor for each divisor below (the extreme on -8 as round-to-nearest puts it,
+# give or take one level; on +7 for the other sign; or past -8, clipping an outlier), refit the scale to the rounded codes by
+# weighted least squares (twice), keep the candidate with the smallest weighted squared error, all
+# measured with the scale as stored (rounded to the scale dtype) and the exact rounding of
+# _quantize_groups.
+SEARCH_DIVISORS = np.concatenate([-8 - np.arange(-4, 5) * 0.25, 7 + np.arange(-2, 3) * 0.25,
+                                  -8 * np.array([1.25, 1.5, 2.0, 3.0])]).astype(np.float32)  # the last: clip an outlier
+SEARCH_REFITS = 2
+
+
+def search_weights(groups: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """Error weight of each element: the importance of its input column times sqrt(mean square of
+    its group + its own square) (small weights still count; large ones count more). Measured on
+    SmolLM2 against importance alone and x^2 alone: docs/notes/quant.md."""
+    sigma2 = np.mean(groups * groups, axis=2, keepdims=True)
+    return (importance * np.sqrt(sigma2 + groups * groups)).astype(np.float32)
+
+
+def search_scales(groups: np.ndarray, importance: np.ndarray, start: np.ndarray, fmt) -> np.ndarray:
+    """Scales (in fmt's scale dtype) that minimise sum w (x - s q(x, s))^2 per group, q as stored."""
+    w = search_weights(groups, importance)
+    first = np.abs(groups).argmax(axis=2)[:, :, None]
+    extreme = np.take_along_axis(groups, first, axis=2)
+    best_s = start.astype(np.float32)[:, :, None]
+    best_err = _weighted_error(groups, w, best_s, fmt)
+    q = np.empty_like(groups)
+    wq = np.empty_like(groups)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for divisor in SEARCH_DIVISORS * np.float32(-fmt.qmin / 8):  # the same levels in any format
+            s = extreme / divisor
+            for _ in range(SEARCH_REFITS):  # the codes for this scale, then the best scale for them
+                np.multiply(groups, np.float32(1) / s, out=q)
+                np.clip(np.rint(q, out=q), fmt.qmin, fmt.qmax, out=q)
+                np.multiply(w, q, out=wq)
+                refit = np.einsum("gij,gij->gi", wq, groups)[:, :, None] / np.einsum("gij,gij->gi", wq, q)[:, :, None]
+                s = np.where(np.isfinite(refit) & (refit != 0), refit, s)
+            s = s.astype(fmt.scale_dtype).astype(np.float32)
+            s = np.where(np.isfinite(s), s, best_s)
+            err = _weighted_error(groups, w, s, fmt)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, s, best_s)
+    return best_s[:, :, 0].astype(fmt.scale_dtype)
+
+
+def _weighted_error(groups, w, s, fmt) -> np.ndarray:
+    """sum w (x - s q)^2 with q exactly as _quantize_groups stores it for scale s."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(np.rint(groups / s), fmt.qmin, fmt.qmax)
+    q = np.where(s == 0, np.float32(0), q)
+    np.multiply(q, s, out=q)
+    np.subtract(groups, q, out=q)
+    return np.einsum("gij,gij,gij->gi", w, q, q)[:, :, None]
 
 
 def pack_q4(nibbles: np.ndarray) -> np.ndarray:

@@ -51,7 +51,7 @@ def plan_tensors(model, scheme: Scheme, embed_bits: int | None) -> list[tuple[st
     plan = []
     for name in sorted(model.tensors.names(), key=natural_key):
         shape = tuple(int(d) for d in model.tensors.shape(name))
-        fmt = scheme.format_for(name, shape, embed_bits)
+        fmt = scheme.format_for(name, shape, embed_bits, model.config.num_layers)
         if fmt.name in ("q8", "q4") and shape[1] % GROUP_SIZE:
             raise EdgeforgeError(
                 f"tensor '{name}': width {shape[1]} is not divisible by the group size {GROUP_SIZE}, "
@@ -97,19 +97,22 @@ def write_qdir(model, scheme, out, embed_bits: int | None = None, log: Callable[
     entries: dict[str, dict] = {}
     weight_map: dict[str, str] = {}
     total = 0
+    importance, calibration = calibrate(model, scheme, plan, log)
     with atomic_output_dir(out, is_qdir, "QDIR (quantized model folder)") as tmp:
         for s, members in enumerate(shards, start=1):
             fname = shard_name(s, len(shards))
             with ShardWriter(tmp / fname, shard_specs(plan[i] for i in members)) as shard:
                 for i in members:
                     name, shape, fmt = plan[i]
-                    entries[name] = _quantize_tensor(model, name, shape, fmt, shard)
+                    entries[name] = _quantize_tensor(model, name, shape, fmt, shard, importance.get(name))
                     weight_map.update({key: fname for key in entries[name]["arrays"].values()})
                     log(f"[{i + 1}/{len(plan)}] {name} {list(shape)} -> {fmt.name}")
             total += shard.nbytes
-        _write_metadata(tmp, model, scheme, embed_bits, entries, weight_map, total)
+        _write_metadata(tmp, model, scheme, embed_bits, entries, weight_map, total, calibration)
+    params = sum(int(np.prod(shape)) for _, shape, _ in plan)
     return {
         "path": str(Path(out)), "scheme": scheme.name, "model_dtype": scheme.model_dtype,
+        "bits_per_weight": round(8 * total / params, 3) if params else None, "calibration": calibration,
         "embed_format": scheme.embed_format(embed_bits), "tensors": len(plan), "shards": len(shards),
         "bytes": total, "seconds": round(time.perf_counter() - start, 3),
     }
@@ -154,10 +157,24 @@ class ShardWriter:
             raise EdgeforgeError(f"{self.path}: tensor '{missing[0]}' was planned but never written")
 
 
-def _quantize_tensor(model, name: str, shape, fmt, shard: ShardWriter) -> dict:
+def calibrate(model, scheme, plan, log) -> tuple[dict, dict | None]:
+    """Calibration importance when the scheme searches q4 scales and some tensor is q4."""
+    if not (scheme.calibrated and any(fmt.name == "q4" for _, _, fmt in plan)):
+        return {}, None
+    from .calibrate import collect_importance
+
+    importance, info = collect_importance(model, log=log)
+    return importance, info
+
+
+def _quantize_tensor(model, name: str, shape, fmt, shard: ShardWriter, importance=None) -> dict:
     """Read one source tensor, write its quantized arrays into `shard`; its quantization.json entry."""
     entry = {**tensor_entry(shape, fmt), "arrays": {}}
-    for role, arr in fmt.quantize(model.tensors.get(name), name).items():
+    if importance is not None and getattr(fmt, "searchable", False):
+        entry["scales"] = "searched"  # calibrated (quantization.json "calibration" says on what)
+    else:
+        importance = None
+    for role, arr in fmt.quantize(model.tensors.get(name), name, importance=importance).items():
         entry["arrays"][role] = stored_key(name, role)
         shard.write(stored_key(name, role), arr)
     # Memory-mapped sources keep every page read resident until the mapping closes: without
@@ -168,13 +185,14 @@ def _quantize_tensor(model, name: str, shape, fmt, shard: ShardWriter) -> dict:
     return entry
 
 
-def _write_metadata(tmp: Path, model, scheme: Scheme, embed_bits, entries, weight_map, total) -> None:
+def _write_metadata(tmp: Path, model, scheme: Scheme, embed_bits, entries, weight_map, total, calibration=None) -> None:
     config = {"format": CONFIG_FORMAT, "version": VERSION, **model.config.to_dict()}
     src = model.source or {}
     quant = {
         "format": QUANT_FORMAT, "version": VERSION, "scheme": scheme.name, "model_dtype": scheme.model_dtype,
         "group_size": GROUP_SIZE, "embed_format": scheme.embed_format(embed_bits),
         "source": {"model_id": src.get("model_id"), "sha256": src.get("sha256"), "format": src.get("format")},
+        "calibration": calibration,
         "tensors": entries,
     }
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -252,8 +270,10 @@ class QuantizedTensors:
     """TensorSource that quantizes then dequantizes each source tensor on get(): the float32
     weights a QDIR of `scheme` would give, without writing one."""
 
-    def __init__(self, source, scheme, embed_bits: int | None = None):
+    def __init__(self, source, scheme, embed_bits: int | None = None, num_layers: int | None = None,
+                 importance: dict | None = None):
         self.source, self.scheme, self.embed_bits = source, get_scheme(scheme), embed_bits
+        self.num_layers, self.importance = num_layers, importance or {}
 
     def names(self) -> list[str]:
         return self.source.names()
@@ -262,15 +282,23 @@ class QuantizedTensors:
         return tuple(self.source.shape(name))
 
     def get(self, name: str) -> np.ndarray:
-        fmt = self.scheme.format_for(name, self.shape(name), self.embed_bits)
-        return fmt.dequantize(fmt.quantize(self.source.get(name), name))
+        fmt = self.scheme.format_for(name, self.shape(name), self.embed_bits, self.num_layers)
+        imp = self.importance.get(name) if getattr(fmt, "searchable", False) else None
+        return fmt.dequantize(fmt.quantize(self.source.get(name), name, importance=imp))
 
 
-def quantize_in_memory(model, scheme, embed_bits: int | None = None):
-    """A LoadedModel like `model` whose tensors are quantized with `scheme` (lazily, per get())."""
+def quantize_in_memory(model, scheme, embed_bits: int | None = None, importance: dict | None = None):
+    """A LoadedModel like `model` whose tensors are quantized with `scheme` (lazily, per get()).
+    A calibrated scheme needs `importance` (quant.calibrate.collect_importance); it is collected
+    here when not given."""
     import dataclasses
 
     check_embed_bits(embed_bits)
     scheme = get_scheme(scheme)
+    if scheme.calibrated and importance is None:
+        from .calibrate import collect_importance
+
+        importance, _ = collect_importance(model)
     source = {**(model.source or {}), "scheme": scheme.name}
-    return dataclasses.replace(model, tensors=QuantizedTensors(model.tensors, scheme, embed_bits), source=source)
+    tensors = QuantizedTensors(model.tensors, scheme, embed_bits, model.config.num_layers, importance)
+    return dataclasses.replace(model, tensors=tensors, source=source)

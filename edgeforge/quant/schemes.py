@@ -1,27 +1,43 @@
 """Quantization schemes: which storage format each tensor of a Llama model gets.
 
-| scheme | linear weights | scale dtype | model dtype |
-|--------|----------------|-------------|-------------|
-| q0f32  | f32            | -           | float32     |
-| q0f16  | f16            | -           | float16     |
-| q8f16  | q8             | float16     | float16     |
-| q4f16  | q4             | float16     | float16     |
-| q4f32  | q4             | float32     | float32     |
+| scheme    | 2-D weights                          | q8 instead of q4 for             | bits/weight* |
+|-----------|--------------------------------------|----------------------------------|-------------:|
+| q0f32     | f32                                  | -                                | 32           |
+| q0f16     | f16                                  | -                                | 16           |
+| q8f16     | q8 (fp16 scales)                     | -                                | 8.5          |
+| q4f16     | q4, calibrated scale search          | embedding/lm_head, attn v        | 4.5 (+)      |
+| q4f32     | as q4f16, fp32 scales, fp32 compute  | embedding/lm_head, attn v        | 5.0 (+)      |
+| q4f16_m   | q4, calibrated scale search          | + ffn down of 1/8-first/last and every 3rd layer | 4.5 (++) |
+| q4f16_rtn | q4, round to nearest (the old q4f16) | -                                | 4.5          |
+| q4f32_rtn | as q4f16_rtn, fp32 scales            | -                                | 5.0          |
 
-Norm weights (and any other 1-D tensor) are always f32. Embeddings and lm_head use the linear
-format unless embed_bits=8, which stores them as q8 with the scheme's scale dtype (its model dtype
-for the q0 schemes): the embedding is the biggest tensor of small models and the most sensitive one.
+*Per q4 or q8 weight, scales counted: q4 with fp16 scales is 4 + 16/32 = 4.5, q8 is 8.5; what a
+whole model comes to depends on its share of embedding and v/down weights (`edgeforge quantize`
+prints it; BENCHMARKS.md has a column). Norm weights (and any other 1-D tensor) are always f32.
+
+`embed_bits` (4 or 8) overrides the embedding/lm_head format of any scheme.
+The calibrated schemes measure, on the calibration text, how much each input column of each matrix
+matters (quant/calibrate.py) and search each group's q4 scale to minimise the error weighted by it
+(formats.search_scales); the stored format is the same as round-to-nearest q4.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import EdgeforgeError
 from .formats import get_format
 
 EMBED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
-EMBED_BITS_CHOICES = (8,)
+EMBED_BITS_CHOICES = (4, 8)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def more_bits_layer(i: int, n: int) -> bool:
+    """llama.cpp's choice of layers that get more bits in its _M mixes: the first and last eighth,
+    and every third layer in between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 @dataclass(frozen=True)
@@ -30,22 +46,37 @@ class Scheme:
     linear: str  # storage format of 2-D weights: f32 | f16 | q8 | q4
     scale_dtype: str | None  # of q8/q4 scales; None for f32/f16
     model_dtype: str  # what backends compute in
+    embed: str | None = None  # embedding / lm_head format (None: as `linear`)
+    q8: tuple[str, ...] = ()  # roles stored as q8: "attn_v" (every layer), "ffn_down_more" (more_bits_layer)
+    calibrated: bool = False  # q4 scales searched with calibration importance
 
     def embed_format(self, embed_bits: int | None = None) -> str:
         check_embed_bits(embed_bits)
-        return "q8" if embed_bits == 8 else self.linear
+        if embed_bits is not None:
+            return f"q{embed_bits}"
+        return self.embed or self.linear
 
-    def format_name(self, tensor: str, shape, embed_bits: int | None = None) -> str:
+    def format_name(self, tensor: str, shape, embed_bits: int | None = None, num_layers: int | None = None) -> str:
         """The storage format name of one tensor under this scheme."""
         if len(shape) != 2:
             return "f32"  # norms: tiny and precision-critical
         if tensor in EMBED_NAMES:
             return self.embed_format(embed_bits)
+        if self.linear == "q4" and self._wants_q8(tensor, num_layers):
+            return "q8"
         return self.linear
 
-    def format_for(self, tensor: str, shape, embed_bits: int | None = None):
+    def _wants_q8(self, tensor: str, num_layers: int | None) -> bool:
+        if "attn_v" in self.q8 and tensor.endswith("self_attn.v_proj.weight"):
+            return True
+        if "ffn_down_more" in self.q8 and tensor.endswith("mlp.down_proj.weight") and num_layers:
+            m = _LAYER.match(tensor)
+            return bool(m) and more_bits_layer(int(m.group(1)), num_layers)
+        return False
+
+    def format_for(self, tensor: str, shape, embed_bits: int | None = None, num_layers: int | None = None):
         """The format object (with its scale dtype) that stores `tensor` under this scheme."""
-        fmt = self.format_name(tensor, shape, embed_bits)
+        fmt = self.format_name(tensor, shape, embed_bits, num_layers)
         scale = self.scale_dtype or self.model_dtype
         return get_format(fmt, scale if fmt in ("q8", "q4") else None)
 
@@ -56,8 +87,11 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("q0f32", "f32", None, "float32"),
         Scheme("q0f16", "f16", None, "float16"),
         Scheme("q8f16", "q8", "float16", "float16"),
-        Scheme("q4f16", "q4", "float16", "float16"),
-        Scheme("q4f32", "q4", "float32", "float32"),
+        Scheme("q4f16", "q4", "float16", "float16", embed="q8", q8=("attn_v",), calibrated=True),
+        Scheme("q4f32", "q4", "float32", "float32", embed="q8", q8=("attn_v",), calibrated=True),
+        Scheme("q4f16_m", "q4", "float16", "float16", embed="q8", q8=("attn_v", "ffn_down_more"), calibrated=True),
+        Scheme("q4f16_rtn", "q4", "float16", "float16"),
+        Scheme("q4f32_rtn", "q4", "float32", "float32"),
     ]
 }
 
@@ -73,4 +107,4 @@ def get_scheme(name: str) -> Scheme:
 
 def check_embed_bits(embed_bits) -> None:
     if embed_bits is not None and embed_bits not in EMBED_BITS_CHOICES:
-        raise EdgeforgeError(f"--embed-bits {embed_bits}: only 8 is supported (or leave it out)")
+        raise EdgeforgeError(f"--embed-bits {embed_bits}: use 4 or 8 (or leave it out for the scheme's choice)")

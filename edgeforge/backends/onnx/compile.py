@@ -30,11 +30,12 @@ def compile_model(qdir: Path, target, out: Path, log=lambda msg: None) -> dict:
     weights = QdirWeights(Path(qdir))
     compute = compute_dtype(target, ep, weights.model_dtype_name)
     log(f"onnx: building {weights.scheme} graph ({compute} compute, MatMulNBits accuracy_level {level}) for {ep}")
-    model = build_model(weights, level, compute)
     out = Path(out)
-    # External data: one file next to the graph, every tensor of >= 1 KiB in it (keeps the .onnx tiny).
-    onnx.save_model(model, out / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    # External data: one file next to the graph, every tensor of >= 1 KiB written into it as it is
+    # made (memory stays at one tensor), the .onnx keeps the graph and references.
+    with open(out / DATA_FILE, "wb") as data:
+        model = build_model(weights, level, compute, data=(data, DATA_FILE))
+    onnx.save_model(model, out / MODEL_FILE)
     try:
         onnx.checker.check_model(str(out / MODEL_FILE))
     except onnx.checker.ValidationError as err:  # a builder bug, not bad input, but say where

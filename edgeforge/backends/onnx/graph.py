@@ -40,17 +40,46 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
             f"present.{layer}.key", f"present.{layer}.value")
 
 
-class _Graph:
-    """Nodes and initializers with unique names; the small helpers keep the model code readable."""
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside model.onnx
+PAGE = 4096  # large tensors start on a page: ONNX Runtime can map them instead of copying
 
-    def __init__(self):
+
+class _Graph:
+    """Nodes and initializers with unique names; the small helpers keep the model code readable.
+
+    With `data` (an open binary file and the name the graph refers to it by), every initializer of
+    EXTERNAL_MIN_BYTES or more goes straight to that file as it is made, and the graph keeps only a
+    reference: the export's memory is one tensor at a time, not the whole model (an 8B model's
+    export peaked at 17 GB when the protobuf held every weight before onnx wrote them out)."""
+
+    def __init__(self, data=None):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._count = 0
+        self.data = data  # (file object, location) or None
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self.data is None or array.nbytes < EXTERNAL_MIN_BYTES:
+            self.inits.append(numpy_helper.from_array(array, name))
+        else:
+            self.inits.append(self._external(name, array))
         return name
+
+    def _external(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        f, location = self.data
+        offset = f.tell()
+        if array.nbytes >= PAGE:
+            pad = -offset % PAGE
+            f.write(b"\0" * pad)
+            offset += pad
+        f.write(memoryview(array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1)).cast("B"))
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                             dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        return t
 
     def const(self, values, dtype=np.int64) -> str:
         self._count += 1
@@ -64,7 +93,7 @@ class _Graph:
 
 
 class LlamaOnnxBuilder:
-    def __init__(self, weights: QdirWeights, accuracy_level: int, compute_dtype=None):
+    def __init__(self, weights: QdirWeights, accuracy_level: int, compute_dtype=None, data=None):
         self.w = weights
         self.cfg = LlamaConfig.from_dict(weights.config, source=str(weights.qdir / "config.json"))
         if self.cfg.head_dim % 16:  # refused at run time otherwise ("head_size shall be a multiple of 16")
@@ -73,7 +102,7 @@ class LlamaOnnxBuilder:
         # Activations, scales and KV cache; widening float16 scales/weights to float32 is exact.
         self.dtype = np.dtype(compute_dtype or weights.model_dtype).type
         self.accuracy_level = int(accuracy_level)
-        self.g = _Graph()
+        self.g = _Graph(data)
         self.embed_blob: str | None = None  # the embedding's MatMulNBits blob, for a tied head
 
     # ---- weights ------------------------------------------------------------------------------
@@ -93,10 +122,15 @@ class LlamaOnnxBuilder:
 
     # ---- building blocks ----------------------------------------------------------------------
     def linear(self, x: str, weight_names: list[str], name: str) -> str:
-        """x @ concat(weights).T; one MatMulNBits (or MatMul for f32/f16 weights) for all of them."""
+        """x @ concat(weights).T; one MatMulNBits (or MatMul for f32/f16 weights) for all of them.
+        Weights of different bit widths (a mixed scheme's 8-bit v_proj next to 4-bit q/k) cannot
+        share a MatMulNBits: each gets its own, and the outputs are concatenated."""
         if all(self._is_quant(n) for n in weight_names):
-            q = pack.concat_rows([self._quant(n) for n in weight_names])
-            return self._matmul_nbits(x, q, name)
+            quants = [self._quant(n) for n in weight_names]
+            if len({q.bits for q in quants}) > 1:
+                parts = [self._matmul_nbits(x, q, f"{name}.{i}") for i, q in enumerate(quants)]
+                return self.g.op("Concat", parts, f"{name}.concat", axis=-1)
+            return self._matmul_nbits(x, pack.concat_rows(quants), name)
         w = np.concatenate([self._dense(n) for n in weight_names], axis=0)
         return self.g.op("MatMul", [x, self.g.init(f"{name}.weight_t", w.T)], name)
 
@@ -232,5 +266,6 @@ class LlamaOnnxBuilder:
         return model
 
 
-def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype=None) -> onnx.ModelProto:
-    return LlamaOnnxBuilder(weights, accuracy_level, compute_dtype).build()
+def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype=None, data=None) -> onnx.ModelProto:
+    """The graph; with `data` = (binary file, its name), large initializers are streamed into it."""
+    return LlamaOnnxBuilder(weights, accuracy_level, compute_dtype, data).build()
