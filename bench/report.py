@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def render(r: dict) -> str:
-    parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _memory(r), _gpu(), _scaling(), _commands(r),
-             _notes(r)]
+    parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _quality_plausible(), _memory(r), _gpu(),
+             _scaling(), _commands(r), _notes(r)]
     return "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -206,6 +206,46 @@ def _gpu():
                          f"{big['roofline_fraction']:.0%}.")
         out += ["", *goals]
     return "\n".join(out)
+
+
+def _quality_plausible():
+    """Issue 13's table, from bench/results/quality-plausible.json (bench/quality.py)."""
+    path = GPU_RESULTS / "quality-plausible.json"
+    if not path.exists():
+        return ""
+    q = json.loads(path.read_text())
+    texts = list(q["texts"])
+    kl = {t: {r["scheme"]: r for r in q["texts"][t]["rows"]} for t in texts}
+    out = ["## Quality on a plausible float SmolLM2 (edgeforge schemes vs llama.cpp files)", "",
+           f"{q['model']}; every quantizer starts from these floats. `{q['command']}`. One scorer "
+           "(`edgeforge eval`, mean KL(float || quantized) per predicted token), same tokens; texts: "
+           + ", ".join(f"{t} ({q['texts'][t]['tokens']} tokens)" for t in texts)
+           + ". edgeforge's calibrated schemes and llama.cpp's imatrix files use the same calibration text "
+           "(edgeforge/data/calibration.txt), which neither evaluation text is. Size: stored weight bytes "
+           "for edgeforge, the GGUF file for llama.cpp (~2.5 MB of it is metadata).", "",
+           "| weights | bits/weight | MB | " + " | ".join(f"KL {t}" for t in texts) + " | ppl ratio " + texts[0] + " |",
+           "|---|---:|---:|" + "---:|" * len(texts) + "---:|"]
+    order = [r["scheme"] for r in q["texts"][texts[0]]["rows"] if r["scheme"] != "float"]
+    for name in order:
+        cells = " | ".join(f"{kl[t][name]['kl']:.4f}" if name in kl[t] else "-" for t in texts)
+        out.append(f"| {name} | {q['bits_per_weight'].get(name, 0):.2f} | {q['bytes'].get(name, 0) / 1e6:.1f} | {cells} | "
+                   f"{kl[texts[0]][name]['ppl_ratio']:.4f} |")
+    goals = []
+    for t in texts:
+        k = kl[t]
+        if "q4f16" in k and "llama.cpp Q4_0" in k:
+            ratio = k["q4f16"]["kl"] / k["llama.cpp Q4_0"]["kl"]
+            size = q["bytes"]["q4f16"] / q["bytes"]["llama.cpp Q4_0"]
+            met = ratio <= 0.5 and size <= 1.05
+            goals.append(f"- {t}: q4f16 KL {ratio:.2f}x llama.cpp Q4_0's at {size:.3f}x its size "
+                         f"(goal <= 0.5x at <= 1.05x): **{'met' if met else 'NOT met'}**")
+        if "q4f16_m" in k and "llama.cpp Q4_K_M + imatrix" in k:
+            ratio = k["q4f16_m"]["kl"] / k["llama.cpp Q4_K_M + imatrix"]["kl"]
+            size = q["bytes"]["q4f16_m"] / q["bytes"]["llama.cpp Q4_K_M + imatrix"]
+            met = ratio <= 1.0 and size <= 1.0
+            goals.append(f"- {t}: q4f16_m KL {ratio:.2f}x llama.cpp Q4_K_M + imatrix at {size:.3f}x its size "
+                         f"(goal <= 1x at <= 1x): **{'met' if met else 'NOT met'}**")
+    return "\n".join(out + [""] + goals)
 
 
 def _scaling():
