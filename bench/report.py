@@ -269,8 +269,10 @@ def _scaling():
         timeline = ", ".join(f"{label} {st[key]:.0f} s" for label, key in marks if key in st)
         sizes = ", ".join(f"{n.rsplit('-', 1)[-1]} {b / 2**30:.2f} GiB" for n, b in (r.get("bundles") or {}).items())
         smoke = ", ".join(f"{k.split('/')[-1]} {v}" for k, v in (r.get("smoke") or {}).items()) or "-"
-        out.append(f"| {Path(r['model']).name} | {r['seconds']:.0f} s | {timeline} | {smoke} | "
+        out.append(f"| {r['model'].split(' ')[0].split('/')[-1]} | {r['seconds']:.0f} s | {timeline} | {smoke} | "
                    f"{r['peak_rss_gib']} GiB | {sizes or '-'} |")
+        if r.get("note"):
+            out.append(f"|  | | {r['note']} | | | |")
     out += ["", "Peak RSS is the largest of the build process and its children (the smoke tests), from "
             "/usr/bin/time; the ONNX bundle is written before the smoke tests, which run after all bundles."]
     return "\n".join(out)
