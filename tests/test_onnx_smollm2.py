@@ -155,5 +155,16 @@ def test_vulkan_build_on_lavapipe(smol, tmp_path):
     print("vulkan on lavapipe:", info)
     assert info["providers"][0] == "WebGpuExecutionProvider" and info["device"].startswith("webgpu")
     cpu = OnnxEngine(art, device="cpu")  # the same float16 graph on ONNX Runtime's CPU provider
-    cpu_tokens = generate(cpu, ids[0], n, Sampler(temperature=0.0)).tokens
-    assert info["tokens"] == cpu_tokens
+    cpu_run = generate(cpu, ids[0], n, Sampler(temperature=0.0), keep_logits=True)
+    gpu_tokens, cpu_tokens = info["tokens"], cpu_run.tokens
+    # Greedy runs on two float16 implementations agree until a near-tie, if any: where they first
+    # differ (same history so far), the CPU's logits of the two picks are within WebGPU's float16
+    # tolerance of each other. A real defect shows as an early, clear disagreement.
+    from edgeforge.bundle.golden import WEBGPU_F16_REL_TOL
+
+    first = next((i for i, (a, b) in enumerate(zip(gpu_tokens, cpu_tokens)) if a != b), None)
+    if first is not None:
+        assert first >= 3, (gpu_tokens, cpu_tokens)
+        logits = cpu_run.logits[first]
+        gap = abs(float(logits[gpu_tokens[first]] - logits[cpu_tokens[first]]))
+        assert gap <= WEBGPU_F16_REL_TOL * float(np.ptp(logits)), (first, gap, gpu_tokens, cpu_tokens)

@@ -74,7 +74,7 @@ def test_golden_memory_stays_near_the_quantized_size(tmp_path):
     gpu.SHAPES["bigvocab"] = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, vocab_size=400_000, tie_word_embeddings=True,
                                   rope_theta=10000.0, max_position_embeddings=256)
-    qdir = gpu.synth_qdir(tmp_path / "q", "bigvocab", log=lambda m: None)
+    qdir = gpu.synth_qdir(tmp_path / "q", "bigvocab", scheme="q4f16_rtn", log=lambda m: None)  # a 4-bit embedding
     float_bytes = 400_000 * 256 * 4
     q_bytes = sum(p.stat().st_size for p in qdir.glob("*.safetensors"))
 

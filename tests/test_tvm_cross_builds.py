@@ -46,6 +46,13 @@ def test_cuda_fatbin_has_real_code_for_every_arch(qdir, tmp_path):
     assert req["gpu_ptx"] == [arches[-1]] and req["min_driver_cuda"] >= 12000
     # no CUDA source left for a JIT at load time (there is no compiler on the device)
     assert b"extern \"C\" __global__" not in (art / "model.so").read_bytes()
+    # the build loaded a stub libcuda.so.1 into this process: a GPU check afterwards must still say
+    # "no device" cleanly (it once died with AttributeError: no cuInit in the stub)
+    from edgeforge.runtime.hostcheck import cuda_gpus
+
+    gpus, _, why = cuda_gpus()
+    if not gpus:
+        assert why
 
 
 @pytest.mark.parametrize("target", ["metal-macos", "iphone"])

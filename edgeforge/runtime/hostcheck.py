@@ -61,8 +61,11 @@ def cuda_gpus() -> tuple[list[dict], int | None, str]:
             cuda = ctypes.CDLL(lib)
         except OSError:
             continue
-        if cuda.cuInit(0) != 0:
-            return [], None, f"{lib} found but cuInit failed (no GPU or driver mismatch)"
+        try:
+            if cuda.cuInit(0) != 0:
+                return [], None, f"{lib} found but cuInit failed (no GPU or driver mismatch)"
+        except AttributeError:  # not a real driver (a build-time stub, say)
+            return [], None, f"{lib} is not an NVIDIA driver (no cuInit)"
         driver = ctypes.c_int(0)
         cuda.cuDriverGetVersion(ctypes.byref(driver))
         count = ctypes.c_int(0)

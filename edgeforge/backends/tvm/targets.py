@@ -219,9 +219,12 @@ def _cuda_fatbin_compiler(arches: list[str]):
 
 
 # Driver API functions libtvm_runtime_cuda.so links against (nm -D --undefined-only | grep ' cu[A-Z]').
+# Plus what runtime/hostcheck.py calls: the stub stays loaded in a process that built for CUDA, and
+# a later GPU check in the same process finds it under the driver's soname (it must say "no device").
 _CUDA_DRIVER_SYMBOLS = (
     "cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "cuGetErrorString", "cuLaunchKernelEx",
     "cuModuleGetFunction", "cuModuleLoadData", "cuModuleUnload", "cuTensorMapEncodeTiled",
+    "cuInit", "cuDriverGetVersion", "cuDeviceGetCount", "cuDeviceGet", "cuDeviceGetAttribute",
 )
 
 
@@ -263,7 +266,7 @@ def _cuda_driver_stub() -> Path:
 
     from ...cache import cache_dir
 
-    out = cache_dir() / "cuda-stub" / "libcuda.so.1"
+    out = cache_dir() / "cuda-stub-v2" / "libcuda.so.1"  # v2: with the device-query symbols
     if out.exists():
         return out
     compiler = shutil.which("cc") or shutil.which("gcc")
