@@ -22,10 +22,12 @@ $(VENV)/.edgeforge-stamp: pyproject.toml
 	$(BIN)/pip install -q -e '.[tvm,onnx,ssh,dev]'
 	touch $@
 
-# Cross compilers, qemu, the arm64 root with runtime wheels, Mesa lavapipe and the WebGPU venv.
+# Cross compilers, qemu, the arm64 root with runtime wheels, Mesa lavapipe and the WebGPU venv, sshd.
 toolchains: setup
 	bash scripts/setup-arm64.sh
 	bash scripts/setup-vulkan.sh
+	# sshd for the `smoke --ssh` tests (they start it on 127.0.0.1 with throwaway keys)
+	[ -x /usr/sbin/sshd ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server)
 
 # The main job: SmolLM2 -> int4 -> x86 bundle (ONNX: the faster backend on x86, BENCHMARKS.md) -> smoke
 # test -> answer a chat prompt from the bundle.

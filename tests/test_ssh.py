@@ -96,4 +96,61 @@ def test_ssh_unreachable_or_untrusted_host(host_bundle, sshd, tmp_path, capsys):
     wrong = tmp_path / "known_hosts"
     wrong.write_text(f"[127.0.0.1]:{sshd['port']} " + (keygen(tmp_path / "other").with_suffix(".pub").read_text()))
     code, _, err = cli(capsys, "smoke", host_bundle[0], *ssh_args(sshd, "--known-hosts", wrong))
-    assert code == 2 and "ssh failed" in err and "127.0.0.1" in err
+    assert code == 2 and "host key changed" in err and "127.0.0.1" in err
+
+
+def _start_sshd(d: Path, port: int, host_key: Path, client_pub: Path) -> subprocess.Popen:
+    (d / "authorized_keys").write_text(client_pub.read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"PidFile {d / 'sshd.pid'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE, text=True)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"sshd did not start: {proc.stderr.read()}")
+            time.sleep(0.1)
+    pytest.fail("sshd did not listen")
+
+
+def test_new_host_key_is_remembered_and_a_changed_one_refused(host_bundle, tmp_path, capsys, monkeypatch):
+    """accept-new: the first connection records the device's key in edgeforge's known_hosts; after
+    the device's key changes (a reinstall, or someone in the middle) the smoke is refused."""
+    monkeypatch.setenv("EDGEFORGE_CACHE", str(tmp_path / "cache"))
+    client = keygen(tmp_path / "client")
+    port = free_port()
+    args = ["--ssh", f"{getpass.getuser()}@127.0.0.1", "--port", port, "--identity", client,
+            "--remote-python", sys.executable]
+    proc = _start_sshd(tmp_path, port, keygen(tmp_path / "host_a"), client.with_suffix(".pub"))
+    try:
+        code, out, err = cli(capsys, "smoke", host_bundle[0], *args)
+        assert code == 0 and "PASS" in out, err
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    remembered = tmp_path / "cache" / "known_hosts"
+    assert f"[127.0.0.1]:{port}" in remembered.read_text()
+    proc = _start_sshd(tmp_path, port, keygen(tmp_path / "host_b"), client.with_suffix(".pub"))
+    try:
+        code, _, err = cli(capsys, "smoke", host_bundle[0], *args)
+        assert code == 2 and "host key changed" in err and str(remembered) in err
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_remote_python_cannot_become_a_second_command(host_bundle, sshd, tmp_path, capsys):
+    from edgeforge.bundle.remote import remote_command
+
+    assert remote_command("python3 -X utf8") == "python3 -X utf8"
+    marker = tmp_path / "pwned"
+    assert remote_command(f"python3; touch {marker}") == f"'python3;' touch {marker}"
+    code, _, err = cli(capsys, "smoke", host_bundle[0], "--ssh", sshd["dest"], "--port", sshd["port"],
+                       "--identity", sshd["key"], "--remote-python", f"{sys.executable}; touch {marker}")
+    assert code == 2 and not marker.exists()

@@ -34,12 +34,17 @@ def connect(dest: str, port: int = 22, identity: str | None = None, known_hosts:
     user, host = parse_dest(dest)
     client = paramiko.SSHClient()
     client.load_system_host_keys()
+    remembered = None
     if known_hosts:
         client.load_host_keys(known_hosts)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
     else:
-        # Like ssh's StrictHostKeyChecking=accept-new for a device seen for the first time.
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        # ssh's StrictHostKeyChecking=accept-new: a device seen for the first time is remembered in
+        # edgeforge's own known_hosts (never ~/.ssh's), and a changed key is refused from then on.
+        remembered = known_hosts_file()
+        if remembered.exists():
+            client.load_host_keys(str(remembered))
+        client.set_missing_host_key_policy(_AcceptNew(remembered))
     where = f"{user}@{host}:{port}"
     try:
         client.connect(host, port=port, username=user, key_filename=identity, timeout=timeout,
@@ -47,9 +52,37 @@ def connect(dest: str, port: int = 22, identity: str | None = None, known_hosts:
                        allow_agent=identity is None)
     except (socket.gaierror, socket.timeout, TimeoutError, ConnectionError, OSError) as err:
         raise EdgeforgeError(f"--ssh {where}: cannot connect ({type(err).__name__}: {err})") from None
+    except paramiko.BadHostKeyException:
+        source = known_hosts or remembered or "the system's known_hosts"
+        raise EdgeforgeError(f"--ssh {where}: the host key changed since it was recorded in {source}; refusing "
+                             "(if the device was reinstalled, delete its line there)") from None
     except paramiko.SSHException as err:
         raise EdgeforgeError(f"--ssh {where}: ssh failed ({type(err).__name__}: {err})") from None
     return client
+
+
+def known_hosts_file() -> Path:
+    from ..cache import cache_dir
+
+    return cache_dir() / "known_hosts"
+
+
+class _AcceptNew:
+    """paramiko missing-host-key policy: remember a new host key (accept-new)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key):
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        client.save_host_keys(str(self.path))
+
+
+def remote_command(python: str) -> str:
+    """The device's Python command with every word quoted ("python3 -X utf8" stays two words;
+    "python3; rm -rf ~" cannot become a second command)."""
+    return " ".join(shlex.quote(word) for word in shlex.split(python)) or "python3"
 
 
 def _upload(sftp, local: Path, remote: str) -> int:
@@ -90,7 +123,8 @@ def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None
         n = _upload(sftp, Path(bundle), remote)
         sftp.close()
         log(f"copied {n} files to {dest}:{remote}")
-        cmd = " ".join([f"cd {shlex.quote(remote)} && {python} smoke.py --json", *map(shlex.quote, smoke_args)])
+        cmd = " ".join([f"cd {shlex.quote(remote)} && {remote_command(python)} smoke.py --json",
+                        *map(shlex.quote, smoke_args)])
         code, out, err = _exec(client, cmd)
         if code == 127:
             raise EdgeforgeError(f"--ssh {dest}: '{python}' not found on the device ({err.strip()})")
