@@ -49,8 +49,12 @@ def _one(args) -> dict:
     result = {"target": target.name, "backend": backend, "ok": True, "path": str(dest),
               "files": len(manifest["files"]), "bytes": sum(f["size"] for f in manifest["files"].values()),
               "seconds": round(time.perf_counter() - start, 1)}
+    result["manifest_sha256"] = manifest.get("manifest_sha256")
     if make_archive:
-        result["archive"] = str(archive.pack(dest))
+        from ..runtime.files import sha256_file
+
+        packed = archive.pack(dest)
+        result.update(archive=str(packed), archive_bytes=packed.stat().st_size, archive_sha256=sha256_file(packed))
     return result
 
 
