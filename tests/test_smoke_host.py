@@ -158,3 +158,14 @@ def test_racing_builds_leave_one_whole_bundle(tiny_model, tmp_path, capsys):
     code, _, err = cli(capsys, "smoke", bundle)
     assert code == 0, err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_build_json_gives_ci_checksums(host_bundle):
+    """build --json: what a CI job needs to publish an artifact (path, sizes, sha256)."""
+    import hashlib
+
+    bundle, archive, summary = host_bundle
+    (b,) = summary["bundles"]
+    assert b["archive_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert b["archive_bytes"] == archive.stat().st_size
+    assert b["manifest_sha256"] == json.loads((bundle / "manifest.json").read_text())["manifest_sha256"]
