@@ -176,6 +176,9 @@ class TvmEngine:
                     f"the module was compiled for {p['dtype']}{p['shape']} (recompile for this QDIR)"
                 )
             arrays.append(self._tvm.runtime.tensor(np.ascontiguousarray(stored), self.dev))
+            del stored, parts
+            for source in p.get("sources") or [tensor]:
+                weights.release(source)  # copied into the runtime: the mapped pages can go
         return arrays
 
 

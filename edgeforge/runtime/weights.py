@@ -100,6 +100,15 @@ class QdirWeights:
         except SafetensorsError as err:
             raise BundleError(str(err)) from None
 
+    def release(self, name: str) -> None:
+        """Done with a tensor's stored arrays: drop their mapped pages from this process (an engine
+        that copied them into its own memory would otherwise hold both copies)."""
+        for key in self.info(name)["arrays"].values():
+            try:
+                self._store.release(key)
+            except (SafetensorsError, OSError, ValueError):
+                pass  # only a memory hint
+
     def arrays(self, name: str) -> dict[str, np.ndarray]:
         """The stored arrays of a logical tensor: {"weight": ...} or {"qweight": ..., "scales": ...}."""
         info = self.info(name)
