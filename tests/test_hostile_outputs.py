@@ -105,9 +105,12 @@ def _wait_for(pred, timeout=120):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_build_leaves_nothing(tiny_model, tmp_path, sig):
     dist = tmp_path / "dist"
+    # A job started in the background by a non-interactive shell (as CI may run us) inherits SIGINT
+    # ignored, and Python keeps it so: give the build the default disposition, as a terminal would.
     proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant",
                              "q4f32", "--target", "x86-cpu", "--backend", "tvm", "-o", str(dist)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # wait until the build is under way (its private work folder exists), then stop it
     assert _wait_for(lambda: dist.is_dir() and any(p.name.startswith(".") for p in dist.iterdir())), \
         proc.communicate(timeout=60)
