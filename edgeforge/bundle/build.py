@@ -148,10 +148,12 @@ def _every_tenth(log, prefix: str):
 
     def out(msg: str) -> None:
         m = re.match(r"\[(\d+)/(\d+)\]", msg)
-        if m:
-            i, n = int(m.group(1)), int(m.group(2))
-            if i == n or i % max(1, n // 10) == 0:
-                log(f"{prefix} {i}/{n} tensors ({time.perf_counter() - t0:.0f} s)")
+        if not m:
+            log(msg)  # other progress (calibration) as it comes
+            return
+        i, n = int(m.group(1)), int(m.group(2))
+        if i == n or i % max(1, n // 10) == 0:
+            log(f"{prefix} {i}/{n} tensors ({time.perf_counter() - t0:.0f} s)")
 
     return out
 
