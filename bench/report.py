@@ -230,21 +230,17 @@ def _quality_plausible():
         cells = " | ".join(f"{kl[t][name]['kl']:.4f}" if name in kl[t] else "-" for t in texts)
         out.append(f"| {name} | {q['bits_per_weight'].get(name, 0):.2f} | {q['bytes'].get(name, 0) / 1e6:.1f} | {cells} | "
                    f"{kl[texts[0]][name]['ppl_ratio']:.4f} |")
+    # (ours, theirs, KL ratio at most, size ratio at most): issue 13's goals
+    targets = [("q4f16", "llama.cpp Q4_0", 0.5, 1.05), ("q4f16_m", "llama.cpp Q4_K_M + imatrix", 1.0, 1.0)]
     goals = []
     for t in texts:
-        k = kl[t]
-        if "q4f16" in k and "llama.cpp Q4_0" in k:
-            ratio = k["q4f16"]["kl"] / k["llama.cpp Q4_0"]["kl"]
-            size = q["bytes"]["q4f16"] / q["bytes"]["llama.cpp Q4_0"]
-            met = ratio <= 0.5 and size <= 1.05
-            goals.append(f"- {t}: q4f16 KL {ratio:.2f}x llama.cpp Q4_0's at {size:.3f}x its size "
-                         f"(goal <= 0.5x at <= 1.05x): **{'met' if met else 'NOT met'}**")
-        if "q4f16_m" in k and "llama.cpp Q4_K_M + imatrix" in k:
-            ratio = k["q4f16_m"]["kl"] / k["llama.cpp Q4_K_M + imatrix"]["kl"]
-            size = q["bytes"]["q4f16_m"] / q["bytes"]["llama.cpp Q4_K_M + imatrix"]
-            met = ratio <= 1.0 and size <= 1.0
-            goals.append(f"- {t}: q4f16_m KL {ratio:.2f}x llama.cpp Q4_K_M + imatrix at {size:.3f}x its size "
-                         f"(goal <= 1x at <= 1x): **{'met' if met else 'NOT met'}**")
+        for ours, theirs, max_kl, max_size in targets:
+            if ours in kl[t] and theirs in kl[t]:
+                ratio = kl[t][ours]["kl"] / kl[t][theirs]["kl"]
+                size = q["bytes"][ours] / q["bytes"][theirs]
+                met = ratio <= max_kl and size <= max_size
+                goals.append(f"- {t}: {ours} KL {ratio:.2f}x {theirs}'s at {size:.3f}x its size "
+                             f"(goal <= {max_kl:g}x at <= {max_size:g}x): **{'met' if met else 'NOT met'}**")
     return "\n".join(out + [""] + goals)
 
 
