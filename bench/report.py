@@ -254,15 +254,15 @@ def _scaling():
            "build DIR -o DIST` times `edgeforge build DIR --quant q4f16 --target x86-cpu --backend all` "
            "(quantize, golden on the streaming reference, TVM and ONNX bundles, each smoked here) under "
            "/usr/bin/time. Stage times are from the build's own progress lines.", "",
-           "| model | total | timeline (elapsed when each stage ended) | smoke | peak RSS | bundles |",
+           "| model | total | timeline (elapsed seconds when each stage began; golden = quantize done) | smoke | peak RSS | bundles |",
            "|---|---:|---|---|---:|---|"]
     for path in files:
         r = json.loads(path.read_text())
         st = r.get("stage_start_s", {})
-        # a stage ends where the next one starts
-        marks = [("quantized", "[golden]"), ("golden", "bundle x86-cpu/tvm"), ("TVM bundle", "bundle x86-cpu/onnx"),
-                 ("ONNX bundle + TVM smoke", "smoke done x86-cpu/tvm"), ("ONNX smoke", "smoke done x86-cpu/onnx")]
-        timeline = ", ".join(f"{label} {st[key]:.0f} s" for label, key in marks if key in st)
+        # when each stage began (the previous one had ended), in the build's own order
+        labels = {"[golden]": "golden", "bundle x86-cpu/tvm": "TVM bundle", "bundle x86-cpu/onnx": "ONNX bundle",
+                  "smoke done x86-cpu/tvm": "TVM smoke done", "smoke done x86-cpu/onnx": "ONNX smoke done"}
+        timeline = ", ".join(f"{labels[k]} {t:.0f} s" for k, t in sorted(st.items(), key=lambda kv: kv[1]) if k in labels)
         sizes = ", ".join(f"{n.rsplit('-', 1)[-1]} {b / 2**30:.2f} GiB" for n, b in (r.get("bundles") or {}).items())
         smoke = ", ".join(f"{k.split('/')[-1]} {v}" for k, v in (r.get("smoke") or {}).items()) or "-"
         out.append(f"| {r['model'].split(' ')[0].split('/')[-1]} | {r['seconds']:.0f} s | {timeline} | {smoke} | "
