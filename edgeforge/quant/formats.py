@@ -262,10 +262,8 @@ def search_scales(groups: np.ndarray, importance: np.ndarray, start: np.ndarray,
 
 
 def _weighted_error(groups, w, s, fmt) -> np.ndarray:
-    """sum w (x - s q)^2 with q exactly as _quantize_groups stores it for scale s."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.clip(np.rint(groups / s), fmt.qmin, fmt.qmax)
-    q = np.where(s == 0, np.float32(0), q)
+    """sum w (x - s q)^2 with q exactly as _quantize_groups stores it for scale s ([g, n, 1])."""
+    q = fmt._quantize_groups(groups, s[:, :, 0]).astype(np.float32)  # noqa: SLF001 - the stored rounding
     np.multiply(q, s, out=q)
     np.subtract(groups, q, out=q)
     return np.einsum("gij,gij,gij->gi", w, q, q)[:, :, None]

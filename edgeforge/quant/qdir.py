@@ -283,8 +283,7 @@ class QuantizedTensors:
 
     def get(self, name: str) -> np.ndarray:
         fmt = self.scheme.format_for(name, self.shape(name), self.embed_bits, self.num_layers)
-        imp = self.importance.get(name) if getattr(fmt, "searchable", False) else None
-        return fmt.dequantize(fmt.quantize(self.source.get(name), name, importance=imp))
+        return fmt.dequantize(fmt.quantize(self.source.get(name), name, importance=self.importance.get(name)))
 
 
 def quantize_in_memory(model, scheme, embed_bits: int | None = None, importance: dict | None = None):

@@ -94,7 +94,7 @@ def pass_config(tt: TvmTarget) -> dict:
     """CUDA: decode runs as CUDA graphs. RewriteCUDAGraph (in our pipeline) captures the kernels
     between two KV-cache calls into one graph, replayed on later steps: one launch per layer
     instead of ~10. Decode of small models is launch-bound, so this is where GPU decode speed is."""
-    return {"relax.backend.use_cuda_graph": bool(tt.device and tt.device["kind"] == "cuda" and tt.cuda_graph)}
+    return {"relax.backend.use_cuda_graph": tt.is_cuda and tt.cuda_graph}
 
 
 def compile_model(qdir: Path, target, out: Path, log=print) -> dict:

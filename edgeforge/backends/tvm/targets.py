@@ -132,13 +132,13 @@ class TvmTarget:
         compiler = self.cross_compiler or ("g++" if self.export_kind == "so" else None)
         if compiler:
             out[compiler] = _first_line([compiler, "--version"])
-        if self.device and self.device["kind"] == "cuda":
+        if self.is_cuda:
             out["nvcc"] = _first_line([str(self.nvcc[0]), "--version"], last=True)
         return out
 
     def device_requirements(self) -> dict:
         req: dict = {"os": self.os, "cpu": self.host.get("mtriple", ""), "mcpu": self.host.get("mcpu", "")}
-        if self.device and self.device["kind"] == "cuda":
+        if self.is_cuda:
             req["gpu_arch"] = list(self.arches)
             req["gpu_ptx"] = [f"sm_{self.arches[-1][3:].rstrip('af')}"]
             cuda = nvcc_cuda_version(self.nvcc[0])
@@ -289,19 +289,17 @@ def nvcc_cuda_version(nvcc="nvcc") -> int | None:
     """The oldest driver CUDA version that runs this nvcc's machine code, as the driver API encodes
     versions: the major's baseline (CUDA minor version compatibility: code from 13.x runs on any
     13.0+ driver), e.g. 13000."""
-    import re
+    from ... import toolchains
 
-    m = re.search(r"release (\d+)\.(\d+)", _first_line([str(nvcc), "--version"], last=False, whole=True))
-    return int(m.group(1)) * 1000 if m else None
+    major = toolchains.nvcc_major(nvcc)
+    return major * 1000 if major else None
 
 
-def _first_line(cmd: list[str], last: bool = False, whole: bool = False) -> str:
+def _first_line(cmd: list[str], last: bool = False) -> str:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
     except (OSError, subprocess.SubprocessError):
         return "unavailable"
     if not out:
         return "unavailable"
-    if whole:
-        return "\n".join(out)
     return out[-1] if last else out[0]
