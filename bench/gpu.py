@@ -340,8 +340,8 @@ def prepare(args) -> int:
     q1b = synth_qdir(work / "qdir-llama32-1b", "llama32-1b")
     b1b = out / "llama32-1b-q4f16-cuda-tvm"
     if not b1b.exists():
-        golden = make_golden(q1b, max_tokens=8, log=print)
-        make_bundle(b1b, q1b, get_target("cuda"), "tvm", golden, log=print)
+        golden = make_golden(q1b, max_tokens=8)
+        make_bundle(b1b, q1b, get_target("cuda"), "tvm", golden)
     for shard in (b1b / "weights").glob("*.safetensors"):
         shard.unlink()
     plan["llama32-1b"] = {"bundle": b1b.name, "regenerate": {"shape": "llama32-1b", "scheme": "q4f16", "seed": 0}}
@@ -357,7 +357,7 @@ def prepare(args) -> int:
     tiny = out / "tiny-q4f16-cuda-sm80-tvm"
     if not tiny.exists():
         qt = synth_qdir(work / "qdir-tiny", "tiny")
-        make_bundle(tiny, qt, get_target(str(t_sm80)), "tvm", make_golden(qt, max_tokens=4), log=print)
+        make_bundle(tiny, qt, get_target(str(t_sm80)), "tvm", make_golden(qt, max_tokens=4))
     plan["tiny-sm80"] = {"bundle": tiny.name}
     (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     for p in sorted(out.iterdir()):
@@ -642,6 +642,9 @@ def main(argv=None) -> int:
     dev.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench built with CUDA")
     dev.add_argument("--only", default=None, help="comma list of step names")
     args = ap.parse_args(argv)
+    from edgeforge.progress import configure
+
+    configure()  # edgeforge's progress (golden, compile) on stderr, as the CLI shows it
     return {"run": run, "prepare": prepare, "device": device}[args.mode](args)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def render(r: dict) -> str:
     parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _quality_plausible(), _memory(r), _gpu(),
-             _scaling(), _commands(r), _notes(r)]
+             _scaling(), _scaling_peers(), _commands(r), _notes(r)]
     return "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -271,6 +271,36 @@ def _scaling():
             out.append(f"|  | | {r['note']} | | | |")
     out += ["", "Peak RSS is the largest of the build process and its children (the smoke tests), from "
             "/usr/bin/time; the ONNX bundle is written before the smoke tests, which run after all bundles."]
+    return "\n".join(out)
+
+
+def _scaling_peers():
+    """A Llama-3.2-1B-shaped model next to the peers, from bench/results/peers-*.json (bench/scale.py peers)."""
+    out = []
+    for path in sorted(GPU_RESULTS.glob("peers-*.json")):
+        r = json.loads(path.read_text())
+        name = Path(r["model"]).name
+        m = r.get("machine") or {}
+        out += [f"## {name}: speed and decode memory next to the peers", "",
+                f"Same random weights for every engine, converted with each one's own tools (llama.cpp: "
+                f"convert_hf_to_gguf.py to f16, then llama-quantize Q4_0; ORT GenAI: its builder at int4, block 32, "
+                f"accuracy level 4); edgeforge: the q4f16 bundles of `bench/scale.py build`. {r['threads']} threads, "
+                f"{r['reps']} interleaved rounds, medians; {m.get('cpu', '')}. Command: `{r['command']}`.", "",
+                "| engine | pp512 tok/s | tg128 tok/s | weights MiB | decode peak RSS MiB | weights + KV (129 tokens) MiB | ratio |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        mem = {row["engine"]: row for row in r["memory"]}
+        for row in r["speed"]:
+            mm = mem.get(row["engine"], {})
+            need = (mm.get("weight_bytes") or 0) + (mm.get("kv_bytes") or 0)
+            out.append(f"| {row['engine']} | {_fmt(row['pp_ts'])} | {_fmt(row['tg_ts'])} | "
+                       f"{_mib(mm.get('weight_bytes'))} | {_mib(mm.get('peak_rss'))} | {_mib(need)} | "
+                       f"{_fmt(mm.get('ratio'), 2)} |")
+        ours = [row for row in r["memory"] if row["engine"].startswith("edgeforge") and row.get("ratio")]
+        if ours:
+            worst = max(row["ratio"] for row in ours)
+            out += ["", f"- Goal: edgeforge decode peak RSS <= 1.3 x (weights + KV cache) on both backends: worst "
+                        f"{worst:.2f}: **{'met' if worst <= 1.3 else 'NOT met'}**."]
+        out.append("")
     return "\n".join(out)
 
 

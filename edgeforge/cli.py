@@ -13,6 +13,7 @@ import traceback
 import click
 
 from . import __version__
+from .progress import configure
 from .runtime.bundle_errors import Failure
 
 # name -> "module:attribute". Imported on first use so `edgeforge --help` stays fast and a missing
@@ -35,12 +36,47 @@ COMMANDS = {
 }
 
 
+# -q/-v: on the group (`edgeforge -v build ...`) and, added when a command loads, on every command
+# and subcommand (`edgeforge build ... -v`), so click parses them (an option value such as
+# `--prompt -v` stays a value). Counted: each -v adds one, each -q takes one away.
+VERBOSITY = "edgeforge.verbosity"
+
+
+def _set_verbosity(ctx, param, value):
+    if value:
+        level = ctx.meta.get(VERBOSITY, 0) + (value if param.name == "verbose" else -value)
+        ctx.meta[VERBOSITY] = level  # meta is shared by the group's and the command's contexts
+        configure(level)
+
+
+def _verbosity_options(quiet_help="Only warnings and errors on stderr (no progress).",
+                       verbose_help="Also debug details on stderr (per tensor, per prompt, compile stages)."):
+    return [
+        click.Option(["-q", "--quiet"], count=True, expose_value=False, callback=_set_verbosity, help=quiet_help),
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_set_verbosity, help=verbose_help),
+    ]
+
+
+def _add_verbosity(cmd) -> None:
+    """Give a command (and a group's subcommands) -q/-v, unless it has options of those names."""
+    if getattr(cmd, "_edgeforge_verbosity", False):
+        return
+    taken = {opt for p in cmd.params for opt in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+    cmd.params.extend(o for o in _verbosity_options() if not taken & set(o.opts))
+    cmd._edgeforge_verbosity = True
+    for sub in getattr(cmd, "commands", {}).values():
+        _add_verbosity(sub)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return [name for name in COMMANDS if self._load(name, quiet=True) is not None]
 
     def get_command(self, ctx, name):
-        return self._load(name, quiet=False)
+        cmd = self._load(name, quiet=False)
+        if cmd is not None:
+            _add_verbosity(cmd)
+        return cmd
 
     @staticmethod
     def _load(name, quiet):
@@ -67,10 +103,18 @@ def cli():
       edgeforge build smollm2-135m --quant q4f16 --target x86-cpu -o dist
       edgeforge smoke dist/smollm2-135m-q4f16-x86-cpu-tvm
 
+    Output: results on stdout (--json keeps it pure JSON); progress on stderr: a bar on a terminal,
+    plain lines about every 10% elsewhere (CI, pipes, files). -q shows only warnings and errors,
+    -v adds debug details; both work before or after the command name.
+
     Exit codes: 0 ok, 1 a check failed, 2 bad input or unusable environment, 130 interrupted,
     143 terminated (SIGTERM; temporary folders are removed). --debug (anywhere) prints the traceback
     of a failure as well as its one-line message.
     """
+
+
+cli.params.extend(_verbosity_options())
+cli._edgeforge_verbosity = True
 
 
 def _terminate(signum, _frame):
@@ -87,6 +131,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("EDGEFORGE_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
+    configure(0)  # INFO on stderr until -q/-v say otherwise (reset for each in-process run)
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)

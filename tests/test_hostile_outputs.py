@@ -167,5 +167,5 @@ def test_a_bundle_that_fails_its_own_smoke_fails_the_build(host_bundle, tmp_path
     (bundle / "golden.json").write_text(json.dumps(golden))
     resign(bundle)
     result = {"ok": True, "path": str(bundle), "target": "x86-cpu", "backend": "onnx"}
-    _smoke_here(result, lambda m: None)
+    _smoke_here(result)
     assert result["ok"] is False and result["smoke"] == "FAIL" and "its own smoke test" in result["error"]

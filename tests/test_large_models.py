@@ -29,14 +29,14 @@ def llama3_qdir(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", ["tvm", "onnx"])
 def test_128k_vocab_untied_gqa4_matches_reference(llama3_qdir, tmp_path, backend):
-    from edgeforge.commands.compile_cmd import compile_qdir
+    from edgeforge.backends import compile_qdir
     from edgeforge.model.reference import ReferenceModel
     from edgeforge.quant.qdir import load_qdir
     from edgeforge.runtime.loader import open_engine
 
     pytest.importorskip("tvm" if backend == "tvm" else "onnxruntime")
     if backend == "tvm":
-        compile_qdir(llama3_qdir, "x86-cpu", "tvm", tmp_path / "art", log=lambda m: None)
+        compile_qdir(llama3_qdir, "x86-cpu", "tvm", tmp_path / "art")
         engine = open_engine(tmp_path / "art", llama3_qdir, max_length=64)
     else:
         from onnx_support import compile_onnx
@@ -83,10 +83,10 @@ def test_onnx_refuses_a_head_dim_it_cannot_run(tmp_path):
     """Found by the test above: ORT's GroupQueryAttention fails at run time for head_dim % 16 != 0;
     the compiler now says so, by file, at build time."""
     import gpu
-    from edgeforge.commands.compile_cmd import compile_qdir
+    from edgeforge.backends import compile_qdir
     from edgeforge.errors import EdgeforgeError
 
     gpu.SHAPES["hd8"] = dict(LLAMA3_TINY, hidden_size=64, vocab_size=512)
     q = gpu.synth_qdir(tmp_path / "q", "hd8", scheme="q4f32", log=lambda m: None)
     with pytest.raises(EdgeforgeError, match="head_dim 8 is not a multiple of 16.*--backend tvm"):
-        compile_qdir(q, "x86-cpu", "onnx", tmp_path / "art", log=lambda m: None)
+        compile_qdir(q, "x86-cpu", "onnx", tmp_path / "art")

@@ -59,11 +59,11 @@ def qdir(long_model, tmp_path_factory):
 
 @pytest.mark.parametrize("backend", ["tvm", "onnx"])
 def test_backends_match_reference_past_8k(qdir, prompt_ids, tmp_path, backend):
-    from edgeforge.commands.compile_cmd import compile_qdir
+    from edgeforge.backends import compile_qdir
 
     if backend == "tvm":
         pytest.importorskip("tvm")
-        art = compile_qdir(qdir, "x86-cpu", "tvm", tmp_path / "art", log=lambda m: None) and tmp_path / "art"
+        art = compile_qdir(qdir, "x86-cpu", "tvm", tmp_path / "art") and tmp_path / "art"
         engine = open_engine(art, qdir, max_length=PROMPT + STEPS + 1)
     else:
         pytest.importorskip("onnxruntime")

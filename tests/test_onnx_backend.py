@@ -175,7 +175,7 @@ def test_gpu_target_without_its_provider_fails_loudly(built, tmp_path, provider)
 def test_bad_target_and_qdir_errors_name_the_culprit(built, tmp_path):
     from onnx_support import target_file
 
-    from edgeforge.commands.compile_cmd import compile_qdir
+    from edgeforge.backends import compile_qdir
 
     _, _, arts = built("llama32", "q4f32")
     qdir = arts[0].parent / "qdir"

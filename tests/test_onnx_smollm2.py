@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 
 from onnx_support import compile_onnx, record, relative_errors, step_logits  # noqa: E402
 
-from edgeforge.commands.compile_cmd import compile_qdir  # noqa: E402
+from edgeforge.backends import compile_qdir  # noqa: E402
 from edgeforge.model.loader import load_model  # noqa: E402
 from edgeforge.model.reference import ReferenceModel  # noqa: E402
 from edgeforge.quant.qdir import load_qdir, write_qdir  # noqa: E402
@@ -98,7 +98,7 @@ def test_rpi5_build_under_qemu(smol, tmp_path):
     ensure_arm64()  # builds the arm64 root if it is missing: a missing toolchain fails, never skips
     qdir, ids, golden = smol("q4f32")
     art = tmp_path / "rpi5"
-    artifact = compile_qdir(qdir, "rpi5", "onnx", art, log=lambda m: None)
+    artifact = compile_qdir(qdir, "rpi5", "onnx", art)
     assert artifact["target"] == "rpi5" and artifact["onnx"]["accuracy_level"] == 4
     n = 8
     cmd, env = qemu_python_command([DEVICE_RUN, art, tmp_path / "arm.npz", "--ids", ",".join(map(str, ids[0])),
@@ -121,7 +121,7 @@ def test_rpi5_build_under_qemu(smol, tmp_path):
     toml = tmp_path / "arm-level0.toml"
     toml.write_text('name = "arm-level0"\nbackends = ["onnx"]\nrun = "qemu"\nos = "linux"\narch = "aarch64"\n'
                     '[onnx]\nexecution_provider = "CPUExecutionProvider"\naccuracy_level = 0\n')
-    compile_qdir(qdir, str(toml), "onnx", tmp_path / "arm0", log=lambda m: None)
+    compile_qdir(qdir, str(toml), "onnx", tmp_path / "arm0")
     n0 = 4
     cmd, env = qemu_python_command([DEVICE_RUN, tmp_path / "arm0", tmp_path / "arm0.npz", "--ids", ",".join(map(str, ids[1])),
                                     "--tokens", str(n0), "--threads", "2"], extra_pythonpath=[tmp_path])
@@ -143,7 +143,7 @@ def test_vulkan_build_on_lavapipe(smol, tmp_path):
     python, env = found
     qdir, ids, _ = smol("q4f16", golden=False)
     art = tmp_path / "vulkan"
-    compile_qdir(qdir, "vulkan", "onnx", art, log=lambda m: None)
+    compile_qdir(qdir, "vulkan", "onnx", art)
     n = 8
     env = dict(env, PYTHONPATH=str(runtime_copy(tmp_path)))
     # The first run compiles the WebGPU shaders (~50 s on an idle machine), then ~2 tok/s.

@@ -4,7 +4,9 @@ and the numpy reference on the dequantized weights against the float model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +50,21 @@ def run_cli(args, capsys):
 
 
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
-def test_quantize_every_scheme_every_shape(tiny_shape, loaded, scheme, tmp_path):
+def test_quantize_every_scheme_every_shape(tiny_shape, loaded, scheme, tmp_path, caplog):
     shape, _ = tiny_shape
     model = loaded(shape)
     out = tmp_path / "q"
-    lines = []
-    summary = write_qdir(model, scheme, out, log=lines.append)
-    calibration = [line for line in lines if line.startswith("[calibrate]")]
+    caplog.set_level(logging.DEBUG, logger="edgeforge")
+    summary = write_qdir(model, scheme, out)
+    messages = [r.getMessage() for r in caplog.records]
+    calibration = [m for m in messages if m.startswith("[calibrate]")]
     assert bool(calibration) == get_scheme(scheme).calibrated  # calibrated schemes measure first
-    lines = [line for line in lines if not line.startswith("[calibrate]")]
+    lines = [m for m in messages if re.match(r"\[\d+/\d+\] ", m)]  # one DEBUG record per tensor
     assert summary["tensors"] == len(model.tensors.names()) == len(lines)
     assert lines[-1].startswith(f"[{len(lines)}/{len(lines)}] ")
+    n = len(lines)  # and about ten INFO progress lines, the last one complete
+    progress = [m for m in messages if m.startswith("[quantize] ")]
+    assert 1 <= len(progress) <= 11 and progress[-1].startswith(f"[quantize] {n}/{n} tensors (")
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["config.json", "quantization.json", "model-00001-of-00001.safetensors",
                             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"])
@@ -273,7 +279,9 @@ def test_cli_quantize_json(tiny_model, tmp_path, capsys):
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["scheme"] == "q4f16" and summary["shards"] == 1 and Path(summary["path"]) == out
-    assert "model.layers.1.mlp.down_proj.weight" in stderr  # progress per tensor on stderr
+    n = summary["tensors"]
+    assert f"[quantize] {n}/{n} tensors (" in stderr  # progress on stderr (about every 10%)
+    assert "model.layers.1.mlp.down_proj.weight" not in stderr  # per tensor only with -v
     assert QdirWeights(out).scheme == "q4f16"
 
 

@@ -121,11 +121,22 @@ def test_vulkan_setup_failure_is_one_clear_line(empty_cache, monkeypatch):
 
 def _arm64_root() -> Path:
     try:
-        return toolchains.ensure_arm64(log=print)
+        return toolchains.ensure_arm64()
     except EdgeforgeError as err:
         if os.geteuid() != 0:
             pytest.skip(f"arm64 root not built and building needs root: {err}")
         raise
+
+
+def _aarch64_tvm_runtime(dest: Path) -> Path:
+    """The runtime-only aarch64 TVM a bundle carries (the arm64 root has none): dest/tvm, for PYTHONPATH."""
+    pytest.importorskip("tvm")
+    import tvm
+
+    from edgeforge.backends.tvm.device_runtime import copy_runtime
+
+    copy_runtime({"package": "tvm", "version": tvm.__version__, "arch": "aarch64", "libs": ["tvm_runtime"]}, dest)
+    return dest
 
 
 def _run_qemu(args, extra_pythonpath=(), timeout=600):
@@ -184,7 +195,8 @@ def test_arm64_python_runs_numpy_onnxruntime_tokenizers_and_tvm_runtime(tmp_path
     script.write_text(ARM64_STACK_CHECK)
 
     start = time.perf_counter()
-    result = json.loads(_run_qemu([script, tmp_path]).strip().splitlines()[-1])
+    runtime = _aarch64_tvm_runtime(tmp_path / "rt")
+    result = json.loads(_run_qemu([script, tmp_path], extra_pythonpath=[runtime]).strip().splitlines()[-1])
     print(f"emulated check took {time.perf_counter() - start:.1f} s")
 
     assert result["machine"] == "aarch64"
@@ -234,7 +246,7 @@ def test_cross_compiled_tvm_module_runs_under_qemu(tmp_path):
     np.save(tmp_path / "x.npy", xv)
     np.save(tmp_path / "w.npy", wv)
     (tmp_path / "run.py").write_text(TVM_RUN)
-    _run_qemu([tmp_path / "run.py", tmp_path])
+    _run_qemu([tmp_path / "run.py", tmp_path], extra_pythonpath=[_aarch64_tvm_runtime(tmp_path / "rt")])
     np.testing.assert_allclose(np.load(tmp_path / "y_arm64.npy"), xv @ wv + 1.0, rtol=1e-4, atol=1e-4)
 
 
@@ -246,7 +258,8 @@ def test_ensure_arm64_is_instant_when_cached():
     root = toolchains.ensure_arm64()
     assert time.perf_counter() - start < 5
     assert (root / toolchains.ARM64_PYTHON).exists()
-    assert not (root / toolchains.ARM64_SITE / "tvm/lib/libtvm_compiler.so").exists()
+    # no TVM in the root: TVM bundles bring their own runtime-only copy (backends/tvm/device_runtime.py)
+    assert not (root / toolchains.ARM64_SITE / "tvm").exists()
 
 
 # ----------------------------------------------------------------------------- Vulkan (lavapipe)
@@ -254,7 +267,7 @@ def test_ensure_arm64_is_instant_when_cached():
 
 def _vulkan():
     try:
-        return toolchains.ensure_vulkan(log=print)
+        return toolchains.ensure_vulkan()
     except EdgeforgeError as err:
         if os.geteuid() != 0:
             pytest.skip(f"lavapipe not set up and setting it up needs root: {err}")

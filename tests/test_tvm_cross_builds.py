@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from tvm_support import compile_tvm, elf_aarch64, fatbin_entries, macho_arm64  # noqa: E402
+from tvm_support import compile_tvm, cubin_arches, elf_aarch64, fatbin_entries, macho_arm64  # noqa: E402
 
 from edgeforge.model.loader import load_model  # noqa: E402
 from edgeforge.quant.qdir import write_qdir  # noqa: E402
@@ -100,3 +100,36 @@ def test_cuda_builds_with_the_pypi_compiler_when_the_machine_has_none(qdir, tmp_
     assert "cuda_13.0" in artifact["toolchain"]["nvcc"]  # the pinned wheel's "Build cuda_13.0.r13.0/..." line
     entries = fatbin_entries((tmp_path / "cuda" / "model.so").read_bytes())
     assert {e["arch"] for e in entries if e["kind"] == 2} == {80, 86, 89, 90}
+
+
+@pytest.mark.slow
+def test_jetson_orin_builds_with_cuda_12_nvrtc_from_pypi(qdir, tmp_path):
+    """JetPack 6 runs CUDA 12, and PyPI has no CUDA 12 nvcc: jetson-orin compiles its kernels with
+    NVRTC 12.6 from PyPI (installed once into the cache) into a cubin for sm_87, linked into an
+    aarch64 .so; the artifact names the compiler and asks for a CUDA 12 driver."""
+    art = compile_tvm(qdir, "jetson-orin", tmp_path / "jetson")
+    artifact = json.loads((art / "artifact.json").read_text())
+    so = (art / "model.so").read_bytes()
+    assert elf_aarch64(so)
+    assert set(cubin_arches(so)) == {87}, cubin_arches(so)
+    assert not fatbin_entries(so)  # no fatbin (no PTX): one cubin for the one arch
+    assert b"extern \"C\" __global__" not in so  # no CUDA source left for a JIT at load time
+    assert artifact["toolchain"]["nvrtc"].startswith("NVRTC 12.")
+    req = artifact["device_requirements"]
+    assert req["gpu_arch"] == ["sm_87"] and req["gpu_ptx"] == [] and req["min_driver_cuda"] == 12000
+
+
+@pytest.mark.slow
+def test_cuda_12_with_several_arches_is_refused_by_name(qdir, tmp_path):
+    """NVRTC builds one arch: a CUDA 12 target listing two is refused before compiling, naming both."""
+    import subprocess
+    import sys
+
+    toml = tmp_path / "orin2.toml"
+    toml.write_text(get_target("jetson-orin").path.read_text().replace('arches = ["sm_87"]', 'arches = ["sm_72", "sm_87"]')
+                    .replace('name = "jetson-orin"', 'name = "orin2"'))
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "compile", str(qdir), "--target", str(toml),
+                           "--backend", "tvm", "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "one arch" in proc.stderr and "sm_72" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -24,16 +24,19 @@ def wheel_venv(tmp_path_factory):
     (wheel,) = (work / "dist").glob("edgeforge-*.whl")
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{wheel}[onnx]"],
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{wheel}[onnx,tvm]"],
                          capture_output=True, text=True, timeout=1800)
     assert pip.returncode == 0, pip.stderr[-2000:]
     shutil.rmtree(work / "dist")
     return venv, work
 
 
-def _edf(venv: Path, cwd: Path, *args, timeout=1800):
+def _edf(venv: Path, cwd: Path, *args, timeout=1800, hide_nvcc=False):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    path = env.get("PATH", "").split(os.pathsep)
+    if hide_nvcc:  # a fresh machine or a hosted runner has no nvcc
+        path = [d for d in path if d and not os.path.exists(os.path.join(d, "nvcc"))]
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), *path])
     return subprocess.run([str(venv / "bin" / "edgeforge"), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 
@@ -63,3 +66,38 @@ def test_wheel_builds_and_smokes_smollm2(wheel_venv, smollm2_gguf):
     assert bundle["backend"] == "onnx" and bundle["smoke"] == "PASS"  # auto: the faster backend on x86
     proc = _edf(venv, work, "smoke", bundle["path"])
     assert proc.returncode == 0 and proc.stdout.startswith("PASS"), proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_wheel_builds_rpi5_and_smokes_it_under_qemu(wheel_venv, smollm2_gguf):
+    """From the wheel alone: the arm64 toolchain through the packaged scripts, a SmolLM2 rpi5 TVM
+    bundle (it carries its own aarch64 runtime-only TVM), and its smoke test under qemu."""
+    venv, work = wheel_venv
+    proc = _edf(venv, work, "toolchains", "install", "arm64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = _edf(venv, work, "build", "smollm2-135m", "--quant", "q4f16", "--target", "rpi5", "--backend", "tvm",
+                "-o", "dist-arm", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (bundle,) = json.loads(proc.stdout)["bundles"]
+    manifest = json.loads((work / bundle["path"] / "manifest.json").read_text())
+    assert manifest["device_install"]["arch"] == "aarch64" and manifest["device_install"]["bundled_runtime_bytes"] > 0
+    proc = _edf(venv, work, "smoke", bundle["path"], "--emulate", "--prompts", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["status"] == "PASS" and result["runtime"]["tvm_from"] == "bundle"
+
+
+@pytest.mark.slow
+def test_wheel_builds_cuda_with_the_registry_nvcc(wheel_venv, tiny_model):
+    """From the wheel alone, with no nvcc on PATH: `cuda` installs nvcc 13 from PyPI into the cache
+    (once) and builds real fatbins; the build says it cannot smoke here (no GPU), exit 0."""
+    venv, work = wheel_venv
+    proc = _edf(venv, work, "build", str(tiny_model("llama32")), "--quant", "q4f16", "--target", "cuda",
+                "--backend", "tvm", "-o", "dist-cuda", "--json", hide_nvcc=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (bundle,) = json.loads(proc.stdout)["bundles"]
+    manifest = json.loads((work / bundle["path"] / "manifest.json").read_text())
+    assert "cuda_13" in manifest["toolchain"]["nvcc"]
+    assert manifest["device_requirements"]["gpu_arch"] == ["sm_80", "sm_86", "sm_89", "sm_90"]
+    assert bundle["smoke"].startswith("not run here")
+    assert (work / bundle["path"] / "runtime" / "tvm" / "lib" / "libtvm_runtime_cuda.so").is_file()

@@ -24,10 +24,10 @@ BUILD_TIMES: dict[str, float] = {}  # "<what>": seconds, printed by the tests th
 
 def compile_tvm(qdir: Path, target: str, out: Path) -> Path:
     """Compile with the real TVM backend (via the `edgeforge compile` code path)."""
-    from edgeforge.commands.compile_cmd import compile_qdir
+    from edgeforge.backends import compile_qdir
 
     start = time.time()
-    compile_qdir(Path(qdir), target, "tvm", Path(out), log=lambda m: None)
+    compile_qdir(Path(qdir), target, "tvm", Path(out))
     BUILD_TIMES[f"{target}:{Path(qdir).name}"] = round(time.time() - start, 1)
     return Path(out)
 
@@ -85,6 +85,17 @@ def fatbin_entries(blob: bytes) -> list[dict]:
             off += ehdr + payload
         pos = end
     return entries
+
+
+def cubin_arches(blob: bytes) -> list[int]:
+    """SM numbers of the CUDA ELF images (cubins) embedded in `blob` outside any fatbin: ELF headers
+    with e_machine EM_CUDA; the SM is e_flags' low byte in the CUDA 12 ELF ABI (0x570557: sm_87)."""
+    arches, pos = [], 1
+    while (start := blob.find(b"\x7fELF", pos)) >= 0:
+        pos = start + 4
+        if len(blob) >= start + 52 and struct.unpack_from("<H", blob, start + 18)[0] == EM_CUDA:
+            arches.append(struct.unpack_from("<I", blob, start + 48)[0] & 0xFF)
+    return arches
 
 
 def macho_arm64(data: bytes) -> bool:

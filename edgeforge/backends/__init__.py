@@ -1,4 +1,5 @@
-"""Backend registry. Each backend module exposes `compile_model(qdir, target, out, log) -> dict`.
+"""Backend registry and `compile_qdir()`. Each backend module exposes `compile_model(qdir, target, out) -> dict`
+(progress goes to `logging`).
 
 Backends import their compiler (apache-tvm, onnx) only when asked for, so a machine with one of
 them installed can still use the other.
@@ -7,8 +8,16 @@ them installed can still use the other.
 from __future__ import annotations
 
 import importlib
+import json
+import logging
+import time
+from pathlib import Path
 
 from ..errors import EdgeforgeError
+from ..fsutil import atomic_output_dir, is_json_of_format
+from ..targets import get_target
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = {
     "tvm": ("edgeforge.backends.tvm.compile", "edgeforge[tvm] (apache-tvm)"),
@@ -26,3 +35,26 @@ def get_backend(name: str):
         if err.name and err.name.startswith("edgeforge"):
             raise
         raise EdgeforgeError(f"backend '{name}' needs {extra}: pip install '{extra.split()[0]}' ({err})") from err
+
+
+def is_artifact(path: Path) -> bool:
+    """A folder `edgeforge compile` wrote (what a new compile may replace)."""
+    return is_json_of_format(Path(path) / "artifact.json", "edgeforge-artifact")
+
+
+def compile_qdir(qdir: Path, target_name: str, backend: str, out: Path) -> dict:
+    """Compile a QDIR for a target into `out` (written atomically). Returns artifact.json's content."""
+    qdir = Path(qdir)
+    if not (qdir / "quantization.json").is_file():
+        raise EdgeforgeError(f"{qdir}: not a quantized model folder (no quantization.json); run `edgeforge quantize` first")
+    target = get_target(target_name)
+    backend = target.pick_backend(backend)
+    module = get_backend(backend)
+    start = time.time()
+    logger.debug("compile: %s for %s with %s -> %s", qdir, target.name, backend, out)
+    with atomic_output_dir(out, is_artifact, "compiled artifact") as tmp:
+        artifact = module.compile_model(qdir, target, Path(tmp))
+        if not (Path(tmp) / "artifact.json").is_file():
+            (Path(tmp) / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))
+    artifact = dict(artifact, compile_seconds=round(time.time() - start, 1))
+    return artifact

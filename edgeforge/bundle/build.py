@@ -1,12 +1,13 @@
 """`edgeforge build`: quantize once, compute the golden data once, then compile and bundle per target.
 
-Stages (each printed as progress): fetch/load -> quantize (QDIR in a private temp folder) -> golden
+Stages (each logged as progress, edgeforge.progress): fetch/load -> quantize (QDIR in a private temp folder) -> golden
 (numpy reference on that QDIR) -> per (target, backend): compile + bundle (+ archive) -> the bundle's
 own smoke test on this machine, where it can run here (--no-smoke skips it).
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import re
@@ -19,10 +20,13 @@ from pathlib import Path
 
 from ..errors import EdgeforgeError
 from ..fsutil import clean_stale_temps
+from ..progress import prefixed
 from ..runtime.bundle_errors import BundleError
 from . import archive
 from .config import BuildPlan
 from .pack import bundle_name, make_bundle
+
+logger = logging.getLogger(__name__)
 
 
 def model_slug(spec: str) -> str:
@@ -34,12 +38,12 @@ def model_slug(spec: str) -> str:
 
 def _one(args) -> dict:
     """One (target, backend): compile and bundle. Runs in a worker process when --jobs > 1."""
-    dest, qdir, target, backend, golden, make_archive, quiet, sign_key = args
-    # progress goes to stderr: stdout is for the result (the --json summary)
-    log = (lambda m: None) if quiet else (lambda m: print(f"  [{target.name}/{backend}] {m}", file=sys.stderr, flush=True))
+    dest, qdir, target, backend, golden, make_archive, sign_key, quality = args
+    # In a worker process (--jobs > 1) logging is not configured: only warnings reach stderr.
     start = time.perf_counter()
     try:
-        manifest = make_bundle(dest, qdir, target, backend, golden, log=log, sign_key=sign_key)
+        with prefixed(f"  [{target.name}/{backend}] "):
+            manifest = make_bundle(dest, qdir, target, backend, golden, sign_key=sign_key, quality=quality)
     except EdgeforgeError as err:
         return {"target": target.name, "backend": backend, "ok": False, "error": str(err)}
     except Exception as err:  # noqa: BLE001 - one broken backend must not stop the other targets
@@ -58,7 +62,8 @@ def _one(args) -> dict:
     return result
 
 
-def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False, log=print) -> dict:
+def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False) -> dict:
+    """Build every (target, backend) of `plan`; progress goes to `logging` (stderr in the CLI)."""
     from ..model.loader import load_model
     from ..models import resolve_model_path
     from ..quant.qdir import write_qdir
@@ -66,42 +71,55 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False, log=pr
 
     t0 = time.perf_counter()
     slug = model_slug(plan.model)
-    path = resolve_model_path(plan.model, log)
-    log(f"[load] {plan.model} ({path})")
+    path = resolve_model_path(plan.model)
+    logger.info(f"[load] {plan.model} ({path})")
     model = load_model(path)
     plan.output.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(plan.output)  # what a killed build left behind
     with tempfile.TemporaryDirectory(prefix=f".edgeforge-build.tmp-{os.getpid()}-", dir=plan.output) as work:
         qdir = Path(work) / "qdir"
-        log(f"[quantize] {plan.quant}")
-        summary = write_qdir(model, plan.quant, qdir, embed_bits=plan.embed_bits, log=_every_tenth(log, "[quantize]"))
-        log(f"[quantize] {summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
-        check_memory("golden, compile and smoke", memory_needed(summary["bytes"], model.config, plan), log)
-        log(f"[golden] {len(plan.prompts)} prompts x {plan.golden_tokens} tokens on the numpy reference")
-        golden = make_golden(qdir, plan.prompts, plan.golden_tokens, log=lambda m: log(f"  {m}"))
-        tasks = [(plan.output / bundle_name(slug, plan.quant, t.name, b), qdir, t, b, golden, make_archive, jobs > 1, plan.sign_key)
-                 for t, b in plan.jobs]
-        results = _run_tasks(tasks, jobs, log)
+        logger.info(f"[quantize] {plan.quant}")
+        summary = write_qdir(model, plan.quant, qdir, embed_bits=plan.embed_bits)
+        logger.info(f"[quantize] {summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
+        check_memory("golden, compile and smoke", memory_needed(summary["bytes"], model.config, plan))
+        logger.info(f"[golden] {len(plan.prompts)} prompts x {plan.golden_tokens} tokens on the numpy reference")
+        golden = make_golden(qdir, plan.prompts, plan.golden_tokens)
+        quality = _quality(model, qdir, plan)
+        tasks = [(plan.output / bundle_name(slug, plan.quant, t.name, b), qdir, t, b, golden, make_archive, plan.sign_key,
+                  quality) for t, b in plan.jobs]
+        results = _run_tasks(tasks, jobs)
     if plan.smoke:
         for result in results:
             if result["ok"]:
-                _smoke_here(result, log)
+                _smoke_here(result)
     return {"model": plan.model, "quant": plan.quant, "output": str(plan.output),
             "seconds": round(time.perf_counter() - t0, 1), "bundles": results}
 
 
-def _run_tasks(tasks, jobs: int, log) -> list[dict]:
+def _quality(model, qdir: Path, plan) -> dict:
+    """quality.json for every bundle of this build: measured once on the QDIR they all share."""
+    from ..quant import quality
+
+    if plan.quality_skip:
+        logger.info(f"[quality] skipped: {plan.quality_skip}")
+        return quality.skipped(plan.quality_skip)
+    if (getattr(model, "source", None) or {}).get("format") == "qdir":
+        return quality.skipped("the build started from a quantized model folder: no source weights to compare with")
+    return quality.measure(model, qdir, plan.quality_tokens)
+
+
+def _run_tasks(tasks, jobs: int) -> list[dict]:
     results = []
     if jobs <= 1:
         for i, task in enumerate(tasks, 1):
-            log(f"[{i}/{len(tasks)}] {task[2].name} with {task[3]} -> {task[0]}")
-            results.append(_report(_one(task), log))
+            logger.info(f"[{i}/{len(tasks)}] {task[2].name} with {task[3]} -> {task[0]}")
+            results.append(_report(_one(task)))
         return results
-    log(f"[compile] {len(tasks)} bundles, {jobs} at a time")
+    logger.info(f"[compile] {len(tasks)} bundles, {jobs} at a time")
     # spawn: forking a process that has loaded TVM/ONNX Runtime threads is not safe
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for result in pool.map(_one, tasks):
-            results.append(_report(result, log))
+            results.append(_report(result))
     return results
 
 
@@ -130,35 +148,19 @@ def memory_needed(qbytes: int, config, plan) -> int:
     return max(golden, copies)
 
 
-def check_memory(stage: str, needed: int, log) -> None:
+def check_memory(stage: str, needed: int) -> None:
     """Say before a stage starts that it cannot fit, instead of being killed halfway."""
     avail = mem_available()
     if avail is None:
         return
-    log(f"[memory] {stage}: needs about {needed / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
+    logger.info(f"[memory] {stage}: needs about {needed / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
     if needed > avail:
         raise EdgeforgeError(f"{stage} needs about {needed / 2**30:.1f} GiB of memory and {avail / 2**30:.1f} GiB "
                              "is available: close other programs, build fewer targets at once, skip the "
                              "smoke test (--no-smoke), or use a machine with more memory")
 
 
-def _every_tenth(log, prefix: str):
-    """A per-item progress callback that prints about ten lines in all ('[i/n] ...' messages)."""
-    t0 = time.perf_counter()
-
-    def out(msg: str) -> None:
-        m = re.match(r"\[(\d+)/(\d+)\]", msg)
-        if not m:
-            log(msg)  # other progress (calibration) as it comes
-            return
-        i, n = int(m.group(1)), int(m.group(2))
-        if i == n or i % max(1, n // 10) == 0:
-            log(f"{prefix} {i}/{n} tensors ({time.perf_counter() - t0:.0f} s)")
-
-    return out
-
-
-def _smoke_here(result: dict, log) -> None:
+def _smoke_here(result: dict) -> None:
     """Run the new bundle's own smoke test on this machine when it can run here (CPU targets of this
     machine's architecture, CUDA with a GPU). A FAIL makes the build fail: a bundle that cannot
     reproduce its own golden outputs is never reported as built."""
@@ -175,22 +177,23 @@ def _smoke_here(result: dict, log) -> None:
         check_can_run(manifest)
     except BundleError as err:
         result["smoke"] = f"not run here: {err}"
-        log(f"  smoke {result['target']}/{result['backend']}: not run here ({err})")
+        logger.info(f"  smoke {result['target']}/{result['backend']}: not run here ({err})")
         return
     code, out = run_local(bundle, [sys.executable], dict(os.environ), "this machine")
     result["smoke"] = out.get("status", "ERROR")
     result["smoke_result"] = {k: out.get(k) for k in ("max_logit_err", "tolerance", "tokens_agree", "tokens_total")}
-    log(f"  smoke {result['target']}/{result['backend']}: {result['smoke']} "
-        f"(max logit err {out.get('max_logit_err')}, tokens {out.get('tokens_agree')}/{out.get('tokens_total')})")
+    line = (f"  smoke {result['target']}/{result['backend']}: {result['smoke']} "
+            f"(max logit err {out.get('max_logit_err')}, tokens {out.get('tokens_agree')}/{out.get('tokens_total')})")
+    logger.log(logging.INFO if code == 0 else logging.WARNING, line)  # a FAIL shows with -q too
     if code != 0:
         result.update(ok=False, error=f"its own smoke test on this machine: {out.get('status')} "
                                       f"({out.get('error') or 'outputs disagree with golden.json'}); bundle at {bundle}")
 
 
-def _report(result: dict, log) -> dict:
+def _report(result: dict) -> dict:
     if result["ok"]:
-        log(f"  ok {result['target']}/{result['backend']}: {result['files']} files, "
-            f"{result['bytes'] / 1e6:.1f} MB, {result['seconds']} s -> {result['path']}")
+        logger.info(f"  ok {result['target']}/{result['backend']}: {result['files']} files, "
+                    f"{result['bytes'] / 1e6:.1f} MB, {result['seconds']} s -> {result['path']}")
     else:
-        log(f"  FAILED {result['target']}/{result['backend']}: {result['error']}")
+        logger.warning(f"  FAILED {result['target']}/{result['backend']}: {result['error']}")
     return result

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from ..runtime.generate import generate
 from ..runtime.sampling import Sampler
+
+logger = logging.getLogger(__name__)
 
 
 class Streamer:
@@ -39,8 +43,8 @@ def stream_answer(engine, tokenizer, prompt, max_tokens=128, temperature=0.0, to
     result = generate(engine, ids, max_tokens, Sampler(temperature, top_p, seed),
                       stop_ids=tokenizer.eos_token_ids, on_token=streamer)
     click.echo()
-    click.echo(f"[{len(result.tokens)} tokens, prefill {result.prefill_tokens_per_second:.1f} tok/s, "
-               f"decode {result.decode_tokens_per_second:.1f} tok/s]", err=True)
+    logger.info(f"[{len(result.tokens)} tokens, prefill {result.prefill_tokens_per_second:.1f} tok/s, "
+                f"decode {result.decode_tokens_per_second:.1f} tok/s]")
     return result.tokens
 
 

@@ -24,6 +24,7 @@ else:  # pragma: no cover
 
 from ..errors import EdgeforgeError
 from ..targets import get_target
+from ..quant.quality import DEFAULT_TOKENS as QUALITY_TOKENS
 from .golden import DEFAULT_PROMPTS, DEFAULT_TOKENS
 
 
@@ -39,6 +40,8 @@ class BuildPlan:
     source: Path | None = None  # the config file, when there was one
     smoke: bool = True  # run each new bundle's smoke test here when this machine can run it
     sign_key: Path | None = None  # ed25519 private key (PEM): every bundle gets a manifest.sig
+    quality_tokens: int = QUALITY_TOKENS  # tokens of the built-in text the quality report scores
+    quality_skip: str | None = None  # why the quality report is not measured (recorded in quality.json)
 
 
 def is_config(arg: str) -> bool:

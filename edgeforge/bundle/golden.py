@@ -6,14 +6,16 @@ the logits at every step and tolerances that depend on the dtype the backend com
 
 from __future__ import annotations
 
-import time
-
+import logging
 from pathlib import Path
 
 import numpy as np
 
+from ..progress import progress
 from ..runtime.golden_check import GOLDEN_FORMAT, step_summary
 from ..runtime.smoke import encode_prompt
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -69,8 +71,11 @@ def greedy(engine, prompt_ids: list[int], max_tokens: int, stop_ids=(), top_k: i
     return tokens, steps
 
 
-def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_TOKENS, log=lambda m: None) -> dict:
-    """Run the numpy reference on the QDIR for each prompt (chat template when the model has one)."""
+def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_TOKENS) -> dict:
+    """Run the numpy reference on the QDIR for each prompt (chat template when the model has one).
+
+    Progress: a "[golden]" bar over every prompt's tokens (a large model's reference takes seconds
+    per token) and one DEBUG record per prompt with its tokens."""
     from ..model.loader import load_model
     from ..model.reference import ReferenceModel
 
@@ -78,21 +83,21 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
     engine = ReferenceModel(model)
     dtype = model.source.get("model_dtype") or _model_dtype(qdir)
     chat = bool(getattr(model.tokenizer, "chat_template", None))
+    encoded = [(text, encode_prompt(model.tokenizer, text, chat)) for text in prompts]
+    counts = [max(0, min(max_tokens, model.config.context_length - len(ids))) for _, ids in encoded]
     out = []
-    for text in prompts:
-        ids = encode_prompt(model.tokenizer, text, chat)
-        limit = model.config.context_length - len(ids)
-        t0 = time.monotonic()
-        slow = model.config.num_parameters() > 500e6  # per-token progress where a token takes seconds
+    with progress(sum(counts), "[golden]", unit="tokens", logger=logger) as bar:
+        for (text, ids), count in zip(encoded, counts):
+            done = bar.count
 
-        def progress(i, text=text, t0=t0):
-            if slow and i:
-                log(f"golden: {text!r}: token {i}/{max_tokens} ({time.monotonic() - t0:.0f} s)")
+            def step(i, text=text):
+                if i:  # token i-1 is done
+                    bar.advance(1, repr(text))
 
-        tokens, steps = greedy(engine, ids, min(max_tokens, limit), set(model.tokenizer.eos_token_ids),
-                               progress=progress)
-        log(f"golden: {text!r}: {len(ids)} prompt tokens -> {tokens}")
-        out.append({"text": text, "chat": chat, "prompt_ids": ids, "tokens": tokens, "steps": steps})
+            tokens, steps = greedy(engine, ids, count, set(model.tokenizer.eos_token_ids), progress=step)
+            bar.advance(done + count - bar.count, repr(text))  # the last token, and those after a stop token
+            logger.debug(f"golden: {text!r}: {len(ids)} prompt tokens -> {tokens}")
+            out.append({"text": text, "chat": chat, "prompt_ids": ids, "tokens": tokens, "steps": steps})
     return {"format": GOLDEN_FORMAT, "version": 1, "model_dtype": dtype, "top_k": TOP_K,
             "tolerance": {"rel": REL_TOL.get(dtype, 2e-2), "why": f"{dtype} compute",
                           "basis": "golden logit range (max - min) per step"},

@@ -2,7 +2,7 @@
 
 Bundle layout (see docs/BUNDLES.md):
   manifest.json  golden.json  artifact/  weights/ (TVM only)  tokenizer/
-  runtime/edgeforge_runtime/  smoke.py  requirements.txt  README.md
+  runtime/edgeforge_runtime/  runtime/tvm/ (TVM bundles for Linux)  smoke.py  requirements.txt  README.md
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ from importlib import metadata
 from pathlib import Path
 
 from .. import runtime as _runtime_pkg
+from ..errors import EdgeforgeError
 
 RUNTIME_SRC = Path(_runtime_pkg.__file__).resolve().parent
 RUNTIME_DEST = Path("runtime") / "edgeforge_runtime"
 # What every bundle's runtime imports besides the backend runtime (see edgeforge/runtime/__init__.py).
-BASE_REQUIREMENTS = ("numpy", "tokenizers", "jinja2")
+# markupsafe (jinja2's one dependency) is listed so that `pip install --no-deps -r requirements.txt` is
+# complete: it skips huggingface-hub and its ~20 MB of dependencies that tokenizers declares but the
+# runtime never imports (it reads tokenizer.json from the bundle).
+BASE_REQUIREMENTS = ("numpy", "tokenizers", "jinja2", "markupsafe")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT_GLOBS = ("config.json", "quantization.json", "*.safetensors", "model.safetensors.index.json")
 
@@ -80,6 +84,19 @@ def copy_runtime(bundle: Path) -> None:
     """Copy edgeforge/runtime (sources only) to BUNDLE/runtime/edgeforge_runtime."""
     dest = bundle / RUNTIME_DEST
     shutil.copytree(RUNTIME_SRC, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
+
+
+def copy_backend_runtime(artifact: dict, bundle: Path) -> int:
+    """The backend runtime a bundle carries itself (a runtime-only TVM for the device's CPU, instead
+    of the ~300 MB compiler wheel); returns its bytes, 0 when the backend needs none."""
+    spec = artifact.get("bundled_runtime")
+    if not spec:
+        return 0
+    if spec.get("package") != "tvm":
+        raise EdgeforgeError(f"artifact.json: unknown bundled runtime {spec.get('package')!r}")
+    from ..backends.tvm.device_runtime import copy_runtime
+
+    return copy_runtime(spec, bundle / "runtime")
 
 
 def copy_tokenizer(qdir: Path, bundle: Path) -> None:

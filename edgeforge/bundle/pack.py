@@ -7,15 +7,18 @@ failed or concurrent build never leaves a partial or mixed bundle at the destina
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from ..commands.compile_cmd import compile_qdir
+from ..backends import compile_qdir
 from ..fsutil import atomic_output_dir, is_json_of_format
 from ..runtime.loader import read_artifact
 from ..runtime.manifest_check import sign_bundle
-from . import layout, readme
+from . import device_install, layout, readme
 from .golden import tolerance_for
 from .manifest import manifest_data, write_manifest
+
+logger = logging.getLogger(__name__)
 
 
 def bundle_name(model_name: str, scheme: str, target: str, backend: str) -> str:
@@ -27,12 +30,13 @@ def is_bundle(path: Path) -> bool:
     return is_json_of_format(Path(path) / "manifest.json", "edgeforge-bundle")
 
 
-def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, log=lambda m: None,
-                sign_key: Path | None = None) -> dict:
-    """Build the bundle at `dest` for (target, backend); returns its manifest."""
+def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, sign_key: Path | None = None,
+                quality: dict | None = None) -> dict:
+    """Build the bundle at `dest` for (target, backend); returns its manifest. `quality`: quality.json's
+    content (edgeforge.quant.quality), summarized in the manifest too."""
     dest = Path(dest)
     with atomic_output_dir(dest, is_bundle, "bundle") as tmp:
-        compile_qdir(qdir, str(target.path) if target.path else target.name, backend, tmp / "artifact", log=log)
+        compile_qdir(qdir, str(target.path) if target.path else target.name, backend, tmp / "artifact")
         artifact = read_artifact(tmp / "artifact")
         has_weights = bool(artifact.get("needs_weights"))
         if has_weights:
@@ -41,13 +45,19 @@ def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, log=
         golden = dict(golden, tolerance=tolerance_for(artifact, target.arch))
         (tmp / "golden.json").write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
         layout.copy_runtime(tmp)
+        bundled = layout.copy_backend_runtime(artifact, tmp)
         layout.write_smoke_py(tmp)
         reqs = layout.requirements(artifact)
         layout.write_requirements(tmp, reqs)
         data = manifest_data(dest.name, qdir, target, artifact, reqs, has_weights)
+        data["device_install"] = device_install.measure(reqs, target.os, target.arch, bundled)
+        if quality is not None:
+            (tmp / "quality.json").write_text(json.dumps(quality, indent=1, sort_keys=True) + "\n")
+            data["quality"] = {k: quality[k] for k in ("kl", "ppl_ratio", "predictions", "skipped") if k in quality}
         readme.write_readme(tmp, data)
         manifest = write_manifest(tmp, data)
+        logger.debug(f"bundle: manifest of {len(manifest['files'])} files written for {dest.name}")
         if sign_key is not None:
             sig = sign_bundle(tmp, sign_key)
-            log(f"signed with ed25519 key {sig['key_id']}")
+            logger.info(f"signed with ed25519 key {sig['key_id']}")
     return manifest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import device_install
 from .layout import requirement_line
 
 TEMPLATE = """\
@@ -20,6 +21,8 @@ TEMPLATE = """\
 ```
 {requirements}
 ```
+
+{install_size}
 {extra}
 ## Check it on the device
 
@@ -52,6 +55,7 @@ logits = engine.decode(int(logits.argmax()))
 | artifact/ | the compiled model (artifact.json describes it) |
 {weights_row}| tokenizer/ | tokenizer.json and tokenizer_config.json (chat template) |
 | runtime/edgeforge_runtime/ | edgeforge's device runtime (numpy, tokenizers, jinja2 + the backend runtime only) |
+| runtime/tvm/ | TVM bundles for Linux: TVM's runtime library and the Python that loads it (no compiler) |
 | smoke.py | the smoke test above |
 """
 
@@ -67,9 +71,16 @@ def render(m: dict) -> str:
         description=m["target"].get("description", ""), os=m["target"]["os"], arch=m["target"]["arch"],
         device_line=device_line, requirements="\n".join(requirement_line(k, v) for k, v in reqs.items()),
         extra=("\nOther device requirements:\n\n" + extra) if extra else "",
+        install_size=_sentence(device_install.summary(m.get("device_install"))) + (
+            " The TVM runtime (without its compiler) is in `runtime/tvm/`, for this CPU and of the TVM version "
+            "that compiled the model." if m.get("device_install", {}) and m["device_install"]["bundled_runtime_bytes"] else ""),
         weights_arg=', "weights"' if m.get("has_weights") else "",
         weights_row="| weights/ | quantized weights (QDIR layout) read by the TVM module |\n" if m.get("has_weights") else "",
     )
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 def write_readme(bundle: Path, manifest_data: dict) -> None:

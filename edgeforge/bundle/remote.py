@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..errors import EdgeforgeError
 
+logger = logging.getLogger(__name__)
+
 
 def parse_dest(dest: str) -> tuple[str, str]:
     user, sep, host = dest.rpartition("@")
@@ -106,7 +108,7 @@ def _exec(client, command: str, timeout: float | None = None) -> tuple[int, str,
 
 
 def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None = None,
-                   python: str = "python3", known_hosts: str | None = None, log=lambda m: None,
+                   python: str = "python3", known_hosts: str | None = None,
                    keep: bool = False, smoke_args: tuple[str, ...] = ()) -> tuple[int, str, str]:
     """Copy the bundle to a fresh temp folder on the device, run smoke.py --json, clean up.
 
@@ -122,7 +124,7 @@ def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None
         sftp.mkdir(remote)
         n = _upload(sftp, Path(bundle), remote)
         sftp.close()
-        log(f"copied {n} files to {dest}:{remote}")
+        logger.info(f"copied {n} files to {dest}:{remote}")
         cmd = " ".join([f"cd {shlex.quote(remote)} && {remote_command(python)} smoke.py --json",
                         *map(shlex.quote, smoke_args)])
         code, out, err = _exec(client, cmd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +23,8 @@ from ..runtime.bundle_errors import BundleError
 from ..runtime.hostcheck import check_can_run
 from ..runtime.manifest_check import verify_bundle
 from . import archive
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -44,7 +47,7 @@ def verify(bundle: Path, trust=None) -> dict:
         raise EdgeforgeError(str(err)) from None
 
 
-def python_for(manifest: dict, emulate: bool, log=lambda m: None) -> tuple[list[str], dict]:
+def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
     """The command prefix and environment of a Python that can run this bundle on this machine."""
     run = manifest["target"].get("run", "host")
     if emulate:
@@ -52,7 +55,7 @@ def python_for(manifest: dict, emulate: bool, log=lambda m: None) -> tuple[list[
             raise EdgeforgeError(f"--emulate: bundle target '{manifest['target']['name']}' is not aarch64 Linux")
         from .. import toolchains
 
-        root = toolchains.ensure_arm64(log=log)  # builds the arm64 root the first time (minutes)
+        root = toolchains.ensure_arm64()  # builds the arm64 root the first time (minutes)
         return toolchains.qemu_python_command([], root=root)
     try:
         check_can_run(manifest)
@@ -61,7 +64,7 @@ def python_for(manifest: dict, emulate: bool, log=lambda m: None) -> tuple[list[
     if run == "vulkan" or manifest.get("device", "").startswith(("webgpu", "vulkan")):
         from .. import toolchains
 
-        python, env = toolchains.ensure_vulkan(log=log)  # onnxruntime-webgpu venv + Mesa lavapipe
+        python, env = toolchains.ensure_vulkan()  # onnxruntime-webgpu venv + Mesa lavapipe
         return [str(python)], env
     return [sys.executable], dict(os.environ)
 
@@ -81,9 +84,9 @@ def parse_result(code: int, out: str, err: str, where: str) -> tuple[int, dict]:
     return code, result
 
 
-def run_local(bundle: Path, python: list[str], env: dict, where: str, log=lambda m: None,
+def run_local(bundle: Path, python: list[str], env: dict, where: str,
               timeout: float | None = None, smoke_args: tuple[str, ...] = ()) -> tuple[int, dict]:
-    """Run BUNDLE/smoke.py --json; its progress lines (stderr) are passed to `log` as they come."""
+    """Run BUNDLE/smoke.py --json; its progress lines (stderr, one per golden prompt) are logged as they come."""
     cmd = [*python, str(bundle.resolve() / "smoke.py"), "--json", *smoke_args]
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -96,7 +99,7 @@ def run_local(bundle: Path, python: list[str], env: dict, where: str, log=lambda
     try:
         for line in proc.stderr:
             err_lines.append(line)
-            log(f"  [{where}] {line.rstrip()}")
+            logger.info(f"  [{where}] {line.rstrip()}")
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         raise EdgeforgeError(f"smoke.py on {where} did not finish within {timeout} s") from None
@@ -109,18 +112,18 @@ def run_local(bundle: Path, python: list[str], env: dict, where: str, log=lambda
 
 
 def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int = 22, identity: str | None = None,
-          remote_python: str = "python3", known_hosts: str | None = None, log=lambda m: None,
+          remote_python: str = "python3", known_hosts: str | None = None,
           prompts: int | None = None, trust=None) -> tuple[int, dict]:
     smoke_args = ("--prompts", str(prompts)) if prompts else ()
     with opened_bundle(spec) as bundle:
         manifest = verify(bundle, trust)  # edgeforge's own code, before any of the bundle's runs
-        log(f"checksums ok: {len(manifest['files'])} files" + (", signature ok" if trust else ""))
+        logger.info(f"checksums ok: {len(manifest['files'])} files" + (", signature ok" if trust else ""))
         if ssh:
             from .remote import smoke_over_ssh
 
-            code, out, err = smoke_over_ssh(bundle, ssh, port, identity, remote_python, known_hosts, log,
+            code, out, err = smoke_over_ssh(bundle, ssh, port, identity, remote_python, known_hosts,
                                             smoke_args=smoke_args)
             return parse_result(code, out, err, ssh)
-        python, env = python_for(manifest, emulate, log)
+        python, env = python_for(manifest, emulate)
         where = "qemu-aarch64" if emulate else "this machine"
-        return run_local(bundle, python, env, where, log, smoke_args=smoke_args)
+        return run_local(bundle, python, env, where, smoke_args=smoke_args)

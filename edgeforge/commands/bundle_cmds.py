@@ -15,10 +15,6 @@ def _echo_json(data) -> None:
     click.echo(json.dumps(data, indent=1, default=str))
 
 
-def _stderr_log(msg: str) -> None:
-    click.echo(msg, err=True)
-
-
 def prompt_text(_ctx, param, value):
     """click callback for --prompt: non-empty, valid UTF-8 text (argv bytes that are not UTF-8 arrive
     as lone surrogates, which no tokenizer can encode)."""
@@ -51,7 +47,13 @@ def prompt_text(_ctx, param, value):
                    "bundle can run here, and a FAIL fails the build).")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None, metavar="KEY.pem",
               help="Sign every bundle with this ed25519 private key (openssl genpkey -algorithm ed25519 -out KEY.pem).")
-def build(model, quant, targets, backend, output, jobs, make_archive, as_json, no_smoke, sign_key):
+@click.option("--quality-tokens", type=click.IntRange(2, 100_000), default=None, metavar="N",
+              help="Tokens of the built-in text the quality report scores (KL and perplexity ratio against the "
+                   "source, recorded in every bundle's quality.json) [default: 128].")
+@click.option("--no-quality", "no_quality", default=None, metavar="REASON",
+              help="Skip the quality report; REASON is recorded in quality.json (e.g. \"CI speed\").")
+def build(model, quant, targets, backend, output, jobs, make_archive, as_json, no_smoke, sign_key, quality_tokens,
+          no_quality):
     """Build deployment bundles: quantize once, compile and bundle for each target.
 
     MODEL is a model name, an HF folder, a .gguf file, or a build config (.toml).
@@ -62,16 +64,23 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json, n
       edgeforge build examples/smollm2.toml                 # every target of the config
       edgeforge build examples/smollm2.toml --target rpi5   # one CI job
       edgeforge build smollm2-135m --target rpi5 --sign release.pem   # smoke --trust release.pub.pem
+      edgeforge build ./llama-3-8b --target x86-cpu --no-quality "measured in the release job"
     """
     from ..bundle.build import run_build
     from ..bundle.config import make_plan
 
     plan = make_plan(model, quant, tuple(targets), backend, output)
     plan.smoke = not no_smoke
+    if quality_tokens is not None:
+        plan.quality_tokens = quality_tokens
+    if no_quality is not None:
+        if not no_quality.strip():
+            raise click.BadParameter("give the reason for skipping it", param_hint="--no-quality")
+        plan.quality_skip = no_quality.strip()
     if sign_key is not None:
         _check_signing_key(sign_key)
         plan.sign_key = sign_key
-    summary = run_build(plan, jobs=jobs, make_archive=make_archive, log=_stderr_log)
+    summary = run_build(plan, jobs=jobs, make_archive=make_archive)
     failed = [b for b in summary["bundles"] if not b["ok"]]
     if as_json:
         _echo_json(summary)
@@ -127,11 +136,11 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
       edgeforge smoke dist/smollm2-135m-q4f16-rpi5-onnx.tar.gz --ssh pi@raspberrypi.local --json
     """
     from ..bundle.smoke_run import smoke as run_smoke
-    from ..runtime.smoke import describe
+    from ..runtime.smoke import describe, describe_quality
 
     if emulate and ssh:
         raise EdgeforgeError("--emulate and --ssh exclude each other")
-    code, result = run_smoke(bundle, emulate, ssh, port, identity, remote_python, known_hosts, log=_stderr_log,
+    code, result = run_smoke(bundle, emulate, ssh, port, identity, remote_python, known_hosts,
                              prompts=prompts, trust=trust)
     if as_json:
         _echo_json(result)
@@ -139,6 +148,8 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
         raise EdgeforgeError(result.get("error", "bundle unusable here"))
     if not as_json:
         click.echo(describe(result) if "max_logit_err" in result else f"{result['status']}: {result.get('error')}")
+        if result.get("quality"):
+            click.echo(describe_quality(result["quality"]))
     if code == 1:
         raise CheckFailed(f"smoke FAIL: {bundle}")
 

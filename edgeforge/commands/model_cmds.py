@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -12,15 +13,14 @@ import click
 from ..errors import EdgeforgeError
 
 
-def _log(msg: str) -> None:
-    click.echo(msg, err=True)
+logger = logging.getLogger(__name__)
 
 
 def resolve(spec: str) -> Path:
     """MODEL argument: a registry name or HF repo id (fetched), or a path."""
     from ..models import resolve_model_path
 
-    return resolve_model_path(spec, log=_log)
+    return resolve_model_path(spec)
 
 
 # ---- engines -------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def fetch_model(name, as_json):
     """
     from ..models import fetch_model as fetch
 
-    path = fetch(name, log=_log)
+    path = fetch(name)
     if as_json:
         click.echo(json.dumps({"name": name, "path": str(path)}))
     else:
@@ -146,16 +146,22 @@ def tokenizer_kind(tok) -> str:
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
 def inspect(model, as_json):
-    """Show a model's architecture, normalized config, parameters, tensor types and tokenizer.
+    """Show a model's architecture, normalized config, parameters, tensor types and tokenizer; or a
+    bundle's model, target, toolchain, device install and the quality report recorded at build.
 
-    MODEL is a registry name, an HF repo id, an HF folder, a .gguf file or a QDIR.
+    MODEL is a registry name, an HF repo id, an HF folder, a .gguf file, a QDIR or a bundle folder.
 
     \b
     Example:
       edgeforge inspect smollm2-135m
       edgeforge inspect ./Llama-3.2-1B-Instruct --json
+      edgeforge inspect dist/smollm2-135m-q4f16-rpi5-tvm
     """
     from ..model.loader import load_model
+
+    if (Path(model) / "manifest.json").is_file():
+        _inspect_bundle(Path(model), as_json)
+        return
 
     info = describe(load_model(resolve(model)))
     if as_json:
@@ -177,6 +183,31 @@ def inspect(model, as_json):
         f"chat template: {'yes' if t['chat_template'] else 'no'}",
     ]
     click.echo("\n".join(lines))
+
+
+def _inspect_bundle(bundle: Path, as_json: bool) -> None:
+    """A bundle's manifest facts and quality.json, after verifying its checksums."""
+    from ..bundle.device_install import summary as install_summary
+    from ..quant.quality import summary as quality_summary
+    from ..runtime.files import read_json
+    from ..runtime.manifest_check import verify_bundle
+
+    manifest = verify_bundle(bundle)
+    quality = read_json(bundle / "quality.json") if (bundle / "quality.json").is_file() else None
+    if as_json:
+        click.echo(json.dumps({"bundle": str(bundle), "manifest": manifest, "quality": quality}, indent=1))
+        return
+    m, t = manifest, manifest["target"]
+    click.echo("\n".join([
+        f"bundle:       {m['name']} ({len(m['files'])} files, checksums ok)",
+        f"model:        {m['model'].get('id') or '?'} ({m['model'].get('source_format') or '?'}), scheme {m['scheme']} "
+        f"({m.get('model_dtype')})",
+        f"target:       {t['name']} ({t.get('os')} {t.get('arch')}), backend {m['backend']} on {m.get('device')}",
+        f"toolchain:    {', '.join(f'{k} {v}' for k, v in sorted(m.get('toolchain', {}).items()))}",
+        f"requires:     {', '.join(f'{k}={v}' for k, v in sorted(m.get('device_requirements', {}).items()))}",
+        install_summary(m.get("device_install")),
+        quality_summary(quality),
+    ]))
 
 
 # ---- generate ------------------------------------------------------------------------------------
@@ -228,9 +259,9 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
         }))
     else:
         stream.finish()
-        _log(f"[{len(ids)} prompt tokens, {len(result.tokens)} generated; prefill "
-             f"{result.prefill_tokens_per_second:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s "
-             f"on {engine.device}]")
+        logger.info(f"[{len(ids)} prompt tokens, {len(result.tokens)} generated; prefill "
+                    f"{result.prefill_tokens_per_second:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s "
+                    f"on {engine.device}]")
 
 
 def _prompt_text(ctx, param, value):

@@ -13,17 +13,12 @@ from ..quant.schemes import SCHEMES, check_embed_bits, get_scheme
 SCHEME_HELP = "quantization scheme: " + ", ".join(SCHEMES)
 
 
-
-def _err(msg: str) -> None:
-    click.echo(msg, err=True)
-
-
 def _load(spec: str):
     """MODEL (registry name, HF repo id, file or folder) -> LoadedModel."""
     from ..model.loader import load_model
     from ..models import fetch_model
 
-    return load_model(fetch_model(spec, log=_err))
+    return load_model(fetch_model(spec))
 
 
 @click.command("quantize")
@@ -58,7 +53,7 @@ def quantize(model, scheme, embed_bits, output, as_json):
     scheme = get_scheme(scheme)  # bad options fail before any download or load
     check_embed_bits(embed_bits)
     loaded = _load(model)
-    summary = write_qdir(loaded, scheme, Path(output), embed_bits=embed_bits, log=_err)
+    summary = write_qdir(loaded, scheme, Path(output), embed_bits=embed_bits)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
@@ -103,7 +98,7 @@ def eval_cmd(model, schemes, text_file, max_tokens, embed_bits, others, as_json)
     compare = {}
     for other in others:  # labelled by file name, or by the path given when two names collide
         compare[other if Path(other).name in compare else Path(other).name] = _load(other)
-    result = evaluate(loaded, schemes, text, max_tokens=max_tokens, embed_bits=embed_bits, log=_err, compare=compare)
+    result = evaluate(loaded, schemes, text, max_tokens=max_tokens, embed_bits=embed_bits, compare=compare)
     result["model"] = model
     click.echo(json.dumps(result, indent=1) if as_json else format_table(result))
 

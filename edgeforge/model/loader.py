@@ -13,7 +13,7 @@ from ..errors import EdgeforgeError
 from .types import LoadedModel, TensorSource, check_shapes, files_sha256  # noqa: F401 - re-exported
 
 
-def load_model(path: str | os.PathLike, log=lambda msg: None) -> LoadedModel:
+def load_model(path: str | os.PathLike) -> LoadedModel:
     """Open an HF folder, a .gguf file or a QDIR (folder with quantization.json)."""
     p = Path(path)
     if not p.exists():

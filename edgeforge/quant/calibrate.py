@@ -13,14 +13,19 @@ statistics and their provenance (text sha256, tokens) go into the QDIR's quantiz
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..progress import progress
+
 CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 CALIBRATION_TOKENS = 512  # measured on SmolLM2: 256 -> 512 tokens gains little past this (notes)
 CHUNK = 128  # prefill chunk: bounds the reference's attention scores
+
+logger = logging.getLogger(__name__)
 
 
 def calibration_text() -> tuple[str, str]:
@@ -28,7 +33,7 @@ def calibration_text() -> tuple[str, str]:
     return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
 
 
-def collect_importance(model, max_tokens: int = CALIBRATION_TOKENS, log=lambda m: None) -> tuple[dict, dict]:
+def collect_importance(model, max_tokens: int = CALIBRATION_TOKENS) -> tuple[dict, dict]:
     """({tensor name: float32 [in_features] mean square of its input}, provenance) for `model`
     (a LoadedModel of float or quantized weights; the reference reads them as float32)."""
     from ..model.reference import ReferenceModel
@@ -45,11 +50,13 @@ def collect_importance(model, max_tokens: int = CALIBRATION_TOKENS, log=lambda m
     # cache_bytes=0: the float model is streamed (quantization's memory stays ~one tensor)
     ref = ReferenceModel(model, observe=observe, cache_bytes=0)
     ref.reset()
-    for start in range(0, len(ids), CHUNK):
-        ref.prefill(ids[start : start + CHUNK])
-        log(f"[calibrate] {min(start + CHUNK, len(ids))}/{len(ids)} tokens ({time.perf_counter() - t0:.0f} s)")
+    with progress(len(ids), "[calibrate]", unit="tokens", logger=logger) as bar:
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
+            ref.prefill(chunk)
+            bar.advance(len(chunk))
     importance = {name: (s / len(ids)).astype(np.float32) for name, s in sums.items()}
     info = {"text": CALIBRATION_TEXT.name, "sha256": digest, "tokens": len(ids),
             "statistic": "mean square of each input column of every matmul (float reference)"}
-    log(f"[calibrate] {len(importance)} matrices from {len(ids)} tokens in {time.perf_counter() - t0:.1f} s")
+    logger.info(f"[calibrate] {len(importance)} matrices from {len(ids)} tokens in {time.perf_counter() - t0:.1f} s")
     return importance, info

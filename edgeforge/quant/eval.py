@@ -15,6 +15,7 @@ predictions. Chunks shorter than 2 tokens are dropped.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ import numpy as np
 from ..errors import EdgeforgeError
 from .qdir import quantize_in_memory
 from .schemes import check_embed_bits, get_scheme
+
+logger = logging.getLogger(__name__)
 
 FLOAT = "float"
 
@@ -91,8 +94,7 @@ def mean_kl(ref: list[np.ndarray], other: list[np.ndarray]) -> float:
 
 
 def evaluate(model, schemes, text: str, max_tokens: int | None = 256, embed_bits: int | None = None,
-             log: Callable[[str], None] = lambda m: None, make_forward=reference_forward,
-             compare: dict | None = None) -> dict:
+             make_forward=reference_forward, compare: dict | None = None) -> dict:
     """Perplexity and KL of `model` (float), of `model` quantized with each of `schemes`, and of
     each checkpoint in `compare` ({label: loaded model}, scored as they are)."""
     schemes = [get_scheme(s).name for s in schemes]
@@ -103,26 +105,26 @@ def evaluate(model, schemes, text: str, max_tokens: int | None = 256, embed_bits
     ids = token_ids(model, text, max_tokens)
     chunks = split_chunks(ids, int(model.config.context_length))
     predicted = sum(len(c) - 1 for c in chunks)
-    log(f"{len(ids)} tokens in {len(chunks)} chunk(s) of <= {model.config.context_length}, {predicted} predictions")
+    logger.info(f"{len(ids)} tokens in {len(chunks)} chunk(s) of <= {model.config.context_length}, {predicted} predictions")
 
     start = time.perf_counter()
     ref = chunk_logprobs(model, chunks, make_forward)
     float_nll = mean_nll(ref, chunks)
     rows = [EvalRow(FLOAT, math.exp(float_nll), 1.0, 0.0, float_nll, time.perf_counter() - start)]
-    log(f"{FLOAT}: ppl {rows[0].ppl:.4f}")
+    logger.info(f"{FLOAT}: ppl {rows[0].ppl:.4f}")
     importance, calibration = None, None
     if any(get_scheme(n).calibrated for n in schemes):  # once for every calibrated scheme
         from .calibrate import collect_importance
 
-        importance, calibration = collect_importance(model, log=log)
+        importance, calibration = collect_importance(model)
     for name in schemes:
         start = time.perf_counter()
         quantized = quantize_in_memory(model, name, embed_bits, importance=importance)
         rows.append(_score(name, quantized, chunks, make_forward, ref, float_nll, start))
-        log(f"{name}: ppl {rows[-1].ppl:.4f} (x{rows[-1].ppl_ratio:.4f}), KL {rows[-1].kl:.5f}")
+        logger.info(f"{name}: ppl {rows[-1].ppl:.4f} (x{rows[-1].ppl_ratio:.4f}), KL {rows[-1].kl:.5f}")
     for label, other in compare.items():
         rows.append(_score(label, other, chunks, make_forward, ref, float_nll, time.perf_counter()))
-        log(f"{label}: ppl {rows[-1].ppl:.4f} (x{rows[-1].ppl_ratio:.4f}), KL {rows[-1].kl:.5f}")
+        logger.info(f"{label}: ppl {rows[-1].ppl:.4f} (x{rows[-1].ppl_ratio:.4f}), KL {rows[-1].kl:.5f}")
     return {"tokens": len(ids), "predictions": predicted, "chunks": len(chunks), "embed_bits": embed_bits,
             "calibration": calibration, "rows": [r.to_dict() for r in rows]}
 

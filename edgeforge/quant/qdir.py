@@ -13,16 +13,17 @@ stored arrays.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ..errors import EdgeforgeError
 from ..fsutil import atomic_output_dir
+from ..progress import progress
 from ..runtime.bundle_errors import BundleError
 from ..runtime.safetensors import layout, st_dtype
 from ..runtime.weights import (
@@ -32,6 +33,8 @@ from .formats import GROUP_SIZE, get_format
 from .schemes import Scheme, check_embed_bits, get_scheme
 
 MAX_SHARD_BYTES = 2 * 1024**3  # what HF tooling also uses; keeps every file well below 4 GiB limits
+
+logger = logging.getLogger(__name__)
 
 
 def natural_key(name: str):
@@ -82,12 +85,11 @@ def tensor_entry(shape, fmt) -> dict:
     return entry
 
 
-def write_qdir(model, scheme, out, embed_bits: int | None = None, log: Callable[[str], None] = lambda m: None,
-               max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+def write_qdir(model, scheme, out, embed_bits: int | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
     """Quantize `model` (a LoadedModel) with `scheme` into the QDIR folder `out`; returns a summary.
 
-    `log` receives one line per tensor (the CLI prints them). Built in a temporary folder and
-    renamed: on any error nothing is left at `out`.
+    Progress: a "[quantize]" bar (edgeforge.progress) and one DEBUG record per tensor. Built in a
+    temporary folder and renamed: on any error nothing is left at `out`.
     """
     scheme = get_scheme(scheme)
     check_embed_bits(embed_bits)
@@ -97,8 +99,9 @@ def write_qdir(model, scheme, out, embed_bits: int | None = None, log: Callable[
     entries: dict[str, dict] = {}
     weight_map: dict[str, str] = {}
     total = 0
-    importance, calibration = calibrate(model, scheme, plan, log)
-    with atomic_output_dir(out, is_qdir, "QDIR (quantized model folder)") as tmp:
+    importance, calibration = calibrate(model, scheme, plan)
+    with atomic_output_dir(out, is_qdir, "QDIR (quantized model folder)") as tmp, \
+            progress(len(plan), "[quantize]", unit="tensors", logger=logger) as bar:
         for s, members in enumerate(shards, start=1):
             fname = shard_name(s, len(shards))
             with ShardWriter(tmp / fname, shard_specs(plan[i] for i in members)) as shard:
@@ -106,7 +109,8 @@ def write_qdir(model, scheme, out, embed_bits: int | None = None, log: Callable[
                     name, shape, fmt = plan[i]
                     entries[name] = _quantize_tensor(model, name, shape, fmt, shard, importance.get(name))
                     weight_map.update({key: fname for key in entries[name]["arrays"].values()})
-                    log(f"[{i + 1}/{len(plan)}] {name} {list(shape)} -> {fmt.name}")
+                    logger.debug("[%d/%d] %s %s -> %s", i + 1, len(plan), name, list(shape), fmt.name)
+                    bar.advance(1, name)
             total += shard.nbytes
         _write_metadata(tmp, model, scheme, embed_bits, entries, weight_map, total, calibration)
     params = sum(int(np.prod(shape)) for _, shape, _ in plan)
@@ -157,13 +161,13 @@ class ShardWriter:
             raise EdgeforgeError(f"{self.path}: tensor '{missing[0]}' was planned but never written")
 
 
-def calibrate(model, scheme, plan, log) -> tuple[dict, dict | None]:
+def calibrate(model, scheme, plan) -> tuple[dict, dict | None]:
     """Calibration importance when the scheme searches q4 scales and some tensor is q4."""
     if not (scheme.calibrated and any(fmt.name == "q4" for _, _, fmt in plan)):
         return {}, None
     from .calibrate import collect_importance
 
-    importance, info = collect_importance(model, log=log)
+    importance, info = collect_importance(model)
     return importance, info
 
 

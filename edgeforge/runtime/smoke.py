@@ -112,9 +112,27 @@ def run_smoke(bundle: Path, device: str | None = None, log=lambda m: None, max_p
     out = summarize(results)
     out.update(bundle=manifest.get("name", bundle.name), target=manifest["target"].get("name"),
                backend=manifest.get("backend"), device=getattr(engine, "device", "?"),
+               runtime=_runtime_info(engine, bundle), quality=manifest.get("quality"),
                load_seconds=round(load_s, 3), peak_rss_mb=peak_rss_mb(), prompts=results,
                prompts_checked=len(prompts), prompts_total=len(golden["prompts"]))
     return out
+
+
+def _runtime_info(engine, bundle: Path) -> dict:
+    """Which backend runtime ran, and whether it was the bundle's own copy."""
+    info = dict(getattr(engine, "runtime_info", None) or {})
+    path = info.pop("tvm_path", None)
+    if path is not None:
+        info["tvm_from"] = "bundle" if Path(path).resolve().is_relative_to(bundle) else path
+    return info
+
+
+def describe_quality(q: dict) -> str:
+    """The build's quality report (manifest summary of quality.json), for the smoke output."""
+    if "skipped" in q:
+        return f"quality at build: not measured ({q['skipped']})"
+    return (f"quality at build: KL {q['kl']:.4g} nats/token, perplexity x{q['ppl_ratio']:.4f} against the source "
+            f"weights over {q['predictions']} predictions (quality.json)")
 
 
 def describe(result: dict) -> str:
@@ -154,6 +172,8 @@ def main(argv=None, bundle: Path | None = None, verified: dict | None = None) ->
         print(f"{result['status']}: {result['error']}" if code == 1 else f"error: {result['error']}", file=sys.stderr)
     else:
         print(describe(result))
+        if result.get("quality"):
+            print(describe_quality(result["quality"]))
     if str(result.get("device", "")).startswith("webgpu"):
         # Dawn on Mesa lavapipe segfaults while native objects are torn down (after every result is
         # out): leave without running destructors so the exit code is the smoke verdict.

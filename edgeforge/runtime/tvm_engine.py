@@ -90,6 +90,9 @@ class TvmEngine:
         kind = device or self.artifact.get("device", "cpu")
         self.dev = self._device(tvm, kind)
         self.device = "cpu" if kind in ("cpu", "llvm") else _gpu_label(self.dev, kind)
+        # which TVM ran: the bundle's own runtime-only copy (runtime/tvm/) or one installed here
+        self.runtime_info = {"tvm": tvm.__version__, "tvm_path": str(Path(tvm.__file__).parent),
+                             "compiler_loaded": compiler_loaded()}
         module_path = self.artifact_dir / self.artifact.get("module", "model.so")
         if module_path.suffix != ".so":
             raise BundleError(f"{module_path}: a {module_path.suffix} export must be linked by the app; it cannot run here")

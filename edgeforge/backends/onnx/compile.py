@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import onnx
@@ -14,6 +15,8 @@ from .qdir import QdirWeights
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
+logger = logging.getLogger(__name__)
+
 # execution provider -> (device name, the onnxruntime package that has it on the device)
 PROVIDERS = {
     "CPUExecutionProvider": ("cpu", "onnxruntime"),
@@ -24,17 +27,18 @@ PROVIDERS = {
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
-def compile_model(qdir: Path, target, out: Path, log=lambda msg: None) -> dict:
+def compile_model(qdir: Path, target, out: Path) -> dict:
     """Build the graph for `target` ([onnx] execution_provider, accuracy_level) into `out`."""
     ep, level = _target_settings(target)
     weights = QdirWeights(Path(qdir))
     compute = compute_dtype(target, ep, weights.model_dtype_name)
-    log(f"onnx: building {weights.scheme} graph ({compute} compute, MatMulNBits accuracy_level {level}) for {ep}")
+    logger.info(f"onnx: building {weights.scheme} graph ({compute} compute, MatMulNBits accuracy_level {level}) for {ep}")
     out = Path(out)
     # External data: one file next to the graph, every tensor of >= 1 KiB written into it as it is
     # made (memory stays at one tensor), the .onnx keeps the graph and references.
     with open(out / DATA_FILE, "wb") as data:
         model = build_model(weights, level, compute, data=(data, DATA_FILE))
+    logger.debug(f"onnx: built {len(model.graph.node)} nodes; saving and checking {out / MODEL_FILE}")
     onnx.save_model(model, out / MODEL_FILE)
     try:
         onnx.checker.check_model(str(out / MODEL_FILE))
@@ -43,7 +47,7 @@ def compile_model(qdir: Path, target, out: Path, log=lambda msg: None) -> dict:
     artifact = _artifact(weights, target, ep, level, compute)
     (out / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))
     size = (out / DATA_FILE).stat().st_size if (out / DATA_FILE).exists() else 0
-    log(f"onnx: wrote {MODEL_FILE} ({len(model.graph.node)} nodes) and {DATA_FILE} ({size / 2**20:.1f} MiB)")
+    logger.info(f"onnx: wrote {MODEL_FILE} ({len(model.graph.node)} nodes) and {DATA_FILE} ({size / 2**20:.1f} MiB)")
     return artifact
 
 

@@ -1,4 +1,4 @@
-"""compile_model(qdir, target, out, log): QDIR -> TVM module for one target (+ artifact.json).
+"""compile_model(qdir, target, out): QDIR -> TVM module for one target (+ artifact.json).
 
 The module holds code only; weights stay in the QDIR and are passed at run time (params.json lists
 the order). Export per target (targets/*.toml [tvm].export):
@@ -9,16 +9,20 @@ the order). Export per target (targets/*.toml [tvm].export):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from ...errors import EdgeforgeError
 from .model import LlamaForCausalLM, ModelSpec, fused_sources
+from . import device_runtime
 from .targets import TvmTarget, tvm_target_for
 
 PARAMS_FILE = "params.json"
 MODULE_SO = "model.so"
 MODULE_TAR = "model.tar"
+
+logger = logging.getLogger(__name__)
 
 
 def load_spec(qdir: Path) -> tuple[ModelSpec, dict]:
@@ -72,7 +76,7 @@ def export_module(spec: ModelSpec):
     return mod, params
 
 
-def build(spec: ModelSpec, tt: TvmTarget, log=lambda m: None):
+def build(spec: ModelSpec, tt: TvmTarget):
     """relax.build the model for a target; returns (executable, params)."""
     import tvm
     from tvm import relax
@@ -83,6 +87,7 @@ def build(spec: ModelSpec, tt: TvmTarget, log=lambda m: None):
     target = tt.target()
     with target:  # the KV cache picks CPU or GPU attention kernels from the current target
         mod, params = export_module(spec)
+    logger.debug("tvm: exported the model (%d parameters); relax.build for %s ...", len(params), tt.describe())
     cpu_sched = None if tt.is_gpu else ScheduleQuantizedMatmul(target)
     # nvcc's wrapper reads the arch from the current target, hence `with target` here too.
     with tt.build_env(), tvm.transform.PassContext(config=pass_config(tt)), target:
@@ -97,7 +102,7 @@ def pass_config(tt: TvmTarget) -> dict:
     return {"relax.backend.use_cuda_graph": tt.is_cuda and tt.cuda_graph}
 
 
-def compile_model(qdir: Path, target, out: Path, log=print) -> dict:
+def compile_model(qdir: Path, target, out: Path) -> dict:
     """Compile `qdir` for `target` (edgeforge.targets.Target) into the folder `out`."""
     import tvm
 
@@ -105,22 +110,25 @@ def compile_model(qdir: Path, target, out: Path, log=print) -> dict:
     spec, quant = load_spec(qdir)
     tt = tvm_target_for(target)
     tt.check_toolchain()
-    log(f"tvm: building {quant.get('scheme', '?')} for {target.name} ({tt.describe()}) ...")
+    logger.info(f"tvm: building {quant.get('scheme', '?')} for {target.name} ({tt.describe()}) ...")
     start = time.time()
-    ex, params = build(spec, tt, log)
+    ex, params = build(spec, tt)
     built = time.time() - start
-    files = tt.export(ex, out, log)
+    logger.debug(f"tvm: relax.build took {built:.1f} s; exporting to {out}")
+    files = tt.export(ex, out)
     (out / PARAMS_FILE).write_text(json.dumps({"params": params}, indent=1))
     artifact = {
         "format": "edgeforge-artifact", "version": 1, "backend": "tvm", "target": target.name,
         "files": sorted(files + [PARAMS_FILE]), "module": files[0], "device": tt.device_name,
         "model_dtype": spec.model_dtype, "scheme": quant.get("scheme"), "needs_weights": True,
-        "runtime": {"apache-tvm": tvm.__version__},
+        # runtime-only TVM for the device's arch goes into the bundle (device_runtime.py)
+        "bundled_runtime": device_runtime.runtime_spec(tt),
+        "runtime": device_runtime.pip_requirements(device_runtime.runtime_spec(tt)),
         "toolchain": dict({"apache-tvm": tvm.__version__}, **tt.toolchain_versions()),
         "device_requirements": tt.device_requirements(),
         "cuda_graph": pass_config(tt)["relax.backend.use_cuda_graph"],
         "build_seconds": round(built, 1),
     }
     (out / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))
-    log(f"tvm: built in {built:.0f} s -> {', '.join(files)}")
+    logger.info(f"tvm: built in {built:.0f} s -> {', '.join(files)}")
     return artifact

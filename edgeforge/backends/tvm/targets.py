@@ -7,7 +7,8 @@
   cross_compiler  the C++ driver that links the .so (aarch64-linux-gnu-g++); absent: host g++
   export          "so" (shared library) or "tar" (objects for the app / the Mac to link)
   cuda            CUDA major version to build with (13; jetson-orin: 12): a system nvcc of that
-                  version, else the PyPI compiler wheels (edgeforge toolchains install cuda|cuda12)
+                  version, else the PyPI compiler wheels (edgeforge toolchains install cuda|cuda12):
+                  nvcc for 13 (a fatbin for every arch + PTX), NVRTC for 12 (one arch, a cubin)
   cuda_graph      CUDA: run decode as CUDA graphs (default true; false for an A/B or a driver that
                   mishandles graphs)
 """
@@ -78,30 +79,40 @@ class TvmTarget:
         return bool(self.device and self.device["kind"] == "cuda")
 
     @functools.cached_property
-    def nvcc(self) -> tuple[Path, dict]:
-        """(nvcc, environment additions) of this target's CUDA version, installed from PyPI when the
-        machine has none (cached under the edgeforge cache)."""
+    def cuda(self):
+        """This target's CUDA compiler (toolchains.CudaCompiler): a system nvcc of its CUDA version,
+        else the PyPI wheels (installed once into the edgeforge cache)."""
         from ... import toolchains
 
-        return toolchains.cuda_toolchain(self.cuda_major, install=True)
+        found = toolchains.cuda_toolchain(self.cuda_major, install=True)
+        if found.kind == "nvrtc" and len(self.arches) != 1:
+            raise EdgeforgeError(
+                f"target '{self.name}': CUDA {self.cuda_major} from PyPI compiles with NVRTC, one arch per "
+                f"build (it has no fatbinary tool), but arches lists {self.arches}: list one arch, or put a "
+                f"CUDA {self.cuda_major} nvcc on PATH")
+        return found
 
     @contextlib.contextmanager
     def build_env(self):
-        if self.is_cuda:
-            _, env = self.nvcc
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
+        if not self.is_cuda:
+            yield
+            return
+        compiler = self.cuda
+        saved = {k: os.environ.get(k) for k in compiler.env}
+        os.environ.update(compiler.env)
+        try:
+            if compiler.kind == "nvrtc":
+                with _cuda_nvrtc_compiler(self.arches[0], compiler):
+                    yield
+            else:
                 with _cuda_fatbin_compiler(self.arches):
                     yield
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-        else:
-            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def check_toolchain(self) -> None:
         """Fail before a long build when a tool the export needs is missing."""
@@ -111,10 +122,10 @@ class TvmTarget:
                 "(run scripts/setup-arm64.sh or apt-get install g++-aarch64-linux-gnu)"
             )
         if self.is_cuda:
-            self.nvcc  # noqa: B018 - a system nvcc of the right version, or the PyPI wheels (installed once)
+            self.cuda  # noqa: B018 - a system nvcc of the right version, or the PyPI wheels (installed once)
 
     # ---- export ----------------------------------------------------------------------------------
-    def export(self, ex, out: Path, log) -> list[str]:
+    def export(self, ex, out: Path) -> list[str]:
         if self.export_kind == "tar":
             ex.export_library(str(out / "model.tar"))
             return ["model.tar"]
@@ -133,17 +144,17 @@ class TvmTarget:
         if compiler:
             out[compiler] = _first_line([compiler, "--version"])
         if self.is_cuda:
-            out["nvcc"] = _first_line([str(self.nvcc[0]), "--version"], last=True)
+            out[self.cuda.kind] = self.cuda.version()
         return out
 
     def device_requirements(self) -> dict:
         req: dict = {"os": self.os, "cpu": self.host.get("mtriple", ""), "mcpu": self.host.get("mcpu", "")}
         if self.is_cuda:
             req["gpu_arch"] = list(self.arches)
-            req["gpu_ptx"] = [f"sm_{self.arches[-1][3:].rstrip('af')}"]
-            cuda = nvcc_cuda_version(self.nvcc[0])
-            if cuda:  # the driver must support the CUDA the kernels were built with
-                req["min_driver_cuda"] = cuda
+            # nvcc adds PTX of the newest arch (a newer GPU JIT-compiles it); NVRTC builds hold SASS only
+            req["gpu_ptx"] = [f"sm_{self.arches[-1][3:].rstrip('af')}"] if self.cuda.kind == "nvcc" else []
+            # CUDA minor version compatibility: code from 13.x runs on any 13.0+ driver
+            req["min_driver_cuda"] = self.cuda.major * 1000
         elif self.device:
             req["gpu"] = self.device["kind"]
         if self.export_kind == "tar":
@@ -218,6 +229,29 @@ def _cuda_fatbin_compiler(arches: list[str]):
             tvm_ffi.register_global_func(name, previous, override=True)
 
 
+@contextlib.contextmanager
+def _cuda_nvrtc_compiler(arch: str, compiler):
+    """Make TVM compile CUDA kernels with NVRTC (backends/tvm/nvrtc.py) into a cubin for `arch`."""
+    import tvm_ffi
+
+    from .nvrtc import Nvrtc
+
+    _load_cuda_codegen()
+    nvrtc = Nvrtc(compiler.path, list(compiler.includes))
+
+    def compile_cubin(code, *_target):
+        return nvrtc.compile_cubin(code, arch)
+
+    name = "tvm_callback_cuda_compile"
+    previous = tvm_ffi.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, compile_cubin, override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func(name, previous, override=True)
+
+
 # Driver API functions libtvm_runtime_cuda.so links against (nm -D --undefined-only | grep ' cu[A-Z]').
 # Plus what runtime/hostcheck.py calls: the stub stays loaded in a process that built for CUDA, and
 # a later GPU check in the same process finds it under the driver's soname (it must say "no device").
@@ -283,16 +317,6 @@ def _cuda_driver_stub() -> Path:
             raise EdgeforgeError(f"building the libcuda stub failed: {proc.stderr.strip()[-300:]}")
         os.replace(lib, out)
     return out
-
-
-def nvcc_cuda_version(nvcc="nvcc") -> int | None:
-    """The oldest driver CUDA version that runs this nvcc's machine code, as the driver API encodes
-    versions: the major's baseline (CUDA minor version compatibility: code from 13.x runs on any
-    13.0+ driver), e.g. 13000."""
-    from ... import toolchains
-
-    major = toolchains.nvcc_major(nvcc)
-    return major * 1000 if major else None
 
 
 def _first_line(cmd: list[str], last: bool = False) -> str:

@@ -1,0 +1,107 @@
+"""The TVM runtime a bundle carries to its device: TVM's Python package without its compiler.
+
+A compiled module needs libtvm_runtime (+ libtvm_runtime_cuda for CUDA)
+and the pure-Python `tvm` package that loads them; not libtvm_compiler.so (~260 MB) that the
+apache-tvm wheel installs. So a TVM bundle for Linux holds exactly that under runtime/tvm/: the
+Python files of the compiler's own TVM (one version from build to device, the most common failure
+of the tools we replace is version skew) and the libraries for the target's CPU architecture
+(this machine's, or the apache-tvm wheel of the same version for aarch64). Those files are
+checksummed like every other bundle file. What pip installs on the device is tvm's own Python
+dependencies (`PIP_DEPENDENCIES`) and the bundle runtime's (numpy, tokenizers, jinja2).
+
+macOS targets (a .tar of objects that a Mac links) keep the apache-tvm requirement: their device
+build links TVM's runtime itself.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+from ...errors import EdgeforgeError
+
+# What `import tvm` needs besides its own package (apache-tvm's Requires-Dist, less numpy which the
+# bundle runtime lists anyway).
+PIP_DEPENDENCIES = ("apache-tvm-ffi", "ml_dtypes", "typing_extensions")
+# The subpackages `import tvm` loads in runtime-only mode (traced: 105 modules, 0.8 MB). The rest
+# (relax, s_tir, topi, backend codegens, contrib, ~7 MB of Python, and headers) is compiler-only.
+KEEP_DIRS = {"ir", "tirx", "runtime", "target", "support", "rpc", "sym", "te", "driver", "script"}
+CPU_ARCHES = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "amd64": "x86_64"}
+
+
+def runtime_spec(tt) -> dict | None:
+    """What runtime/tvm/ holds for a TvmTarget, or None when the device provides TVM itself."""
+    import tvm
+
+    if tt.os != "linux" or tt.export_kind != "so":
+        return None
+    arch = "aarch64" if tt.host.get("mtriple", "").startswith("aarch64") else "x86_64"
+    # libtvm_runtime_extra (disco, multi-GPU) is never loaded in runtime-only mode: not shipped
+    libs = ["tvm_runtime"] + (["tvm_runtime_cuda"] if tt.is_cuda else [])
+    return {"package": "tvm", "version": tvm.__version__, "arch": arch, "libs": libs}
+
+
+def pip_requirements(spec: dict | None) -> dict[str, str]:
+    """The device's pip requirements for the TVM runtime, pinned to this machine's versions."""
+    import tvm
+
+    if spec is None:
+        return {"apache-tvm": tvm.__version__}
+    return {dist: metadata.version(dist) for dist in PIP_DEPENDENCIES}
+
+
+def copy_runtime(spec: dict, dest: Path) -> int:
+    """Write the tvm package of `spec` into dest/tvm (dest = the bundle's runtime/ folder).
+    Returns the bytes written."""
+    import tvm
+
+    pkg = Path(tvm.__file__).resolve().parent
+    if tvm.__version__ != spec["version"]:
+        raise EdgeforgeError(f"the artifact was compiled with TVM {spec['version']} but this machine has "
+                             f"{tvm.__version__}: recompile it here")
+    out = Path(dest) / "tvm"
+    total = 0
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg)
+        if not _runtime_file(rel):
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out / rel)
+        total += path.stat().st_size
+    (out / "lib").mkdir(parents=True, exist_ok=True)
+    for name, data in _libraries(spec, pkg):
+        (out / "lib" / name).write_bytes(data)
+        total += len(data)
+    return total
+
+
+def _runtime_file(rel: Path) -> bool:
+    """Top-level modules, the KEEP_DIRS subpackages, and backend/'s own modules (its autoloader)
+    without the codegen subpackages under it."""
+    parts = rel.parts
+    return len(parts) == 1 or parts[0] in KEEP_DIRS or (parts[0] == "backend" and len(parts) == 2)
+
+
+def _libraries(spec: dict, pkg: Path):
+    names = [f"lib{lib}.so" for lib in spec["libs"]]
+    here = CPU_ARCHES.get(platform.machine().lower())
+    if spec["arch"] == here:
+        for name in names:
+            path = pkg / "lib" / name
+            if not path.is_file():
+                raise EdgeforgeError(f"{path}: missing from this machine's TVM (the bundle's device runtime needs it)")
+            yield name, path.read_bytes()
+        return
+    from ... import toolchains
+
+    wheel = toolchains.arch_wheel("apache-tvm", spec["version"], spec["arch"])
+    with zipfile.ZipFile(wheel) as zf:
+        members = set(zf.namelist())
+        for name in names:
+            member = f"tvm/lib/{name}"
+            if member not in members:
+                raise EdgeforgeError(f"{wheel}: has no {member} (the bundle's device runtime needs it)")
+            yield name, zf.read(member)

@@ -1,0 +1,124 @@
+"""What a bundle installs on its device, measured: every package pip brings for requirements.txt
+(the pinned ones and what they pull in), plus the runtime files the bundle carries itself.
+
+Installed bytes come from this machine's copy of the same version (its RECORD) when this machine has
+the device's CPU or the package is pure Python; else from the package's wheel for the device's CPU
+(the aarch64 ones are cached by scripts/setup-arm64.sh, others downloaded into that cache once when
+PyPI is reachable): download bytes = the wheel, installed bytes = its unpacked files. A package measured neither way is listed with
+null sizes and named in `unmeasured`, never counted as zero silently.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+CPU_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def dependency_closure(pinned: dict[str, str]) -> dict[str, str]:
+    """{name: version}: the pinned packages and everything they require (no extras), with the
+    versions installed here (what this machine tested with). A requirement not installed here keeps
+    the version it was given ('' when none)."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # packaging is everywhere pip is; without it list only the pinned packages
+        return {_norm(n): v for n, v in pinned.items()}
+    out: dict[str, str] = {}
+    todo = list(pinned.items())
+    while todo:
+        name, version = todo.pop()
+        key = _norm(name)
+        if key in out:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            out[key] = version
+            continue
+        out[key] = version if version and version[0] in "<>=!~" else dist.version
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append((req.name, ""))
+    return dict(sorted(out.items()))
+
+
+def _wheel_sizes(wheel: Path) -> tuple[int, int]:
+    with zipfile.ZipFile(wheel) as zf:
+        return wheel.stat().st_size, sum(i.file_size for i in zf.infolist())
+
+
+def _installed_size(name: str, version: str, pure_only: bool) -> int | None:
+    """Bytes of this machine's installed copy (RECORD), when it is that version; with `pure_only`
+    only for a pure-Python wheel (tag none-any), whose files are the same on every CPU."""
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return None
+    if dist.version != version or not dist.files:
+        return None
+    if pure_only and "-none-any" not in (dist.read_text("WHEEL") or "").replace("Tag: ", "-"):
+        return None
+    return sum(f.size or 0 for f in dist.files)
+
+
+def measure(pinned: dict[str, str], os_name: str, arch: str, bundled_bytes: int) -> dict | None:
+    """The manifest's `device_install` entry for a bundle whose device runs `os_name` on CPU `arch`
+    (None for devices other than Linux: their packages are not the manylinux wheels measured here)."""
+    if os_name != "linux":
+        return None
+    arch = CPU_NAMES.get(arch, arch)
+    local = CPU_NAMES.get(platform.machine().lower()) == arch
+    closure = dependency_closure(pinned)
+    wheels = {}
+    if not local and arch == "aarch64":
+        from .. import toolchains
+
+        wheels = toolchains.ensure_arch_wheels([(n, v) for n, v in closure.items() if v[:1].isdigit()], arch)
+    packages, unmeasured = {}, []
+    for name, version in closure.items():
+        entry = {"version": version, "download_bytes": None, "installed_bytes": None}
+        exact = version[:1].isdigit()
+        wheel = wheels.get(f"{name.replace('-', '_')}=={version}")
+        size = _installed_size(name, version, pure_only=not local) if exact and wheel is None else None
+        if wheel is not None:
+            entry["download_bytes"], entry["installed_bytes"] = _wheel_sizes(wheel)
+            entry["measured_from"] = f"{arch} wheel"
+        elif size is not None:
+            entry["installed_bytes"] = size
+            entry["measured_from"] = "installed here" if local else "installed here (pure Python, any CPU)"
+        else:
+            unmeasured.append(name)
+        packages[name] = entry
+    installed = sum(p["installed_bytes"] or 0 for p in packages.values())
+    downloads = [p["download_bytes"] for p in packages.values()]
+    return {
+        "arch": arch, "python": "cp311",
+        "packages": packages,
+        "bundled_runtime_bytes": bundled_bytes,
+        "installed_bytes": installed + bundled_bytes,
+        "download_bytes": None if None in downloads else sum(downloads),
+        "unmeasured": unmeasured,
+    }
+
+
+def summary(info: dict | None) -> str:
+    """One line for build output and the bundle README."""
+    if not info:
+        return "device install: not measured"
+    mb = 1e6
+    top = sorted(info["packages"].items(), key=lambda kv: -(kv[1]["installed_bytes"] or 0))[:3]
+    biggest = ", ".join(f"{n} {(p['installed_bytes'] or 0) / mb:.0f} MB" for n, p in top)
+    down = "" if info["download_bytes"] is None else f", {info['download_bytes'] / mb:.1f} MB to download"
+    bundled = f", {info['bundled_runtime_bytes'] / mb:.1f} MB of it carried in the bundle" if info["bundled_runtime_bytes"] else ""
+    missing = f"; not measured: {', '.join(info['unmeasured'])}" if info["unmeasured"] else ""
+    return (f"device install ({info['arch']}): {info['installed_bytes'] / mb:.1f} MB on disk{bundled}{down} "
+            f"(largest: {biggest}){missing}")

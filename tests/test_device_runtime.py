@@ -1,0 +1,100 @@
+"""TVM bundles carry a runtime-only TVM for their device's CPU (no ~300 MB compiler wheel on the
+device), the manifest states what the device installs, and the bundle's own TVM is what runs: on
+this machine, and for aarch64 under qemu in a root that has no TVM at all."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tvm")
+
+from tvm_support import elf_aarch64  # noqa: E402
+
+from edgeforge import toolchains  # noqa: E402
+
+MB = 1_000_000
+
+
+def _build(tiny_model, target: str, out: Path) -> Path:
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant", "q4f16",
+                           "--target", target, "--backend", "tvm", "-o", str(out), "--json"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (bundle,) = [p for p in out.iterdir() if (p / "manifest.json").is_file()]
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def x86_bundle(tiny_model, tmp_path_factory):
+    return _build(tiny_model, "x86-cpu", tmp_path_factory.mktemp("devrt") / "dist")
+
+
+def _check_layout(bundle: Path, arch_check) -> dict:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    tvm_dir = bundle / "runtime" / "tvm"
+    libs = sorted(p.name for p in (tvm_dir / "lib").iterdir())
+    assert libs == ["libtvm_runtime.so"], libs  # no compiler, no extras
+    assert arch_check((tvm_dir / "lib" / "libtvm_runtime.so").read_bytes())
+    assert not list(tvm_dir.glob("relax")) and not list(tvm_dir.glob("3rdparty"))
+    # every carried file is checksummed like the rest of the bundle
+    carried = [p.relative_to(bundle).as_posix() for p in tvm_dir.rglob("*") if p.is_file()]
+    assert carried and all(rel in manifest["files"] for rel in carried)
+    reqs = (bundle / "requirements.txt").read_text().split()
+    assert not any(r.startswith("apache-tvm==") for r in reqs), reqs
+    assert any(r.startswith("apache-tvm-ffi==") for r in reqs) and any(r.startswith("ml_dtypes==") for r in reqs)
+    info = manifest["device_install"]
+    size = sum(p.stat().st_size for p in tvm_dir.rglob("*") if p.is_file())
+    assert info["bundled_runtime_bytes"] == size and 1 * MB < size < 10 * MB, size
+    pkgs = info["packages"]
+    assert {"numpy", "tokenizers", "jinja2", "apache-tvm-ffi", "ml-dtypes"} <= set(pkgs)
+    assert not info["unmeasured"], info["unmeasured"]
+    assert info["installed_bytes"] == size + sum(p["installed_bytes"] for p in pkgs.values())
+    assert "Device install" in (bundle / "README.md").read_text()
+    return info
+
+
+def test_x86_bundle_carries_and_runs_its_own_runtime_only_tvm(x86_bundle):
+    info = _check_layout(x86_bundle, lambda b: b[:4] == b"\x7fELF" and b[18] == 62)  # EM_X86_64
+    assert info["arch"] == "x86_64"
+    # the bundle's smoke.py, run by this machine's Python (which has the full apache-tvm installed):
+    # the TVM that runs is the bundle's, without its compiler library
+    proc = subprocess.run([sys.executable, "smoke.py", "--json"], cwd=x86_bundle, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["status"] == "PASS"
+    assert result["runtime"]["tvm_from"] == "bundle" and result["runtime"]["compiler_loaded"] is False
+
+
+def test_a_modified_carried_tvm_file_never_runs(x86_bundle, tmp_path):
+    import shutil
+
+    bundle = Path(shutil.copytree(x86_bundle, tmp_path / "b"))
+    marker = tmp_path / "ran"
+    init = bundle / "runtime" / "tvm" / "__init__.py"
+    init.write_text(f"open({str(marker)!r}, 'w').write('x')\n" + init.read_text())
+    proc = subprocess.run([sys.executable, "smoke.py", "--json"], cwd=bundle, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "runtime/tvm/__init__.py" in proc.stdout + proc.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_rpi5_bundle_runs_its_aarch64_tvm_under_qemu(tiny_model, tmp_path):
+    """The emulated device has no TVM (scripts/setup-arm64.sh installs none): the PASS proves the
+    bundle's aarch64 runtime-only TVM, taken from the apache-tvm wheel of the compiler's version."""
+    root = toolchains.ensure_arm64()
+    assert not (root / toolchains.ARM64_SITE / "tvm").exists()
+    bundle = _build(tiny_model, "rpi5", tmp_path / "dist")
+    info = _check_layout(bundle, elf_aarch64)
+    assert info["arch"] == "aarch64" and info["download_bytes"] and info["download_bytes"] < info["installed_bytes"]
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "smoke", str(bundle), "--emulate", "--json"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["status"] == "PASS"
+    assert result["runtime"]["tvm_from"] == "bundle" and result["runtime"]["compiler_loaded"] is False
