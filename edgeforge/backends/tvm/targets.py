@@ -202,7 +202,6 @@ def _cuda_fatbin_compiler(arches: list[str]):
 
     TVM's default callback uses NVRTC and the current GPU's arch; on a build machine without a
     GPU that leaves nothing usable, so we replace the callback for the duration of the build."""
-    import tvm_ffi
     from tvm.support import nvcc
 
     if shutil.which("nvcc") is None:
@@ -219,21 +218,13 @@ def _cuda_fatbin_compiler(arches: list[str]):
     def compile_fatbin(code, *_target):
         return nvcc.compile_cuda(code, target_format="fatbin", arch=gencode, compiler="nvcc")
 
-    name = "tvm_callback_cuda_compile"
-    previous = tvm_ffi.get_global_func(name, allow_missing=True)
-    tvm_ffi.register_global_func(name, compile_fatbin, override=True)
-    try:
+    with _cuda_compile_callback(compile_fatbin):
         yield
-    finally:
-        if previous is not None:
-            tvm_ffi.register_global_func(name, previous, override=True)
 
 
 @contextlib.contextmanager
 def _cuda_nvrtc_compiler(arch: str, compiler):
     """Make TVM compile CUDA kernels with NVRTC (backends/tvm/nvrtc.py) into a cubin for `arch`."""
-    import tvm_ffi
-
     from .nvrtc import Nvrtc
 
     _load_cuda_codegen()
@@ -242,9 +233,18 @@ def _cuda_nvrtc_compiler(arch: str, compiler):
     def compile_cubin(code, *_target):
         return nvrtc.compile_cubin(code, arch)
 
+    with _cuda_compile_callback(compile_cubin):
+        yield
+
+
+@contextlib.contextmanager
+def _cuda_compile_callback(compile_fn):
+    """TVM calls `tvm_callback_cuda_compile` for the kernels' machine code: ours for the duration."""
+    import tvm_ffi
+
     name = "tvm_callback_cuda_compile"
     previous = tvm_ffi.get_global_func(name, allow_missing=True)
-    tvm_ffi.register_global_func(name, compile_cubin, override=True)
+    tvm_ffi.register_global_func(name, compile_fn, override=True)
     try:
         yield
     finally:
