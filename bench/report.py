@@ -9,7 +9,7 @@ from pathlib import Path
 
 def render(r: dict) -> str:
     parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _quality_plausible(), _memory(r), _gpu(),
-             _scaling(), _scaling_peers(), _commands(r), _notes(r)]
+             _schemes(), _scaling(), _scaling_peers(), _commands(r), _notes(r)]
     return "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -271,6 +271,39 @@ def _scaling():
             out.append(f"|  | | {r['note']} | | | |")
     out += ["", "Peak RSS is the largest of the build process and its children (the smoke tests), from "
             "/usr/bin/time; the ONNX bundle is written before the smoke tests, which run after all bundles."]
+    return "\n".join(out)
+
+
+def _schemes():
+    """Every edgeforge int4/int8 scheme's decode speed per byte and the KL-vs-speed chart, from
+    bench/results/schemes-speed.json (bench/run.py --schemes ...) and quality-plausible.json."""
+    path = GPU_RESULTS / "schemes-speed.json"
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    t = 2 if 2 in r["threads"] else max(r["threads"])
+    wbytes = {m["engine"]: m["weight_bytes"] for m in r.get("memory") or []}
+    rows = [row for row in r["speed"] if row["threads"] == t and row["family"] == "edgeforge" and row.get("tg_ts")]
+    out = ["## Schemes: decode speed per byte, and quality against speed", "",
+           f"One bench run over every scheme and the peers (`{r.get('command', 'python bench/run.py')}`; {t} threads, "
+           f"{r['reps']} interleaved rounds, medians; {(r.get('machine') or {}).get('cpu', '')}). A scheme should be "
+           "slower only because it is bigger: decode tok/s x weight bytes stays within 5% of q4f16's on the "
+           "same backend.", "",
+           "| backend | scheme | weights MiB | tg128 tok/s | tok/s x bytes vs q4f16 |", "|---|---|---:|---:|---:|"]
+    for backend in ("onnx", "tvm"):
+        base = next((row for row in rows if row["engine"] == f"edgeforge {backend} q4f16"), None)
+        for row in rows:
+            if not row["engine"].startswith(f"edgeforge {backend} "):
+                continue
+            b = wbytes.get(row["engine"])
+            rel = (row["tg_ts"] * b) / (base["tg_ts"] * wbytes[base["engine"]]) if base and b else None
+            out.append(f"| {backend} | {row['engine'].split(' ', 2)[2]} | {_mib(b)} | {_fmt(row['tg_ts'])} | "
+                       f"{_fmt(rel, 3)} |")
+    if (GPU_RESULTS / "kl-vs-speed.png").exists():
+        out += ["", "![mean KL against decode tok/s](bench/results/kl-vs-speed.png)", "",
+                "Mean KL on the plausible-float SmolLM2 (the quality section above; ORT GenAI is not on it: its "
+                "builder starts from an HF folder, not from those floats) against decode tok/s of this run; "
+                "`python bench/chart.py` draws it."]
     return "\n".join(out)
 
 

@@ -71,7 +71,7 @@ def test_plan_github_matrix(capsys):
     code, out, _ = cli(capsys, "plan", ROOT / "examples" / "smollm2.toml", "--matrix", "github")
     assert code == 0
     jobs = {j["target"]: j for j in json.loads(out)["include"]}
-    assert set(jobs) == {"x86-cpu", "rpi5", "cuda", "vulkan", "metal-macos"}
+    assert set(jobs) == {"x86-cpu", "rpi5", "cuda", "jetson-orin", "vulkan", "metal-macos"}
     assert jobs["rpi5"]["smoke"] == "emulate" and jobs["x86-cpu"]["backends"] == "tvm onnx"
 
 

@@ -88,3 +88,34 @@ def test_quality_can_be_skipped_with_a_reason(tiny_model, tmp_path):
     proc = _edf("build", tiny_model("llama32"), "--quant", "q4f16", "--target", "x86-cpu", "-o", tmp_path / "e",
                 "--no-quality", "  ")
     assert proc.returncode == 2 and "--no-quality" in proc.stderr and not (tmp_path / "e").exists()
+
+
+def test_a_malformed_quality_record_never_changes_the_verdict(built, tmp_path):
+    """A re-signed manifest whose quality summary is garbage: smoke still says PASS (exit 0) and
+    calls the line unreadable; inspect refuses a malformed quality.json by file and key."""
+    import shutil
+
+    from bundle_helpers import resign
+
+    bundle = Path(shutil.copytree(built["q4f16"], tmp_path / "b"))
+    resign(bundle, lambda m: m.update(quality={"kl": None, "ppl_ratio": "x", "predictions": [1]}))
+    proc = _edf("smoke", bundle)
+    assert proc.returncode == 0 and "quality at build: unreadable" in proc.stdout, proc.stderr[-1000:]
+    proc = subprocess.run([sys.executable, "smoke.py"], cwd=bundle, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "unreadable" in proc.stdout and "Traceback" not in proc.stderr
+    q = json.loads((bundle / "quality.json").read_text())
+    (bundle / "quality.json").write_text(json.dumps(dict(q, kl=None)))
+    resign(bundle)
+    proc = _edf("inspect", bundle)
+    assert proc.returncode == 2 and "quality.json" in proc.stderr and "'kl'" in proc.stderr
+    resign(bundle, lambda m: m.update(target="rpi5"))  # a string where a table belongs
+    (bundle / "quality.json").write_text(json.dumps(q))
+    resign(bundle)
+    proc = _edf("inspect", bundle)
+    assert proc.returncode == 2 and "manifest.json" in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_no_quality_does_not_swallow_the_next_option(tiny_model, tmp_path):
+    proc = _edf("build", tiny_model("llama32"), "--quant", "q4f16", "--target", "x86-cpu", "-o", tmp_path / "d",
+                "--no-quality", "--no-smoke")
+    assert proc.returncode == 2 and "--no-quality" in proc.stderr and not (tmp_path / "d").exists()

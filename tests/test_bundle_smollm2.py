@@ -1,5 +1,5 @@
 """The real SmolLM2-135M: ONE `edgeforge build examples/smollm2.toml` makes q4f16 bundles for
-x86-cpu (tvm, onnx), rpi5 (tvm, onnx), cuda (tvm), vulkan (onnx) and metal-macos (tvm); each is
+x86-cpu (tvm, onnx), rpi5 (tvm, onnx), cuda (tvm), jetson-orin (tvm), vulkan (onnx) and metal-macos (tvm); each is
 smoke-tested where this machine can run it (host, qemu, lavapipe) and the others must say
 "cannot run here" with exit 2. About 7 min to build on 2 cores, plus ~4 min per emulated smoke.
 
@@ -21,7 +21,7 @@ from bundle_helpers import cli
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {("x86-cpu", "tvm"), ("x86-cpu", "onnx"), ("rpi5", "tvm"), ("rpi5", "onnx"), ("cuda", "tvm"),
-            ("vulkan", "onnx"), ("metal-macos", "tvm")}
+            ("jetson-orin", "tvm"), ("vulkan", "onnx"), ("metal-macos", "tvm")}
 
 
 def name(target, backend):
@@ -82,6 +82,7 @@ def test_vulkan_smoke_passes_on_lavapipe(dist, capsys):
 
 
 @pytest.mark.parametrize("target,words", [("cuda", "cannot run here: no CUDA device"),
+                                          ("jetson-orin", "cannot run here: target 'jetson-orin' needs an aarch64 CPU with an NVIDIA GPU"),
                                           ("metal-macos", "cannot run here: target 'metal-macos' needs macOS")])
 def test_gpu_bundles_cannot_run_here(dist, capsys, target, words):
     from edgeforge.runtime.hostcheck import cuda_device_count

@@ -98,3 +98,52 @@ def test_rpi5_bundle_runs_its_aarch64_tvm_under_qemu(tiny_model, tmp_path):
     result = json.loads(proc.stdout)
     assert result["status"] == "PASS"
     assert result["runtime"]["tvm_from"] == "bundle" and result["runtime"]["compiler_loaded"] is False
+
+
+def test_the_runtime_follows_the_target_arch_not_the_triple_spelling(tiny_model, tmp_path):
+    """`arm64-linux-gnu` is LLVM's other spelling of aarch64: the bundle must still carry an aarch64
+    libtvm_runtime (it once carried this machine's x86-64 one); an arch with no runtime is refused."""
+    from edgeforge.targets import get_target
+
+    text = get_target("rpi5").path.read_text().replace('name = "rpi5"', 'name = "arm64x"')
+    (tmp_path / "arm64x.toml").write_text(text.replace('mtriple = "aarch64-linux-gnu"', 'mtriple = "arm64-linux-gnu"'))
+    bundle = _build(tiny_model, str(tmp_path / "arm64x.toml"), tmp_path / "dist")
+    assert elf_aarch64((bundle / "runtime" / "tvm" / "lib" / "libtvm_runtime.so").read_bytes())
+    (tmp_path / "rv.toml").write_text(text.replace('name = "rpi5"', 'name = "rv"').replace('arch = "aarch64"', 'arch = "riscv64"'))
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant", "q4f16",
+                           "--target", str(tmp_path / "rv.toml"), "--backend", "tvm", "-o", str(tmp_path / "rv"),
+                           "--no-quality", "t"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "riscv64" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_tvms_mixed_are_refused_by_name(x86_bundle):
+    """TVM_LIBRARY_PATH (or another 'tvm' distribution) can make the bundle's tvm package load another
+    libtvm_runtime: the smoke test must say so, never report a PASS of a mixed runtime."""
+    import tvm
+
+    other = Path(tvm.__file__).resolve().parent / "lib"
+    env = dict(__import__("os").environ, TVM_LIBRARY_PATH=str(other))
+    proc = subprocess.run([sys.executable, "smoke.py", "--json"], cwd=x86_bundle, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert "two TVM installations are mixed" in json.loads(proc.stdout)["error"]
+
+
+def test_an_empty_pythonpath_entry_does_not_import_from_the_bundle(x86_bundle, tmp_path):
+    """PYTHONPATH=: (an empty entry = the current folder) run inside the bundle: a planted pathlib.py
+    must not run before (or after) verification."""
+    import os
+    import shutil
+
+    bundle = Path(shutil.copytree(x86_bundle, tmp_path / "b"))
+    marker = tmp_path / "ran"
+    (bundle / "pathlib.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nraise SystemExit(9)\n")
+    env = dict(os.environ, PYTHONPATH=":")
+    # -S: a device's plain Python. Here, site's .pth of the editable edgeforge install imports pathlib
+    # while the interpreter starts, before smoke.py runs: nothing in a script can stop that (nor a
+    # sitecustomize.py), which is why the READMEs say `python -I smoke.py` for bundles from elsewhere.
+    proc = subprocess.run([sys.executable, "-S", "smoke.py"], cwd=bundle, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 2 and "pathlib.py" in proc.stderr, proc.stderr[-1000:]
+    assert not marker.exists()

@@ -10,11 +10,14 @@ null sizes and named in `unmeasured`, never counted as zero silently.
 
 from __future__ import annotations
 
+import logging
 import platform
 import re
 import zipfile
 from importlib import metadata
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 CPU_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
@@ -70,6 +73,28 @@ def _installed_size(name: str, version: str, pure_only: bool) -> int | None:
     return sum(f.size or 0 for f in dist.files)
 
 
+_DOWNLOAD_FAILED: set[str] = set()  # arches whose wheel download failed in this process: not retried
+
+
+def _device_wheels(specs: list[tuple[str, str]], arch: str) -> dict:
+    """Cached wheels for `specs`; the missing ones downloaded once (a failure is logged, remembered for
+    this process, and leaves those packages unmeasured)."""
+    from .. import toolchains
+
+    if arch in _DOWNLOAD_FAILED:
+        return toolchains.arch_wheels(arch)
+    missing = [s for s in specs if f"{s[0].replace('-', '_')}=={s[1]}" not in toolchains.arch_wheels(arch)]
+    if missing:
+        logger.info(f"device install: downloading {len(missing)} {arch} wheel(s) to measure them "
+                    f"({', '.join(n for n, _ in missing)})")
+    found = toolchains.ensure_arch_wheels(specs, arch)
+    if "error" in found:
+        _DOWNLOAD_FAILED.add(arch)
+        logger.warning(f"device install: could not download {arch} wheels ({found['error']}); "
+                       "those packages are listed as not measured")
+    return found
+
+
 def measure(pinned: dict[str, str], os_name: str, arch: str, bundled_bytes: int) -> dict | None:
     """The manifest's `device_install` entry for a bundle whose device runs `os_name` on CPU `arch`
     (None for devices other than Linux: their packages are not the manylinux wheels measured here)."""
@@ -80,9 +105,7 @@ def measure(pinned: dict[str, str], os_name: str, arch: str, bundled_bytes: int)
     closure = dependency_closure(pinned)
     wheels = {}
     if not local and arch == "aarch64":
-        from .. import toolchains
-
-        wheels = toolchains.ensure_arch_wheels([(n, v) for n, v in closure.items() if v[:1].isdigit()], arch)
+        wheels = _device_wheels([(n, v) for n, v in closure.items() if v[:1].isdigit()], arch)
     packages, unmeasured = {}, []
     for name, version in closure.items():
         entry = {"version": version, "download_bytes": None, "installed_bytes": None}
@@ -118,7 +141,8 @@ def summary(info: dict | None) -> str:
     top = sorted(info["packages"].items(), key=lambda kv: -(kv[1]["installed_bytes"] or 0))[:3]
     biggest = ", ".join(f"{n} {(p['installed_bytes'] or 0) / mb:.0f} MB" for n, p in top)
     down = "" if info["download_bytes"] is None else f", {info['download_bytes'] / mb:.1f} MB to download"
+    least = "at least " if info["unmeasured"] else ""
     bundled = f", {info['bundled_runtime_bytes'] / mb:.1f} MB of it carried in the bundle" if info["bundled_runtime_bytes"] else ""
     missing = f"; not measured: {', '.join(info['unmeasured'])}" if info["unmeasured"] else ""
-    return (f"device install ({info['arch']}): {info['installed_bytes'] / mb:.1f} MB on disk{bundled}{down} "
+    return (f"device install ({info['arch']}): {least}{info['installed_bytes'] / mb:.1f} MB on disk{bundled}{down} "
             f"(largest: {biggest}){missing}")

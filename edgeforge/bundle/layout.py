@@ -39,7 +39,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Nothing may come from the bundle before it is verified: take this folder off the import path, and
 # never read Python bytecode caches from the bundle (nor write any into it).
-sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != HERE]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]  # '' is the current folder
 sys.dont_write_bytecode = True
 sys.pycache_prefix = os.devnull  # caches are looked up under a path that holds none
 

@@ -27,13 +27,14 @@ TEMPLATE = """\
 ## Check it on the device
 
 ```
-pip install -r requirements.txt
-python smoke.py            # PASS/FAIL, max logit error, token agreement, tok/s, peak memory
-python smoke.py --json     # the same as one JSON object; exit 0 PASS, 1 FAIL, 2 unusable here
+pip install -r requirements.txt   # or --no-deps: it lists every package the runtime imports
+python -I smoke.py         # PASS/FAIL, max logit error, token agreement, tok/s, peak memory
+python -I smoke.py --json  # the same as one JSON object; exit 0 PASS, 1 FAIL, 2 unusable here
 ```
 
 `smoke.py` first checks every file against `manifest.json` (sha256 and size) and refuses a modified or
-incomplete bundle before any native code is loaded. It then runs the prompts of `golden.json` and
+incomplete bundle before any native code is loaded. `-I` keeps Python from reading PYTHON* variables and
+the current folder while it starts, before smoke.py can check anything. It then runs the prompts of `golden.json` and
 compares the logits with those of the numpy reference on the same quantized weights.
 
 ## Use it from Python

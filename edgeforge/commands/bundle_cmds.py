@@ -74,9 +74,11 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json, n
     if quality_tokens is not None:
         plan.quality_tokens = quality_tokens
     if no_quality is not None:
-        if not no_quality.strip():
-            raise click.BadParameter("give the reason for skipping it", param_hint="--no-quality")
-        plan.quality_skip = no_quality.strip()
+        reason = " ".join(no_quality.split())
+        if not reason or reason.startswith("-") or len(reason) > 200 or not reason.isprintable():
+            raise click.BadParameter(f"needs the reason for skipping it as its value (printable text, up to 200 "
+                                     f"characters, not an option), got {no_quality[:40]!r}", param_hint="--no-quality")
+        plan.quality_skip = reason
     if sign_key is not None:
         _check_signing_key(sign_key)
         plan.sign_key = sign_key

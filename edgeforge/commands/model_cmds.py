@@ -187,18 +187,28 @@ def inspect(model, as_json):
 
 def _inspect_bundle(bundle: Path, as_json: bool) -> None:
     """A bundle's manifest facts and quality.json, after verifying its checksums."""
-    from ..bundle.device_install import summary as install_summary
-    from ..quant.quality import summary as quality_summary
-    from ..runtime.files import read_json
+    from ..quant.quality import read as read_quality
     from ..runtime.manifest_check import verify_bundle
 
     manifest = verify_bundle(bundle)
-    quality = read_json(bundle / "quality.json") if (bundle / "quality.json").is_file() else None
+    quality = read_quality(bundle / "quality.json") if (bundle / "quality.json").is_file() else None
     if as_json:
         click.echo(json.dumps({"bundle": str(bundle), "manifest": manifest, "quality": quality}, indent=1))
         return
+    try:
+        lines = _bundle_lines(manifest, quality)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise EdgeforgeError(f"{bundle / 'manifest.json'}: malformed ({type(err).__name__}: {err})") from None
+    click.echo("\n".join(lines))
+
+
+def _bundle_lines(manifest: dict, quality: dict | None) -> list[str]:
+    from ..bundle.device_install import summary as install_summary
+    from ..quant.quality import summary as quality_summary
+    from ..runtime.smoke import printable
+
     m, t = manifest, manifest["target"]
-    click.echo("\n".join([
+    return [printable(line, 2000) for line in [
         f"bundle:       {m['name']} ({len(m['files'])} files, checksums ok)",
         f"model:        {m['model'].get('id') or '?'} ({m['model'].get('source_format') or '?'}), scheme {m['scheme']} "
         f"({m.get('model_dtype')})",
@@ -207,7 +217,7 @@ def _inspect_bundle(bundle: Path, as_json: bool) -> None:
         f"requires:     {', '.join(f'{k}={v}' for k, v in sorted(m.get('device_requirements', {}).items()))}",
         install_summary(m.get("device_install")),
         quality_summary(quality),
-    ]))
+    ]]
 
 
 # ---- generate ------------------------------------------------------------------------------------

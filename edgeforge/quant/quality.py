@@ -52,13 +52,40 @@ def skipped(reason: str) -> dict:
     return {"format": FORMAT, "version": 1, "skipped": reason}
 
 
+NUMBERS = ("kl", "ppl", "ppl_source", "ppl_ratio", "predictions", "tokens")
+
+
+def read(path: Path) -> dict:
+    """A bundle's quality.json, checked: the format, then a reason or every number (EdgeforgeError
+    naming the file and the key otherwise)."""
+    from ..errors import EdgeforgeError
+    from ..runtime.bundle_errors import BundleError
+    from ..runtime.files import read_json
+
+    try:
+        report = read_json(path, FORMAT, 1)
+    except BundleError as err:
+        raise EdgeforgeError(str(err)) from None
+    if "skipped" in report:
+        if not isinstance(report["skipped"], str):
+            raise EdgeforgeError(f"{path}: 'skipped' must be the reason (text)")
+        return report
+    for key in NUMBERS:
+        value = report.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+            raise EdgeforgeError(f"{path}: '{key}' must be a non-negative number, got {value!r}")
+    return report
+
+
 def summary(report: dict | None) -> str:
-    """One line for build output, smoke and inspect."""
+    """One line for build output and inspect (of a report made here or checked by read())."""
+    from ..runtime.smoke import printable
+
     if not report:
         return "quality: not recorded (bundle built before quality reports)"
     if "skipped" in report:
-        return f"quality: not measured ({report['skipped']})"
-    src = f", source {report['source_format']}" if report.get("source_format") else ""
+        return f"quality: not measured ({printable(report['skipped'])})"
+    src = f", source {printable(report['source_format'])}" if report.get("source_format") else ""
     return (f"quality: KL {report['kl']:.4g} nats/token, perplexity x{report['ppl_ratio']:.4f} "
             f"({report['ppl']:.3f} vs {report['ppl_source']:.3f}) over {report['predictions']} predictions "
-            f"of the built-in text ({report['scheme']}{src})")
+            f"of the built-in text ({printable(report.get('scheme', '?'))}{src})")

@@ -38,8 +38,11 @@ def check_can_run(manifest: dict) -> None:
         raise CannotRunHere(f"cannot run here: target '{name}' needs {_os_name(want_os)} on {want_arch}"
                             f"{' with Metal' if device == 'metal' else ''} ({here})")
     if want_arch != host_arch():
-        hint = " (on a build machine, `edgeforge smoke --emulate` runs it under qemu)" if want_arch == "aarch64" else ""
-        raise CannotRunHere(f"cannot run here: target '{name}' needs an {want_arch} CPU, {here}{hint}")
+        gpu = device.startswith("cuda")
+        hint = (" (on a build machine, `edgeforge smoke --emulate` runs it under qemu)"
+                if want_arch == "aarch64" and not gpu else "")
+        raise CannotRunHere(f"cannot run here: target '{name}' needs an {want_arch} CPU"
+                            f"{' with an NVIDIA GPU' if gpu else ''}, {here}{hint}")
     if device.startswith("cuda"):
         check_cuda(manifest.get("device_requirements", {}))
 

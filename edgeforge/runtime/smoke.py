@@ -124,15 +124,30 @@ def _runtime_info(engine, bundle: Path) -> dict:
     path = info.pop("tvm_path", None)
     if path is not None:
         info["tvm_from"] = "bundle" if Path(path).resolve().is_relative_to(bundle) else path
+    lib = info.get("tvm_library")
+    if lib and Path(lib).is_relative_to(bundle):
+        info["tvm_library"] = Path(lib).relative_to(bundle).as_posix()
     return info
 
 
-def describe_quality(q: dict) -> str:
-    """The build's quality report (manifest summary of quality.json), for the smoke output."""
-    if "skipped" in q:
-        return f"quality at build: not measured ({q['skipped']})"
-    return (f"quality at build: KL {q['kl']:.4g} nats/token, perplexity x{q['ppl_ratio']:.4f} against the source "
-            f"weights over {q['predictions']} predictions (quality.json)")
+def describe_quality(q) -> str:
+    """The build's quality report (manifest summary of quality.json), for the smoke output. Never
+    raises: the verdict of a smoke test does not depend on this line."""
+    if not isinstance(q, dict):
+        return "quality at build: unreadable in manifest.json"
+    if isinstance(q.get("skipped"), str):
+        return f"quality at build: not measured ({printable(q['skipped'])})"
+    kl, ratio, n = q.get("kl"), q.get("ppl_ratio"), q.get("predictions")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (kl, ratio, n)):
+        return "quality at build: unreadable in manifest.json"
+    return (f"quality at build: KL {kl:.4g} nats/token, perplexity x{ratio:.4f} against the source "
+            f"weights over {n} predictions (quality.json)")
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Bundle-supplied text for a terminal: no control characters (escapes), at most `limit` chars."""
+    clean = "".join(c if c.isprintable() else " " for c in str(text))
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
 def describe(result: dict) -> str:

@@ -80,19 +80,39 @@ def _load_cuda_runtime(tvm):
         raise BundleError(f"the TVM runtime has no CUDA support (libtvm_runtime_cuda): {err}") from None
 
 
+def _runtime_library(tvm) -> str:
+    lib = tvm.base._LOADED_LIBS.get("tvm_runtime")  # pylint: disable=protected-access
+    return str(Path(lib._name).resolve()) if lib is not None else "?"  # pylint: disable=protected-access
+
+
 class TvmEngine:
+    def _check_tvm(self, tvm) -> None:
+        """One TVM from build to device: the Python package's own libtvm_runtime (not one found through
+        TVM_LIBRARY_PATH or another 'tvm' distribution), of the version that compiled the module."""
+        package = Path(tvm.__file__).resolve().parent
+        library = Path(_runtime_library(tvm))
+        if package not in library.parents:
+            raise BundleError(f"TVM's Python package at {package} loaded libtvm_runtime from {library}: two TVM "
+                              "installations are mixed (unset TVM_LIBRARY_PATH, or remove the other 'tvm' package)")
+        built = (self.artifact.get("toolchain") or {}).get("apache-tvm")
+        if built and built != tvm.__version__:
+            raise BundleError(f"{self.artifact_dir / 'artifact.json'}: compiled with TVM {built}, but the TVM here "
+                              f"({package}) is {tvm.__version__}: run the bundle's own smoke.py (it carries its "
+                              "TVM runtime) or install that version")
+
     def __init__(self, artifact_dir, weights_dir, device: str | None = None, max_seq_len: int | None = None):
         self.artifact_dir = Path(artifact_dir)
         self.artifact = read_json(self.artifact_dir / "artifact.json")
         if self.artifact.get("backend") != "tvm":
             raise BundleError(f"{self.artifact_dir / 'artifact.json'}: backend is not tvm")
         tvm, self._ffi = import_tvm_runtime()
+        self._check_tvm(tvm)
         kind = device or self.artifact.get("device", "cpu")
         self.dev = self._device(tvm, kind)
         self.device = "cpu" if kind in ("cpu", "llvm") else _gpu_label(self.dev, kind)
         # which TVM ran: the bundle's own runtime-only copy (runtime/tvm/) or one installed here
         self.runtime_info = {"tvm": tvm.__version__, "tvm_path": str(Path(tvm.__file__).parent),
-                             "compiler_loaded": compiler_loaded()}
+                             "tvm_library": _runtime_library(tvm), "compiler_loaded": compiler_loaded()}
         module_path = self.artifact_dir / self.artifact.get("module", "model.so")
         if module_path.suffix != ".so":
             raise BundleError(f"{module_path}: a {module_path.suffix} export must be linked by the app; it cannot run here")

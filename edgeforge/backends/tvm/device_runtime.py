@@ -38,7 +38,10 @@ def runtime_spec(tt) -> dict | None:
 
     if tt.os != "linux" or tt.export_kind != "so":
         return None
-    arch = "aarch64" if tt.host.get("mtriple", "").startswith("aarch64") else "x86_64"
+    arch = CPU_ARCHES.get(tt.arch.lower())
+    if arch is None:
+        raise EdgeforgeError(f"target '{tt.name}': no runtime-only TVM for CPU arch {tt.arch!r} "
+                             f"(known: {sorted(set(CPU_ARCHES.values()))})")
     # libtvm_runtime_extra (disco, multi-GPU) is never loaded in runtime-only mode: not shipped
     libs = ["tvm_runtime"] + (["tvm_runtime_cuda"] if tt.is_cuda else [])
     return {"package": "tvm", "version": tvm.__version__, "arch": arch, "libs": libs}
@@ -73,9 +76,19 @@ def copy_runtime(spec: dict, dest: Path) -> int:
         total += path.stat().st_size
     (out / "lib").mkdir(parents=True, exist_ok=True)
     for name, data in _libraries(spec, pkg):
+        if _elf_machine(data) != ELF_MACHINES[spec["arch"]]:
+            raise EdgeforgeError(f"{name} for the device is not an {spec['arch']} library (ELF machine "
+                                 f"{_elf_machine(data)}): refusing to bundle it")
         (out / "lib" / name).write_bytes(data)
         total += len(data)
     return total
+
+
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
+
+
+def _elf_machine(data: bytes) -> int | None:
+    return int.from_bytes(data[18:20], "little") if data[:4] == b"\x7fELF" else None
 
 
 def _runtime_file(rel: Path) -> bool:

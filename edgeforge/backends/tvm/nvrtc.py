@@ -46,7 +46,8 @@ class Nvrtc:
     def __init__(self, library: Path, include_dirs: list[str]):
         try:
             self.lib = ctypes.CDLL(str(library))
-        except OSError as err:
+            self.lib.nvrtcCompileProgram  # noqa: B018 - a library without NVRTC's API is refused here
+        except (OSError, AttributeError) as err:
             raise EdgeforgeError(f"{library}: cannot load NVRTC ({err})") from None
         self.includes = list(include_dirs)
         self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
@@ -59,11 +60,14 @@ class Nvrtc:
     def _check(self, code: int, what: str, log: str = "") -> None:
         if code != 0:
             msg = self.lib.nvrtcGetErrorString(code).decode()
-            raise EdgeforgeError(f"NVRTC {what} failed: {msg}" + (f"\n{log.strip()[-2000:]}" if log.strip() else ""))
+            # the first errors are the cause; later ones usually follow from them
+            raise EdgeforgeError(f"NVRTC {what} failed: {msg}" + (f"\n{log.strip()[:3000]}" if log.strip() else ""))
 
     def compile_cubin(self, code: str, arch: str) -> bytes:
         """Machine code for `arch` (like "sm_87") of TVM's generated CUDA source."""
-        source = PREAMBLE + "\n".join(line for line in code.splitlines() if line.strip() != "#include <cuda.h>")
+        # `#line 1` makes NVRTC's messages count lines of TVM's source, not of our preamble
+        source = PREAMBLE + '#line 1 "tvm_kernels.cu"\n' + "\n".join(
+            line for line in code.splitlines() if line.strip() != "#include <cuda.h>")
         prog = ctypes.c_void_p()
         self._check(self.lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"tvm_kernels.cu", 0, None, None),
                     "nvrtcCreateProgram")
@@ -77,6 +81,8 @@ class Nvrtc:
             self._check(self.lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
             buf = ctypes.create_string_buffer(size.value)
             self._check(self.lib.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
+            if size.value == 0:  # a virtual arch (compute_XX) gives PTX, no cubin
+                raise EdgeforgeError(f"NVRTC made no machine code for {arch} (use a real arch like sm_87)")
             return buf.raw
         finally:
             self.lib.nvrtcDestroyProgram(ctypes.byref(prog))

@@ -45,6 +45,7 @@ class TvmTarget:
     export_kind: str = "so"
     cuda_graph: bool = True
     cuda_major: int = 13
+    arch: str = ""  # the device CPU of the target preset (x86_64, aarch64)
 
     # ---- what to build for -----------------------------------------------------------------------
     @property
@@ -65,6 +66,9 @@ class TvmTarget:
             # Generate code for the oldest arch; nvcc then emits real code for every arch listed
             # (the schedules do not depend on the arch once tensor-core rules are off).
             device.setdefault("arch", self.arches[0])
+            # every listed arch has 48 KiB of static shared memory per block; said here, dlight stops
+            # warning that it assumes so
+            device.setdefault("max_shared_memory_per_block", 49152)
         return Target(device, host=dict(self.host))
 
     def describe(self) -> str:
@@ -187,6 +191,7 @@ def tvm_target_for(target) -> TvmTarget:
         name=target.name, os=getattr(target, "os", "linux"), host=dict(host), device=device,
         arches=arches, cross_compiler=table.get("cross_compiler"), export_kind=export_kind,
         cuda_graph=cuda_graph, cuda_major=_cuda_major(table.get("cuda", 13), where),
+        arch=str(getattr(target, "arch", "") or ""),
     )
 
 
