@@ -169,15 +169,20 @@ class Progress:
         self.log.info("%s %d/%d %s (%.0f s)", self.label, self.count, self.total, self.unit,
                       time.perf_counter() - self.start)
 
-    def text(self, now: float | None = None) -> str:
-        """The bar line: label, bar, count/total, percent, elapsed, rate, detail."""
+    def text(self, now: float | None = None, width: int | None = None) -> str:
+        """The bar line: label, bar, count/total, percent, elapsed, rate, detail (cut from the left to fit
+        `width`: the end of a tensor name is the part that differs)."""
         elapsed = (now or time.perf_counter()) - self.start
         frac = min(1.0, self.count / self.total) if self.total else 1.0
         filled = int(round(frac * self.BAR_WIDTH))
         rate = self.count / elapsed if elapsed > 0 else 0.0
         line = (f"{self.label} [{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {self.count}/{self.total} {self.unit} "
                 f"{100 * frac:3.0f}% {_clock(elapsed)} {_rate(rate)} {self.unit}/s")
-        return f"{line}  {self.detail}" if self.detail else line
+        if not self.detail:
+            return line
+        room = (width - len(line) - 2) if width else len(self.detail)
+        detail = self.detail if len(self.detail) <= room else ("..." + self.detail[-(room - 3):] if room > 6 else "")
+        return f"{line}  {detail}" if detail else line
 
     def _draw(self, now: float | None = None) -> None:
         global _active
@@ -185,7 +190,7 @@ class Progress:
             self._outer, _active = _active, self
         self._last_draw = now or time.perf_counter()
         width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
-        line = self.text(self._last_draw)[:width]
+        line = self.text(self._last_draw, width)[:width]
         pad = " " * max(0, self._drawn_width - len(line))
         self.stream.write("\r" + line + pad)
         self.stream.flush()

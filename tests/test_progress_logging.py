@@ -146,6 +146,16 @@ def test_terminal_gets_one_updating_bar(info_logger, monkeypatch, caplog):
     assert not [r for r in caplog.records if r.getMessage().startswith("[work]")]  # no plain lines as well
 
 
+def test_a_long_detail_is_cut_from_the_left_to_fit_the_terminal(info_logger, monkeypatch):
+    """On a narrow terminal a tensor name must keep its distinguishing end, not `model.`."""
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    with P.progress(10, "[quantize]", unit="tensors", logger=info_logger, stream=FakeTTY()) as bar:
+        bar.advance(1, "model.layers.27.self_attn.q_proj.weight")
+        line = bar.text(width=100)
+    assert len(line) <= 100 and line.endswith("q_proj.weight") and "..." in line, line
+
+
 @pytest.mark.parametrize("env", [{"CI": "true"}, {"TERM": "dumb"}])
 def test_ci_or_dumb_terminal_gets_plain_lines(info_logger, monkeypatch, caplog, env):
     monkeypatch.delenv("CI", raising=False)
