@@ -65,6 +65,11 @@ def test_targets_and_doctor_json(capsys):
     checks = {r["name"]: r for r in json.loads(out)}
     assert code == 0 and {"nvcc", "qemu-aarch64", "arm64 root", "lavapipe", "CUDA GPU", "onnxruntime"} <= set(checks)
     assert checks["onnxruntime"]["ok"] and checks["nvcc"]["ok"] == bool(shutil.which("nvcc"))
+    # per CUDA version: what builds `cuda` (13) and `jetson-orin` (12), a system nvcc or the PyPI wheels
+    from edgeforge import toolchains
+
+    for major in (12, 13):
+        assert checks[f"CUDA {major} compiler"]["ok"] == (toolchains.cuda_toolchain(major) is not None)
 
 
 def test_plan_github_matrix(capsys):

@@ -58,6 +58,19 @@ def _toolchain(probe: str) -> tuple[bool, str]:
         return False, f"{type(err).__name__}: {err}"
 
 
+def _cuda_compiler(major: int) -> tuple[bool, str]:
+    """A system nvcc of that CUDA major, or the PyPI wheels in the cache (nothing is installed here)."""
+    from .. import toolchains
+
+    try:
+        found = toolchains.cuda_toolchain(major)
+    except Exception as err:  # noqa: BLE001 - any probe failure is a doctor line, not a crash
+        return False, f"{type(err).__name__}: {err}"
+    if found is None:
+        return False, f"no CUDA {major} compiler: edgeforge toolchains install {'cuda' if major == 13 else f'cuda{major}'}"
+    return True, f"{found.kind} {found.path}"
+
+
 def _gpu() -> tuple[bool, str]:
     count, why = cuda_device_count()
     return (True, f"{count} CUDA device(s)") if count else (False, why)
@@ -74,6 +87,8 @@ CHECKS = {
     "onnxruntime": lambda: _package("onnxruntime", "onnxruntime"),
     "paramiko (ssh)": lambda: _package("paramiko", "paramiko"),
     "nvcc": lambda: _tool("nvcc"),
+    "CUDA 13 compiler": lambda: _cuda_compiler(13),
+    "CUDA 12 compiler": lambda: _cuda_compiler(12),
     "aarch64 g++": lambda: _tool("aarch64-linux-gnu-g++"),
     "qemu-aarch64": lambda: _tool("qemu-aarch64-static"),
     "arm64 root": lambda: _toolchain("arm64 root"),
@@ -100,7 +115,7 @@ def _build_needs(target, backend: str) -> list[str]:
     if target.tvm.get("cross_compiler"):
         needs.append("aarch64 g++")
     if (target.tvm.get("device") or {}).get("kind") == "cuda":
-        needs.append("nvcc")
+        needs.append(f"CUDA {target.tvm.get('cuda', 13)} compiler")
     return needs
 
 
