@@ -131,12 +131,9 @@ def _arm64_root() -> Path:
 def _aarch64_tvm_runtime(dest: Path) -> Path:
     """The runtime-only aarch64 TVM a bundle carries (the arm64 root has none): dest/tvm, for PYTHONPATH."""
     pytest.importorskip("tvm")
-    import tvm
+    from tvm_support import copy_runtime
 
-    from edgeforge.backends.tvm.device_runtime import copy_runtime
-
-    copy_runtime({"package": "tvm", "version": tvm.__version__, "arch": "aarch64", "libs": ["tvm_runtime"]}, dest)
-    return dest
+    return copy_runtime(dest, tvm_arch="aarch64")
 
 
 def _run_qemu(args, extra_pythonpath=(), timeout=600):

@@ -83,7 +83,7 @@ def test_rpi5_q4f16_under_qemu_reproduces_reference_tokens(smol, tmp_path):
     ids = chat_ids(model, PROMPTS[0])
     n = 8  # ~10 s per emulated token: keep the CI time down
     expected = greedy(ref, ids, n)
-    rt = copy_runtime(tmp_path / "rt")
+    rt = copy_runtime(tmp_path / "rt", tvm_arch="aarch64")
     script = tmp_path / "run.py"
     script.write_text(
         "import json, os, sys, time\n"

@@ -49,12 +49,19 @@ def greedy(engine, ids, n: int) -> list[int]:
     return generate(engine, ids, n, Sampler(temperature=0.0)).tokens
 
 
-def copy_runtime(dest: Path) -> Path:
-    """edgeforge/runtime copied as the stand-alone package `edgeforge_runtime`, as bundles ship it."""
+def copy_runtime(dest: Path, tvm_arch: str | None = None) -> Path:
+    """edgeforge/runtime copied as the stand-alone package `edgeforge_runtime`, as bundles ship it;
+    with `tvm_arch` also the runtime-only TVM a bundle for that CPU carries (the arm64 root has none)."""
     import edgeforge.runtime
 
     pkg = Path(dest) / "edgeforge_runtime"
     shutil.copytree(Path(edgeforge.runtime.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    if tvm_arch:
+        import tvm
+
+        from edgeforge.backends.tvm.device_runtime import copy_runtime as copy_tvm
+
+        copy_tvm({"package": "tvm", "version": tvm.__version__, "arch": tvm_arch, "libs": ["tvm_runtime"]}, dest)
     return Path(dest)
 
 
