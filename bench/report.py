@@ -246,7 +246,9 @@ def _quality_plausible():
 
 def _scaling():
     """Builds of large models on this machine, from bench/results/scale-*.json (bench/scale.py build)."""
-    files = sorted(GPU_RESULTS.glob("scale-*.json"))
+    # smallest model first (by the bytes of its bundles)
+    files = sorted(GPU_RESULTS.glob("scale-*.json"),
+                   key=lambda f: sum((json.loads(f.read_text()).get("bundles") or {}).values()))
     if not files:
         return ""
     out = ["## Scaling: large models built on this machine", "",
@@ -265,12 +267,15 @@ def _scaling():
         timeline = ", ".join(f"{labels[k]} {t:.0f} s" for k, t in sorted(st.items(), key=lambda kv: kv[1]) if k in labels)
         sizes = ", ".join(f"{n.rsplit('-', 1)[-1]} {b / 2**30:.2f} GiB" for n, b in (r.get("bundles") or {}).items())
         smoke = ", ".join(f"{k.split('/')[-1]} {v}" for k, v in (r.get("smoke") or {}).items()) or "-"
-        out.append(f"| {r['model'].split(' ')[0].split('/')[-1]} | {r['seconds']:.0f} s | {timeline} | {smoke} | "
+        label = r["model"].split(" ")[0].split("/")[-1] + (" (onnx only)" if "--backend onnx" in r.get("command", "") else "")
+        out.append(f"| {label} | {r['seconds']:.0f} s | {timeline} | {smoke} | "
                    f"{r['peak_rss_gib']} GiB | {sizes or '-'} |")
         if r.get("note"):
             out.append(f"|  | | {r['note']} | | | |")
     out += ["", "Peak RSS is the largest of the build process and its children (the smoke tests), from "
-            "/usr/bin/time; the ONNX bundle is written before the smoke tests, which run after all bundles."]
+            "/usr/bin/time; the ONNX bundle is written before the smoke tests, which run after all bundles. "
+            "The SmolLM2, 1B, 3B and Llama-2-7B rows ran 2026-11-27 from commit b639bd6 on this 2-core machine "
+            "while tests ran beside them (their stage times are upper bounds); docs/notes/models-memory.md."]
     return "\n".join(out)
 
 
@@ -287,11 +292,11 @@ def _schemes():
     out = ["## Schemes: decode speed per byte, and quality against speed", "",
            f"One bench run over every scheme and the peers (`{r.get('command', 'python bench/run.py')}`; {t} threads, "
            f"{r['reps']} interleaved rounds, medians; {(r.get('machine') or {}).get('cpu', '')}). A scheme should be "
-           "slower only because it is bigger: decode tok/s x weight bytes stays within 5% of q4f16's on the "
-           "same backend.", "",
-           "| backend | scheme | weights MiB | tg128 tok/s | tok/s x bytes vs q4f16 |", "|---|---|---:|---:|---:|"]
+           "slower only because it is bigger: decode tok/s x weight bytes stays within 5% of q4f16_rtn's (the "
+           "q4f16 rule before calibration) on the same backend.", "",
+           "| backend | scheme | weights MiB | tg128 tok/s | tok/s x bytes vs q4f16_rtn |", "|---|---|---:|---:|---:|"]
     for backend in ("onnx", "tvm"):
-        base = next((row for row in rows if row["engine"] == f"edgeforge {backend} q4f16"), None)
+        base = next((row for row in rows if row["engine"] == f"edgeforge {backend} q4f16_rtn"), None)
         for row in rows:
             if not row["engine"].startswith(f"edgeforge {backend} "):
                 continue
