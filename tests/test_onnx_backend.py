@@ -153,6 +153,24 @@ def test_artifact_is_self_describing_and_checker_clean(built):
     assert (arts[4] / "model.onnx").stat().st_size < 200_000  # weights live in the data file
 
 
+def test_mixed_bits_fuse_what_shares_a_width(built):
+    """q4f16 keeps v_proj at 8 bits: q and k (4-bit) still share one MatMulNBits, v gets its own, and
+    their outputs are concatenated in q, k, v order; gate/up stay one node (the logits test above
+    checks the numbers)."""
+    _, _, arts = built("llama32", "q4f16")
+    graph = onnx.load(str(arts[4] / "model.onnx"), load_external_data=False)
+    nodes = {n.name: n for n in graph.graph.node}
+    layer = "model.layers.0"
+    qk, v = nodes[f"{layer}.self_attn.qkv_proj.0"], nodes[f"{layer}.self_attn.qkv_proj.1"]
+    attrs = {n.name: {a.name: a.i for a in n.attribute} for n in (qk, v)}
+    assert attrs[qk.name]["bits"] == 4 and attrs[v.name]["bits"] == 8
+    assert f"{layer}.self_attn.qkv_proj.2" not in nodes
+    concat = nodes[f"{layer}.self_attn.qkv_proj.concat"]
+    assert list(concat.input) == [qk.output[0], v.output[0]]
+    per_layer = [n for n in graph.graph.node if n.op_type == "MatMulNBits" and n.name.startswith(layer + ".")]
+    assert len(per_layer) == 5, [n.name for n in per_layer]  # q+k, v, o, gate+up, down
+
+
 def test_build_is_reproducible(built, tmp_path):
     _, _, arts = built("headdim", "q8f16")
     again = compile_onnx(arts[4].parent / "qdir", tmp_path / "art4", accuracy_level=4)

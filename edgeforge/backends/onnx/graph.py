@@ -124,11 +124,18 @@ class LlamaOnnxBuilder:
     def linear(self, x: str, weight_names: list[str], name: str) -> str:
         """x @ concat(weights).T; one MatMulNBits (or MatMul for f32/f16 weights) for all of them.
         Weights of different bit widths (a mixed scheme's 8-bit v_proj next to 4-bit q/k) cannot
-        share a MatMulNBits: each gets its own, and the outputs are concatenated."""
+        share a MatMulNBits: each run of neighbours with the same width gets one (q+k, then v), and
+        the outputs are concatenated in order."""
         if all(self._is_quant(n) for n in weight_names):
             quants = [self._quant(n) for n in weight_names]
-            if len({q.bits for q in quants}) > 1:
-                parts = [self._matmul_nbits(x, q, f"{name}.{i}") for i, q in enumerate(quants)]
+            runs: list[list] = []
+            for q in quants:
+                if runs and runs[-1][0].bits == q.bits:
+                    runs[-1].append(q)
+                else:
+                    runs.append([q])
+            if len(runs) > 1:
+                parts = [self._matmul_nbits(x, pack.concat_rows(run), f"{name}.{i}") for i, run in enumerate(runs)]
                 return self.g.op("Concat", parts, f"{name}.concat", axis=-1)
             return self._matmul_nbits(x, pack.concat_rows(quants), name)
         w = np.concatenate([self._dense(n) for n in weight_names], axis=0)
