@@ -33,7 +33,7 @@ def prompt_text(_ctx, param, value):
 
 @click.command()
 @click.argument("model")
-@click.option("--quant", default=None, help="Quantization scheme: q0f32 q0f16 q8f16 q4f16 q4f32 (a config file may set it).")
+@click.option("--quant", default=None, help="Quantization scheme: q4f16 q4f32 q4f16_m q4f16_rtn q4f32_rtn q8f16 q0f16 q0f32 (bits per weight: `edgeforge quantize --help`; a config file may set it).")
 @click.option("--target", "targets", multiple=True, help="Target preset (repeatable; see `edgeforge targets`). "
               "With a config file: build only these of its targets.")
 @click.option("--backend", type=click.Choice(["auto", "all", "tvm", "onnx"]), default="auto", show_default=True,
