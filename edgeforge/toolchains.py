@@ -116,23 +116,24 @@ def arch_wheels_dir(arch: str) -> Path:
     return toolchains_dir() / "wheels" / "arm64-cp311"
 
 
-def _dist_norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "_", name).lower()
+def wheel_key(dist: str, version: str) -> str:
+    """How arch_wheels() names a wheel: the normalized distribution name (as in wheel file names) and
+    the version, e.g. "ml_dtypes==0.6.0" for ml-dtypes 0.6.0."""
+    return f"{re.sub(r'[-_.]+', '_', dist).lower()}=={version}"
 
 
 def arch_wheels(arch: str) -> dict[str, Path]:
-    """{normalized distribution name: wheel} of the cached wheels for `arch` (newest file per name)."""
+    """{wheel_key: wheel} of the cached wheels for `arch` (newest file per name)."""
     folder = arch_wheels_dir(arch)
     found = {}
     for wheel in sorted(folder.glob("*.whl")) if folder.is_dir() else []:
-        name, version = wheel.name.split("-")[:2]
-        found[f"{_dist_norm(name)}=={version}"] = wheel
+        found[wheel_key(*wheel.name.split("-")[:2])] = wheel
     return found
 
 
 def arch_wheel(dist: str, version: str, arch: str) -> Path:
     """The wheel of dist==version for `arch`, from the cache, downloaded from PyPI once when absent."""
-    key = f"{_dist_norm(dist)}=={version}"
+    key = wheel_key(dist, version)
     found = ensure_arch_wheels([(dist, version)], arch)
     if key not in found:
         raise EdgeforgeError(f"no {arch} wheel of {dist}=={version} in {arch_wheels_dir(arch)} and downloading it "
@@ -141,13 +142,14 @@ def arch_wheel(dist: str, version: str, arch: str) -> Path:
 
 
 def ensure_arch_wheels(specs: list[tuple[str, str]], arch: str) -> dict:
-    """{normalized name==version: wheel} for `specs` (pairs of name, exact version) on `arch`: cached
-    ones, and the missing ones downloaded in one pip call (a failure, e.g. offline, leaves them out
-    and its last line under "error")."""
+    """{wheel_key: wheel} for `specs` (pairs of name, exact version) on `arch`: cached ones, and the
+    missing ones downloaded in one pip call (a failure, e.g. offline, leaves them out and its last
+    line under "error")."""
     have = arch_wheels(arch)
-    missing = [f"{d}=={v}" for d, v in specs if f"{_dist_norm(d)}=={v}" not in have]
+    missing = [f"{d}=={v}" for d, v in specs if wheel_key(d, v) not in have]
     error = None
     if missing:
+        logger.info(f"downloading {len(missing)} {arch} wheel(s) into the cache: {', '.join(missing)}")
         folder = arch_wheels_dir(arch)
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(folder),
@@ -160,7 +162,7 @@ def ensure_arch_wheels(specs: list[tuple[str, str]], arch: str) -> dict:
         if proc.returncode:
             error = (proc.stderr.strip().splitlines() or ["pip download failed"])[-1]
         have = arch_wheels(arch)
-    found = {k: have[k] for k in (f"{_dist_norm(d)}=={v}" for d, v in specs) if k in have}
+    found = {k: have[k] for k in (wheel_key(d, v) for d, v in specs) if k in have}
     if error:
         found["error"] = error
     return found
@@ -312,10 +314,9 @@ class CudaCompiler:
     includes: tuple  # header folders (nvrtc)
 
     def version(self) -> str:
-        if self.kind == "nvcc":
-            lines = (subprocess.run([str(self.path), "--version"], capture_output=True, text=True).stdout
-                     .strip().splitlines() or ["unavailable"])
-            return lines[-1]
+        if self.kind == "nvcc":  # its last line names the build: "Build cuda_13.0.r13.0/compiler..."
+            text = _first_line([str(self.path), "--version"])
+            return text.splitlines()[-1] if text else "unavailable"
         from .backends.tvm.nvrtc import Nvrtc
 
         major, minor = Nvrtc(self.path, list(self.includes)).version()

@@ -11,15 +11,14 @@ null sizes and named in `unmeasured`, never counted as zero silently.
 from __future__ import annotations
 
 import logging
-import platform
 import re
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from ..runtime.hostcheck import cpu_arch, host_arch
 
-CPU_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+logger = logging.getLogger(__name__)
 
 
 def _norm(name: str) -> str:
@@ -83,10 +82,6 @@ def _device_wheels(specs: list[tuple[str, str]], arch: str) -> dict:
 
     if arch in _DOWNLOAD_FAILED:
         return toolchains.arch_wheels(arch)
-    missing = [s for s in specs if f"{s[0].replace('-', '_')}=={s[1]}" not in toolchains.arch_wheels(arch)]
-    if missing:
-        logger.info(f"device install: downloading {len(missing)} {arch} wheel(s) to measure them "
-                    f"({', '.join(n for n, _ in missing)})")
     found = toolchains.ensure_arch_wheels(specs, arch)
     if "error" in found:
         _DOWNLOAD_FAILED.add(arch)
@@ -100,8 +95,10 @@ def measure(pinned: dict[str, str], os_name: str, arch: str, bundled_bytes: int)
     (None for devices other than Linux: their packages are not the manylinux wheels measured here)."""
     if os_name != "linux":
         return None
-    arch = CPU_NAMES.get(arch, arch)
-    local = CPU_NAMES.get(platform.machine().lower()) == arch
+    from ..toolchains import wheel_key
+
+    arch = cpu_arch(arch)
+    local = host_arch() == arch
     closure = dependency_closure(pinned)
     wheels = {}
     if not local and arch == "aarch64":
@@ -110,7 +107,7 @@ def measure(pinned: dict[str, str], os_name: str, arch: str, bundled_bytes: int)
     for name, version in closure.items():
         entry = {"version": version, "download_bytes": None, "installed_bytes": None}
         exact = version[:1].isdigit()
-        wheel = wheels.get(f"{name.replace('-', '_')}=={version}")
+        wheel = wheels.get(wheel_key(name, version))
         size = _installed_size(name, version, pure_only=not local) if exact and wheel is None else None
         if wheel is not None:
             entry["download_bytes"], entry["installed_bytes"] = _wheel_sizes(wheel)

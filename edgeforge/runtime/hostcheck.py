@@ -15,9 +15,14 @@ from .bundle_errors import CannotRunHere
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 
 
-def host_arch() -> str:
-    m = platform.machine().lower()
+def cpu_arch(name: str) -> str:
+    """A CPU architecture in edgeforge's spelling (x86_64, aarch64), from any common alias."""
+    m = name.lower()
     return _ARCH_ALIASES.get(m, m)
+
+
+def host_arch() -> str:
+    return cpu_arch(platform.machine())
 
 
 def host_os() -> str:

@@ -110,6 +110,7 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
     spec, quant = load_spec(qdir)
     tt = tvm_target_for(target)
     tt.check_toolchain()
+    runtime = device_runtime.runtime_spec(tt)  # before the long build: an unknown device CPU fails here
     logger.info(f"tvm: building {quant.get('scheme', '?')} for {target.name} ({tt.describe()}) ...")
     start = time.time()
     ex, params = build(spec, tt)
@@ -122,8 +123,8 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
         "files": sorted(files + [PARAMS_FILE]), "module": files[0], "device": tt.device_name,
         "model_dtype": spec.model_dtype, "scheme": quant.get("scheme"), "needs_weights": True,
         # runtime-only TVM for the device's arch goes into the bundle (device_runtime.py)
-        "bundled_runtime": device_runtime.runtime_spec(tt),
-        "runtime": device_runtime.pip_requirements(device_runtime.runtime_spec(tt)),
+        "bundled_runtime": runtime,
+        "runtime": device_runtime.pip_requirements(runtime),
         "toolchain": dict({"apache-tvm": tvm.__version__}, **tt.toolchain_versions()),
         "device_requirements": tt.device_requirements(),
         "cuda_graph": pass_config(tt)["relax.backend.use_cuda_graph"],

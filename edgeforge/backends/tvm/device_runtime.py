@@ -15,13 +15,13 @@ build links TVM's runtime itself.
 
 from __future__ import annotations
 
-import platform
 import shutil
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
 from ...errors import EdgeforgeError
+from ...runtime.hostcheck import cpu_arch, host_arch
 
 # What `import tvm` needs besides its own package (apache-tvm's Requires-Dist, less numpy which the
 # bundle runtime lists anyway).
@@ -29,7 +29,8 @@ PIP_DEPENDENCIES = ("apache-tvm-ffi", "ml_dtypes", "typing_extensions")
 # The subpackages `import tvm` loads in runtime-only mode (traced: 105 modules, 0.8 MB). The rest
 # (relax, s_tir, topi, backend codegens, contrib, ~7 MB of Python, and headers) is compiler-only.
 KEEP_DIRS = {"ir", "tirx", "runtime", "target", "support", "rpc", "sym", "te", "driver", "script"}
-CPU_ARCHES = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "amd64": "x86_64"}
+# The CPUs a runtime-only TVM is bundled for, with the ELF machine its libraries must have.
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 
 
 def runtime_spec(tt) -> dict | None:
@@ -38,10 +39,10 @@ def runtime_spec(tt) -> dict | None:
 
     if tt.os != "linux" or tt.export_kind != "so":
         return None
-    arch = CPU_ARCHES.get(tt.arch.lower())
-    if arch is None:
+    arch = cpu_arch(tt.arch)
+    if arch not in ELF_MACHINES:
         raise EdgeforgeError(f"target '{tt.name}': no runtime-only TVM for CPU arch {tt.arch!r} "
-                             f"(known: {sorted(set(CPU_ARCHES.values()))})")
+                             f"(known: {sorted(ELF_MACHINES)})")
     # libtvm_runtime_extra (disco, multi-GPU) is never loaded in runtime-only mode: not shipped
     libs = ["tvm_runtime"] + (["tvm_runtime_cuda"] if tt.is_cuda else [])
     return {"package": "tvm", "version": tvm.__version__, "arch": arch, "libs": libs}
@@ -84,9 +85,6 @@ def copy_runtime(spec: dict, dest: Path) -> int:
     return total
 
 
-ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
-
-
 def _elf_machine(data: bytes) -> int | None:
     return int.from_bytes(data[18:20], "little") if data[:4] == b"\x7fELF" else None
 
@@ -100,8 +98,7 @@ def _runtime_file(rel: Path) -> bool:
 
 def _libraries(spec: dict, pkg: Path):
     names = [f"lib{lib}.so" for lib in spec["libs"]]
-    here = CPU_ARCHES.get(platform.machine().lower())
-    if spec["arch"] == here:
+    if spec["arch"] == host_arch():
         for name in names:
             path = pkg / "lib" / name
             if not path.is_file():
