@@ -499,23 +499,23 @@ def profile_decode(engine, steps: int = 32) -> dict:
     logits = engine.prefill([1])
     for _ in range(8):  # warm: the first decode captures the CUDA graphs
         logits = engine.decode(int(np.argmax(logits)))
-    tvm, kv, fns, dev = engine._tvm, engine.kv, engine._cache_fns, engine.dev  # noqa: SLF001
+    kv, fns = engine.kv, engine._cache_fns  # noqa: SLF001
     phases = {"input": 0.0, "begin_forward": 0.0, "module_enqueue": 0.0, "gpu_wait": 0.0, "end_forward": 0.0,
               "logits_to_host": 0.0}
     tok = int(np.argmax(logits))
     for _ in range(steps):
         t0 = time.perf_counter()
-        arr = tvm.runtime.tensor(np.asarray([[tok]], dtype="int32"), dev)
+        arr = engine.ids_tensor([tok])
         t1 = time.perf_counter()
         fns["begin_forward"](kv, engine._shape(0), engine._shape(1))  # noqa: SLF001
         t2 = time.perf_counter()
         out = engine._decode(arr, kv, engine.params)  # noqa: SLF001
         t3 = time.perf_counter()
-        dev.sync()
+        engine.sync()
         t4 = time.perf_counter()
         fns["end_forward"](kv)
         t5 = time.perf_counter()
-        logits = (out[0] if not hasattr(out, "numpy") else out).numpy().reshape(-1)
+        logits = np.frombuffer(engine.to_host(out[0]), np.float32)
         t6 = time.perf_counter()
         engine.length += 1
         tok = int(np.argmax(logits))

@@ -21,7 +21,7 @@ from edgeforge.runtime.onnx_engine import OnnxEngine  # noqa: E402
 # (shape, scheme): every tiny shape at q4f32 and q8f16, the other schemes on the GQA+tied shape.
 CASES = [("llama2", "q4f32"), ("llama32", "q4f32"), ("headdim", "q4f32"),
          ("llama2", "q8f16"), ("llama32", "q8f16"), ("headdim", "q8f16"),
-         ("llama32", "q4f16"), ("llama32", "q0f32"), ("headdim", "q0f16")]
+         ("llama32", "q4f16"), ("llama32", "q4f16_rtn"), ("llama32", "q0f32"), ("headdim", "q0f16")]
 GREEDY_TOKENS = 32
 
 
@@ -145,11 +145,40 @@ def test_artifact_is_self_describing_and_checker_clean(built):
     onnx.checker.check_model(str(arts[4] / "model.onnx"))
     graph = onnx.load(str(arts[4] / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in graph.graph.node}
-    assert {"MatMulNBits", "GroupQueryAttention", "GatherBlockQuantized", "SkipSimplifiedLayerNormalization"} <= ops
+    assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
     assert graph.ir_version == 10 and {o.domain: o.version for o in graph.opset_import}[""] == 21
-    # Tied embeddings: the head reads the embedding's blob (one copy of the biggest tensor).
+    # The engine looks the embedding rows up itself: no gather in the graph, inputs_embeds in.
+    assert not ops & {"Gather", "GatherBlockQuantized"}
+    assert graph.graph.input[0].name == "inputs_embeds" == art["onnx"]["input"]
+    # Tied embeddings: the head reads the very bytes the engine's rows come from (one copy).
     head = next(n for n in graph.graph.node if n.name == "lm_head")
-    assert head.input[1] == "model.embed_tokens.qweight"
+    assert list(head.input[1:3]) == ["model.embed_tokens.qweight.0", "model.embed_tokens.scales.0"]
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in graph.graph.initializer}
+    emb = art["onnx"]["embedding"]
+    assert emb["kind"] == "quantized" and emb["bits"] == 8  # q4f32 keeps the embedding at 8 bits
+    for role, init in (("blob", head.input[1]), ("scales", head.input[2])):
+        assert (str(emb[role]["offset"]), str(emb[role]["length"])) == (where[init]["offset"], where[init]["length"])
+
+
+@pytest.mark.parametrize("shape", ["llama32", "llama2"])  # tied (chunks = the engine's table) and untied
+def test_a_head_split_in_chunks_gives_the_same_logits(built, shape, tmp_path, monkeypatch):
+    """Big heads become several MatMulNBits over row ranges (bounding ONNX Runtime's prepacking
+    peak); forced here on a tiny model with small pages: same logits, and a tied table still one
+    contiguous range that the engine reads its rows from."""
+    from edgeforge.backends.onnx import graph as onnx_graph
+
+    _, ref, arts = built(shape, "q4f32")
+    monkeypatch.setattr(onnx_graph, "PAGE", 256)
+    monkeypatch.setattr(onnx_graph, "HEAD_CHUNK_BYTES", 4096)
+    art = compile_onnx(arts[0].parent / "qdir", tmp_path / "chunked", accuracy_level=0)
+    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    heads = [n for n in model.graph.node if n.name.startswith("lm_head.")]
+    assert len(heads) > 3 and all(n.op_type == "MatMulNBits" for n in heads)
+    assert sum(int(next(a.i for a in n.attribute if a.name == "N")) for n in heads) == ref.config.vocab_size
+    a, b = OnnxEngine(arts[0]), OnnxEngine(art)
+    ids = [1, 5, 9, 200, 3]
+    np.testing.assert_array_equal(a.prefill(ids), b.prefill(ids))
+    np.testing.assert_array_equal(a.decode(7), b.decode(7))
     assert (arts[4] / "model.onnx").stat().st_size < 200_000  # weights live in the data file
 
 

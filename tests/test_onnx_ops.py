@@ -1,8 +1,11 @@
 """The layouts the ONNX builder relies on, checked against ONNX Runtime itself: our q4/q8 arrays fed
 as is to MatMulNBits and GatherBlockQuantized (default zero points 8 and 128) give exactly the
-numpy dequantization of quant/formats.py."""
+numpy dequantization of quant/formats.py; and the engine's own embedding lookup
+(runtime/embedding.py, which replaced GatherBlockQuantized in the graph) equal to that op."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from edgeforge.backends.onnx import pack  # noqa: E402
 from edgeforge.errors import EdgeforgeError  # noqa: E402
 from edgeforge.quant.formats import get_format  # noqa: E402
+from edgeforge.runtime.bundle_errors import BundleError  # noqa: E402
+from edgeforge.runtime.embedding import EmbeddingTable  # noqa: E402
 
 
 def run_ops(q: pack.QuantLinear, x: np.ndarray, ids: np.ndarray, dtype):
@@ -71,3 +76,68 @@ def test_bad_arrays_name_the_tensor():
         pack.quant_linear("m.weight", entry, {**arrays, "scales": arrays["scales"][:, :1]}, np.float32)
     with pytest.raises(EdgeforgeError, match="m.weight.*multiple of 32"):
         pack.quant_linear("m.weight", {**entry, "shape": [8, 60]}, arrays, np.float32)
+
+
+def _write_table(tmp_path, q: pack.QuantLinear, pad: int = 100) -> dict:
+    """blob and float32 scales into one data file at unaligned offsets, as artifact.json describes them."""
+    blob, scales = np.ascontiguousarray(q.blob), np.ascontiguousarray(q.scales.astype(np.float32))
+    with open(tmp_path / "model.onnx.data", "wb") as f:
+        f.write(b"\1" * pad)
+        f.write(blob.tobytes())
+        f.write(scales.tobytes())
+    entry = lambda off, a: {"file": "model.onnx.data", "offset": off, "length": a.nbytes,  # noqa: E731
+                            "dtype": a.dtype.name, "shape": list(a.shape)}
+    return {"kind": "quantized", "bits": q.bits, "block_size": 32,
+            "blob": entry(pad, blob), "scales": entry(pad + blob.nbytes, scales)}
+
+
+@pytest.mark.parametrize("fmt_name,scale_dtype", [("q4", "float32"), ("q4", "float16"), ("q8", "float16"), ("q8", "float32")])
+def test_engine_embedding_rows_equal_gather_block_quantized(tmp_path, fmt_name, scale_dtype):
+    rng = np.random.default_rng(2)
+    n, k = 40, 96
+    w = rng.standard_normal((n, k)).astype(np.float32) * 3
+    w[5, :32] = 0.0
+    fmt = get_format(fmt_name, scale_dtype)
+    arrays = fmt.quantize(w, "model.embed_tokens.weight")
+    q = pack.quant_linear("e", {"format": fmt_name, "shape": [n, k], "scale_dtype": scale_dtype}, arrays, np.float32)
+    table = EmbeddingTable(tmp_path, _write_table(tmp_path, q), n, k)
+    ids = np.array([[0, 5, n - 1, 5, 17]], dtype=np.int64)
+    _, e = run_ops(q, rng.standard_normal((1, 1, k)).astype(np.float32), ids, np.float32)
+    np.testing.assert_array_equal(table.rows(ids[0]), e[0])  # bit for bit, ONNX Runtime's own op
+    np.testing.assert_array_equal(table.rows(ids[0]), fmt.dequantize(arrays)[ids[0]])
+    with pytest.raises(BundleError, match="token id 40 is outside"):
+        table.rows([1, 40])
+
+
+def test_engine_embedding_refuses_entries_outside_the_file(tmp_path):
+    q = pack.quant_linear("e", {"format": "q8", "shape": [8, 64]}, get_format("q8", "float32").quantize(
+        np.ones((8, 64), np.float32), "e"), np.float32)
+    spec = _write_table(tmp_path, q)
+    for bad, match in ((dict(spec, scales=dict(spec["scales"], offset=10**9)), "not inside the file"),
+                       (dict(spec, blob=dict(spec["blob"], file="../x.data")), "must be a file name"),
+                       (dict(spec, blob=dict(spec["blob"], dtype="float32")), "dtype"),
+                       (dict(spec, bits=3), "bits 3"),
+                       ({"kind": "quantized"}, "malformed")):
+        with pytest.raises(BundleError, match=match):
+            EmbeddingTable(tmp_path, bad, 8, 64)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only (/proc/self/smaps)")
+def test_release_loaded_pages_drops_clean_pages_and_never_written_ones(tmp_path):
+    """The engine hands back ONNX Runtime's resident copies of the data file after loading: a clean
+    mapping loses its resident pages (and reads back the file's bytes), a mapping with a written
+    (copy-on-write) page is left alone, so no write is ever discarded."""
+    import mmap
+
+    from edgeforge.runtime.onnx_engine import release_loaded_pages
+
+    path = tmp_path / "model.onnx.data"
+    path.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    with open(path, "r+b") as f:
+        clean = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        dirty = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    assert sum(clean[i + 1] for i in range(0, len(clean), 4096)) and dirty[1] == 1  # both resident now
+    dirty[0] = 7  # copy-on-write: this page exists only in memory
+    released = release_loaded_pages([path])
+    assert released == len(clean)  # only the clean mapping
+    assert dirty[0] == 7 and clean[:256] == bytes(range(256)) and clean[-1] == 255

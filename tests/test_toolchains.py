@@ -145,8 +145,10 @@ def _run_qemu(args, extra_pythonpath=(), timeout=600):
 
 ARM64_STACK_CHECK = r"""
 import json, platform, sys
-import numpy as np, jinja2, onnxruntime as ort, tokenizers, tvm
-from tvm.runtime.vm import VirtualMachine  # noqa: F401  (runtime-only TVM still has the VM)
+import numpy as np, jinja2, onnxruntime as ort, tokenizers
+from edgeforge_runtime.tvm_engine import compiler_loaded, import_tvm_runtime
+ffi, info = import_tvm_runtime()  # the carried libtvm_runtime, as TVM bundles load it
+assert ffi.get_global_func("runtime.TVMTensorAllocWithScope") is not None
 work = sys.argv[1]
 sess = ort.InferenceSession(work + "/model.onnx", providers=["CPUExecutionProvider"])
 x = np.load(work + "/x.npy")
@@ -154,7 +156,7 @@ np.save(work + "/y_arm64.npy", sess.run(None, {"x": x})[0])
 tok = tokenizers.Tokenizer.from_file(work + "/tokenizer.json")
 print(json.dumps({
     "machine": platform.machine(),
-    "tvm_runtime_only": bool(tvm.base._RUNTIME_ONLY),
+    "tvm_runtime_only": not compiler_loaded() and "/rt/tvm/lib/" in info["tvm_library"],
     "providers": sess.get_providers(),
     "ids": tok.encode("hello tiny world").ids,
     "template": jinja2.Template("{{ a }}+{{ b }}").render(a=1, b=2),
@@ -205,12 +207,14 @@ def test_arm64_python_runs_numpy_onnxruntime_tokenizers_and_tvm_runtime(tmp_path
 
 
 TVM_RUN = r"""
-import sys, numpy as np, tvm
-from tvm.runtime.vm import VirtualMachine
+import sys, numpy as np
+from edgeforge_runtime.tvm_engine import POOLED_ALLOCATOR, import_tvm_runtime
+ffi, _ = import_tvm_runtime()  # libtvm_runtime + tvm_ffi, the way TVM bundles run (no tvm package)
 work = sys.argv[1]
-vm = VirtualMachine(tvm.runtime.load_module(work + "/affine.so"), tvm.cpu())
-out = vm["main"](tvm.runtime.tensor(np.load(work + "/x.npy")), tvm.runtime.tensor(np.load(work + "/w.npy")))
-np.save(work + "/y_arm64.npy", out.numpy())
+vm = ffi.load_module(work + "/affine.so")["vm_load_executable"]()
+vm["vm_initialization"](1, 0, POOLED_ALLOCATOR)  # kDLCPU 0
+out = vm["main"](ffi.from_dlpack(np.load(work + "/x.npy")), ffi.from_dlpack(np.load(work + "/w.npy")))
+np.save(work + "/y_arm64.npy", np.from_dlpack(out))
 """
 
 

@@ -120,9 +120,14 @@ def pinned(dist: str) -> str:
 
 
 def requirements(artifact: dict) -> dict[str, str]:
-    """Pinned device requirements: the base libraries as installed here plus the backend runtime."""
+    """Pinned device requirements: the base libraries as installed here plus the backend runtime.
+    A TVM bundle that carries its runtime needs no numpy (runtime/tvm_engine.py reads weights and
+    logits without it): numpy is ~56 MB installed, more than all the rest of its device install."""
     reqs = {}
+    numpy_free = bool(artifact.get("bundled_runtime")) and artifact.get("backend") == "tvm"
     for dist in BASE_REQUIREMENTS:
+        if numpy_free and dist == "numpy":
+            continue
         spec = pinned(dist)
         reqs[dist] = spec.split("==")[1] if "==" in spec else ""
     reqs.update(artifact.get("runtime") or {})

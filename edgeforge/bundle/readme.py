@@ -43,8 +43,8 @@ compares the logits with those of the numpy reference on the same quantized weig
 import sys; sys.path.insert(0, "runtime")
 from edgeforge_runtime.loader import open_engine
 engine = open_engine("artifact"{weights_arg})
-logits = engine.prefill([1, 2, 3])   # float32 [vocab] for the last prompt position
-logits = engine.decode(int(logits.argmax()))
+logits = engine.prefill([1, 2, 3])   # float32 [vocab] for the last prompt position (numpy, or array('f') without numpy)
+logits = engine.decode(max(range(len(logits)), key=logits.__getitem__))   # greedy
 ```
 
 ## Files
@@ -55,8 +55,8 @@ logits = engine.decode(int(logits.argmax()))
 | golden.json | prompts, expected greedy tokens and logits summary, tolerances |
 | artifact/ | the compiled model (artifact.json describes it) |
 {weights_row}| tokenizer/ | tokenizer.json and tokenizer_config.json (chat template) |
-| runtime/edgeforge_runtime/ | edgeforge's device runtime (numpy, tokenizers, jinja2 + the backend runtime only) |
-| runtime/tvm/ | TVM bundles for Linux: TVM's runtime library and the Python that loads it (no compiler) |
+| runtime/edgeforge_runtime/ | edgeforge's device runtime (tokenizers, jinja2 + the backend runtime; numpy for ONNX bundles) |
+| runtime/tvm/ | TVM bundles for Linux: TVM's runtime library and its _version.py (no compiler, no Python package: the engine uses tvm_ffi) |
 | smoke.py | the smoke test above |
 """
 

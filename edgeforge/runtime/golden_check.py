@@ -4,41 +4,59 @@ The engine is fed the golden tokens (not its own picks), so every step is compar
 near-tie flips one token. A step passes when the golden top-k logits match within the tolerance
 (rel x the golden logit range at that step) and the engine's argmax is the golden token or a
 near-tie of it (its golden logit within the tolerance of the golden token's).
+
+The checks are plain Python over the logits (numpy arrays or array('f') alike): a TVM bundle runs
+on its device without numpy. Only step_summary, which builds golden.json on the compiler side,
+uses numpy.
 """
 
 from __future__ import annotations
 
+import math
 import time
-
-import numpy as np
+from array import array
 
 GOLDEN_FORMAT = "edgeforge-golden"
 
 
-def step_summary(logits: np.ndarray, top_k: int) -> dict:
+def step_summary(logits, top_k: int) -> dict:
     """What golden.json keeps of one step's logits: the top-k ids and values, and the range."""
+    import numpy as np  # noqa: PLC0415 - compiler side only
+
     logits = np.asarray(logits, dtype=np.float32)
     top = np.argsort(-logits, kind="stable")[:top_k]
     return {"top_ids": [int(i) for i in top], "top_logits": [float(logits[i]) for i in top],
             "max": float(logits.max()), "min": float(logits.min())}
 
 
-def compare_step(logits: np.ndarray, golden_step: dict, expected_token: int, rel_tol: float) -> dict:
-    logits = np.asarray(logits, dtype=np.float32)
-    ids = np.asarray(golden_step["top_ids"])
-    want = np.asarray(golden_step["top_logits"], dtype=np.float32)
+def _floats(logits) -> array:
+    """The logits as array('f') (float32 values, no numpy needed): a copy of the raw bytes when they
+    are float32 already (numpy float32, array('f')), else element by element."""
+    try:
+        view = memoryview(logits)
+        if view.format == "f" and view.c_contiguous:
+            out = array("f")
+            out.frombytes(view.cast("B"))
+            return out
+    except TypeError:
+        pass
+    return array("f", [float(x) for x in logits])
+
+
+def compare_step(logits, golden_step: dict, expected_token: int, rel_tol: float) -> dict:
+    logits = _floats(logits)
+    ids, want = golden_step["top_ids"], [float(x) for x in array("f", golden_step["top_logits"])]
     tol = rel_tol * (golden_step["max"] - golden_step["min"])
-    finite = bool(np.isfinite(logits).all())
-    err = float(np.max(np.abs(logits[ids] - want))) if finite else float("inf")
-    pick = int(np.argmax(logits)) if finite else -1
+    finite = math.isfinite(sum(logits))  # an inf or nan anywhere makes the sum inf or nan
+    err = max(abs(logits[i] - w) for i, w in zip(ids, want)) if finite else float("inf")
+    pick = logits.index(max(logits)) if finite else -1  # the first maximum, like numpy's argmax
     agree = pick == expected_token
     near_tie = False
-    if not agree and pick in golden_step["top_ids"]:
-        gap = want[golden_step["top_ids"].index(expected_token)] - want[golden_step["top_ids"].index(pick)] \
-            if expected_token in golden_step["top_ids"] else float("inf")
+    if not agree and pick in ids:
+        gap = want[ids.index(expected_token)] - want[ids.index(pick)] if expected_token in ids else float("inf")
         near_tie = bool(gap <= tol)
     ok = finite and err <= tol and (agree or near_tie)
-    return {"ok": ok, "err": err, "tol": tol, "agree": agree, "pick": pick}
+    return {"ok": ok, "err": float(err), "tol": tol, "agree": agree, "pick": pick}
 
 
 def run_prompt(engine, prompt: dict, rel_tol: float) -> dict:

@@ -13,7 +13,7 @@ from .files import read_json
 
 ARTIFACT_FORMAT = "edgeforge-artifact"
 # backend -> (engine module in this package, the pip requirement that provides its runtime)
-ENGINES = {"tvm": (".tvm_engine", "apache-tvm"), "onnx": (".onnx_engine", "onnxruntime")}
+ENGINES = {"tvm": (".tvm_engine", "apache-tvm-ffi"), "onnx": (".onnx_engine", "onnxruntime")}
 
 
 def read_artifact(artifact_dir: Path) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle_errors import BundleError, CannotRunHere
+from .embedding import EmbeddingTable
 from .files import read_json
 from .loader import checked_max_length
 
@@ -61,6 +62,12 @@ class OnnxEngine:
         if self.kv_mode not in ("shared", "copy"):
             raise BundleError(f"kv_mode must be 'shared' or 'copy', got {self.kv_mode!r}")
         self.kv_on_cpu = self.provider != "CUDAExecutionProvider"
+        # Graphs since artifact input "inputs_embeds" take embedding rows (see runtime/embedding.py);
+        # older ones take input_ids.
+        self.embeddings = None
+        if self.info.get("input") == "inputs_embeds":
+            self.embeddings = EmbeddingTable(self.artifact_dir, self.info.get("embedding"), self.vocab_size,
+                                             self.info.get("hidden_size", 0))
         self.io = self.session.io_binding()
         self._bind_small_buffers()
         self.capacity = 0
@@ -96,17 +103,29 @@ class OnnxEngine:
             raise CannotRunHere(
                 f"{model}: onnxruntime fell back to {session.get_providers()[0]} instead of {self.provider} "
                 "(no usable device for it on this machine); refusing to run on the wrong device")
+        release_loaded_pages(self._data_files(model))
         return session
 
+    def _data_files(self, model: Path) -> list[Path]:
+        """The graph's external data files: the embedding's (artifact.json) and compile.py's name."""
+        names = {model.name + ".data"}
+        for part in ((self.info.get("embedding") or {}).values()):
+            if isinstance(part, dict) and isinstance(part.get("file"), str) and Path(part["file"]).name == part["file"]:
+                names.add(part["file"])
+        return [model.with_name(n) for n in sorted(names)]
+
     def _bind_small_buffers(self):
-        """input_ids (decode), seqlens_k, total_sequence_length and logits: numpy arrays bound once."""
+        """The decode input, seqlens_k, total_sequence_length and logits: numpy arrays bound once."""
         ov = self.ort.OrtValue.ortvalue_from_numpy
-        self._ids1 = np.zeros((1, 1), np.int64)
+        if self.embeddings is not None:
+            self._decode_in = np.zeros((1, 1, self.embeddings.hidden_size), np.float32)
+        else:
+            self._decode_in = np.zeros((1, 1), np.int64)
         self._seqlens = np.zeros((1,), np.int32)
         self._total = np.zeros((), np.int32)
         self._logits = np.zeros((1, 1, self.vocab_size), np.float32)
         # OrtValues over CPU numpy arrays share their memory: keep both alive on self.
-        self._ids1_ov, self._seqlens_ov, self._total_ov = ov(self._ids1), ov(self._seqlens), ov(self._total)
+        self._decode_in_ov, self._seqlens_ov, self._total_ov = ov(self._decode_in), ov(self._seqlens), ov(self._total)
         self._logits_ov = ov(self._logits)
         self.io.bind_ortvalue_output("logits", self._logits_ov)
 
@@ -144,7 +163,10 @@ class OnnxEngine:
         return self._step(ids)
 
     def decode(self, token: int) -> np.ndarray:
-        self._ids1[0, 0] = int(token)
+        if self.embeddings is not None:
+            self._decode_in[0] = self.embeddings.rows([int(token)])
+        else:
+            self._decode_in[0, 0] = int(token)
         return self._step(None)
 
     def _bind_copy_kv(self, presents):
@@ -168,11 +190,14 @@ class OnnxEngine:
             self._ensure_capacity(total)
         elif total > self.max_length:
             raise BundleError(f"sequence of {total} tokens exceeds max_length {self.max_length}")
+        name = "input_ids" if self.embeddings is None else "inputs_embeds"
         if ids is None:
-            self.io.bind_ortvalue_input("input_ids", self._ids1_ov)
+            self.io.bind_ortvalue_input(name, self._decode_in_ov)
         else:
+            if self.embeddings is not None:
+                ids = self.embeddings.rows(ids[0])[None]
             self._prompt_ov = self.ort.OrtValue.ortvalue_from_numpy(ids)
-            self.io.bind_ortvalue_input("input_ids", self._prompt_ov)
+            self.io.bind_ortvalue_input(name, self._prompt_ov)
         self._seqlens[0] = total - 1
         self._total[...] = total
         # Rebind after writing: IOBinding copies an input to the device at bind time when the
@@ -197,6 +222,50 @@ class OnnxEngine:
             while capacity < total:
                 capacity *= 2
             self._allocate_kv(min(capacity, self.max_length))
+
+
+MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def release_loaded_pages(data_files) -> int:
+    """Hand back memory that loading left resident but decoding does not use (Linux; returns bytes).
+
+    ONNX Runtime maps the data file and copies the MatMulNBits weights into its own prepacked
+    buffers; it keeps the mappings of what it did not mark as packed (the scales, ~1 bit a weight,
+    now a second copy inside the packed buffers), and every page it read while packing stays
+    resident. For a file mapping none of whose pages was ever written (smaps: Anonymous and Swap
+    0 kB: a written page of a private mapping is an anonymous copy, in memory or swapped out; not
+    Private_Dirty, which also counts the file's own dirty page-cache pages of a freshly written
+    bundle), MADV_DONTNEED only drops page-table entries: a page read again later is faulted back in from
+    the file, so nothing but RSS changes (pages used every step, such as norm weights, come back on
+    the first step). A mapping with a written page is left alone. Then glibc is asked to return the
+    heap's free pages left by the packing (malloc_trim)."""
+    import ctypes
+
+    paths = {str(Path(f).resolve()) for f in data_files}
+    try:
+        with open("/proc/self/smaps") as smaps:
+            lines = smaps.read().splitlines()
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0  # not Linux (or no /proc): nothing to do
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    written = ("Anonymous:", "Swap:")  # either non-zero: a page holds this process's writes
+    released, current = 0, None
+    for line in lines + ["0-0 ---p 0 0:0 0 <end>"]:
+        fields = line.split(None, 5)
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: range perms offset dev inode [path]
+            if current and current["path"] in paths and current["clean"] == len(written):
+                if madvise(current["start"], current["end"] - current["start"], MADV_DONTNEED) == 0:
+                    released += current["end"] - current["start"]
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            current = {"start": start, "end": end, "path": fields[5] if len(fields) == 6 else "", "clean": 0}
+        elif current is not None and fields[0] in written:
+            current["clean"] += int(fields[1]) == 0
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+    return released
 
 
 def _read_artifact(artifact_dir: Path) -> dict:

@@ -4,24 +4,34 @@ Format (https://huggingface.co/docs/safetensors): 8-byte little-endian header le
 JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}},
 then the data buffer. Offsets are relative to the start of the data buffer.
 
-This module is copied into bundles: it imports only the standard library and numpy. Errors are
+This module is copied into bundles: it imports only the standard library and numpy, and reads
+without numpy too (`raw_pointer`: a TVM bundle's device install has no numpy). Errors are
 `SafetensorsError` (a ValueError) whose message names the file; the compiler side turns them into
 EdgeforgeError.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import mmap
 import os
 import struct
 from pathlib import Path
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # a TVM bundle on its device: raw_pointer() only
+    np = None
 
+# safetensors dtype name -> (bytes per element, the dtype's usual name: TVM's and numpy's)
+ELEMENTS = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+            "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"),
+            "U64": (8, "uint64"), "U32": (4, "uint32"), "U16": (2, "uint16"), "U8": (1, "uint8"), "BOOL": (1, "bool")}
 # safetensors dtype name -> numpy dtype (little-endian). BF16 has no numpy dtype: it is read as
 # uint16 and widened to float32 by get().
-DTYPES = {
+DTYPES = {} if np is None else {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -36,7 +46,7 @@ DTYPES = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-_NUMPY_TO_ST = {
+_NUMPY_TO_ST = {} if np is None else {
     np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16",
     np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("<i2"): "I16", np.dtype("i1"): "I8",
     np.dtype("<u8"): "U64", np.dtype("<u4"): "U32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8",
@@ -69,6 +79,29 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return out
 
 
+class _PyBuffer(ctypes.Structure):  # CPython's Py_buffer (3.9 - 3.13)
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+def _buffer_address(source) -> int:
+    """The address of a read-only buffer (a mapping opened ACCESS_READ) through CPython's buffer
+    protocol: ctypes' from_buffer() wants a writable one. The export is released at once: the
+    address stays valid as long as `source` is neither closed nor resized (SafetensorsFile keeps its
+    mapping open for its lifetime)."""
+    view = _PyBuffer()
+    get, release = ctypes.pythonapi.PyObject_GetBuffer, ctypes.pythonapi.PyBuffer_Release
+    get.argtypes, release.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int], [ctypes.POINTER(_PyBuffer)]
+    if get(source, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE: contiguous bytes, read-only is fine
+        raise SafetensorsError("cannot read the address of a mapped safetensors file")
+    try:
+        return int(view.buf or 0)
+    finally:
+        release(ctypes.byref(view))
+
+
 class SafetensorsFile:
     """One .safetensors file, memory-mapped. Arrays returned by get_raw() are read-only views."""
 
@@ -83,6 +116,7 @@ class SafetensorsFile:
         except OSError as err:
             raise SafetensorsError(f"{self.path}: cannot read safetensors file ({err.strerror or err})") from err
         self._entries, self.metadata, self._data_start = _parse_header(self.path, self._mm, size)
+        self._address: int | None = None  # where the mapping starts (raw_pointer)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -103,6 +137,16 @@ class SafetensorsFile:
         begin, end = e["data_offsets"]
         buf = np.frombuffer(self._mm, dtype=np.uint8, count=end - begin, offset=self._data_start + begin)
         return buf.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+
+    def raw_pointer(self, name: str) -> tuple[int, int]:
+        """(address, bytes) of the stored tensor in this process's mapping, for a runtime that copies
+        it into its own memory (no numpy needed). Valid while this object lives (it never closes
+        its mapping)."""
+        e = self._entry(name)
+        begin, end = e["data_offsets"]
+        if self._address is None:
+            self._address = _buffer_address(self._mm)
+        return self._address + self._data_start + begin, end - begin
 
     def get(self, name: str) -> np.ndarray:
         """The stored array; BF16 is widened to float32 (numpy has no bfloat16)."""
@@ -150,9 +194,9 @@ def _check_entry(path: Path, name: str, e, data_len: int) -> dict:
         dtype, shape, (begin, end) = e["dtype"], [int(d) for d in e["shape"]], e["data_offsets"]
     except (TypeError, KeyError, ValueError):
         raise SafetensorsError(f"{path}: tensor '{name}' has a malformed header entry") from None
-    if dtype not in DTYPES:
+    if dtype not in ELEMENTS:
         raise SafetensorsError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    nbytes = math.prod(shape) * ELEMENTS[dtype][0]
     if end - begin != nbytes or begin < 0:
         raise SafetensorsError(f"{path}: tensor '{name}' offsets [{begin}, {end}] do not match shape {shape} {dtype}")
     if end > data_len:
@@ -284,6 +328,9 @@ class SafetensorsFolder:
 
     def get_raw(self, name: str) -> np.ndarray:
         return self.file_for(name).get_raw(name)
+
+    def raw_pointer(self, name: str) -> tuple[int, int]:
+        return self.file_for(name).raw_pointer(name)
 
     def get(self, name: str) -> np.ndarray:
         return self.file_for(name).get(name)

@@ -1,7 +1,8 @@
 """Read a QDIR (the output of `edgeforge quantize`): config, quantization.json and raw stored arrays.
 
 numpy-only: bundles use it to feed a compiled module its weights, and the compiler side
-(edgeforge.quant.qdir) builds its dequantizing reader on it. The layout is defined in
+(edgeforge.quant.qdir) builds its dequantizing reader on it. Without numpy (a TVM bundle's device)
+`stored()` still gives each array's address in the mapped shards. The layout is defined in
 docs/INTERNALS.md ("QDIR").
 """
 
@@ -10,11 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from .bundle_errors import BundleError
 from .files import read_json as _read_json
-from .safetensors import SafetensorsError, SafetensorsFolder
+from .safetensors import ELEMENTS, SafetensorsError, SafetensorsFolder
 
 CONFIG = "config.json"
 QUANTIZATION = "quantization.json"
@@ -93,7 +92,7 @@ class QdirWeights:
         """Stored array names (as in the safetensors shards)."""
         return self._store.keys()
 
-    def get_raw(self, key: str) -> np.ndarray:
+    def get_raw(self, key: str):
         """One stored array by its key, as stored (read-only, memory-mapped)."""
         try:
             return self._store.get_raw(key)
@@ -109,7 +108,26 @@ class QdirWeights:
             except (SafetensorsError, OSError, ValueError):
                 pass  # only a memory hint
 
-    def arrays(self, name: str) -> dict[str, np.ndarray]:
+    def stored(self, name: str, role: str) -> dict:
+        """{dtype, shape, address, nbytes} of one stored array of a logical tensor, its dtype checked
+        against quantization.json; the address is in this process's mapping of the shard (numpy-free)."""
+        info = self.info(name)
+        key = (info.get("arrays") or {}).get(role)
+        expected = FORMAT_ARRAYS.get(info.get("format"), {})
+        if key is None or role not in expected:
+            raise BundleError(f"{self.path}: tensor '{name}' has no '{role}' array (the module needs it)")
+        try:
+            dtype = ELEMENTS[self._store.dtype(key)][1]
+            shape = [int(d) for d in self._store.shape(key)]
+            address, nbytes = self._store.raw_pointer(key)
+        except SafetensorsError as err:
+            raise BundleError(str(err)) from None
+        want = expected[role] or info.get("scale_dtype")
+        if dtype != want:
+            raise BundleError(f"{self.path}: array '{key}' of tensor '{name}' is {dtype}, expected {want}")
+        return {"dtype": dtype, "shape": shape, "address": address, "nbytes": nbytes}
+
+    def arrays(self, name: str) -> dict:
         """The stored arrays of a logical tensor: {"weight": ...} or {"qweight": ..., "scales": ...}."""
         info = self.info(name)
         out = {role: self.get_raw(key) for role, key in info["arrays"].items()}

@@ -37,14 +37,14 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
     # External data: one file next to the graph, every tensor of >= 1 KiB written into it as it is
     # made (memory stays at one tensor), the .onnx keeps the graph and references.
     with open(out / DATA_FILE, "wb") as data:
-        model = build_model(weights, level, compute, data=(data, DATA_FILE))
+        model, embedding = build_model(weights, level, compute, (data, DATA_FILE))
     logger.debug(f"onnx: built {len(model.graph.node)} nodes; saving and checking {out / MODEL_FILE}")
     onnx.save_model(model, out / MODEL_FILE)
     try:
         onnx.checker.check_model(str(out / MODEL_FILE))
     except onnx.checker.ValidationError as err:  # a builder bug, not bad input, but say where
         raise EdgeforgeError(f"{out / MODEL_FILE}: onnx.checker rejected the graph: {str(err).splitlines()[0]}") from err
-    artifact = _artifact(weights, target, ep, level, compute)
+    artifact = _artifact(weights, target, ep, level, compute, embedding)
     (out / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))
     size = (out / DATA_FILE).stat().st_size if (out / DATA_FILE).exists() else 0
     logger.info(f"onnx: wrote {MODEL_FILE} ({len(model.graph.node)} nodes) and {DATA_FILE} ({size / 2**20:.1f} MiB)")
@@ -89,7 +89,7 @@ def _runtime_version(package: str, ort_version: str) -> str:
     return WEBGPU_RUNTIME_VERSION if package == "onnxruntime-webgpu" else ort_version
 
 
-def _artifact(weights: QdirWeights, target, ep: str, level: int, compute: str) -> dict:
+def _artifact(weights: QdirWeights, target, ep: str, level: int, compute: str, embedding: dict) -> dict:
     import onnxruntime
 
     cfg = weights.config
@@ -100,8 +100,8 @@ def _artifact(weights: QdirWeights, target, ep: str, level: int, compute: str) -
         "format": "edgeforge-artifact", "version": 1, "backend": "onnx", "target": target.name,
         "files": files, "device": device, "model_dtype": weights.model_dtype_name, "scheme": weights.scheme,
         "needs_weights": False,
-        # The graph needs GroupQueryAttention with shared past/present buffers and
-        # GatherBlockQuantized(bits=...): tested with these versions.
+        # The graph needs GroupQueryAttention with shared past/present buffers and MatMulNBits
+        # (bits 4 and 8): tested with these versions.
         "runtime": {package: _runtime_version(package, ort_version)},
         "toolchain": {"onnx": onnx.__version__, "onnxruntime": ort_version},
         "device_requirements": {"execution_provider": ep, "package": package},
@@ -110,6 +110,7 @@ def _artifact(weights: QdirWeights, target, ep: str, level: int, compute: str) -
             "opset": OPSET, "ms_opset": MS_OPSET, "ir_version": IR_VERSION,
             "num_layers": cfg["num_layers"], "num_kv_heads": cfg["num_kv_heads"], "head_dim": cfg["head_dim"],
             "vocab_size": cfg["vocab_size"], "context_length": cfg["context_length"],
-            "compute_dtype": compute, "kv_dtype": compute,
+            "compute_dtype": compute, "kv_dtype": compute, "hidden_size": cfg["hidden_size"],
+            "input": "inputs_embeds", "embedding": embedding,
         },
     }

@@ -2,14 +2,21 @@
 
 One graph serves prefill and decode (batch 1):
 
-  inputs   input_ids int64 [1, S], seqlens_k int32 [1] (= total length - 1),
+  inputs   inputs_embeds float32 [1, S, hidden], seqlens_k int32 [1] (= total length - 1),
            total_sequence_length int32 [] , past_key_values.{i}.key/.value T [1, kv_heads, P, head_dim]
   outputs  logits float32 [1, 1, vocab] (last position only), present.{i}.key/.value
 
 The engine binds past and present to the *same* buffer (max length P): GroupQueryAttention then
 appends the new keys in place and reads only the first `total_sequence_length` rows.
 
-Ops: GatherBlockQuantized (quantized embedding, shared with a tied head), MatMulNBits (q/k/v fused
+The embedding table is not looked up in the graph: the engine reads the rows it needs from the data
+file (runtime/embedding.py, at the offsets artifact.json's `embedding` gives) and feeds
+inputs_embeds. In a graph, ONNX Runtime keeps the whole table resident (a 1B model's q8 table is
+~270 MB of its ~930 MB of weights) although a step reads one row; read row by row from the file,
+nothing of it stays resident. A tied head's MatMulNBits still reads the same bytes (one copy
+on disk); an untied table is written to the data file outside the graph.
+
+Ops: MatMulNBits (q/k/v fused
 into one, gate/up fused into one), GroupQueryAttention with rotary from cos/sin caches computed from
 LlamaConfig.rope_inv_freq(), SkipSimplifiedLayerNormalization between blocks. T (activations,
 KV cache) is the compute dtype chosen by compile.py: the scheme's model dtype, except float32 on
@@ -17,6 +24,8 @@ x86 CPUs (see compile.py). The residual stream, the norms and the head are float
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx
@@ -42,6 +51,7 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
 
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside model.onnx
 PAGE = 4096  # large tensors start on a page: ONNX Runtime can map them instead of copying
+HEAD_CHUNK_BYTES = 32 << 20  # the output head is split into MatMulNBits of at most this (head_chunks)
 
 
 class _Graph:
@@ -57,16 +67,26 @@ class _Graph:
         self.inits: list[onnx.TensorProto] = []
         self._count = 0
         self.data = data  # (file object, location) or None
+        self.locations: dict[str, dict] = {}  # name -> where its bytes are in the data file
 
-    def init(self, name: str, array: np.ndarray) -> str:
+    def init(self, name: str, array: np.ndarray, external: bool = False) -> str:
+        """An initializer; in the data file when it is large (or `external`: its location is needed)."""
         array = np.ascontiguousarray(array)
-        if self.data is None or array.nbytes < EXTERNAL_MIN_BYTES:
+        if self.data is None or (array.nbytes < EXTERNAL_MIN_BYTES and not external):
             self.inits.append(numpy_helper.from_array(array, name))
         else:
             self.inits.append(self._external(name, array))
         return name
 
-    def _external(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+    def raw(self, name: str, array: np.ndarray) -> dict:
+        """Write `array` to the data file without making it an initializer (read by the engine, not
+        by the graph); returns where it is: {file, offset, length, dtype, shape}."""
+        if self.data is None:
+            raise EdgeforgeError(f"tensor '{name}': the graph has no external data file to hold it")
+        self._write(name, np.ascontiguousarray(array))
+        return self.locations[name]
+
+    def _write(self, name: str, array: np.ndarray) -> int:
         f, location = self.data
         offset = f.tell()
         if array.nbytes >= PAGE:
@@ -74,6 +94,13 @@ class _Graph:
             f.write(b"\0" * pad)
             offset += pad
         f.write(memoryview(array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1)).cast("B"))
+        self.locations[name] = {"file": location, "offset": offset, "length": int(array.nbytes),
+                                "dtype": array.dtype.name, "shape": [int(d) for d in array.shape]}
+        return offset
+
+    def _external(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        location = self.data[1]
+        offset = self._write(name, array)
         t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
                              dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
         for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
@@ -103,7 +130,8 @@ class LlamaOnnxBuilder:
         self.dtype = np.dtype(compute_dtype or weights.model_dtype).type
         self.accuracy_level = int(accuracy_level)
         self.g = _Graph(data)
-        self.embed_blob: str | None = None  # the embedding's MatMulNBits blob, for a tied head
+        self.embedding: dict | None = None  # where the engine finds the embedding rows (build())
+        self.head_parts: list[dict] = []  # a tied quantized head: the embedding's chunk initializers
 
     # ---- weights ------------------------------------------------------------------------------
     def _entry(self, name: str):
@@ -180,32 +208,72 @@ class LlamaOnnxBuilder:
                                              epsilon=float(self.cfg.rms_norm_eps)))
         return self.to_compute(out, f"{name}/cast_out"), total
 
-    def embedding(self, ids: str) -> str:
-        """float32 [1, S, H] rows of the embedding table (the start of the float32 residual stream)."""
+    def _tied(self) -> bool:
+        return self.cfg.tie_word_embeddings or not self.w.has("lm_head.weight")
+
+    def embedding_table(self) -> dict:
+        """Store the embedding table for the engine (see the module doc); returns artifact.json's
+        `embedding`: {kind: quantized, bits, block_size, blob, scales} or {kind: dense, table}, each
+        tensor as {file, offset, length, dtype, shape}; rows are float32 [hidden] either way.
+
+        Quantized: MatMulNBits' layout as is (blob uint8 [vocab, H/32, 32*bits/8], default zero
+        point, float32 scales [vocab, H/32]). Tied, the head's MatMulNBits chunks (head_chunks) are
+        the same bytes: each chunk a run of whole pages, written back to back, so the table is one
+        contiguous range for the engine. Dense: the table in the graph's dtype (a tied head
+        transposes it at load time)."""
         name = "model.embed_tokens.weight"
-        g, h = self.g, self.cfg.hidden_size
+        g, tied = self.g, self._tied()
         if not self._is_quant(name):
-            rows = g.op("Gather", [g.init(name, self._dense(name)), ids], "embed", axis=0)
-            return self.to_f32(rows, "embed/cast")
-        # GatherBlockQuantized reads MatMulNBits' blob as is: [vocab, H/32, blob] packed along the
-        # last axis; a tied head then uses the same initializer (one copy of the biggest tensor).
+            table = g.locations[g.init(name, self._dense(name), external=True)] if tied else g.raw(name, self._dense(name))
+            return {"kind": "dense", "table": table}
         entry, arrays = self._entry(name)
         q = pack.quant_linear(name, entry, arrays, np.float32)  # float32 scales: float32 rows
-        self.embed_blob = g.init("model.embed_tokens.qweight", q.blob)
-        scales = g.init("model.embed_tokens.scales", q.scales[:, :, None])
-        rows = g.op("GatherBlockQuantized", [self.embed_blob, ids, scales], "embed", domain=MS,
-                    bits=q.bits, block_size=pack.GROUP, gather_axis=0, quantize_axis=2)
-        return g.op("Reshape", [rows, g.const([0, 0, h])], "embed/reshape")
+        spec = {"kind": "quantized", "bits": q.bits, "block_size": pack.GROUP}
+        if not tied:
+            return {**spec, "blob": g.raw("model.embed_tokens.qweight", q.blob),
+                    "scales": g.raw("model.embed_tokens.scales", q.scales)}
+        self.head_parts = self._store_chunks("model.embed_tokens", q)
+        for role, array in (("blob", q.blob), ("scales", q.scales)):
+            names = [part[role] for part in self.head_parts]
+            first = g.locations[names[0]]
+            spec[role] = {**first, "length": int(array.nbytes), "shape": [int(d) for d in array.shape]}
+            if sum(g.locations[n]["length"] for n in names) != array.nbytes or any(
+                    g.locations[b]["offset"] != g.locations[a]["offset"] + g.locations[a]["length"]
+                    for a, b in zip(names, names[1:])):
+                raise EdgeforgeError(f"{name}: the head's chunks are not contiguous in the data file (a builder bug)")
+        return spec
+
+    def head_chunks(self, rows: int, blob_row: int, scale_row: int) -> list[tuple[int, int]]:
+        """Row ranges of the output head, each about HEAD_CHUNK_BYTES, each a whole number of pages of
+        blob and of scales (so chunks stored back to back stay page-aligned and contiguous). ONNX
+        Runtime holds a MatMulNBits weight twice while it prepacks it (mapped original + packed
+        copy): one 270 MB head (a 1B model's q8 vocabulary) put the load-time peak 260 MB above the
+        steady state; chunks bound that extra to one chunk."""
+        step = math.lcm(PAGE // math.gcd(PAGE, blob_row), PAGE // math.gcd(PAGE, scale_row))
+        per = max(step, -(-HEAD_CHUNK_BYTES // (blob_row + scale_row)) // step * step)
+        return [(a, min(a + per, rows)) for a in range(0, rows, per)]
+
+    def _store_chunks(self, prefix: str, q: pack.QuantLinear) -> list[dict]:
+        """The head's chunk initializers, all blobs first, then all scales (each run contiguous)."""
+        chunks = self.head_chunks(q.n, q.blob[0].nbytes, q.scales[0].nbytes)
+        blobs = [self.g.init(f"{prefix}.qweight.{i}", q.blob[a:b], external=True) for i, (a, b) in enumerate(chunks)]
+        scales = [self.g.init(f"{prefix}.scales.{i}", q.scales[a:b].reshape(-1), external=True)
+                  for i, (a, b) in enumerate(chunks)]
+        return [{"rows": (a, b), "blob": bl, "scales": sc} for (a, b), bl, sc in zip(chunks, blobs, scales)]
 
     def lm_head(self, x: str) -> str:
         """float32 logits from a float32 `x` (the head's scales or weights in float32)."""
-        tied = self.cfg.tie_word_embeddings or not self.w.has("lm_head.weight")
+        tied = self._tied()
         name = "model.embed_tokens.weight" if tied else "lm_head.weight"
         entry, arrays = self._entry(name)
         if self._is_quant(name):
             q = pack.quant_linear(name, entry, arrays, np.float32)
-            return self._matmul_nbits(x, q, "lm_head", blob=self.embed_blob if tied else None)
-        if tied:  # the Gather table transposed at load time (constant folding), not stored twice
+            parts = self.head_parts if tied else self._store_chunks("lm_head", q)
+            outs = [self.g.op("MatMulNBits", [x, p["blob"], p["scales"]], f"lm_head.{i}" if len(parts) > 1 else "lm_head",
+                              domain=MS, K=q.k, N=p["rows"][1] - p["rows"][0], bits=q.bits, block_size=pack.GROUP,
+                              accuracy_level=self.accuracy_level) for i, p in enumerate(parts)]
+            return outs[0] if len(outs) == 1 else self.g.op("Concat", outs, "lm_head", axis=-1)
+        if tied:  # the table transposed at load time (constant folding), not stored twice
             table = name if self.dtype == np.float32 else self.g.op("Cast", [name], "lm_head/cast", to=TensorProto.FLOAT)
             return self.g.op("MatMul", [x, self.g.op("Transpose", [table], "lm_head/transpose", perm=[1, 0])], "lm_head")
         w = pack.dense(name, entry, arrays, np.float32)
@@ -240,7 +308,8 @@ class LlamaOnnxBuilder:
     def build(self) -> onnx.ModelProto:
         c, g = self.cfg, self.g
         cos, sin = self.rotary_caches()
-        residual = self.embedding("input_ids")
+        self.embedding = self.embedding_table()
+        residual = "inputs_embeds"
         x = self.rms_norm_first(residual, "model.layers.0.input_layernorm.weight")
         for i in range(c.num_layers):
             p = f"model.layers.{i}"
@@ -259,7 +328,7 @@ class LlamaOnnxBuilder:
     def _model(self) -> onnx.ModelProto:
         c, t = self.cfg, ONNX_DTYPE[self.dtype]
         kv_shape = lambda dim: [1, c.num_kv_heads, dim, c.head_dim]  # noqa: E731
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
+        inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "sequence_length", c.hidden_size]),
                   helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
                   helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, c.vocab_size])]
@@ -273,6 +342,8 @@ class LlamaOnnxBuilder:
         return model
 
 
-def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype=None, data=None) -> onnx.ModelProto:
-    """The graph; with `data` = (binary file, its name), large initializers are streamed into it."""
-    return LlamaOnnxBuilder(weights, accuracy_level, compute_dtype, data).build()
+def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype, data) -> tuple[onnx.ModelProto, dict]:
+    """(the graph, where its embedding table is); `data` = (binary file, its name): large
+    initializers and the embedding table are streamed into it."""
+    builder = LlamaOnnxBuilder(weights, accuracy_level, compute_dtype, data)
+    return builder.build(), builder.embedding

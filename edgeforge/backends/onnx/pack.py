@@ -1,8 +1,8 @@
 """Turn QDIR stored arrays into ONNX Runtime's layouts, bit for bit (no re-quantization).
 
 - q4: `qweight` uint32 [N, K/8] is, as little-endian bytes, MatMulNBits' 4-bit blob [N, K/32, 16]
-  with the default zero point 8 (docs/INTERNALS.md). GatherBlockQuantized (uint8 data, bits=4)
-  reads the same bytes: packed along the last axis, low nibble first, default zero point 8.
+  with the default zero point 8 (docs/INTERNALS.md): packed along the last axis, low nibble first
+  (runtime/embedding.py reads embedding rows from the same bytes).
 - q8: int8 q -> uint8(q + 128), blob [N, K/32, 32]; both ops' default 8-bit zero point is 128
   (checked against numpy in tests/test_onnx_ops.py).
 - f32/f16: the weight as is, in the graph's dtype.

@@ -1,13 +1,14 @@
-"""The TVM runtime a bundle carries to its device: TVM's Python package without its compiler.
+"""The TVM runtime a bundle carries to its device: TVM's runtime library, without its compiler.
 
-A compiled module needs libtvm_runtime (+ libtvm_runtime_cuda for CUDA)
-and the pure-Python `tvm` package that loads them; not libtvm_compiler.so (~260 MB) that the
-apache-tvm wheel installs. So a TVM bundle for Linux holds exactly that under runtime/tvm/: the
-Python files of the compiler's own TVM (one version from build to device, the most common failure
-of the tools we replace is version skew) and the libraries for the target's CPU architecture
-(this machine's, or the apache-tvm wheel of the same version for aarch64). Those files are
-checksummed like every other bundle file. What pip installs on the device is tvm's own Python
-dependencies (`PIP_DEPENDENCIES`) and the bundle runtime's (numpy, tokenizers, jinja2).
+A compiled module needs libtvm_runtime (+ libtvm_runtime_cuda for CUDA), not libtvm_compiler.so
+(~260 MB) that the apache-tvm wheel installs, nor TVM's Python package (which needs numpy):
+runtime/tvm_engine.py drives the module through tvm_ffi and the runtime's global functions. So a
+TVM bundle for Linux holds under runtime/tvm/ the libraries of the compiler's own TVM version (one
+version from build to device: version skew is the most common failure of the tools we replace)
+for the target's CPU architecture (this machine's, or the apache-tvm wheel of the same version for
+aarch64), and TVM's `_version.py`, which the engine checks against the artifact. Those files are
+checksummed like every other bundle file. What pip installs on the device is tvm_ffi
+(`PIP_DEPENDENCIES`) and the bundle runtime's libraries (tokenizers, jinja2; no numpy).
 
 macOS targets (a .tar of objects that a Mac links) keep the apache-tvm requirement: their device
 build links TVM's runtime itself.
@@ -23,12 +24,11 @@ from pathlib import Path
 from ...errors import EdgeforgeError
 from ...runtime.hostcheck import cpu_arch, host_arch
 
-# What `import tvm` needs besides its own package (apache-tvm's Requires-Dist, less numpy which the
-# bundle runtime lists anyway).
-PIP_DEPENDENCIES = ("apache-tvm-ffi", "ml_dtypes", "typing_extensions")
-# The subpackages `import tvm` loads in runtime-only mode (traced: 105 modules, 0.8 MB). The rest
-# (relax, s_tir, topi, backend codegens, contrib, ~7 MB of Python, and headers) is compiler-only.
-KEEP_DIRS = {"ir", "tirx", "runtime", "target", "support", "rpc", "sym", "te", "driver", "script"}
+# What the engine needs besides libtvm_runtime: tvm_ffi (and its one dependency). TVM's Python
+# package is not imported on the device (runtime/tvm_engine.py), so neither numpy nor ml_dtypes.
+PIP_DEPENDENCIES = ("apache-tvm-ffi", "typing_extensions")
+# The one Python file carried: the version the engine compares with the artifact's compiler.
+VERSION_FILE = "_version.py"
 # The CPUs a runtime-only TVM is bundled for, with the ELF machine its libraries must have.
 ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 
@@ -58,8 +58,8 @@ def pip_requirements(spec: dict | None) -> dict[str, str]:
 
 
 def copy_runtime(spec: dict, dest: Path) -> int:
-    """Write the tvm package of `spec` into dest/tvm (dest = the bundle's runtime/ folder).
-    Returns the bytes written."""
+    """Write the TVM runtime of `spec` into dest/tvm (dest = the bundle's runtime/ folder): lib/ and
+    _version.py. Returns the bytes written."""
     import tvm
 
     pkg = Path(tvm.__file__).resolve().parent
@@ -67,15 +67,9 @@ def copy_runtime(spec: dict, dest: Path) -> int:
         raise EdgeforgeError(f"the artifact was compiled with TVM {spec['version']} but this machine has "
                              f"{tvm.__version__}: recompile it here")
     out = Path(dest) / "tvm"
-    total = 0
-    for path in sorted(pkg.rglob("*.py")):
-        rel = path.relative_to(pkg)
-        if not _runtime_file(rel):
-            continue
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, out / rel)
-        total += path.stat().st_size
     (out / "lib").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pkg / VERSION_FILE, out / VERSION_FILE)
+    total = (out / VERSION_FILE).stat().st_size
     for name, data in _libraries(spec, pkg):
         if _elf_machine(data) != ELF_MACHINES[spec["arch"]]:
             raise EdgeforgeError(f"{name} for the device is not an {spec['arch']} library (ELF machine "
@@ -87,13 +81,6 @@ def copy_runtime(spec: dict, dest: Path) -> int:
 
 def _elf_machine(data: bytes) -> int | None:
     return int.from_bytes(data[18:20], "little") if data[:4] == b"\x7fELF" else None
-
-
-def _runtime_file(rel: Path) -> bool:
-    """Top-level modules, the KEEP_DIRS subpackages, and backend/'s own modules (its autoloader)
-    without the codegen subpackages under it."""
-    parts = rel.parts
-    return len(parts) == 1 or parts[0] in KEEP_DIRS or (parts[0] == "backend" and len(parts) == 2)
 
 
 def _libraries(spec: dict, pkg: Path):

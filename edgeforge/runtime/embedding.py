@@ -1,0 +1,112 @@
+"""Embedding rows read straight from an ONNX artifact's data file.
+
+Copied into bundles: imports only numpy and this package.
+
+The ONNX graph takes `inputs_embeds`; the table sits in model.onnx.data at the offsets
+artifact.json's `onnx.embedding` gives (backends/onnx/graph.py writes them). Each row is read with
+its own small positioned read (pread), where a Gather inside ONNX Runtime kept the whole table resident (a 1B
+model's q8 table: ~270 MB of ~930 MB of weights). Not a memory map: the kernel maps whole large
+folios / readahead windows on each fault (measured: 100 random rows of that table made 140 MB
+resident), while reads leave nothing in the process.
+
+Quantized tables are MatMulNBits' layout: uint8 blob [vocab, H/32, 32 * bits / 8] with the default
+zero point (8 for 4 bits, low nibble first; 128 for 8 bits) and float32 scales [vocab, H/32]; a row
+is float32(q - zero_point) * scale, which is what GatherBlockQuantized computes (tests compare the
+two on the same bytes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .bundle_errors import BundleError
+
+def _pread(f, n: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(f.fileno(), n, offset)
+    f.seek(offset)  # Windows: no pread
+    return f.read(n)
+
+
+DTYPES = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16}
+ZERO_POINT = {4: 8, 8: 128}
+
+
+class EmbeddingTable:
+    """rows(ids) -> float32 [len(ids), hidden] from the artifact's data file."""
+
+    def __init__(self, artifact_dir, spec: dict, vocab_size: int, hidden_size: int):
+        self.where = Path(artifact_dir) / "artifact.json"
+        self.vocab_size, self.hidden_size = int(vocab_size), int(hidden_size)
+        self._files: dict = {}
+        try:
+            self.kind = spec["kind"]
+            if self.kind == "quantized":
+                self.bits, self.block = int(spec["bits"]), int(spec["block_size"])
+                if self.bits not in ZERO_POINT or self.block <= 0 or self.hidden_size % self.block:
+                    raise BundleError(f"{self.where}: embedding bits {self.bits} / block_size {self.block} not supported")
+                blocks = self.hidden_size // self.block
+                self.blob = self._map(artifact_dir, spec["blob"], "uint8", (self.vocab_size, blocks, self.block * self.bits // 8))
+                self.scales = self._map(artifact_dir, spec["scales"], "float32", (self.vocab_size, blocks))
+            elif self.kind == "dense":
+                self.table = self._map(artifact_dir, spec["table"], None, (self.vocab_size, self.hidden_size))
+            else:
+                raise BundleError(f"{self.where}: embedding kind {self.kind!r} is neither 'quantized' nor 'dense'")
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"{self.where}: malformed 'embedding' entry ({err!r})") from None
+
+    def _map(self, artifact_dir, tensor: dict, dtype: str | None, shape: tuple) -> dict:
+        """Check that one tensor entry describes what the graph expects and lies inside the file (a
+        bad entry is a BundleError, never a wild read); returns {file, offset, row_bytes, dtype}."""
+        name, dt = tensor["file"], tensor["dtype"]
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise BundleError(f"{self.where}: embedding file {name!r} must be a file name in the artifact folder")
+        if dt not in DTYPES or (dtype is not None and dt != dtype) or (dtype is None and dt == "uint8"):
+            raise BundleError(f"{self.where}: embedding tensor dtype {dt!r} is not what a {self.kind} table uses")
+        if [int(d) for d in tensor["shape"]] != list(shape):
+            raise BundleError(f"{self.where}: embedding tensor shape {tensor['shape']}, expected {list(shape)}")
+        offset, length = int(tensor["offset"]), int(tensor["length"])
+        path = Path(artifact_dir) / name
+        size = path.stat().st_size if path.is_file() else -1
+        if length != int(np.prod(shape)) * np.dtype(DTYPES[dt]).itemsize or offset < 0 or offset + length > size:
+            raise BundleError(f"{path}: the embedding table ({length} bytes at offset {offset}) is not inside the file "
+                              f"({size} bytes) or does not match its shape")
+        if path not in self._files:
+            try:  # unbuffered: each row is one positioned read (os.pread), nothing read ahead
+                self._files[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+            except OSError as err:
+                raise BundleError(f"{path}: cannot read the embedding table ({err.strerror or err})") from None
+        return {"file": self._files[path], "offset": offset, "row_bytes": length // shape[0],
+                "dtype": np.dtype(DTYPES[dt]), "row_shape": shape[1:]}
+
+    def _read(self, t: dict, ids) -> np.ndarray:
+        """Rows `ids` of one tensor, each with its own positioned read."""
+        f, n = t["file"], t["row_bytes"]
+        out = np.empty((len(ids), n), np.uint8)
+        for i, row in enumerate(ids):
+            data = _pread(f, n, t["offset"] + int(row) * n)
+            if len(data) != n:
+                raise BundleError(f"{f.name}: truncated while reading embedding row {int(row)}")
+            out[i] = np.frombuffer(data, np.uint8)
+        return out.view(t["dtype"]).reshape((len(ids), *t["row_shape"]))
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def rows(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            raise BundleError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if self.kind == "dense":
+            return self._read(self.table, ids).astype(np.float32)
+        blob = self._read(self.blob, ids)
+        if self.bits == 4:  # two values a byte, low nibble first
+            blob = np.stack([blob & 0x0F, blob >> 4], axis=-1).reshape(len(ids), -1, self.block)
+        q = blob.astype(np.float32) - np.float32(ZERO_POINT[self.bits])
+        return (q * self._read(self.scales, ids)[:, :, None]).reshape(len(ids), self.hidden_size)
