@@ -21,7 +21,8 @@ from edgeforge.runtime.onnx_engine import OnnxEngine  # noqa: E402
 # (shape, scheme): every tiny shape at q4f32 and q8f16, the other schemes on the GQA+tied shape.
 CASES = [("llama2", "q4f32"), ("llama32", "q4f32"), ("headdim", "q4f32"),
          ("llama2", "q8f16"), ("llama32", "q8f16"), ("headdim", "q8f16"),
-         ("llama32", "q4f16"), ("llama32", "q4f16_rtn"), ("llama32", "q0f32"), ("headdim", "q0f16")]
+         ("llama32", "q4f16"), ("llama32", "q4f16_m"), ("llama32", "q4f16_rtn"), ("llama32", "q0f32"),
+         ("headdim", "q0f16"), ("llama2", "q4f16_m")]
 GREEDY_TOKENS = 32
 
 

@@ -22,14 +22,19 @@ from edgeforge.runtime.bundle_errors import BundleError  # noqa: E402
 from edgeforge.runtime.embedding import EmbeddingTable  # noqa: E402
 
 
-def run_ops(q: pack.QuantLinear, x: np.ndarray, ids: np.ndarray, dtype):
-    """y = MatMulNBits(x, q) and e = GatherBlockQuantized(q, ids), sharing the blob initializer."""
+def run_ops(q: pack.QuantLinear, x: np.ndarray, ids: np.ndarray, dtype, accuracy_level: int = 0):
+    """y = MatMulNBits(x, q) and e = GatherBlockQuantized(q, ids), sharing the blob initializer
+    (q4a: MatMulNBits gets its zero points; the gather, which the graph no longer uses, does not)."""
     t = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     inits = [numpy_helper.from_array(q.blob, "B"), numpy_helper.from_array(q.scales.reshape(-1), "S"),
              numpy_helper.from_array(q.scales[:, :, None], "S3")]
+    mm_inputs = ["x", "B", "S"]
+    if q.zero_points is not None:
+        inits.append(numpy_helper.from_array(q.zero_points.reshape(-1), "Z"))
+        mm_inputs.append("Z")
     nodes = [
-        helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=q.k, N=q.n,
-                         bits=q.bits, block_size=32, accuracy_level=0),
+        helper.make_node("MatMulNBits", mm_inputs, ["y"], domain="com.microsoft", K=q.k, N=q.n,
+                         bits=q.bits, block_size=32, accuracy_level=accuracy_level),
         helper.make_node("GatherBlockQuantized", ["B", "ids", "S3"], ["e"], domain="com.microsoft",
                          bits=q.bits, block_size=32, gather_axis=0, quantize_axis=2),
     ]
@@ -64,6 +69,27 @@ def test_matmulnbits_and_gather_read_our_arrays_exactly(fmt_name, scale_dtype):
     x_in = x.astype(dtype).astype(np.float32)
     tol = 1e-5 if dtype == np.float32 else 2e-2
     np.testing.assert_allclose(y, x_in @ expected_w.T, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("scale_dtype,level", [("float32", 0), ("float32", 4), ("float16", 0)])
+def test_matmulnbits_reads_q4a_with_its_zero_points(scale_dtype, level):
+    """Asymmetric q4 (per-group zero points 0..15, packed two a byte, even block low): MatMulNBits'
+    output equals x @ the numpy dequantization; an odd number of blocks pads the last byte."""
+    rng = np.random.default_rng(3)
+    n, k = 24, 96  # 3 blocks: the zero points' last byte holds one
+    w = rng.standard_normal((n, k)).astype(np.float32) + rng.standard_normal((n, 1)).astype(np.float32)
+    w[5, :32] = 0.0
+    fmt = get_format("q4a", scale_dtype)
+    arrays = fmt.quantize(w, "t.weight", importance=rng.random(k).astype(np.float32))
+    assert len(set(arrays["zeros"].ravel())) > 3  # really asymmetric
+    dtype = np.float32 if scale_dtype == "float32" else np.float16
+    q = pack.quant_linear("t.weight", {"format": "q4a", "shape": [n, k]}, arrays, dtype)
+    assert q.zero_points.shape == (n, 2)
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    y, _ = run_ops(q, x, np.zeros((1, 1), np.int64), dtype, accuracy_level=level)
+    x_in = x.astype(dtype).astype(np.float32)
+    tol = {0: 1e-5, 4: 3e-2}[level] if dtype == np.float32 else 2e-2  # level 4 quantizes x to int8
+    np.testing.assert_allclose(y, x_in @ fmt.dequantize(arrays).T, atol=tol * np.abs(y).max(), rtol=tol)
 
 
 def test_bad_arrays_name_the_tensor():

@@ -21,7 +21,8 @@ from edgeforge.runtime.safetensors import SafetensorsFile
 from edgeforge.runtime.weights import QdirWeights
 
 STORED_DTYPES = {"f32": {"weight": "float32"}, "f16": {"weight": "float16"},
-                 "q8": {"qweight": "int8", "scales": None}, "q4": {"qweight": "uint32", "scales": None}}
+                 "q8": {"qweight": "int8", "scales": None}, "q4": {"qweight": "uint32", "scales": None},
+                 "q4a": {"qweight": "uint32", "scales": None, "zeros": "uint8"}}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_quantize_every_scheme_every_shape(tiny_shape, loaded, scheme, tmp_path,
             key = entry["arrays"][role]
             assert key in index["weight_map"]
             assert str(shard.get_raw(key).dtype) == (dtype or s.scale_dtype)
-        if entry["format"] in ("q8", "q4"):
+        if entry["format"] in ("q8", "q4", "q4a"):
             assert entry["scale_dtype"] == s.scale_dtype
             assert entry["arrays"]["scales"] == name[: -len("weight")] + "scales"
 
@@ -125,7 +126,7 @@ def test_embed_bits_8_keeps_embeddings_q8(loaded, tmp_path):
     assert quant["tensors"]["model.layers.0.mlp.up_proj.weight"]["format"] == "q4"
 
 
-@pytest.mark.parametrize("scheme,embed_bits", [("q4f16", None), ("q8f16", 8), ("q0f16", None)])
+@pytest.mark.parametrize("scheme,embed_bits", [("q4f16", None), ("q4f16_m", None), ("q8f16", 8), ("q0f16", None)])
 def test_same_input_gives_byte_identical_files(loaded, tmp_path, scheme, embed_bits):
     model = loaded("llama32")
     write_qdir(model, scheme, tmp_path / "a", embed_bits=embed_bits)

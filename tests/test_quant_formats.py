@@ -275,7 +275,7 @@ EXPECTED = {  # scheme -> (linear format, scale dtype, model dtype, embed format
     "q8f16": ("q8", "float16", "float16", "q8", (), False),
     "q4f16": ("q4", "float16", "float16", "q8", ("v_proj",), True),
     "q4f32": ("q4", "float32", "float32", "q8", ("v_proj",), True),
-    "q4f16_m": ("q4", "float16", "float16", "q8", ("v_proj", "down_proj@more"), True),
+    "q4f16_m": ("q4a", "float16", "float16", "q8", ("v_proj", "down_proj@more"), True),
     "q4f16_rtn": ("q4", "float16", "float16", "q4", (), False),
     "q4f32_rtn": ("q4", "float32", "float32", "q4", (), False),
 }
@@ -424,3 +424,73 @@ def test_searched_q4_keeps_the_stored_format():
     np.testing.assert_array_equal(fmt.dequantize(arrays), expected)
     with pytest.raises(EdgeforgeError, match="importance has 63 entries"):
         fmt.quantize(w, "w", importance=np.ones(63, np.float32))
+
+
+# ---- q4a: asymmetric groups ------------------------------------------------------------------------
+
+def _q4a_by_hand(w, scale_dtype):
+    """An independent, loop-per-group computation of round-to-nearest q4a (the group's range widened
+    to hold 0, scale = range / 15 rounded to the scale dtype, zero = round(-min / scale), codes
+    round(w / scale) + zero, clipped)."""
+    rows, cols = w.shape
+    codes = np.zeros((rows, cols), np.int64)
+    scales = np.zeros((rows, cols // 32), np.float32)
+    zeros = np.zeros((rows, cols // 32), np.int64)
+    for r in range(rows):
+        for g in range(cols // 32):
+            x = w[r, 32 * g: 32 * g + 32].astype(np.float64)
+            lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+            s = float(((np.float32(hi) - np.float32(lo)) / np.float32(15)).astype(scale_dtype))
+            z = 0 if s == 0 else int(min(15, max(0, np.rint(-lo / s))))
+            q = np.zeros(32) if s == 0 else np.rint(x.astype(np.float32) / np.float32(s))
+            codes[r, 32 * g: 32 * g + 32] = np.clip(q + z, 0, 15)
+            scales[r, g], zeros[r, g] = s, z
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+def test_q4a_round_to_nearest_matches_a_loop_by_hand(scale_dtype):
+    fmt = get_format("q4a", scale_dtype)
+    w = weight(rows=6, cols=96, seed=8) + 0.7  # groups off zero: the zero point matters (row 3: a wide group)
+    w[1, :32] = 0.0
+    w[2, 32:64] = -1.25  # constant groups: span [v, 0]
+    w[4, 64:] = 2.5
+    arrays = fmt.quantize(w, "w")
+    codes, scales, zeros = _q4a_by_hand(w, scale_dtype)
+    np.testing.assert_array_equal(unpack_q4(arrays["qweight"]), codes)
+    np.testing.assert_array_equal(arrays["scales"].astype(np.float32), scales)
+    np.testing.assert_array_equal(arrays["zeros"], zeros)
+    expected = ((codes - np.repeat(zeros, 32, axis=1)) * np.repeat(scales, 32, axis=1)).astype(np.float32)
+    np.testing.assert_allclose(fmt.dequantize(arrays), expected, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(fmt.dequantize(arrays)[2, 32:64], -1.25, rtol=1e-3)  # exact-ish: -15 * s
+    assert {k: (a.shape, str(a.dtype)) for k, a in arrays.items()} == fmt.stored(w.shape)
+    step = np.repeat(scales, 32, axis=1)
+    assert (np.abs(fmt.dequantize(arrays) - w) <= 0.5 * step * (1 + 1e-3) + 1e-7).all()  # half a step
+
+
+def test_q4a_search_beats_its_round_to_nearest_and_symmetric_q4():
+    from edgeforge.quant.formats import search_weights
+
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((32, 128)) * 0.05 + rng.standard_normal((32, 1)) * 0.05).astype(np.float32)
+    importance = rng.gamma(0.5, 1.0, size=128).astype(np.float32)
+    groups = w.reshape(32, 4, 32)
+    weights = search_weights(groups, importance.reshape(1, 4, 32))
+
+    def err(fmt, imp):
+        deq = fmt.dequantize(fmt.quantize(w, "w", importance=imp))
+        return (weights * (groups - deq.reshape(32, 4, 32)) ** 2).sum(axis=2)
+
+    a_search, a_rtn = err(get_format("q4a", "float16"), importance), err(get_format("q4a", "float16"), None)
+    q4_search = err(Q4("float16"), importance)
+    assert (a_search <= a_rtn * (1 + 1e-6)).all()  # never worse per group: the search starts there
+    assert a_search.sum() < 0.9 * a_rtn.sum() and a_search.sum() < q4_search.sum()
+
+
+def test_q4a_bad_zeros_are_refused():
+    fmt = get_format("q4a", "float16")
+    arrays = fmt.quantize(weight(rows=4, cols=32), "w")
+    with pytest.raises(EdgeforgeError, match="q4a zeros"):
+        fmt.dequantize({**arrays, "zeros": arrays["zeros"].astype(np.int32)})
+    with pytest.raises(EdgeforgeError, match="q4a zeros"):
+        fmt.dequantize({**arrays, "zeros": arrays["zeros"] + 16})

@@ -22,7 +22,8 @@ from edgeforge.runtime.tvm_engine import TvmEngine  # noqa: E402
 # Every tiny shape at q4f32; every scheme on the GQA + tied + llama3-rope shape; q8f16 also on
 # the head_dim != hidden/heads shape (untied head, linear rope).
 CASES = [("llama2", "q4f32"), ("llama32", "q4f32"), ("headdim", "q4f32"),
-         ("llama32", "q0f32"), ("llama32", "q4f16"), ("llama32", "q8f16"), ("headdim", "q8f16")]
+         ("llama32", "q0f32"), ("llama32", "q4f16"), ("llama32", "q8f16"), ("headdim", "q8f16"),
+         ("llama32", "q4f16_m"), ("llama2", "q4f16_m")]
 STEPS = 8
 
 

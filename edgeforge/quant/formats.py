@@ -1,4 +1,4 @@
-"""Storage formats of QDIR weights: F32, F16, Q8, Q4 (bit layouts defined in docs/INTERNALS.md).
+"""Storage formats of QDIR weights: F32, F16, Q8, Q4, Q4A (bit layouts defined in docs/INTERNALS.md).
 
 Each format turns one float weight into a dict of stored numpy arrays (`quantize`) and back into
 float32 (`dequantize`). Quantized formats work per row of a [out, in] weight on groups of
@@ -18,6 +18,7 @@ GROUP_SIZE = 32
 Q8_MAX = 127  # q8: q = clip(round(w / scale), -127, 127), int8
 Q4_MIN, Q4_MAX = -8, 7  # q4: q = clip(round(w / scale), -8, 7) + Q4_OFFSET, in [0, 15]
 Q4_OFFSET = 8  # also ONNX MatMulNBits' default 4-bit zero point
+Q4_LEVELS = 15  # q4a: codes 0..15 and a zero point in 0..15 per group
 Q8_ONNX_ZERO_POINT = 128  # MatMulNBits 8-bit stores uint8(q + 128)
 Q4_PER_WORD = 8  # nibbles per uint32 word, element 8k+j in bits 4j..4j+3 of word k
 
@@ -285,14 +286,141 @@ def unpack_q4(words: np.ndarray) -> np.ndarray:
     return n.reshape(w.shape[0], -1).astype(np.uint8)
 
 
+class Q4A(Q4):
+    """Asymmetric q4: uint32 `qweight` [out, in/8] of codes 0..15, `scales` [out, in/32] and uint8
+    `zeros` [out, in/32] (a zero point 0..15 per group): w ~= (code - zero) * scale.
+
+    ONNX MatMulNBits' 4-bit layout with its `zero_points` input (packed two a byte there), and TVM
+    computes the same; 0.25 bit a weight more than q4 (one byte a group). Round to nearest spans
+    each group's [min, max] (widened to hold 0) with the 16 codes; with calibration importance, quantize() searches
+    (scale, zero) per group by weighted error instead (search_asymmetric)."""
+
+    name = "q4a"
+    qmin, qmax = 0, 15
+    signed_scale = False
+    array_names = ("qweight", "scales", "zeros")
+
+    def _range(self, groups: np.ndarray, name: str):
+        """Round-to-nearest (scale, zero): the 16 codes span [min(min, 0), max(max, 0)] (an integer
+        zero point 0..15 always represents 0 exactly, so the span must hold it); scale as stored."""
+        lo, hi = _zero_span(groups)
+        with np.errstate(over="ignore"):
+            scales = ((hi - lo) / np.float32(Q4_LEVELS)).astype(self.scale_dtype)
+        if not np.isfinite(scales).all():
+            raise EdgeforgeError(f"tensor '{name}': a group scale overflows {self.scale_dtype}")
+        return scales, self._zeros(lo, scales)
+
+    @staticmethod
+    def _zeros(lo: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        s = scales.astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.rint(-lo / s)
+        return np.clip(np.where(s == 0, 0, z), 0, Q4_LEVELS).astype(np.uint8)
+
+    def _codes(self, groups: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+        """code = clip(rint(w / scale) + zero, 0, 15); a zero scale gives code = zero (w = 0)."""
+        s = scales.astype(np.float32)[:, :, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.rint(groups / s)
+        q = np.where(s == 0, 0.0, q) + zeros[:, :, None]
+        return np.clip(q, 0, Q4_LEVELS).astype(np.uint8)
+
+    def quantize(self, w, name: str = "weight", importance=None) -> dict[str, np.ndarray]:
+        w = np.asarray(w)
+        self._check_shape(w, name)
+        if importance is not None:
+            importance = np.asarray(importance, dtype=np.float32).reshape(-1)
+            if importance.shape[0] != w.shape[1]:
+                raise EdgeforgeError(f"tensor '{name}': importance has {importance.shape[0]} entries, the weight "
+                                     f"has {w.shape[1]} input columns")
+        step = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
+        out = {k: [] for k in self.array_names}
+        for r in range(0, w.shape[0], step):
+            groups = _as_f32(w[r : r + step], name).reshape(-1, w.shape[1] // GROUP_SIZE, GROUP_SIZE)
+            scales, zeros = self._range(groups, name)
+            if importance is not None:
+                scales, zeros = search_asymmetric(groups, importance.reshape(1, -1, GROUP_SIZE), scales, zeros, self)
+            out["qweight"].append(pack_q4(self._codes(groups, scales, zeros).reshape(groups.shape[0], -1)))
+            out["scales"].append(scales)
+            out["zeros"].append(zeros)
+        if not out["qweight"]:
+            return {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.stored(w.shape).items()}
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        codes = self._load(np.asarray(arrays["qweight"])).astype(np.float32)
+        zeros = np.asarray(arrays["zeros"])
+        if zeros.dtype != np.uint8 or (zeros > Q4_LEVELS).any():
+            raise EdgeforgeError(f"q4a zeros must be uint8 in 0..{Q4_LEVELS}")
+        scales = np.asarray(arrays["scales"]).astype(np.float32)
+        groups = codes.reshape(codes.shape[0], -1, GROUP_SIZE) - zeros.astype(np.float32)[:, :, None]
+        return (groups * scales[:, :, None]).reshape(codes.shape)
+
+    def stored(self, shape) -> dict[str, tuple[tuple, str]]:
+        out_f, in_f = shape
+        return {**super().stored(shape), "zeros": ((out_f, in_f // GROUP_SIZE), "uint8")}
+
+    def _load(self, stored):
+        if stored.dtype != np.uint32:
+            raise EdgeforgeError(f"q4a qweight must be uint32, got {stored.dtype}")
+        return unpack_q4(stored)
+
+
+# The asymmetric search: for each candidate span (a fraction of [min, max], clipping the tails) and
+# zero, the codes, then the scale refit to them by weighted least squares with the zero fixed
+# (an integer: MatMulNBits' uint8 zero points), the best by weighted error as stored.
+ASYM_SPANS = np.array([1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 1.05], dtype=np.float32)
+ASYM_ZERO_SHIFTS = (-1, 0, 1)
+
+
+def search_asymmetric(groups, importance, scales, zeros, fmt):
+    """(scales, zeros) that minimise sum w (x - s (code - z))^2 per group, codes as stored."""
+    w = search_weights(groups, importance)
+    best_s, best_z = scales.astype(np.float32), zeros.copy()
+    best_err = _asym_error(groups, w, best_s, best_z, fmt)
+    lo, hi = _zero_span(groups)
+    mid = (lo + hi) / 2
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for frac in ASYM_SPANS:
+            half = (hi - lo) * frac / 2
+            s0 = ((2 * half) / np.float32(Q4_LEVELS)).astype(fmt.scale_dtype).astype(np.float32)
+            z0 = fmt._zeros(mid - half, s0)  # noqa: SLF001
+            for shift in ASYM_ZERO_SHIFTS:
+                z = np.clip(z0.astype(np.int16) + shift, 0, Q4_LEVELS).astype(np.uint8)
+                s = s0
+                for _ in range(SEARCH_REFITS):
+                    d = fmt._codes(groups, s, z).astype(np.float32) - z[:, :, None]  # noqa: SLF001
+                    refit = np.einsum("gij,gij,gij->gi", w, d, groups) / np.einsum("gij,gij,gij->gi", w, d, d)
+                    s = np.where(np.isfinite(refit) & (refit > 0), refit, s).astype(fmt.scale_dtype).astype(np.float32)
+                err = _asym_error(groups, w, s, z, fmt)
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_s, best_z = np.where(better, s, best_s), np.where(better, z, best_z)
+    return best_s.astype(fmt.scale_dtype), best_z.astype(np.uint8)
+
+
+def _zero_span(groups: np.ndarray):
+    """Each group's [min, max] widened to hold 0."""
+    return np.minimum(groups.min(axis=2), 0), np.maximum(groups.max(axis=2), 0)
+
+
+def _asym_error(groups, w, s, z, fmt) -> np.ndarray:
+    d = (fmt._codes(groups, s, z).astype(np.float32) - z[:, :, None]) * s[:, :, None]  # noqa: SLF001
+    np.subtract(groups, d, out=d)
+    return np.einsum("gij,gij,gij->gi", w, d, d)
+
+
 def get_format(name: str, scale_dtype: str | None = None):
-    """A format object by its QDIR name ('f32', 'f16', 'q8', 'q4')."""
+    """A format object by its QDIR name ('f32', 'f16', 'q8', 'q4', 'q4a')."""
     if name == "f32":
         return F32()
     if name == "f16":
         return F16()
-    if name in ("q8", "q4"):
+    if name in QUANT_FORMATS:
         if scale_dtype is None:
             raise EdgeforgeError(f"format '{name}' needs a scale_dtype ({', '.join(SCALE_DTYPES)})")
-        return (Q8 if name == "q8" else Q4)(scale_dtype)
-    raise EdgeforgeError(f"unknown storage format '{name}' (known: f32, f16, q8, q4)")
+        return QUANT_FORMATS[name](scale_dtype)
+    raise EdgeforgeError(f"unknown storage format '{name}' (known: f32, f16, {', '.join(QUANT_FORMATS)})")
+
+
+QUANT_FORMATS = {"q8": Q8, "q4": Q4, "q4a": Q4A}

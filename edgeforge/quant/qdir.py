@@ -55,7 +55,7 @@ def plan_tensors(model, scheme: Scheme, embed_bits: int | None) -> list[tuple[st
     for name in sorted(model.tensors.names(), key=natural_key):
         shape = tuple(int(d) for d in model.tensors.shape(name))
         fmt = scheme.format_for(name, shape, embed_bits, model.config.num_layers)
-        if fmt.name in ("q8", "q4") and shape[1] % GROUP_SIZE:
+        if fmt.name in ("q8", "q4", "q4a") and shape[1] % GROUP_SIZE:
             raise EdgeforgeError(
                 f"tensor '{name}': width {shape[1]} is not divisible by the group size {GROUP_SIZE}, "
                 f"cannot store it as {fmt.name} (scheme {scheme.name})"
@@ -163,7 +163,7 @@ class ShardWriter:
 
 def calibrate(model, scheme, plan) -> tuple[dict, dict | None]:
     """Calibration importance when the scheme searches q4 scales and some tensor is q4."""
-    if not (scheme.calibrated and any(fmt.name == "q4" for _, _, fmt in plan)):
+    if not (scheme.calibrated and any(fmt.name in ("q4", "q4a") for _, _, fmt in plan)):
         return {}, None
     from .calibrate import collect_importance
 

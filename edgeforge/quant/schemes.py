@@ -7,18 +7,22 @@
 | q8f16     | q8 (fp16 scales)                     | -                                | 8.5          |
 | q4f16     | q4, calibrated scale search          | embedding/lm_head, attn v        | 4.5 (+)      |
 | q4f32     | as q4f16, fp32 scales, fp32 compute  | embedding/lm_head, attn v        | 5.0 (+)      |
-| q4f16_m   | q4, calibrated scale search          | + ffn down of 1/8-first/last and every 3rd layer | 4.5 (++) |
+| q4f16_m   | q4a (asymmetric: a zero point a group), calibrated (scale, zero) search | + ffn down of 1/8-first/last and every 3rd layer | 4.75 (++) |
 | q4f16_rtn | q4, round to nearest (the old q4f16) | -                                | 4.5          |
 | q4f32_rtn | as q4f16_rtn, fp32 scales            | -                                | 5.0          |
 
-*Per q4 or q8 weight, scales counted: q4 with fp16 scales is 4 + 16/32 = 4.5, q8 is 8.5; what a
+*Per q4 or q8 weight, scales counted: q4 with fp16 scales is 4 + 16/32 = 4.5, q4a adds a one-byte
+zero point a group (4.75; 4.625 in ONNX, which packs two a byte), q8 is 8.5; what a
 whole model comes to depends on its share of embedding and v/down weights (`edgeforge quantize`
 prints it; BENCHMARKS.md has a column). Norm weights (and any other 1-D tensor) are always f32.
 
 `embed_bits` (4 or 8) overrides the embedding/lm_head format of any scheme.
 The calibrated schemes measure, on the calibration text, how much each input column of each matrix
 matters (quant/calibrate.py) and search each group's q4 scale to minimise the error weighted by it
-(formats.search_scales); the stored format is the same as round-to-nearest q4.
+(formats.search_scales; q4a: formats.search_asymmetric); the stored format is the same as round to
+nearest. q4a measured on the plausible float SmolLM2 (512 tokens of eval-long): q4f16_m KL 0.0876
+symmetric -> 0.0764 asymmetric (+2.5 % size); for q4f16 only 0.111 -> 0.109 (+3 % size), so
+q4f16 stays symmetric (docs/notes/quant.md).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def more_bits_layer(i: int, n: int) -> bool:
 @dataclass(frozen=True)
 class Scheme:
     name: str
-    linear: str  # storage format of 2-D weights: f32 | f16 | q8 | q4
+    linear: str  # storage format of 2-D weights: f32 | f16 | q8 | q4 | q4a
     scale_dtype: str | None  # of q8/q4 scales; None for f32/f16
     model_dtype: str  # what backends compute in
     embed: str | None = None  # embedding / lm_head format (None: as `linear`)
@@ -62,7 +66,7 @@ class Scheme:
             return "f32"  # norms: tiny and precision-critical
         if tensor in EMBED_NAMES:
             return self.embed_format(embed_bits)
-        if self.linear == "q4" and self._wants_q8(tensor, num_layers):
+        if self.linear in ("q4", "q4a") and self._wants_q8(tensor, num_layers):
             return "q8"
         return self.linear
 
@@ -78,7 +82,7 @@ class Scheme:
         """The format object (with its scale dtype) that stores `tensor` under this scheme."""
         fmt = self.format_name(tensor, shape, embed_bits, num_layers)
         scale = self.scale_dtype or self.model_dtype
-        return get_format(fmt, scale if fmt in ("q8", "q4") else None)
+        return get_format(fmt, scale if fmt in ("q8", "q4", "q4a") else None)
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -89,7 +93,7 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("q8f16", "q8", "float16", "float16"),
         Scheme("q4f16", "q4", "float16", "float16", embed="q8", q8=("attn_v",), calibrated=True),
         Scheme("q4f32", "q4", "float32", "float32", embed="q8", q8=("attn_v",), calibrated=True),
-        Scheme("q4f16_m", "q4", "float16", "float16", embed="q8", q8=("attn_v", "ffn_down_more"), calibrated=True),
+        Scheme("q4f16_m", "q4a", "float16", "float16", embed="q8", q8=("attn_v", "ffn_down_more"), calibrated=True),
         Scheme("q4f16_rtn", "q4", "float16", "float16"),
         Scheme("q4f32_rtn", "q4", "float32", "float32"),
     ]

@@ -27,6 +27,7 @@ FORMAT_ARRAYS = {
     "f16": {"weight": "float16"},
     "q8": {"qweight": "int8", "scales": None},
     "q4": {"qweight": "uint32", "scales": None},
+    "q4a": {"qweight": "uint32", "scales": None, "zeros": "uint8"},
 }
 
 

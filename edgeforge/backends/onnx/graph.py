@@ -157,8 +157,8 @@ class LlamaOnnxBuilder:
         if all(self._is_quant(n) for n in weight_names):
             quants = [self._quant(n) for n in weight_names]
             runs: list[list] = []
-            for q in quants:
-                if runs and runs[-1][0].bits == q.bits:
+            for q in quants:  # neighbours that one MatMulNBits can hold: same bits, zero points or none
+                if runs and (runs[-1][0].bits, runs[-1][0].zero_points is None) == (q.bits, q.zero_points is None):
                     runs[-1].append(q)
                 else:
                     runs.append([q])
@@ -171,8 +171,10 @@ class LlamaOnnxBuilder:
 
     def _matmul_nbits(self, x: str, q: pack.QuantLinear, name: str, blob: str | None = None) -> str:
         blob = blob or self.g.init(f"{name}.qweight", q.blob)
-        scales = self.g.init(f"{name}.scales", q.scales.reshape(-1))
-        return self.g.op("MatMulNBits", [x, blob, scales], name, domain=MS, K=q.k, N=q.n, bits=q.bits,
+        inputs = [x, blob, self.g.init(f"{name}.scales", q.scales.reshape(-1))]
+        if q.zero_points is not None:
+            inputs.append(self.g.init(f"{name}.zero_points", q.zero_points.reshape(-1)))
+        return self.g.op("MatMulNBits", inputs, name, domain=MS, K=q.k, N=q.n, bits=q.bits,
                          block_size=pack.GROUP, accuracy_level=self.accuracy_level)
 
     def to_compute(self, x: str, name: str) -> str:
@@ -228,6 +230,8 @@ class LlamaOnnxBuilder:
             return {"kind": "dense", "table": table}
         entry, arrays = self._entry(name)
         q = pack.quant_linear(name, entry, arrays, np.float32)  # float32 scales: float32 rows
+        if q.zero_points is not None:
+            raise EdgeforgeError(f"{name}: a {entry['format']} embedding table is not supported (q8 or q4 only)")
         spec = {"kind": "quantized", "bits": q.bits, "block_size": pack.GROUP}
         if not tied:
             return {**spec, "blob": g.raw("model.embed_tokens.qweight", q.blob),
@@ -268,6 +272,8 @@ class LlamaOnnxBuilder:
         entry, arrays = self._entry(name)
         if self._is_quant(name):
             q = pack.quant_linear(name, entry, arrays, np.float32)
+            if q.zero_points is not None:
+                raise EdgeforgeError(f"{name}: a {entry['format']} output head is not supported (q8 or q4 only)")
             parts = self.head_parts if tied else self._store_chunks("lm_head", q)
             outs = [self.g.op("MatMulNBits", [x, p["blob"], p["scales"]], f"lm_head.{i}" if len(parts) > 1 else "lm_head",
                               domain=MS, K=q.k, N=p["rows"][1] - p["rows"][0], bits=q.bits, block_size=pack.GROUP,

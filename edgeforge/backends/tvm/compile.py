@@ -58,7 +58,7 @@ def _check_formats(cfg, formats: dict, quant_path: Path) -> None:
         if name not in formats:
             raise EdgeforgeError(f"{quant_path}: tensor '{name}' is missing")
         fmt = formats[name][0]
-        if fmt not in ("q4", "q8", "f16", "f32"):
+        if fmt not in ("q4", "q4a", "q8", "f16", "f32"):
             raise EdgeforgeError(f"{quant_path}: tensor '{name}' has unknown format {fmt!r}")
 
 

@@ -5,7 +5,8 @@ kernel ever materializes the float weight: the fusion holds by construction, wha
 pipeline does afterwards. tests/test_tvm_fusion.py checks the lowered IR for it.
 
 QDIR layouts (docs/INTERNALS.md): q4 = uint32 [out, in/8] low nibble first, offset 8, scales
-[out, in/32]; q8 = int8 [out, in], scales [out, in/32]; f16/f32 = the weight itself.
+[out, in/32]; q4a = the same nibbles with a zero point per group, uint8 zeros [out, in/32];
+q8 = int8 [out, in], scales [out, in/32]; f16/f32 = the weight itself.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ LANES_BLOCK = "lanes"
 X_SUM_BLOCK = "x_group_sum"
 X_F32_BLOCK = "x_f32"
 Q4_OFFSET = 8.0  # stored nibble = q + 8
+QUANT = ("q4", "q4a", "q8")  # the grouped formats (one scale per GROUP inputs)
 
 
 def param_arrays(fmt: str, out_f: int, in_f: int, scale_dtype: str | None) -> dict[str, tuple[tuple, str]]:
     """QDIR array kind -> (shape, dtype) for one weight of storage format `fmt`."""
     if fmt == "q4":
         return {"qweight": ((out_f, in_f // 8), "uint32"), "scales": ((out_f, in_f // GROUP), scale_dtype)}
+    if fmt == "q4a":
+        return {**param_arrays("q4", out_f, in_f, scale_dtype), "zeros": ((out_f, in_f // GROUP), "uint8")}
     if fmt == "q8":
         return {"qweight": ((out_f, in_f), "int8"), "scales": ((out_f, in_f // GROUP), scale_dtype)}
     if fmt in ("f32", "f16"):
@@ -43,20 +47,27 @@ def param_arrays(fmt: str, out_f: int, in_f: int, scale_dtype: str | None) -> di
 
 def dequant_expr(fmt: str, arrays: dict, row, col):
     """float32 value of weight[row, col] read straight from the stored arrays (a TE expression)."""
-    if fmt in ("q4", "q8"):
+    if fmt in QUANT:
         return q_expr(fmt, arrays, row, col) * scale_expr(arrays, row, col // GROUP)
     return arrays["weight"][row, col].astype("float32")
 
 
 def q_expr(fmt: str, arrays: dict, row, col, offset: bool = True):
-    """float32 quantized value q (without its scale) of weight[row, col], q4 or q8. With
-    offset=False a q4 value is the stored nibble, q + Q4_OFFSET."""
-    if fmt == "q4":
+    """float32 quantized value q (without its scale) of weight[row, col], q4, q4a or q8. With
+    offset=False a q4/q4a value is the stored nibble (q + Q4_OFFSET, q + zero)."""
+    if fmt in ("q4", "q4a"):
         word = arrays["qweight"][row, col // 8]
         nib = (word >> ((col % 8) * 4).astype("uint32")) & tirx.const(15, "uint32")
         nib = nib.astype("float32")
-        return nib - tirx.const(Q4_OFFSET, "float32") if offset else nib
+        return nib - zero_expr(fmt, arrays, row, col // GROUP) if offset else nib
     return arrays["qweight"][row, col].astype("float32")
+
+
+def zero_expr(fmt: str, arrays: dict, row, group):
+    """The nibble that means 0 in a group: 8 for q4, the stored zero point for q4a."""
+    if fmt == "q4a":
+        return arrays["zeros"][row, group].astype("float32")
+    return tirx.const(Q4_OFFSET, "float32")
 
 
 def scale_expr(arrays: dict, row, group):
@@ -128,7 +139,7 @@ def _x(xt, x32, i, j, k):
 
 def _grouped_gemv_wanted(fmt: str, rows) -> bool:
     """One activation row of a q4/q8 weight built for a CPU target: see grouped_gemv."""
-    return _cpu_target() and fmt in ("q4", "q8") and isinstance(rows, tirx.IntImm) and int(rows) == 1
+    return _cpu_target() and fmt in QUANT and isinstance(rows, tirx.IntImm) and int(rows) == 1
 
 
 def grouped_gemv(xt, fmt: str, stored: dict, in_f: int, out_f: int):
@@ -136,7 +147,8 @@ def grouped_gemv(xt, fmt: str, stored: dict, in_f: int, out_f: int):
 
     The same sum as the plain form, multiplied by each scale once per group instead of once per
     weight, and for q4 with the raw nibbles: sum x_k * q_k = sum x_k * nib_k - 8 * sum x_k, the
-    activation sums computed once per call (`x_group_sum`, shared by every row). The inner loop is
+    activation sums computed once per call (`x_group_sum`, shared by every row); q4a subtracts its
+    group's own zero point instead of 8. The inner loop is
     then: unpack, convert, FMA. Partial sums keep LANES lanes (input k % LANES) until the end:
     `group_dot` [.., n, g, lane] sums the group's GROUP // LANES vectors, `lanes` [.., n, lane] the
     scaled groups, `acc` the lanes."""
@@ -157,15 +169,14 @@ def grouped_gemv(xt, fmt: str, stored: dict, in_f: int, out_f: int):
         ),
         name=GROUP_DOT_BLOCK,
     )
-    if fmt == "q4":
+    if fmt in ("q4", "q4a"):
         wx = te.reduce_axis((0, vectors), name="wx")
         x_sum = te.compute(
             (b, s, groups, LANES), lambda i, j, g, lane: te.sum(x(i, j, g, wx, lane), axis=wx), name=X_SUM_BLOCK
         )
-        offset = tirx.const(Q4_OFFSET, "float32")
 
-        def dot(i, j, n, g, lane):
-            return group_dot[i, j, n, g, lane] - offset * x_sum[i, j, g, lane]
+        def dot(i, j, n, g, lane):  # sum x (nib - zero) = sum x nib - zero * sum x
+            return group_dot[i, j, n, g, lane] - zero_expr(fmt, stored, n, g) * x_sum[i, j, g, lane]
     else:
 
         def dot(i, j, n, g, lane):
