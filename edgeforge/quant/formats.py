@@ -141,20 +141,25 @@ class _Grouped:
             if importance.shape[0] != w.shape[1]:
                 raise EdgeforgeError(f"tensor '{name}': importance has {importance.shape[0]} entries, the weight "
                                      f"has {w.shape[1]} input columns")
+            importance = importance.reshape(1, -1, GROUP_SIZE)
         # Blocks of rows: rows are independent, and the float temporaries stay ~BLOCK_ELEMENTS
         # large even for an 8B model's 500M-element embedding.
         step = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
-        qweights, scales = [], []
+        parts = {k: [] for k in self.array_names}
         for r in range(0, w.shape[0], step):
             groups = _as_f32(w[r : r + step], name).reshape(-1, w.shape[1] // GROUP_SIZE, GROUP_SIZE)
-            s = self._scales(groups, name)
-            if importance is not None and self.searchable:
-                s = search_scales(groups, importance.reshape(1, -1, GROUP_SIZE), s, self)
-            qweights.append(self._store(self._quantize_groups(groups, s).reshape(groups.shape[0], -1)))
-            scales.append(s)
-        if not qweights:  # zero rows
+            for k, v in self._quantize_block(groups, importance, name).items():
+                parts[k].append(v)
+        if not parts["qweight"]:  # zero rows
             return {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.stored(w.shape).items()}
-        return {"qweight": np.concatenate(qweights), "scales": np.concatenate(scales)}
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def _quantize_block(self, groups: np.ndarray, importance, name: str) -> dict[str, np.ndarray]:
+        """The stored arrays of some rows ([rows, groups, GROUP_SIZE] floats)."""
+        s = self._scales(groups, name)
+        if importance is not None and self.searchable:
+            s = search_scales(groups, importance, s, self)
+        return {"qweight": self._store(self._quantize_groups(groups, s).reshape(groups.shape[0], -1)), "scales": s}
 
     def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         q = self._load(np.asarray(arrays["qweight"])).astype(np.float32)
@@ -325,27 +330,12 @@ class Q4A(Q4):
         q = np.where(s == 0, 0.0, q) + zeros[:, :, None]
         return np.clip(q, 0, Q4_LEVELS).astype(np.uint8)
 
-    def quantize(self, w, name: str = "weight", importance=None) -> dict[str, np.ndarray]:
-        w = np.asarray(w)
-        self._check_shape(w, name)
+    def _quantize_block(self, groups: np.ndarray, importance, name: str) -> dict[str, np.ndarray]:
+        scales, zeros = self._range(groups, name)
         if importance is not None:
-            importance = np.asarray(importance, dtype=np.float32).reshape(-1)
-            if importance.shape[0] != w.shape[1]:
-                raise EdgeforgeError(f"tensor '{name}': importance has {importance.shape[0]} entries, the weight "
-                                     f"has {w.shape[1]} input columns")
-        step = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
-        out = {k: [] for k in self.array_names}
-        for r in range(0, w.shape[0], step):
-            groups = _as_f32(w[r : r + step], name).reshape(-1, w.shape[1] // GROUP_SIZE, GROUP_SIZE)
-            scales, zeros = self._range(groups, name)
-            if importance is not None:
-                scales, zeros = search_asymmetric(groups, importance.reshape(1, -1, GROUP_SIZE), scales, zeros, self)
-            out["qweight"].append(pack_q4(self._codes(groups, scales, zeros).reshape(groups.shape[0], -1)))
-            out["scales"].append(scales)
-            out["zeros"].append(zeros)
-        if not out["qweight"]:
-            return {k: np.zeros(shape, dtype) for k, (shape, dtype) in self.stored(w.shape).items()}
-        return {k: np.concatenate(v) for k, v in out.items()}
+            scales, zeros = search_asymmetric(groups, importance, scales, zeros, self)
+        codes = self._codes(groups, scales, zeros).reshape(groups.shape[0], -1)
+        return {"qweight": pack_q4(codes), "scales": scales, "zeros": zeros}
 
     def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         codes = self._load(np.asarray(arrays["qweight"])).astype(np.float32)
