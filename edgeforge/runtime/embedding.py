@@ -49,16 +49,16 @@ class EmbeddingTable:
                 if self.bits not in ZERO_POINT or self.block <= 0 or self.hidden_size % self.block:
                     raise BundleError(f"{self.where}: embedding bits {self.bits} / block_size {self.block} not supported")
                 blocks = self.hidden_size // self.block
-                self.blob = self._map(artifact_dir, spec["blob"], "uint8", (self.vocab_size, blocks, self.block * self.bits // 8))
-                self.scales = self._map(artifact_dir, spec["scales"], "float32", (self.vocab_size, blocks))
+                self.blob = self._tensor(artifact_dir, spec["blob"], "uint8", (self.vocab_size, blocks, self.block * self.bits // 8))
+                self.scales = self._tensor(artifact_dir, spec["scales"], "float32", (self.vocab_size, blocks))
             elif self.kind == "dense":
-                self.table = self._map(artifact_dir, spec["table"], None, (self.vocab_size, self.hidden_size))
+                self.table = self._tensor(artifact_dir, spec["table"], None, (self.vocab_size, self.hidden_size))
             else:
                 raise BundleError(f"{self.where}: embedding kind {self.kind!r} is neither 'quantized' nor 'dense'")
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"{self.where}: malformed 'embedding' entry ({err!r})") from None
 
-    def _map(self, artifact_dir, tensor: dict, dtype: str | None, shape: tuple) -> dict:
+    def _tensor(self, artifact_dir, tensor: dict, dtype: str | None, shape: tuple) -> dict:
         """Check that one tensor entry describes what the graph expects and lies inside the file (a
         bad entry is a BundleError, never a wild read); returns {file, offset, row_bytes, dtype}."""
         name, dt = tensor["file"], tensor["dtype"]
@@ -92,6 +92,11 @@ class EmbeddingTable:
                 raise BundleError(f"{f.name}: truncated while reading embedding row {int(row)}")
             out[i] = np.frombuffer(data, np.uint8)
         return out.view(t["dtype"]).reshape((len(ids), *t["row_shape"]))
+
+    @property
+    def files(self) -> list[Path]:
+        """The data files the table is read from (checked names inside the artifact folder)."""
+        return list(self._files)
 
     def close(self) -> None:
         for f in self._files.values():

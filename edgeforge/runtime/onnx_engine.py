@@ -51,10 +51,16 @@ class OnnxEngine:
         self.artifact_dir = Path(artifact_dir)
         self.info = _read_artifact(self.artifact_dir)
         self.provider, self.device_id = _pick_provider(self.info, device)
-        self.session = self._open_session(threads)
-        self.device = _device_name(self.provider, self.device_id)
         self.num_layers = int(self.info["num_layers"])
         self.vocab_size = int(self.info["vocab_size"])
+        # Graphs since artifact input "inputs_embeds" take embedding rows (see runtime/embedding.py);
+        # older ones take input_ids. Checked before ONNX Runtime loads anything.
+        self.embeddings = None
+        if self.info.get("input") == "inputs_embeds":
+            self.embeddings = EmbeddingTable(self.artifact_dir, self.info.get("embedding"), self.vocab_size,
+                                             self.info.get("hidden_size", 0))
+        self.session = self._open_session(threads)
+        self.device = _device_name(self.provider, self.device_id)
         self.max_length = checked_max_length(max_length, self.info["context_length"])
         self.context_length = self.max_length
         self.kv_dtype = KV_DTYPES[self.info["kv_dtype"]]
@@ -62,12 +68,6 @@ class OnnxEngine:
         if self.kv_mode not in ("shared", "copy"):
             raise BundleError(f"kv_mode must be 'shared' or 'copy', got {self.kv_mode!r}")
         self.kv_on_cpu = self.provider != "CUDAExecutionProvider"
-        # Graphs since artifact input "inputs_embeds" take embedding rows (see runtime/embedding.py);
-        # older ones take input_ids.
-        self.embeddings = None
-        if self.info.get("input") == "inputs_embeds":
-            self.embeddings = EmbeddingTable(self.artifact_dir, self.info.get("embedding"), self.vocab_size,
-                                             self.info.get("hidden_size", 0))
         self.io = self.session.io_binding()
         self._bind_small_buffers()
         self.capacity = 0
@@ -107,12 +107,8 @@ class OnnxEngine:
         return session
 
     def _data_files(self, model: Path) -> list[Path]:
-        """The graph's external data files: the embedding's (artifact.json) and compile.py's name."""
-        names = {model.name + ".data"}
-        for part in ((self.info.get("embedding") or {}).values()):
-            if isinstance(part, dict) and isinstance(part.get("file"), str) and Path(part["file"]).name == part["file"]:
-                names.add(part["file"])
-        return [model.with_name(n) for n in sorted(names)]
+        """The graph's external data files: compile.py's name and the (checked) embedding table's."""
+        return sorted({model.with_name(model.name + ".data"), *(self.embeddings.files if self.embeddings else ())})
 
     def _bind_small_buffers(self):
         """The decode input, seqlens_k, total_sequence_length and logits: numpy arrays bound once."""

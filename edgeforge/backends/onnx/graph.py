@@ -131,7 +131,7 @@ class LlamaOnnxBuilder:
         self.accuracy_level = int(accuracy_level)
         self.g = _Graph(data)
         self.embedding: dict | None = None  # where the engine finds the embedding rows (build())
-        self.head_parts: list[dict] = []  # a tied quantized head: the embedding's chunk initializers
+        self.tied_head: tuple | None = None  # (chunk initializers, K, bits) of a tied quantized head
 
     # ---- weights ------------------------------------------------------------------------------
     def _entry(self, name: str):
@@ -228,17 +228,14 @@ class LlamaOnnxBuilder:
         if not self._is_quant(name):
             table = g.locations[g.init(name, self._dense(name), external=True)] if tied else g.raw(name, self._dense(name))
             return {"kind": "dense", "table": table}
-        entry, arrays = self._entry(name)
-        q = pack.quant_linear(name, entry, arrays, np.float32)  # float32 scales: float32 rows
-        if q.zero_points is not None:
-            raise EdgeforgeError(f"{name}: a {entry['format']} embedding table is not supported (q8 or q4 only)")
+        q = self._table_quant(name, "embedding table")
         spec = {"kind": "quantized", "bits": q.bits, "block_size": pack.GROUP}
         if not tied:
             return {**spec, "blob": g.raw("model.embed_tokens.qweight", q.blob),
                     "scales": g.raw("model.embed_tokens.scales", q.scales)}
-        self.head_parts = self._store_chunks("model.embed_tokens", q)
+        self.tied_head = (self._store_chunks("model.embed_tokens", q), q.k, q.bits)
         for role, array in (("blob", q.blob), ("scales", q.scales)):
-            names = [part[role] for part in self.head_parts]
+            names = [part[role] for part in self.tied_head[0]]
             first = g.locations[names[0]]
             spec[role] = {**first, "length": int(array.nbytes), "shape": [int(d) for d in array.shape]}
             if sum(g.locations[n]["length"] for n in names) != array.nbytes or any(
@@ -246,6 +243,15 @@ class LlamaOnnxBuilder:
                     for a, b in zip(names, names[1:])):
                 raise EdgeforgeError(f"{name}: the head's chunks are not contiguous in the data file (a builder bug)")
         return spec
+
+    def _table_quant(self, name: str, what: str) -> pack.QuantLinear:
+        """A vocabulary-sized quantized weight in MatMulNBits' layout with float32 scales (float32
+        rows and logits); without zero points, which neither the engine's rows nor the head take."""
+        entry, arrays = self._entry(name)
+        q = pack.quant_linear(name, entry, arrays, np.float32)
+        if q.zero_points is not None:
+            raise EdgeforgeError(f"{name}: a {entry['format']} {what} is not supported (q8 or q4 only)")
+        return q
 
     def head_chunks(self, rows: int, blob_row: int, scale_row: int) -> list[tuple[int, int]]:
         """Row ranges of the output head, each about HEAD_CHUNK_BYTES, each a whole number of pages of
@@ -269,20 +275,20 @@ class LlamaOnnxBuilder:
         """float32 logits from a float32 `x` (the head's scales or weights in float32)."""
         tied = self._tied()
         name = "model.embed_tokens.weight" if tied else "lm_head.weight"
-        entry, arrays = self._entry(name)
         if self._is_quant(name):
-            q = pack.quant_linear(name, entry, arrays, np.float32)
-            if q.zero_points is not None:
-                raise EdgeforgeError(f"{name}: a {entry['format']} output head is not supported (q8 or q4 only)")
-            parts = self.head_parts if tied else self._store_chunks("lm_head", q)
+            if tied:  # the embedding's chunk initializers (embedding_table ran first)
+                parts, k, bits = self.tied_head
+            else:
+                q = self._table_quant(name, "output head")
+                parts, k, bits = self._store_chunks("lm_head", q), q.k, q.bits
             outs = [self.g.op("MatMulNBits", [x, p["blob"], p["scales"]], f"lm_head.{i}" if len(parts) > 1 else "lm_head",
-                              domain=MS, K=q.k, N=p["rows"][1] - p["rows"][0], bits=q.bits, block_size=pack.GROUP,
+                              domain=MS, K=k, N=p["rows"][1] - p["rows"][0], bits=bits, block_size=pack.GROUP,
                               accuracy_level=self.accuracy_level) for i, p in enumerate(parts)]
             return outs[0] if len(outs) == 1 else self.g.op("Concat", outs, "lm_head", axis=-1)
         if tied:  # the table transposed at load time (constant folding), not stored twice
             table = name if self.dtype == np.float32 else self.g.op("Cast", [name], "lm_head/cast", to=TensorProto.FLOAT)
             return self.g.op("MatMul", [x, self.g.op("Transpose", [table], "lm_head/transpose", perm=[1, 0])], "lm_head")
-        w = pack.dense(name, entry, arrays, np.float32)
+        w = pack.dense(name, *self._entry(name), np.float32)
         return self.g.op("MatMul", [x, self.g.init("lm_head.weight_t", w.T)], "lm_head")
 
     def rotary_caches(self) -> tuple[str, str]:
