@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         ev = json.loads(out)
         names = {p.name: label for label, p in files.items()}
-        result["texts"][name] = {"tokens": ev["tokens"], "calibration": ev.get("calibration"),
+        result["texts"][name] = {"tokens": ev["tokens"], "calibration": ev.get("calibrations") or ev.get("calibration"),
                                  "seconds": round(time.time() - t0, 1),
                                  "rows": [dict(r, scheme=names.get(Path(r["scheme"]).name, r["scheme"])) for r in ev["rows"]]}
         print(f"{name}: " + ", ".join(f"{r['scheme']} {r['kl']:.4f}" for r in result["texts"][name]["rows"]))

@@ -167,3 +167,49 @@ def test_release_loaded_pages_drops_clean_pages_and_never_written_ones(tmp_path)
     released = release_loaded_pages([path])
     assert released == len(clean)  # only the clean mapping
     assert dirty[0] == 7 and clean[:256] == bytes(range(256)) and clean[-1] == 255
+
+
+def _resident_kib(start: int, end: int) -> int:
+    """Resident KiB of the mapping that starts at `start` (/proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.split(None, 1)[0] == f"{start:x}-{end:x}":
+            return next(int(x.split()[1]) for x in lines[i + 1 :] if x.startswith("Rss:"))
+    raise AssertionError("mapping not found")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only (/proc/self/smaps)")
+def test_pages_read_while_loading_are_handed_back_and_nothing_is_lost(tmp_path, monkeypatch):
+    """PageOutWhileLoading reclaims the data file's pages while ONNX Runtime would be loading: the
+    mapping's resident size falls while it is still mapped, its bytes read back from the file, and
+    a written (copy-on-write) page and ordinary heap memory keep their contents."""
+    import ctypes
+    import mmap
+    import time
+
+    from edgeforge.runtime import onnx_engine
+
+    monkeypatch.setattr(onnx_engine, "PAGEOUT_EVERY_S", 0.02)
+    path = tmp_path / "model.onnx.data"
+    path.write_bytes(bytes(range(256)) * 16384)  # 4 MiB
+    heap = np.arange(1 << 20, dtype=np.int64)
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    view = np.frombuffer(m, np.uint8)
+    start = view.ctypes.data
+    assert int(view[1::4096].sum()) == len(m) // 4096  # every page read: resident now
+    m[4096 * 3] = 99  # one written page
+    before = _resident_kib(start, start + len(m))
+    assert before >= 1024  # KiB (the kernel may map a read ahead in large folios, or not)
+    with onnx_engine.PageOutWhileLoading([path]) as pager:
+        deadline = time.monotonic() + 5
+        while pager.released == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if pager.released == 0 and ctypes.get_errno() == 22:
+        pytest.skip("this kernel has no MADV_PAGEOUT")
+    after = _resident_kib(start, start + len(m))
+    assert after < before // 2, (before, after)
+    assert m[4096 * 3] == 99 and m[: 256] == bytes(range(256)) and m[-1] == 255
+    assert (heap == np.arange(1 << 20, dtype=np.int64)).all()
+    del view
+    m.close()

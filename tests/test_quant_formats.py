@@ -264,7 +264,10 @@ NAMES = {
     "model.embed_tokens.weight": (384, 64),
     "model.layers.0.input_layernorm.weight": (64,),
     "model.layers.0.self_attn.q_proj.weight": (64, 64),
+    "model.layers.0.self_attn.k_proj.weight": (32, 64),
+    "model.layers.0.self_attn.v_proj.weight": (32, 64),
     "model.layers.0.mlp.down_proj.weight": (64, 160),
+    "model.layers.4.mlp.down_proj.weight": (64, 160),
     "model.norm.weight": (64,),
     "lm_head.weight": (384, 64),
 }
@@ -275,7 +278,7 @@ EXPECTED = {  # scheme -> (linear format, scale dtype, model dtype, embed format
     "q8f16": ("q8", "float16", "float16", "q8", (), False),
     "q4f16": ("q4", "float16", "float16", "q8", ("v_proj",), True),
     "q4f32": ("q4", "float32", "float32", "q8", ("v_proj",), True),
-    "q4f16_m": ("q4a", "float16", "float16", "q8", ("v_proj", "down_proj@more"), True),
+    "q4f16_m": ("q4a", "float16", "float16", "q8", ("v_proj", "k_proj", "down_proj@more"), True),
     "q4f16_rtn": ("q4", "float16", "float16", "q4", (), False),
     "q4f32_rtn": ("q4", "float32", "float32", "q4", (), False),
 }
@@ -299,7 +302,7 @@ def test_scheme_assigns_formats(scheme, embed_bits):
             assert fmt.name == "f32"  # norms always f32
         elif "embed" in tensor or "lm_head" in tensor:
             assert fmt.name == (f"q{embed_bits}" if embed_bits else embed)
-        elif "v_proj" in q8_roles and "v_proj" in tensor:
+        elif any(role in tensor for role in q8_roles):
             assert fmt.name == "q8"
         elif "down_proj@more" in q8_roles and "down_proj" in tensor:
             from edgeforge.quant.schemes import more_bits_layer
@@ -312,14 +315,22 @@ def test_scheme_assigns_formats(scheme, embed_bits):
             assert fmt.scale_dtype == (scale or s.model_dtype)
 
 
-def test_medium_scheme_gives_more_bits_to_llama_cpps_down_layers():
-    from edgeforge.quant.schemes import more_bits_layer
+def test_layer_rules_pick_llama_cpps_more_bits_layers():
+    from edgeforge.quant.schemes import LAYER_RULES, Scheme, more_bits_layer
 
-    s = get_scheme("q4f16_m")
     n = 32
-    q8 = [i for i in range(n) if s.format_name(f"model.layers.{i}.mlp.down_proj.weight", (8, 32), None, n) == "q8"]
-    assert q8 == [i for i in range(n) if more_bits_layer(i, n)]
-    assert q8[:4] == [0, 1, 2, 3] and q8[-4:] == [28, 29, 30, 31] and 6 in q8 and 7 not in q8  # (6 - 4) % 3 == 2
+    more = [i for i in range(n) if more_bits_layer(i, n)]
+    assert more[:4] == [0, 1, 2, 3] and more[-4:] == [28, 29, 30, 31] and 6 in more and 7 not in more  # (6 - 4) % 3 == 2
+    s = get_scheme("q4f16_m")
+    for role in ("mlp.down_proj", "self_attn.o_proj"):
+        picked = [i for i in range(n) if s.format_name(f"model.layers.{i}.{role}.weight", (8, 32), None, n) == "q8"]
+        assert picked == more, role
+    assert [i for i in range(30) if LAYER_RULES["more"](i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    llama_m = Scheme("t", "q4", "float16", "float16", q8=("ffn_down:more", "attn_o"))
+    assert [i for i in range(n) if llama_m.format_name(f"model.layers.{i}.mlp.down_proj.weight", (8, 32), None, n)
+            == "q8"] == more
+    assert llama_m.format_name("model.layers.7.self_attn.o_proj.weight", (8, 32), None, n) == "q8"
+    assert llama_m.format_name("model.layers.7.self_attn.q_proj.weight", (8, 32), None, n) == "q4"
     assert get_scheme("q4f16").format_name("model.layers.0.mlp.down_proj.weight", (8, 32), None, n) == "q4"
 
 

@@ -8,13 +8,22 @@ The q4 format uses it as the weights of its scale search (formats.search_scales)
 The text ships with the package (edgeforge/data/calibration.txt, written for edgeforge and unlike
 every evaluation text). The numpy reference runs the float model over it, prefill in chunks; the
 statistics and their provenance (text sha256, tokens) go into the QDIR's quantization.json.
+
+Schemes with `gptq` quantize their q4a and q8 matrices here instead (solve_gptq): the reference
+runs the calibration tokens as one prefill, and as each matrix's input X arrives, H = X^T X is
+formed and the matrix quantized by GPTQ (quant/gptq.py) at once, its stored arrays spilled to a
+folder. Memory stays one Hessian and one float matrix however deep the model is; the reference
+itself always computes with the float weights (measured: feeding later layers the quantized
+outputs, "true sequential", scored worse on SmolLM2; docs/notes/quant.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +69,81 @@ def collect_importance(model, max_tokens: int = CALIBRATION_TOKENS) -> tuple[dic
             "statistic": "mean square of each input column of every matmul (float reference)"}
     logger.info(f"[calibrate] {len(importance)} matrices from {len(ids)} tokens in {time.perf_counter() - t0:.1f} s")
     return importance, info
+
+
+@dataclass
+class Calibration:
+    """What a calibrated scheme learned from the calibration text: per matrix importance (the scale
+    search's weights), GPTQ's stored arrays (`store`), and the provenance for quantization.json."""
+
+    importance: dict
+    info: dict | None
+    store: "GptqStore | None" = None
+
+    def solved(self, name: str) -> dict | None:
+        """GPTQ's stored arrays of `name`, or None (quantize it from the weights)."""
+        return None if self.store is None else self.store.get(name)
+
+
+class GptqStore:
+    """Stored arrays of the matrices GPTQ quantized, one .npy file an array in `folder` (a fresh
+    temporary folder when None, removed with this object), read back memory-mapped."""
+
+    def __init__(self, folder: Path | None = None):
+        self._tmp = None if folder is not None else tempfile.TemporaryDirectory(prefix="edgeforge-gptq-")
+        self.folder = Path(folder if folder is not None else self._tmp.name)
+        self.index: dict[str, dict[str, Path]] = {}
+
+    def put(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        paths = {}
+        for role, arr in arrays.items():
+            paths[role] = self.folder / f"{len(self.index)}.{role}.npy"
+            np.save(paths[role], arr)
+        self.index[name] = paths
+
+    def get(self, name: str) -> dict[str, np.ndarray] | None:
+        paths = self.index.get(name)
+        return None if paths is None else {role: np.load(p, mmap_mode="r") for role, p in paths.items()}
+
+
+def solve_gptq(model, formats: dict, store: GptqStore, max_tokens: int = CALIBRATION_TOKENS) -> tuple[dict, dict]:
+    """Quantize the matrices of `formats` ({tensor name: Q4A or Q8 format}) by GPTQ on the calibration
+    text into `store`; returns the importance of every other matrix (as collect_importance: the
+    scale search of an embedding stored as q4 uses it) and the provenance for quantization.json. A
+    matrix the forward pass never multiplies (none in a Llama model) is left out of the store."""
+    from ..model.reference import ReferenceModel
+    from .gptq import DAMP, gptq_quantize
+
+    text, digest = calibration_text()
+    ids = model.tokenizer.encode(text)[: min(max_tokens, model.config.context_length)]
+    last: list = [None, None]  # q/k/v (and gate/up) see the same input: one Hessian for them
+    sums: dict[str, np.ndarray] = {}
+
+    t0 = time.perf_counter()
+    with progress(len(formats), "[gptq]", unit="matrices", logger=logger) as bar:
+        def observe(name: str, x: np.ndarray) -> None:
+            fmt = formats.get(name)
+            if fmt is None:
+                sq = np.einsum("ti,ti->i", x, x, dtype=np.float64)
+                sums[name] = sq if name not in sums else sums[name] + sq
+                return
+            if name in store.index:
+                return
+            if last[0] is not x:
+                x64 = x.astype(np.float64)
+                last[0], last[1] = x, x64.T @ x64
+            store.put(name, gptq_quantize(model.tensors.get(name), last[1], fmt, name))
+            release = getattr(model.tensors, "release", None)
+            if release is not None:
+                release(name)
+            bar.advance(1, name)
+
+        # One prefill over every token: each observe() sees a matrix's whole input at once.
+        ref = ReferenceModel(model, observe=observe, cache_bytes=0)
+        ref.reset()
+        ref.prefill(ids)
+    logger.info(f"[gptq] {len(store.index)} matrices from {len(ids)} tokens in {time.perf_counter() - t0:.1f} s")
+    importance = {name: (sq / len(ids)).astype(np.float32) for name, sq in sums.items()}
+    return importance, {"text": CALIBRATION_TEXT.name, "sha256": digest, "tokens": len(ids), "method": "gptq",
+                        "statistic": f"H = X^T X of every quantized matmul's input (float reference), damp {DAMP} "
+                                     "mean(diag H); mean square of each input column for the others"}

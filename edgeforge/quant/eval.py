@@ -112,21 +112,24 @@ def evaluate(model, schemes, text: str, max_tokens: int | None = 256, embed_bits
     float_nll = mean_nll(ref, chunks)
     rows = [EvalRow(FLOAT, math.exp(float_nll), 1.0, 0.0, float_nll, time.perf_counter() - start)]
     logger.info(f"{FLOAT}: ppl {rows[0].ppl:.4f}")
-    importance, calibration = None, None
-    if any(get_scheme(n).calibrated for n in schemes):  # once for every calibrated scheme
+    importance, calibrations = None, {}
+    if any(get_scheme(n).calibrated and not get_scheme(n).gptq for n in schemes):  # once for all of them
         from .calibrate import collect_importance
 
-        importance, calibration = collect_importance(model)
+        importance = collect_importance(model)
     for name in schemes:
         start = time.perf_counter()
-        quantized = quantize_in_memory(model, name, embed_bits, importance=importance)
+        quantized = quantize_in_memory(model, name, embed_bits, importance=importance)  # GPTQ: solved here
+        if quantized.source["calibration"]:
+            calibrations[name] = quantized.source["calibration"]
         rows.append(_score(name, quantized, chunks, make_forward, ref, float_nll, start))
         logger.info(f"{name}: ppl {rows[-1].ppl:.4f} (x{rows[-1].ppl_ratio:.4f}), KL {rows[-1].kl:.5f}")
     for label, other in compare.items():
         rows.append(_score(label, other, chunks, make_forward, ref, float_nll, time.perf_counter()))
         logger.info(f"{label}: ppl {rows[-1].ppl:.4f} (x{rows[-1].ppl_ratio:.4f}), KL {rows[-1].kl:.5f}")
     return {"tokens": len(ids), "predictions": predicted, "chunks": len(chunks), "embed_bits": embed_bits,
-            "calibration": calibration, "rows": [r.to_dict() for r in rows]}
+            "calibration": next(iter(calibrations.values()), None), "calibrations": calibrations,
+            "rows": [r.to_dict() for r in rows]}
 
 
 def _score(label: str, model, chunks, make_forward, ref, float_nll: float, start: float) -> EvalRow:

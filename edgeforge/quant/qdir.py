@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from ..runtime.weights import (
     CONFIG, CONFIG_FORMAT, INDEX, QUANT_FORMAT, QUANTIZATION, VERSION, QdirWeights, is_qdir, shard_name, stored_key,
 )
 from .formats import GROUP_SIZE, get_format
-from .schemes import Scheme, check_embed_bits, get_scheme
+from .schemes import EMBED_NAMES, Scheme, check_embed_bits, get_scheme
 
 MAX_SHARD_BYTES = 2 * 1024**3  # what HF tooling also uses; keeps every file well below 4 GiB limits
 
@@ -99,24 +100,25 @@ def write_qdir(model, scheme, out, embed_bits: int | None = None, max_shard_byte
     entries: dict[str, dict] = {}
     weight_map: dict[str, str] = {}
     total = 0
-    importance, calibration = calibrate(model, scheme, plan)
-    with atomic_output_dir(out, is_qdir, "QDIR (quantized model folder)") as tmp, \
-            progress(len(plan), "[quantize]", unit="tensors", logger=logger) as bar:
-        for s, members in enumerate(shards, start=1):
-            fname = shard_name(s, len(shards))
-            with ShardWriter(tmp / fname, shard_specs(plan[i] for i in members)) as shard:
-                for i in members:
-                    name, shape, fmt = plan[i]
-                    entries[name] = _quantize_tensor(model, name, shape, fmt, shard, importance.get(name))
-                    weight_map.update({key: fname for key in entries[name]["arrays"].values()})
-                    logger.debug("[%d/%d] %s %s -> %s", i + 1, len(plan), name, list(shape), fmt.name)
-                    bar.advance(1, name)
-            total += shard.nbytes
-        _write_metadata(tmp, model, scheme, embed_bits, entries, weight_map, total, calibration)
+    with atomic_output_dir(out, is_qdir, "QDIR (quantized model folder)") as tmp:
+        with tempfile.TemporaryDirectory(prefix=".gptq-", dir=tmp) as spill:  # gone before the rename
+            calib = calibrate(model, scheme, plan, Path(spill))
+            with progress(len(plan), "[quantize]", unit="tensors", logger=logger) as bar:
+                for s, members in enumerate(shards, start=1):
+                    fname = shard_name(s, len(shards))
+                    with ShardWriter(tmp / fname, shard_specs(plan[i] for i in members)) as shard:
+                        for i in members:
+                            name, shape, fmt = plan[i]
+                            entries[name] = _quantize_tensor(model, name, shape, fmt, shard, calib)
+                            weight_map.update({key: fname for key in entries[name]["arrays"].values()})
+                            logger.debug("[%d/%d] %s %s -> %s", i + 1, len(plan), name, list(shape), fmt.name)
+                            bar.advance(1, name)
+                    total += shard.nbytes
+        _write_metadata(tmp, model, scheme, embed_bits, entries, weight_map, total, calib.info)
     params = sum(int(np.prod(shape)) for _, shape, _ in plan)
     return {
         "path": str(Path(out)), "scheme": scheme.name, "model_dtype": scheme.model_dtype,
-        "bits_per_weight": round(8 * total / params, 3) if params else None, "calibration": calibration,
+        "bits_per_weight": round(8 * total / params, 3) if params else None, "calibration": calib.info,
         "embed_format": scheme.embed_format(embed_bits), "tensors": len(plan), "shards": len(shards),
         "bytes": total, "seconds": round(time.perf_counter() - start, 3),
     }
@@ -161,24 +163,35 @@ class ShardWriter:
             raise EdgeforgeError(f"{self.path}: tensor '{missing[0]}' was planned but never written")
 
 
-def calibrate(model, scheme, plan) -> tuple[dict, dict | None]:
-    """Calibration importance when the scheme searches q4 scales and some tensor is q4."""
+def calibrate(model, scheme, plan, spill: Path | None = None, importance: tuple | None = None):
+    """The scheme's calibration (quant.calibrate.Calibration): none unless it is calibrated and some
+    tensor is q4/q4a; GPTQ schemes solve their q4a and q8 matrices now (spilled to `spill`, a fresh
+    temporary folder when None); the others measure importance, or reuse `importance` ((importance,
+    info) measured earlier: it does not depend on the scheme)."""
+    from .calibrate import Calibration, GptqStore, collect_importance, solve_gptq
+
     if not (scheme.calibrated and any(fmt.name in ("q4", "q4a") for _, _, fmt in plan)):
-        return {}, None
-    from .calibrate import collect_importance
+        return Calibration({}, None)
+    if scheme.gptq:
+        targets = {name: fmt for name, _, fmt in plan if fmt.name in ("q4a", "q8") and name not in EMBED_NAMES}
+        store = GptqStore(spill)
+        return Calibration(*solve_gptq(model, targets, store), store)
+    return Calibration(*(importance or collect_importance(model)))
 
-    importance, info = collect_importance(model)
-    return importance, info
 
-
-def _quantize_tensor(model, name: str, shape, fmt, shard: ShardWriter, importance=None) -> dict:
-    """Read one source tensor, write its quantized arrays into `shard`; its quantization.json entry."""
+def _quantize_tensor(model, name: str, shape, fmt, shard: ShardWriter, calib) -> dict:
+    """Read one source tensor (or take GPTQ's result), write its quantized arrays into `shard`; its
+    quantization.json entry."""
     entry = {**tensor_entry(shape, fmt), "arrays": {}}
-    if importance is not None and getattr(fmt, "searchable", False):
-        entry["scales"] = "searched"  # calibrated (quantization.json "calibration" says on what)
+    arrays = calib.solved(name)
+    if arrays is not None:
+        entry["scales"] = "gptq"  # quantization.json "calibration" says on what
     else:
-        importance = None
-    for role, arr in fmt.quantize(model.tensors.get(name), name, importance=importance).items():
+        importance = calib.importance.get(name) if getattr(fmt, "searchable", False) else None
+        if importance is not None:
+            entry["scales"] = "searched"
+        arrays = fmt.quantize(model.tensors.get(name), name, importance=importance)
+    for role, arr in arrays.items():
         entry["arrays"][role] = stored_key(name, role)
         shard.write(stored_key(name, role), arr)
     # Memory-mapped sources keep every page read resident until the mapping closes: without
@@ -272,12 +285,13 @@ def load_qdir(path: str | os.PathLike):
 
 class QuantizedTensors:
     """TensorSource that quantizes then dequantizes each source tensor on get(): the float32
-    weights a QDIR of `scheme` would give, without writing one."""
+    weights a QDIR of `scheme` would give, without writing one (`calib`: its Calibration)."""
 
-    def __init__(self, source, scheme, embed_bits: int | None = None, num_layers: int | None = None,
-                 importance: dict | None = None):
+    def __init__(self, source, scheme, embed_bits: int | None = None, num_layers: int | None = None, calib=None):
+        from .calibrate import Calibration
+
         self.source, self.scheme, self.embed_bits = source, get_scheme(scheme), embed_bits
-        self.num_layers, self.importance = num_layers, importance or {}
+        self.num_layers, self.calib = num_layers, calib or Calibration({}, None)
 
     def names(self) -> list[str]:
         return self.source.names()
@@ -287,21 +301,21 @@ class QuantizedTensors:
 
     def get(self, name: str) -> np.ndarray:
         fmt = self.scheme.format_for(name, self.shape(name), self.embed_bits, self.num_layers)
-        return fmt.dequantize(fmt.quantize(self.source.get(name), name, importance=self.importance.get(name)))
+        arrays = self.calib.solved(name)
+        if arrays is None:
+            arrays = fmt.quantize(self.source.get(name), name, importance=self.calib.importance.get(name))
+        return fmt.dequantize(arrays)
 
 
-def quantize_in_memory(model, scheme, embed_bits: int | None = None, importance: dict | None = None):
-    """A LoadedModel like `model` whose tensors are quantized with `scheme` (lazily, per get()).
-    A calibrated scheme needs `importance` (quant.calibrate.collect_importance); it is collected
-    here when not given."""
+def quantize_in_memory(model, scheme, embed_bits: int | None = None, importance: tuple | None = None):
+    """A LoadedModel like `model` whose tensors are quantized with `scheme` (lazily, per get());
+    source["calibration"] is the scheme's calibration info. A calibrated scheme is calibrated here (GPTQ schemes solve now;
+    the others reuse `importance`, (importance, info) of quant.calibrate.collect_importance, if given)."""
     import dataclasses
 
     check_embed_bits(embed_bits)
     scheme = get_scheme(scheme)
-    if scheme.calibrated and importance is None:
-        from .calibrate import collect_importance
-
-        importance, _ = collect_importance(model)
-    source = {**(model.source or {}), "scheme": scheme.name}
-    tensors = QuantizedTensors(model.tensors, scheme, embed_bits, model.config.num_layers, importance)
+    calib = calibrate(model, scheme, plan_tensors(model, scheme, embed_bits), importance=importance)
+    source = {**(model.source or {}), "scheme": scheme.name, "calibration": calib.info}
+    tensors = QuantizedTensors(model.tensors, scheme, embed_bits, model.config.num_layers, calib)
     return dataclasses.replace(model, tensors=tensors, source=source)

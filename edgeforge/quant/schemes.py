@@ -7,7 +7,7 @@
 | q8f16     | q8 (fp16 scales)                     | -                                | 8.5          |
 | q4f16     | q4, calibrated scale search          | embedding/lm_head, attn v        | 4.5 (+)      |
 | q4f32     | as q4f16, fp32 scales, fp32 compute  | embedding/lm_head, attn v        | 5.0 (+)      |
-| q4f16_m   | q4a (asymmetric: a zero point a group), calibrated (scale, zero) search | + ffn down of 1/8-first/last and every 3rd layer | 4.75 (++) |
+| q4f16_m   | q4a (asymmetric: a zero point a group), GPTQ with the (scale, zero) search | + attn k; ffn down and attn o in llama.cpp's more-bits layers | 4.75 (++) |
 | q4f16_rtn | q4, round to nearest (the old q4f16) | -                                | 4.5          |
 | q4f32_rtn | as q4f16_rtn, fp32 scales            | -                                | 5.0          |
 
@@ -23,6 +23,10 @@ matters (quant/calibrate.py) and search each group's q4 scale to minimise the er
 nearest. q4a measured on the plausible float SmolLM2 (512 tokens of eval-long): q4f16_m KL 0.0876
 symmetric -> 0.0764 asymmetric (+2.5 % size); for q4f16 only 0.111 -> 0.109 (+3 % size), so
 q4f16 stays symmetric (docs/notes/quant.md).
+q4f16_m goes further (`gptq`): every q4a and q8 matrix of the layers is quantized by GPTQ
+(quant/gptq.py), and its q8 budget goes where it measured best under GPTQ: 0.0764 -> 0.0367 on
+those 512 tokens (other mixes in docs/notes/quant.md). GPTQ costs time: a Hessian inverse per
+matrix, O(in^3) (SmolLM2: ~1 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -36,12 +40,20 @@ from .formats import get_format
 EMBED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 EMBED_BITS_CHOICES = (4, 8)
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# q8 roles: the matrices a scheme stores at 8 bits, in every layer, or with ":rule" only in the
+# layers a LAYER_RULES rule picks ("ffn_down:more": llama.cpp's _M choice)
+ROLE_SUFFIX = {"attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight",
+               "attn_v": "self_attn.v_proj.weight", "attn_o": "self_attn.o_proj.weight",
+               "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight"}
 
 
 def more_bits_layer(i: int, n: int) -> bool:
     """llama.cpp's choice of layers that get more bits in its _M mixes: the first and last eighth,
     and every third layer in between."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+LAYER_RULES = {"more": more_bits_layer}
 
 
 @dataclass(frozen=True)
@@ -51,8 +63,9 @@ class Scheme:
     scale_dtype: str | None  # of q8/q4 scales; None for f32/f16
     model_dtype: str  # what backends compute in
     embed: str | None = None  # embedding / lm_head format (None: as `linear`)
-    q8: tuple[str, ...] = ()  # roles stored as q8: "attn_v" (every layer), "ffn_down_more" (more_bits_layer)
+    q8: tuple[str, ...] = ()  # roles stored as q8 (ROLE_SUFFIX, optionally ":" a LAYER_RULES rule)
     calibrated: bool = False  # q4 scales searched with calibration importance
+    gptq: bool = False  # calibrated by GPTQ: its q4a and q8 matrices (not the embedding) solved column by column
 
     def embed_format(self, embed_bits: int | None = None) -> str:
         check_embed_bits(embed_bits)
@@ -71,11 +84,15 @@ class Scheme:
         return self.linear
 
     def _wants_q8(self, tensor: str, num_layers: int | None) -> bool:
-        if "attn_v" in self.q8 and tensor.endswith("self_attn.v_proj.weight"):
-            return True
-        if "ffn_down_more" in self.q8 and tensor.endswith("mlp.down_proj.weight") and num_layers:
+        for role in self.q8:
+            base, _, layers = role.partition(":")
+            if not tensor.endswith(ROLE_SUFFIX[base]):
+                continue
+            if not layers:
+                return True
             m = _LAYER.match(tensor)
-            return bool(m) and more_bits_layer(int(m.group(1)), num_layers)
+            if m and num_layers and LAYER_RULES[layers](int(m.group(1)), num_layers):
+                return True
         return False
 
     def format_for(self, tensor: str, shape, embed_bits: int | None = None, num_layers: int | None = None):
@@ -93,7 +110,9 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("q8f16", "q8", "float16", "float16"),
         Scheme("q4f16", "q4", "float16", "float16", embed="q8", q8=("attn_v",), calibrated=True),
         Scheme("q4f32", "q4", "float32", "float32", embed="q8", q8=("attn_v",), calibrated=True),
-        Scheme("q4f16_m", "q4a", "float16", "float16", embed="q8", q8=("attn_v", "ffn_down_more"), calibrated=True),
+        Scheme("q4f16_m", "q4a", "float16", "float16", embed="q8", q8=("attn_v", "attn_k", "ffn_down:more", "attn_o:more"),
+               calibrated=True,
+               gptq=True),
         Scheme("q4f16_rtn", "q4", "float16", "float16"),
         Scheme("q4f32_rtn", "q4", "float32", "float32"),
     ]

@@ -95,7 +95,9 @@ class OnnxEngine:
         options += [{}] * (len(providers) - 1)
         model = self.artifact_dir / self.info["model"]
         try:
-            session = ort.InferenceSession(str(model), sess_options=opts, providers=providers, provider_options=options)
+            with PageOutWhileLoading(self._data_files(model)):
+                session = ort.InferenceSession(str(model), sess_options=opts, providers=providers,
+                                               provider_options=options)
         except Exception as err:  # onnxruntime raises its own exception types
             raise BundleError(f"{model}: onnxruntime could not load it: {str(err).splitlines()[0]}") from err
         # ONNX Runtime silently drops a provider it cannot initialise (no GPU, adapter refused).
@@ -221,6 +223,60 @@ class OnnxEngine:
 
 
 MADV_DONTNEED = 4  # Linux <sys/mman.h>
+MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages (file pages dropped, anonymous ones swapped or kept)
+PAGEOUT_EVERY_S = 0.25
+
+
+class PageOutWhileLoading:
+    """While ONNX Runtime creates a session, every PAGEOUT_EVERY_S hand the kernel back the pages of
+    the data files' mappings (Linux >= 5.4; elsewhere it does nothing).
+
+    ORT reads each weight through its mapping of the data file and packs a copy; every page it read
+    stays resident until the session exists, and that, on top of the packed copies, was the
+    process's peak (1B model: 1.39x weights + KV, docs/notes/models-memory.md). MADV_PAGEOUT can do
+    no harm here, unlike MADV_DONTNEED: ORT unmaps and malloc reuses addresses between our reading
+    /proc/self/maps and the madvise call, and DONTNEED would zero the heap memory now there (tried:
+    a crash at exit), while PAGEOUT only reclaims: a clean file page is dropped and read again from
+    the file if touched, an anonymous one is swapped out or, without swap, kept."""
+
+    def __init__(self, data_files):
+        import threading
+
+        self.paths = {str(Path(f).resolve()) for f in data_files}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="edgeforge-pageout", daemon=True)
+        self.released = 0
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        import ctypes
+
+        try:
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            return
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        while not self.stop.wait(PAGEOUT_EVERY_S):
+            try:
+                with open("/proc/self/maps") as maps:
+                    ranges = [line.split(None, 5) for line in maps]
+            except OSError:
+                return
+            for fields in ranges:
+                if len(fields) == 6 and fields[5].rstrip("\n") in self.paths:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    if madvise(start, end - start, MADV_PAGEOUT) != 0:
+                        if ctypes.get_errno() == 22:  # EINVAL: a kernel without MADV_PAGEOUT
+                            return
+                        continue  # the range went away meanwhile: fine
+                    self.released += end - start
 
 
 def release_loaded_pages(data_files) -> int:
