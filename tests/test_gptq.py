@@ -124,3 +124,17 @@ def test_gptq_scheme_writes_a_qdir_that_says_so(tiny_model, tmp_path):
     back = load_qdir(tmp_path / "q")
     for name in solved:
         assert np.isfinite(back.tensors.get(name)).all()
+
+
+def test_gptq_that_cannot_fit_says_so_before_it_starts(tiny_model, tmp_path, monkeypatch):
+    from edgeforge import hostmem
+    from edgeforge.model.loader import load_model
+    from edgeforge.quant.qdir import write_qdir
+
+    # Llama-3-8B's widest matrix (down_proj, 4096 x 14336) measured 8.2 GiB at its peak
+    needed = gptq.memory_needed([(4096, 4096), (14336, 4096), (4096, 14336)])
+    assert 8 * 2**30 < needed < 12 * 2**30
+    monkeypatch.setattr(hostmem, "mem_available", lambda: 1 << 20)
+    with pytest.raises(EdgeforgeError, match=r"GPTQ calibration of q4f16_m needs about .* GiB .*q4f16"):
+        write_qdir(load_model(tiny_model("llama32")), "q4f16_m", tmp_path / "q")
+    assert not list(tmp_path.iterdir())

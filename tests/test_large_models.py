@@ -55,9 +55,9 @@ def test_128k_vocab_untied_gqa4_matches_reference(llama3_qdir, tmp_path, backend
 
 
 def test_build_that_cannot_fit_says_so_before_golden(tiny_model, tmp_path, capsys, monkeypatch):
-    from edgeforge.bundle import build
+    from edgeforge import hostmem
 
-    monkeypatch.setattr(build, "mem_available", lambda: 1 << 20)
+    monkeypatch.setattr(hostmem, "mem_available", lambda: 1 << 20)
     code, _, err = cli(capsys, "build", tiny_model("llama32"), "--quant", "q4f32", "--target", "x86-cpu",
                        "--backend", "onnx", "-o", tmp_path / "dist")
     assert code == 2 and "needs about" in err and "GiB is available" in err

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import EdgeforgeError
 from ..fsutil import clean_stale_temps
+from ..hostmem import check_memory
 from ..progress import prefixed
 from ..runtime.bundle_errors import BundleError
 from . import archive
@@ -123,18 +124,6 @@ def _run_tasks(tasks, jobs: int) -> list[dict]:
     return results
 
 
-def mem_available() -> int | None:
-    """MemAvailable (bytes) from /proc/meminfo; None where there is none (not Linux)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def memory_needed(qbytes: int, config, plan) -> int:
     """Peak memory of the stages after quantization, from what they hold (measured on an 8B model,
     docs/notes/models-memory.md): the golden reference maps the quantized weights and keeps up to its
@@ -146,18 +135,6 @@ def memory_needed(qbytes: int, config, plan) -> int:
     golden = qbytes + min(cache_budget_bytes(), floats) + (512 << 20)
     copies = 2 * qbytes + (512 << 20) if (plan.smoke or any(b == "onnx" for _, b in plan.jobs)) else 0
     return max(golden, copies)
-
-
-def check_memory(stage: str, needed: int) -> None:
-    """Say before a stage starts that it cannot fit, instead of being killed halfway."""
-    avail = mem_available()
-    if avail is None:
-        return
-    logger.info(f"[memory] {stage}: needs about {needed / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
-    if needed > avail:
-        raise EdgeforgeError(f"{stage} needs about {needed / 2**30:.1f} GiB of memory and {avail / 2**30:.1f} GiB "
-                             "is available: close other programs, build fewer targets at once, skip the "
-                             "smoke test (--no-smoke), or use a machine with more memory")
 
 
 def _smoke_here(result: dict) -> None:

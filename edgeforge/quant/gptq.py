@@ -26,6 +26,15 @@ DAMP = 0.3  # fraction of mean(diag H) added to the diagonal. 512 calibration to
 # 0.1 -> 0.049, 0.3 -> 0.045, 1.0 -> 0.048 (docs/notes/quant.md)
 
 
+def memory_needed(shapes) -> int:
+    """Peak bytes of solving the widest of `shapes` ([out, in] each): the float64 Hessian the
+    caller holds, up to four in^2 float64 arrays while inverting it, and a few float32 copies of
+    the weight. Measured: Llama-3-8B's down_proj (in 14336) peaked at 8.2 GiB (docs/notes/quant.md)."""
+    widest = max((int(s[1]) for s in shapes), default=0)
+    largest = max((int(s[0]) * int(s[1]) for s in shapes), default=0)
+    return 5 * 8 * widest * widest + 4 * 4 * largest + (512 << 20)
+
+
 def inverse_cholesky(hessian: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp I)^-1 (H^-1 = U^T U), float32; columns no activation ever
     reached (diag 0) get a unit diagonal and their weights are zeroed in `w` (they never contribute)."""

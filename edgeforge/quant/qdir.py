@@ -173,7 +173,12 @@ def calibrate(model, scheme, plan, spill: Path | None = None, importance: tuple 
     if not (scheme.calibrated and any(fmt.name in ("q4", "q4a") for _, _, fmt in plan)):
         return Calibration({}, None)
     if scheme.gptq:
+        from ..hostmem import check_memory
+        from .gptq import memory_needed
+
         targets = {name: fmt for name, _, fmt in plan if fmt.name in ("q4a", "q8") and name not in EMBED_NAMES}
+        check_memory(f"GPTQ calibration of {scheme.name}", memory_needed(s for n, s, _ in plan if n in targets),
+                     "close other programs, use a machine with more memory, or a scheme without GPTQ (q4f16)")
         store = GptqStore(spill)
         return Calibration(*solve_gptq(model, targets, store), store)
     return Calibration(*(importance or collect_importance(model)))
