@@ -143,6 +143,10 @@ def solve_gptq(model, formats: dict, store: GptqStore, max_tokens: int = CALIBRA
         ref.reset()
         ref.prefill(ids)
     logger.info(f"[gptq] {len(store.index)} matrices from {len(ids)} tokens in {time.perf_counter() - t0:.1f} s")
+    missed = sorted(set(formats) - set(store.index))
+    if missed:  # not in a Llama model: every matrix of a layer multiplies something
+        logger.warning(f"[gptq] {len(missed)} matrices never multiplied in the forward pass, quantized without "
+                       f"GPTQ: {', '.join(missed[:3])}{' ...' if len(missed) > 3 else ''}")
     importance = {name: (sq / len(ids)).astype(np.float32) for name, sq in sums.items()}
     return importance, {"text": CALIBRATION_TEXT.name, "sha256": digest, "tokens": len(ids), "method": "gptq",
                         "statistic": f"H = X^T X of every quantized matmul's input (float reference), damp {DAMP} "

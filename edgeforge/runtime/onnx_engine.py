@@ -256,6 +256,12 @@ class PageOutWhileLoading:
         self.thread.join()
 
     def _run(self) -> None:
+        try:
+            self._page_out_until_stopped()
+        except Exception:  # noqa: BLE001 - an optimisation: it must never break loading
+            return
+
+    def _page_out_until_stopped(self) -> None:
         import ctypes
 
         try:
