@@ -183,7 +183,6 @@ def test_pages_read_while_loading_are_handed_back_and_nothing_is_lost(tmp_path, 
     """PageOutWhileLoading reclaims the data file's pages while ONNX Runtime would be loading: the
     mapping's resident size falls while it is still mapped, its bytes read back from the file, and
     a written (copy-on-write) page and ordinary heap memory keep their contents."""
-    import ctypes
     import mmap
     import time
 
@@ -205,8 +204,8 @@ def test_pages_read_while_loading_are_handed_back_and_nothing_is_lost(tmp_path, 
         deadline = time.monotonic() + 5
         while pager.released == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-    if pager.released == 0 and ctypes.get_errno() == 22:
-        pytest.skip("this kernel has no MADV_PAGEOUT")
+    if not pager.supported:  # the engine then keeps its release after loading (tested above)
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4): nothing is paged out while loading")
     after = _resident_kib(start, start + len(m))
     assert after < before // 2, (before, after)
     assert m[4096 * 3] == 99 and m[: 256] == bytes(range(256)) and m[-1] == 255

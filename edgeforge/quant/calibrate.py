@@ -42,31 +42,45 @@ def calibration_text() -> tuple[str, str]:
     return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
 
 
+def _calibration_tokens(model, max_tokens: int) -> tuple[list[int], dict]:
+    """The calibration text's first tokens (at most the model's context) and their provenance."""
+    text, digest = calibration_text()
+    ids = model.tokenizer.encode(text)[: min(max_tokens, model.config.context_length)]
+    return ids, {"text": CALIBRATION_TEXT.name, "sha256": digest, "tokens": len(ids)}
+
+
+class _MeanSquares:
+    """Per matrix, each input column's square summed over the tokens seen (float64)."""
+
+    def __init__(self):
+        self.sums: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, x: np.ndarray) -> None:
+        sq = np.einsum("ti,ti->i", x, x, dtype=np.float64)
+        self.sums[name] = sq if name not in self.sums else self.sums[name] + sq
+
+    def mean(self, tokens: int) -> dict[str, np.ndarray]:
+        return {name: (s / tokens).astype(np.float32) for name, s in self.sums.items()}
+
+
 def collect_importance(model, max_tokens: int = CALIBRATION_TOKENS) -> tuple[dict, dict]:
     """({tensor name: float32 [in_features] mean square of its input}, provenance) for `model`
     (a LoadedModel of float or quantized weights; the reference reads them as float32)."""
     from ..model.reference import ReferenceModel
 
-    text, digest = calibration_text()
-    ids = model.tokenizer.encode(text)[: min(max_tokens, model.config.context_length)]
-    sums: dict[str, np.ndarray] = {}
-
-    def observe(name: str, x: np.ndarray) -> None:
-        sq = np.einsum("ti,ti->i", x, x, dtype=np.float64)
-        sums[name] = sq if name not in sums else sums[name] + sq
-
+    ids, info = _calibration_tokens(model, max_tokens)
+    squares = _MeanSquares()
     t0 = time.perf_counter()
     # cache_bytes=0: the float model is streamed (quantization's memory stays ~one tensor)
-    ref = ReferenceModel(model, observe=observe, cache_bytes=0)
+    ref = ReferenceModel(model, observe=squares.add, cache_bytes=0)
     ref.reset()
     with progress(len(ids), "[calibrate]", unit="tokens", logger=logger) as bar:
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start : start + CHUNK]
             ref.prefill(chunk)
             bar.advance(len(chunk))
-    importance = {name: (s / len(ids)).astype(np.float32) for name, s in sums.items()}
-    info = {"text": CALIBRATION_TEXT.name, "sha256": digest, "tokens": len(ids),
-            "statistic": "mean square of each input column of every matmul (float reference)"}
+    importance = squares.mean(len(ids))
+    info["statistic"] = "mean square of each input column of every matmul (float reference)"
     logger.info(f"[calibrate] {len(importance)} matrices from {len(ids)} tokens in {time.perf_counter() - t0:.1f} s")
     return importance, info
 
@@ -114,18 +128,16 @@ def solve_gptq(model, formats: dict, store: GptqStore, max_tokens: int = CALIBRA
     from ..model.reference import ReferenceModel
     from .gptq import DAMP, gptq_quantize
 
-    text, digest = calibration_text()
-    ids = model.tokenizer.encode(text)[: min(max_tokens, model.config.context_length)]
+    ids, info = _calibration_tokens(model, max_tokens)
     last: list = [None, None]  # q/k/v (and gate/up) see the same input: one Hessian for them
-    sums: dict[str, np.ndarray] = {}
+    squares = _MeanSquares()
 
     t0 = time.perf_counter()
     with progress(len(formats), "[gptq]", unit="matrices", logger=logger) as bar:
         def observe(name: str, x: np.ndarray) -> None:
             fmt = formats.get(name)
             if fmt is None:
-                sq = np.einsum("ti,ti->i", x, x, dtype=np.float64)
-                sums[name] = sq if name not in sums else sums[name] + sq
+                squares.add(name, x)
                 return
             if name in store.index:
                 return
@@ -147,7 +159,6 @@ def solve_gptq(model, formats: dict, store: GptqStore, max_tokens: int = CALIBRA
     if missed:  # not in a Llama model: every matrix of a layer multiplies something
         logger.warning(f"[gptq] {len(missed)} matrices never multiplied in the forward pass, quantized without "
                        f"GPTQ: {', '.join(missed[:3])}{' ...' if len(missed) > 3 else ''}")
-    importance = {name: (sq / len(ids)).astype(np.float32) for name, sq in sums.items()}
-    return importance, {"text": CALIBRATION_TEXT.name, "sha256": digest, "tokens": len(ids), "method": "gptq",
-                        "statistic": f"H = X^T X of every quantized matmul's input (float reference), damp {DAMP} "
-                                     "mean(diag H); mean square of each input column for the others"}
+    info.update(method="gptq", statistic=f"H = X^T X of every quantized matmul's input (float reference), "
+                f"damp {DAMP} mean(diag H); mean square of each input column for the others")
+    return squares.mean(len(ids)), info

@@ -100,9 +100,10 @@ def _group_params(fmt, groups: np.ndarray, imp: np.ndarray, name: str):
 
 
 def _round(col: np.ndarray, s: np.ndarray, z: np.ndarray, fmt) -> np.ndarray:
-    """Codes of one column exactly as the format rounds (a zero scale stores w = 0)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.rint(col / s)
-    q = np.where(s == 0, 0.0, q) + z
-    return np.clip(q, fmt.qmin, fmt.qmax).astype(np.int16)
-
+    """Codes of one column by the format's own rounding (Q4A._codes, _Grouped._quantize_groups)."""
+    one = col.reshape(-1, 1, 1)
+    if isinstance(fmt, Q4A):
+        codes = fmt._codes(one, s[:, None], z[:, None].astype(np.uint8))  # noqa: SLF001
+    else:
+        codes = fmt._quantize_groups(one, s[:, None])  # noqa: SLF001
+    return codes[:, 0, 0].astype(np.int16)

@@ -225,6 +225,19 @@ class OnnxEngine:
 MADV_DONTNEED = 4  # Linux <sys/mman.h>
 MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages (file pages dropped, anonymous ones swapped or kept)
 PAGEOUT_EVERY_S = 0.25
+EINVAL = 22
+
+
+def _libc():
+    """The C library this process already has, with madvise's argument types set; None off Linux."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 class PageOutWhileLoading:
@@ -246,6 +259,7 @@ class PageOutWhileLoading:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="edgeforge-pageout", daemon=True)
         self.released = 0
+        self.supported = True  # False once the kernel refused MADV_PAGEOUT (EINVAL: older than 5.4)
 
     def __enter__(self):
         self.thread.start()
@@ -264,11 +278,9 @@ class PageOutWhileLoading:
     def _page_out_until_stopped(self) -> None:
         import ctypes
 
-        try:
-            madvise = ctypes.CDLL(None, use_errno=True).madvise
-        except (OSError, AttributeError):
+        libc = _libc()
+        if libc is None:
             return
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         while not self.stop.wait(PAGEOUT_EVERY_S):
             try:
                 with open("/proc/self/maps") as maps:
@@ -278,8 +290,9 @@ class PageOutWhileLoading:
             for fields in ranges:
                 if len(fields) == 6 and fields[5].rstrip("\n") in self.paths:
                     start, end = (int(x, 16) for x in fields[0].split("-"))
-                    if madvise(start, end - start, MADV_PAGEOUT) != 0:
-                        if ctypes.get_errno() == 22:  # EINVAL: a kernel without MADV_PAGEOUT
+                    if libc.madvise(start, end - start, MADV_PAGEOUT) != 0:
+                        if ctypes.get_errno() == EINVAL:  # a kernel without MADV_PAGEOUT
+                            self.supported = False
                             return
                         continue  # the range went away meanwhile: fine
                     self.released += end - start
@@ -298,24 +311,22 @@ def release_loaded_pages(data_files) -> int:
     the file, so nothing but RSS changes (pages used every step, such as norm weights, come back on
     the first step). A mapping with a written page is left alone. Then glibc is asked to return the
     heap's free pages left by the packing (malloc_trim)."""
-    import ctypes
-
     paths = {str(Path(f).resolve()) for f in data_files}
     try:
         with open("/proc/self/smaps") as smaps:
             lines = smaps.read().splitlines()
-        libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has
-        madvise = libc.madvise
-    except (OSError, AttributeError):
+    except OSError:
         return 0  # not Linux (or no /proc): nothing to do
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc = _libc()
+    if libc is None:
+        return 0
     written = ("Anonymous:", "Swap:")  # either non-zero: a page holds this process's writes
     released, current = 0, None
     for line in lines + ["0-0 ---p 0 0:0 0 <end>"]:
         fields = line.split(None, 5)
         if "-" in fields[0] and len(fields) >= 5:  # a mapping's first line: range perms offset dev inode [path]
             if current and current["path"] in paths and current["clean"] == len(written):
-                if madvise(current["start"], current["end"] - current["start"], MADV_DONTNEED) == 0:
+                if libc.madvise(current["start"], current["end"] - current["start"], MADV_DONTNEED) == 0:
                     released += current["end"] - current["start"]
             start, end = (int(x, 16) for x in fields[0].split("-"))
             current = {"start": start, "end": end, "path": fields[5] if len(fields) == 6 else "", "clean": 0}
