@@ -8,7 +8,8 @@
    llama-imatrix from edgeforge's own calibration text (the one edgeforge's calibrated schemes use).
 3. `edgeforge eval` of the float model, the edgeforge schemes and every llama.cpp file, on the long
    evaluation text and on a second text (neither is the calibration text): one scorer, same tokens.
-   Sizes: edgeforge's stored weight bytes; llama.cpp's GGUF file (weights plus ~2.5 MB of metadata).
+   Sizes: edgeforge's stored weight bytes; llama.cpp's GGUF file (weights plus ~1.8 MB of metadata)
+   and its tensor bytes alone (`weight_bytes`): the goals compare weights with weights.
 Writes bench/results/quality-plausible.json, rendered into BENCHMARKS.md by bench/report.py.
 """
 
@@ -39,6 +40,13 @@ def scheme_bytes(model, scheme: str) -> int:
     for _, shape, fmt in plan_tensors(model, get_scheme(scheme), None):
         total += sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in fmt.stored(shape).values())
     return total
+
+
+def gguf_tensor_bytes(path: Path) -> int:
+    """The bytes of a GGUF file's tensors (no metadata, no tokenizer, no padding)."""
+    from edgeforge.model.gguf import read_gguf
+
+    return sum(int(t.data.nbytes) for t in read_gguf(path)[1])
 
 
 def main(argv=None) -> int:
@@ -76,9 +84,11 @@ def main(argv=None) -> int:
     model = load_model(plausible)
     params = model.config.num_parameters()
     sizes = {s: scheme_bytes(model, s) for s in SCHEMES}
+    weights = dict(sizes)
     sizes.update({label: p.stat().st_size for label, p in files.items()})
+    weights.update({label: gguf_tensor_bytes(p) for label, p in files.items()})
     result = {"model": "SmolLM2-135M, plausible floats (bench/float_gguf.py --plausible 0)", "params": params,
-              "bytes": sizes, "bits_per_weight": {k: round(8 * b / params, 3) for k, b in sizes.items()},
+              "bytes": sizes, "weight_bytes": weights, "bits_per_weight": {k: round(8 * b / params, 3) for k, b in weights.items()},
               "texts": {}, "command": "python bench/quality.py " + " ".join(argv or sys.argv[1:])}
     for name, text in TEXTS.items():
         t0 = time.time()

@@ -76,7 +76,7 @@ def test_gptq_beats_the_calibrated_search_and_stores_valid_arrays():
     arrays = gptq.gptq_quantize(w, h, fmt, "w")
     assert set(arrays) == {"qweight", "scales", "zeros"}
     assert arrays["qweight"].dtype == np.uint32 and arrays["scales"].dtype == np.float16
-    assert arrays["zeros"].dtype == np.uint8 and arrays["zeros"].max() <= Q4_LEVELS
+    assert arrays["zeros"].dtype == np.uint8 and arrays["zeros"].shape == (64, k // GROUP_SIZE // 2)
     assert unpack_q4(arrays["qweight"]).max() <= Q4_LEVELS
     searched = fmt.dequantize(fmt.quantize(w, "w", importance=np.diag(h).astype(np.float32) / len(x)))
     rtn = fmt.dequantize(fmt.quantize(w, "w"))
@@ -138,3 +138,37 @@ def test_gptq_that_cannot_fit_says_so_before_it_starts(tiny_model, tmp_path, mon
     with pytest.raises(EdgeforgeError, match=r"GPTQ calibration of q4f16_m needs about .* GiB .*q4f16"):
         write_qdir(load_model(tiny_model("llama32")), "q4f16_m", tmp_path / "q")
     assert not list(tmp_path.iterdir())
+
+
+def test_eval_spill_goes_to_the_cache_and_orphans_are_removed(tmp_path, monkeypatch):
+    """`edgeforge eval` spills GPTQ's arrays to the edgeforge cache (disk), not the system temp folder
+    (often tmpfs: RAM); a folder left by a killed process is removed, one of a live process is not."""
+    import gc
+    import os
+    import subprocess
+    import sys
+
+    from edgeforge.quant.calibrate import GptqStore
+
+    monkeypatch.setenv("EDGEFORGE_CACHE", str(tmp_path / "cache"))
+    scratch = tmp_path / "cache" / "tmp"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan, live, other = scratch / f"gptq-{dead.pid}-x1", scratch / f"gptq-{os.getpid()}-x2", scratch / "gptq-notes"
+    for folder in (orphan, live, other):
+        folder.mkdir(parents=True)
+        (folder / "0.qweight.npy").write_bytes(b"kept?")
+    store = GptqStore()
+    assert store.folder.parent == scratch and store.folder.name.startswith(f"gptq-{os.getpid()}-")
+    assert not orphan.exists() and live.exists() and other.exists()
+    store.put("w", {"qweight": np.arange(4, dtype=np.int8)})
+    np.testing.assert_array_equal(store.get("w")["qweight"], np.arange(4))
+    folder = store.folder
+    del store
+    gc.collect()
+    assert not folder.exists()
+    # a cache that cannot be written: the system temp folder instead
+    monkeypatch.setenv("EDGEFORGE_CACHE", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("not a folder")
+    store = GptqStore()
+    assert store.folder.name.startswith("edgeforge-gptq-") and store.folder.is_dir()

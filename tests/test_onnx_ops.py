@@ -212,3 +212,45 @@ def test_pages_read_while_loading_are_handed_back_and_nothing_is_lost(tmp_path, 
     assert (heap == np.arange(1 << 20, dtype=np.int64)).all()
     del view
     m.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only (/proc/self/smaps)")
+def test_a_locked_mapping_is_skipped_and_the_others_still_paged_out(tmp_path, monkeypatch):
+    """MADV_PAGEOUT refuses a locked mapping (EINVAL, as an old kernel would refuse any): the pager
+    skips that range and goes on with the others instead of stopping for the rest of the load."""
+    import ctypes
+    import mmap
+    import time
+
+    from edgeforge.runtime import onnx_engine
+
+    libc = onnx_engine._libc()  # noqa: SLF001
+    if libc is None or not onnx_engine._kernel_pages_out(libc):  # noqa: SLF001
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
+    monkeypatch.setattr(onnx_engine, "PAGEOUT_EVERY_S", 0.02)
+    maps, views = [], []
+    for name in ("locked.onnx.data", "model.onnx.data"):
+        (tmp_path / name).write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+        with open(tmp_path / name, "rb") as f:
+            maps.append(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+        views.append(np.frombuffer(maps[-1], np.uint8))
+        assert int(views[-1][1::4096].sum()) == len(maps[-1]) // 4096  # resident
+    locked = views[0].ctypes.data
+    libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    if libc.mlock(locked, len(maps[0])) != 0:
+        pytest.skip("mlock refused here (RLIMIT_MEMLOCK)")
+    try:
+        before = [_resident_kib(v.ctypes.data, v.ctypes.data + len(m)) for v, m in zip(views, maps)]
+        with onnx_engine.PageOutWhileLoading([tmp_path / "locked.onnx.data", tmp_path / "model.onnx.data"]) as pager:
+            deadline = time.monotonic() + 5
+            while pager.released < 2 * len(maps[1]) and time.monotonic() < deadline:
+                time.sleep(0.01)  # two passes over the unlocked file: the pager kept going after EINVAL
+        after = [_resident_kib(v.ctypes.data, v.ctypes.data + len(m)) for v, m in zip(views, maps)]
+        assert pager.supported and pager.released >= 2 * len(maps[1])
+        assert after[0] == before[0] and after[1] < before[1] // 2, (before, after)
+    finally:
+        libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.munlock(locked, len(maps[0]))
+    del views
+    for m in maps:
+        m.close()

@@ -7,7 +7,7 @@ import pytest
 
 from edgeforge.errors import EdgeforgeError
 from edgeforge.quant.formats import (
-    F16, F32, GROUP_SIZE, Q4, Q4_OFFSET, Q8, get_format, pack_q4, unpack_q4,
+    F16, F32, GROUP_SIZE, Q4, Q4_OFFSET, Q8, get_format, pack_q4, pack_zeros, unpack_q4, unpack_zeros, zeros_width,
 )
 from edgeforge.quant.schemes import SCHEMES, get_scheme
 
@@ -268,6 +268,8 @@ NAMES = {
     "model.layers.0.self_attn.v_proj.weight": (32, 64),
     "model.layers.0.mlp.down_proj.weight": (64, 160),
     "model.layers.4.mlp.down_proj.weight": (64, 160),
+    "model.layers.4.mlp.up_proj.weight": (160, 64),
+    "model.layers.7.mlp.up_proj.weight": (160, 64),
     "model.norm.weight": (64,),
     "lm_head.weight": (384, 64),
 }
@@ -278,7 +280,7 @@ EXPECTED = {  # scheme -> (linear format, scale dtype, model dtype, embed format
     "q8f16": ("q8", "float16", "float16", "q8", (), False),
     "q4f16": ("q4", "float16", "float16", "q8", ("v_proj",), True),
     "q4f32": ("q4", "float32", "float32", "q8", ("v_proj",), True),
-    "q4f16_m": ("q4a", "float16", "float16", "q8", ("v_proj", "k_proj", "down_proj@more"), True),
+    "q4f16_m": ("q4a", "float16", "float16", "q8", ("v_proj", "k_proj", "down_proj@more", "up_proj@ends"), True),
     "q4f16_rtn": ("q4", "float16", "float16", "q4", (), False),
     "q4f32_rtn": ("q4", "float32", "float32", "q4", (), False),
 }
@@ -304,11 +306,12 @@ def test_scheme_assigns_formats(scheme, embed_bits):
             assert fmt.name == (f"q{embed_bits}" if embed_bits else embed)
         elif any(role in tensor for role in q8_roles):
             assert fmt.name == "q8"
-        elif "down_proj@more" in q8_roles and "down_proj" in tensor:
-            from edgeforge.quant.schemes import more_bits_layer
+        elif any(r.split("@")[0] in tensor for r in q8_roles if "@" in r):
+            from edgeforge.quant.schemes import end_layer, more_bits_layer
 
+            rule = {"more": more_bits_layer, "ends": end_layer}[next(r for r in q8_roles if r.split("@")[0] in tensor).split("@")[1]]
             layer = int(tensor.split(".")[2])
-            assert fmt.name == ("q8" if more_bits_layer(layer, 8) else linear)
+            assert fmt.name == ("q8" if rule(layer, 8) else linear), tensor
         else:
             assert fmt.name == linear
         if fmt.name in ("q8", "q4"):
@@ -322,10 +325,17 @@ def test_layer_rules_pick_llama_cpps_more_bits_layers():
     more = [i for i in range(n) if more_bits_layer(i, n)]
     assert more[:4] == [0, 1, 2, 3] and more[-4:] == [28, 29, 30, 31] and 6 in more and 7 not in more  # (6 - 4) % 3 == 2
     s = get_scheme("q4f16_m")
-    for role in ("mlp.down_proj", "self_attn.o_proj"):
-        picked = [i for i in range(n) if s.format_name(f"model.layers.{i}.{role}.weight", (8, 32), None, n) == "q8"]
-        assert picked == more, role
+
+    def q8_layers(role, layers=n):
+        return [i for i in range(layers) if s.format_name(f"model.layers.{i}.{role}.weight", (8, 32), None, layers) == "q8"]
+
+    assert q8_layers("mlp.down_proj") == more
+    assert q8_layers("mlp.up_proj") == [0, 1, 2, 3, 28, 29, 30, 31]  # "ends": the first and last eighth
+    assert q8_layers("self_attn.o_proj") == [] and q8_layers("self_attn.k_proj") == list(range(n))
     assert [i for i in range(30) if LAYER_RULES["more"](i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert [i for i in range(30) if LAYER_RULES["ends"](i, 30)] == [0, 1, 2, 27, 28, 29]
+    assert [i for i in range(16) if LAYER_RULES["ends"](i, 16)] == [0, 1, 14, 15]
+    assert [i for i in range(3) if LAYER_RULES["ends"](i, 3)] == [0, 2]  # at least one each end
     llama_m = Scheme("t", "q4", "float16", "float16", q8=("ffn_down:more", "attn_o"))
     assert [i for i in range(n) if llama_m.format_name(f"model.layers.{i}.mlp.down_proj.weight", (8, 32), None, n)
             == "q8"] == more
@@ -470,7 +480,8 @@ def test_q4a_round_to_nearest_matches_a_loop_by_hand(scale_dtype):
     codes, scales, zeros = _q4a_by_hand(w, scale_dtype)
     np.testing.assert_array_equal(unpack_q4(arrays["qweight"]), codes)
     np.testing.assert_array_equal(arrays["scales"].astype(np.float32), scales)
-    np.testing.assert_array_equal(arrays["zeros"], zeros)
+    packed = [[int(r[j]) | (int(r[j + 1]) << 4 if j + 1 < len(r) else 0) for j in range(0, len(r), 2)] for r in zeros]
+    np.testing.assert_array_equal(arrays["zeros"], np.array(packed, np.uint8))  # 3 groups: 2 bytes a row
     expected = ((codes - np.repeat(zeros, 32, axis=1)) * np.repeat(scales, 32, axis=1)).astype(np.float32)
     np.testing.assert_allclose(fmt.dequantize(arrays), expected, rtol=1e-6, atol=0)
     np.testing.assert_allclose(fmt.dequantize(arrays)[2, 32:64], -1.25, rtol=1e-3)  # exact-ish: -15 * s
@@ -500,8 +511,17 @@ def test_q4a_search_beats_its_round_to_nearest_and_symmetric_q4():
 
 def test_q4a_bad_zeros_are_refused():
     fmt = get_format("q4a", "float16")
-    arrays = fmt.quantize(weight(rows=4, cols=32), "w")
+    arrays = fmt.quantize(weight(rows=4, cols=128), "w")
     with pytest.raises(EdgeforgeError, match="q4a zeros"):
         fmt.dequantize({**arrays, "zeros": arrays["zeros"].astype(np.int32)})
-    with pytest.raises(EdgeforgeError, match="q4a zeros"):
-        fmt.dequantize({**arrays, "zeros": arrays["zeros"] + 16})
+    unpacked = unpack_zeros(arrays["zeros"], 4)  # the layout before 2026-11-27: one a byte
+    with pytest.raises(EdgeforgeError, match=r"q4a zeros must be uint8 \(4, 2\) \(two a byte\), got uint8 \(4, 4\)"):
+        fmt.dequantize({**arrays, "zeros": unpacked})
+
+
+def test_zero_points_pack_two_a_byte_even_group_low():
+    zeros = np.array([[1, 2, 3], [15, 0, 7]], np.uint8)
+    packed = pack_zeros(zeros)
+    np.testing.assert_array_equal(packed, np.array([[0x21, 0x03], [0x0F, 0x07]], np.uint8))
+    np.testing.assert_array_equal(unpack_zeros(packed, 3), zeros)
+    assert zeros_width(3) == 2 and zeros_width(4) == 2 and zeros_width(1) == 1

@@ -133,3 +133,16 @@ def test_cuda_12_with_several_arches_is_refused_by_name(qdir, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "one arch" in proc.stderr and "sm_72" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["cuda", "metal-macos"])
+def test_asymmetric_q4_builds_for_the_gpu_codegens(tiny_model, tmp_path, target):
+    """q4f16_m's q4a kernels (zero points two a byte, an odd number of groups in ffn down) through
+    the GPU schedules and code generators: a uint8 vector shift once broke CUDA's codegen."""
+    write_qdir(load_model(tiny_model("llama2")), "q4f16_m", tmp_path / "qdir")
+    quant = json.loads((tmp_path / "qdir" / "quantization.json").read_text())
+    assert any(t["format"] == "q4a" and t["shape"][1] % 64 for t in quant["tensors"].values())
+    art = compile_tvm(tmp_path / "qdir", target, tmp_path / target)
+    artifact = json.loads((art / "artifact.json").read_text())
+    assert artifact["device"] == ("cuda" if target == "cuda" else "metal")

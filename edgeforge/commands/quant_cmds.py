@@ -43,9 +43,10 @@ def quantize(model, scheme, embed_bits, output, as_json):
     Schemes (bits per stored weight, scales included):
       q4f16      4.5 (q4), 8.5 for embeddings and attn v: calibrated scale search, fp16 compute
       q4f32      5.0 (q4), 9.0 for embeddings and attn v: the same, fp32 scales and compute
-      q4f16_m    4.75 (q4a: a zero point per group), 8.5 for embeddings, attn k and v, and ffn
-                 down and attn o in llama.cpp's "more bits" layers; GPTQ on the calibration
-                 text (medium; GPTQ is slower: ~1 min for SmolLM2, O(width^3) a matrix)
+      q4f16_m    4.625 (q4a: a zero point per group), 8.5 for embeddings, attn k and v, ffn
+                 down in llama.cpp's "more bits" layers and ffn up in the first and last
+                 eighth of the layers; GPTQ on the calibration text (medium; GPTQ is
+                 slower: ~1 min for SmolLM2, O(width^3) a matrix)
       q4f16_rtn  4.5 everywhere, round-to-nearest (the earlier q4f16), for comparison
       q4f32_rtn  5.0 everywhere, round-to-nearest, fp32
       q8f16 8.5, q0f16 16, q0f32 32 (no quantization)

@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..cache import scratch_dir
 from ..progress import progress
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 CALIBRATION_TOKENS = 512  # measured on SmolLM2: 256 -> 512 tokens gains little past this (notes)
+# GPTQ takes the whole text (1923 SmolLM2 tokens): measured on the full eval texts, KL 0.0331 ->
+# 0.0290 and 0.0387 -> 0.0351 against 512 tokens (docs/notes/quant.md, session 7)
+GPTQ_TOKENS = 4096
 CHUNK = 128  # prefill chunk: bounds the reference's attention scores
 
 logger = logging.getLogger(__name__)
@@ -100,11 +103,12 @@ class Calibration:
 
 
 class GptqStore:
-    """Stored arrays of the matrices GPTQ quantized, one .npy file an array in `folder` (a fresh
-    temporary folder when None, removed with this object), read back memory-mapped."""
+    """Stored arrays of the matrices GPTQ quantized, one .npy file an array in `folder` (when None, a
+    fresh scratch folder in the edgeforge cache, removed with this object: `edgeforge eval`), read
+    back memory-mapped."""
 
     def __init__(self, folder: Path | None = None):
-        self._tmp = None if folder is not None else tempfile.TemporaryDirectory(prefix="edgeforge-gptq-")
+        self._tmp = None if folder is not None else scratch_dir("gptq")
         self.folder = Path(folder if folder is not None else self._tmp.name)
         self.index: dict[str, dict[str, Path]] = {}
 
@@ -120,7 +124,19 @@ class GptqStore:
         return None if paths is None else {role: np.load(p, mmap_mode="r") for role, p in paths.items()}
 
 
-def solve_gptq(model, formats: dict, store: GptqStore, max_tokens: int = CALIBRATION_TOKENS) -> tuple[dict, dict]:
+def prefill_bytes(config, tokens: int) -> int:
+    """Peak bytes of solve_gptq's one float prefill of `tokens` tokens: a few [tokens, width]
+    activations and the attention scores (heads x tokens^2, with the softmax's copies)."""
+    acts = 4 * tokens * (4 * config.hidden_size + 3 * config.intermediate_size)
+    return acts + 3 * 4 * config.num_heads * tokens * tokens
+
+
+def gptq_tokens(model, max_tokens: int = GPTQ_TOKENS) -> int:
+    """How many calibration tokens solve_gptq will run (for the memory check)."""
+    return len(_calibration_tokens(model, max_tokens)[0])
+
+
+def solve_gptq(model, formats: dict, store: GptqStore, max_tokens: int = GPTQ_TOKENS) -> tuple[dict, dict]:
     """Quantize the matrices of `formats` ({tensor name: Q4A or Q8 format}) by GPTQ on the calibration
     text into `store`; returns the importance of every other matrix (as collect_importance: the
     scale search of an embedding stored as q4 uses it) and the provenance for quantization.json. A

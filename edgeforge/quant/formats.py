@@ -291,12 +291,34 @@ def unpack_q4(words: np.ndarray) -> np.ndarray:
     return n.reshape(w.shape[0], -1).astype(np.uint8)
 
 
+def pack_zeros(zeros: np.ndarray) -> np.ndarray:
+    """uint8 zero points [rows, groups] (0..15) -> [rows, ceil(groups / 2)], two a byte, the even
+    group in the low nibble (MatMulNBits' `zero_points` layout, so ONNX takes them as stored)."""
+    z = np.asarray(zeros, dtype=np.uint8)
+    padded = np.zeros((z.shape[0], z.shape[1] + z.shape[1] % 2), np.uint8)
+    padded[:, : z.shape[1]] = z
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_zeros(packed: np.ndarray, groups: int) -> np.ndarray:
+    """Inverse of pack_zeros: uint8 [rows, ceil(groups / 2)] -> [rows, groups]."""
+    p = np.asarray(packed, dtype=np.uint8)
+    both = np.stack([p & 0xF, p >> 4], axis=2).reshape(p.shape[0], -1)
+    return both[:, :groups]
+
+
+def zeros_width(groups: int) -> int:
+    """Bytes a row of packed zero points takes."""
+    return (groups + 1) // 2
+
+
 class Q4A(Q4):
     """Asymmetric q4: uint32 `qweight` [out, in/8] of codes 0..15, `scales` [out, in/32] and uint8
-    `zeros` [out, in/32] (a zero point 0..15 per group): w ~= (code - zero) * scale.
+    `zeros` [out, ceil(in/64)]: a zero point 0..15 per group, two a byte (pack_zeros):
+    w ~= (code - zero) * scale.
 
-    ONNX MatMulNBits' 4-bit layout with its `zero_points` input (packed two a byte there), and TVM
-    computes the same; 0.25 bit a weight more than q4 (one byte a group). Round to nearest spans
+    ONNX MatMulNBits' 4-bit layout with its `zero_points` input, and TVM computes the same;
+    0.125 bit a weight more than q4 (half a byte a group). Round to nearest spans
     each group's [min, max] (widened to hold 0) with the 16 codes; with calibration importance, quantize() searches
     (scale, zero) per group by weighted error instead (search_asymmetric)."""
 
@@ -335,20 +357,22 @@ class Q4A(Q4):
         if importance is not None:
             scales, zeros = search_asymmetric(groups, importance, scales, zeros, self)
         codes = self._codes(groups, scales, zeros).reshape(groups.shape[0], -1)
-        return {"qweight": pack_q4(codes), "scales": scales, "zeros": zeros}
+        return {"qweight": pack_q4(codes), "scales": scales, "zeros": pack_zeros(zeros)}
 
     def dequantize(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         codes = self._load(np.asarray(arrays["qweight"])).astype(np.float32)
-        zeros = np.asarray(arrays["zeros"])
-        if zeros.dtype != np.uint8 or (zeros > Q4_LEVELS).any():
-            raise EdgeforgeError(f"q4a zeros must be uint8 in 0..{Q4_LEVELS}")
+        packed, groups = np.asarray(arrays["zeros"]), codes.shape[1] // GROUP_SIZE
+        if packed.dtype != np.uint8 or packed.shape != (codes.shape[0], zeros_width(groups)):
+            raise EdgeforgeError(f"q4a zeros must be uint8 {(codes.shape[0], zeros_width(groups))} "
+                                 f"(two a byte), got {packed.dtype} {packed.shape}")
+        zeros = unpack_zeros(packed, groups)
         scales = np.asarray(arrays["scales"]).astype(np.float32)
         groups = codes.reshape(codes.shape[0], -1, GROUP_SIZE) - zeros.astype(np.float32)[:, :, None]
         return (groups * scales[:, :, None]).reshape(codes.shape)
 
     def stored(self, shape) -> dict[str, tuple[tuple, str]]:
         out_f, in_f = shape
-        return {**super().stored(shape), "zeros": ((out_f, in_f // GROUP_SIZE), "uint8")}
+        return {**super().stored(shape), "zeros": ((out_f, zeros_width(in_f // GROUP_SIZE)), "uint8")}
 
     def _load(self, stored):
         if stored.dtype != np.uint32:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgeforgeError
-from .formats import GROUP_SIZE, Q4A, Q8, pack_q4, search_asymmetric
+from .formats import GROUP_SIZE, Q4A, Q8, pack_q4, pack_zeros, search_asymmetric
 
 BLOCK = 128  # columns updated eagerly; the rest gets one matrix product per block (lazy batch)
 assert BLOCK % GROUP_SIZE == 0  # a group's columns must sit in one block (its grid is read from it)
@@ -85,7 +85,7 @@ def gptq_quantize(w, hessian, fmt, name: str = "weight") -> dict[str, np.ndarray
             err[:, i] = e
         w[:, b1:] -= err @ u[b0:b1, b1:]  # ... the later ones once per block
     if asym:
-        return {"qweight": pack_q4(codes), "scales": scales.astype(fmt.scale_dtype), "zeros": zeros.astype(np.uint8)}
+        return {"qweight": pack_q4(codes), "scales": scales.astype(fmt.scale_dtype), "zeros": pack_zeros(zeros.astype(np.uint8))}
     return {"qweight": codes.astype(np.int8), "scales": scales.astype(fmt.scale_dtype)}
 
 

@@ -168,7 +168,7 @@ def calibrate(model, scheme, plan, spill: Path | None = None, importance: tuple 
     tensor is q4/q4a; GPTQ schemes solve their q4a and q8 matrices now (spilled to `spill`, a fresh
     temporary folder when None); the others measure importance, or reuse `importance` ((importance,
     info) measured earlier: it does not depend on the scheme)."""
-    from .calibrate import Calibration, GptqStore, collect_importance, solve_gptq
+    from .calibrate import Calibration, GptqStore, collect_importance, gptq_tokens, prefill_bytes, solve_gptq
 
     if not (scheme.calibrated and any(fmt.name in ("q4", "q4a") for _, _, fmt in plan)):
         return Calibration({}, None)
@@ -177,7 +177,8 @@ def calibrate(model, scheme, plan, spill: Path | None = None, importance: tuple 
         from .gptq import memory_needed
 
         targets = {name: fmt for name, _, fmt in plan if fmt.name in ("q4a", "q8") and name not in EMBED_NAMES}
-        check_memory(f"GPTQ calibration of {scheme.name}", memory_needed(s for n, s, _ in plan if n in targets),
+        check_memory(f"GPTQ calibration of {scheme.name}", memory_needed(s for n, s, _ in plan if n in targets)
+                     + prefill_bytes(model.config, gptq_tokens(model)),
                      "close other programs, use a machine with more memory, or a scheme without GPTQ (q4f16)")
         store = GptqStore(spill)
         return Calibration(*solve_gptq(model, targets, store), store)

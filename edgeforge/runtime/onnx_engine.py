@@ -281,6 +281,10 @@ class PageOutWhileLoading:
         libc = _libc()
         if libc is None:
             return
+        if not _kernel_pages_out(libc):  # older than 5.4
+            self.supported = False
+            return
+        refused: set[tuple[int, int]] = set()
         while not self.stop.wait(PAGEOUT_EVERY_S):
             try:
                 with open("/proc/self/maps") as maps:
@@ -290,12 +294,28 @@ class PageOutWhileLoading:
             for fields in ranges:
                 if len(fields) == 6 and fields[5].rstrip("\n") in self.paths:
                     start, end = (int(x, 16) for x in fields[0].split("-"))
+                    if (start, end) in refused:
+                        continue
                     if libc.madvise(start, end - start, MADV_PAGEOUT) != 0:
-                        if ctypes.get_errno() == EINVAL:  # a kernel without MADV_PAGEOUT
-                            self.supported = False
-                            return
-                        continue  # the range went away meanwhile: fine
+                        if ctypes.get_errno() == EINVAL:  # this range cannot be paged out (locked): skip it
+                            refused.add((start, end))
+                        continue  # or it went away meanwhile: fine
                     self.released += end - start
+
+
+def _kernel_pages_out(libc) -> bool:
+    """Whether this kernel knows MADV_PAGEOUT: asked on a page of our own (EINVAL: it does not)."""
+    import ctypes
+    import mmap
+
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        view = ctypes.c_char.from_buffer(page)
+        addr = ctypes.addressof(view)
+        del view  # no exported pointer may outlive the mapping
+        return libc.madvise(ctypes.c_void_p(addr), mmap.PAGESIZE, MADV_PAGEOUT) == 0 or ctypes.get_errno() != EINVAL
+    finally:
+        page.close()
 
 
 def release_loaded_pages(data_files) -> int:

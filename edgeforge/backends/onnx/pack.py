@@ -56,7 +56,7 @@ def quant_linear(name: str, entry: dict, arrays: dict, dtype) -> QuantLinear:
         words = q if sys.byteorder == "little" else q.byteswap()
         blob = np.ascontiguousarray(words).view(np.uint8).reshape(n, k // GROUP, GROUP // 2)
         if fmt == "q4a":
-            zero_points = _pack_zero_points(name, _need(name, arrays, "zeros"), n, k // GROUP)
+            zero_points = _zero_points(name, _need(name, arrays, "zeros"), n, k // GROUP)
     elif fmt == "q8":
         if q.dtype != np.int8 or q.shape != (n, k):
             raise EdgeforgeError(f"tensor '{name}': q8 qweight must be int8 {(n, k)}, got {q.dtype} {q.shape}")
@@ -66,13 +66,12 @@ def quant_linear(name: str, entry: dict, arrays: dict, dtype) -> QuantLinear:
     return QuantLinear(blob=blob, scales=scales.astype(dtype), bits=QUANT_BITS[fmt], zero_points=zero_points)
 
 
-def _pack_zero_points(name: str, zeros: np.ndarray, n: int, blocks: int) -> np.ndarray:
-    """uint8 zeros [N, blocks] (0..15) -> MatMulNBits' packed [N, ceil(blocks / 2)]."""
-    if zeros.dtype != np.uint8 or zeros.shape != (n, blocks) or (zeros > 15).any():
-        raise EdgeforgeError(f"tensor '{name}': q4a zeros must be uint8 {(n, blocks)} in 0..15, got {zeros.dtype} {zeros.shape}")
-    padded = np.zeros((n, blocks + blocks % 2), np.uint8)
-    padded[:, :blocks] = zeros
-    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
+def _zero_points(name: str, zeros: np.ndarray, n: int, blocks: int) -> np.ndarray:
+    """q4a zeros as stored (two a byte, formats.pack_zeros) are MatMulNBits' `zero_points` as they are."""
+    want = (n, (blocks + 1) // 2)
+    if zeros.dtype != np.uint8 or zeros.shape != want:
+        raise EdgeforgeError(f"tensor '{name}': q4a zeros must be uint8 {want} (two a byte), got {zeros.dtype} {zeros.shape}")
+    return np.ascontiguousarray(zeros)
 
 
 def dense(name: str, entry: dict, arrays: dict, dtype) -> np.ndarray:

@@ -5,7 +5,8 @@ kernel ever materializes the float weight: the fusion holds by construction, wha
 pipeline does afterwards. tests/test_tvm_fusion.py checks the lowered IR for it.
 
 QDIR layouts (docs/INTERNALS.md): q4 = uint32 [out, in/8] low nibble first, offset 8, scales
-[out, in/32]; q4a = the same nibbles with a zero point per group, uint8 zeros [out, in/32];
+[out, in/32]; q4a = the same nibbles with a zero point per group, uint8 zeros [out, ceil(in/64)]
+(two a byte, the even group in the low nibble);
 q8 = int8 [out, in], scales [out, in/32]; f16/f32 = the weight itself.
 """
 
@@ -37,7 +38,7 @@ def param_arrays(fmt: str, out_f: int, in_f: int, scale_dtype: str | None) -> di
     if fmt == "q4":
         return {"qweight": ((out_f, in_f // 8), "uint32"), "scales": ((out_f, in_f // GROUP), scale_dtype)}
     if fmt == "q4a":
-        return {**param_arrays("q4", out_f, in_f, scale_dtype), "zeros": ((out_f, in_f // GROUP), "uint8")}
+        return {**param_arrays("q4", out_f, in_f, scale_dtype), "zeros": ((out_f, (in_f // GROUP + 1) // 2), "uint8")}
     if fmt == "q8":
         return {"qweight": ((out_f, in_f), "int8"), "scales": ((out_f, in_f // GROUP), scale_dtype)}
     if fmt in ("f32", "f16"):
@@ -66,7 +67,8 @@ def q_expr(fmt: str, arrays: dict, row, col, offset: bool = True):
 def zero_expr(fmt: str, arrays: dict, row, group):
     """The nibble that means 0 in a group: 8 for q4, the stored zero point for q4a."""
     if fmt == "q4a":
-        return arrays["zeros"][row, group].astype("float32")
+        byte = arrays["zeros"][row, group // 2].astype("uint32")  # uint8 vector shifts break CUDA codegen
+        return ((byte >> ((group % 2) * 4).astype("uint32")) & tirx.const(15, "uint32")).astype("float32")
     return tirx.const(Q4_OFFSET, "float32")
 
 
