@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
+from .fsutil import clean_stale_temps
 from .runtime.files import sha256_file
 
 
@@ -44,31 +44,14 @@ def cached_sha256(path: Path) -> str:
 
 
 def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
-    """A temporary folder for large scratch files, on disk in the edgeforge cache (`tmp/KIND-PID-*`)
-    rather than the system temp folder, which is often tmpfs (RAM). Folders that a killed process
-    left there (its pid gone) are removed first. A cache that cannot be written falls back to the
+    """A temporary folder for large scratch files, on disk in the edgeforge cache (`tmp/.KIND.tmp-PID-*`)
+    rather than the system temp folder, which is often tmpfs (RAM). Folders that killed runs left
+    there (their pid gone) are removed first. A cache that cannot be written falls back to the
     system temp folder."""
     parent = cache_dir() / "tmp"
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        _remove_orphans(parent, kind)
-        return tempfile.TemporaryDirectory(prefix=f"{kind}-{os.getpid()}-", dir=parent)
+        clean_stale_temps(parent)
+        return tempfile.TemporaryDirectory(prefix=f".{kind}.tmp-{os.getpid()}-", dir=parent)
     except OSError:
         return tempfile.TemporaryDirectory(prefix=f"edgeforge-{kind}-")
-
-
-def _remove_orphans(parent: Path, kind: str) -> None:
-    for folder in parent.glob(f"{kind}-*-*"):
-        pid = folder.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True

@@ -154,12 +154,13 @@ def test_eval_spill_goes_to_the_cache_and_orphans_are_removed(tmp_path, monkeypa
     scratch = tmp_path / "cache" / "tmp"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan, live, other = scratch / f"gptq-{dead.pid}-x1", scratch / f"gptq-{os.getpid()}-x2", scratch / "gptq-notes"
+    orphan, live = scratch / f".gptq.tmp-{dead.pid}-x1", scratch / f".gptq.tmp-{os.getpid()}-x2"
+    other = scratch / "gptq-notes"
     for folder in (orphan, live, other):
         folder.mkdir(parents=True)
         (folder / "0.qweight.npy").write_bytes(b"kept?")
     store = GptqStore()
-    assert store.folder.parent == scratch and store.folder.name.startswith(f"gptq-{os.getpid()}-")
+    assert store.folder.parent == scratch and store.folder.name.startswith(f".gptq.tmp-{os.getpid()}-")
     assert not orphan.exists() and live.exists() and other.exists()
     store.put("w", {"qweight": np.arange(4, dtype=np.int8)})
     np.testing.assert_array_equal(store.get("w")["qweight"], np.arange(4))

@@ -240,6 +240,25 @@ def test_inconsistent_qdir_is_refused_with_the_file_named(loaded, tmp_path):
         load_qdir(out)
 
 
+def test_a_qdir_from_before_packed_zero_points_is_refused_with_advice(loaded, tmp_path):
+    """q4a zero points became two a byte (2026-11-27): a QDIR with the old one-a-byte arrays is
+    refused by name with what to do, by the reader every consumer uses, before any backend reads it."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgeforge.quant.formats import unpack_zeros
+
+    out = tmp_path / "q"
+    write_qdir(loaded("llama2"), "q4f16_m", out)
+    shard = out / "model-00001-of-00001.safetensors"
+    arrays = load_file(shard)
+    name = "model.layers.0.self_attn.q_proj.zeros"
+    arrays[name] = unpack_zeros(arrays[name], 64 // GROUP_SIZE)
+    save_file(arrays, shard)
+    with pytest.raises(EdgeforgeError, match=r"q_proj\.zeros' of tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' has "
+                       r"shape \[64, 2\], expected \[64, 1\] \(q4a zero points one a byte: .*quantize the model again\)"):
+        load_qdir(out).tensors.get("model.layers.0.self_attn.q_proj.weight")
+
+
 # Bound on the relative RMS error of the logits of the reference run on the dequantized weights
 # (||got - float|| / ||float||). Measured on the tiny random models (docs/notes/quant.md):
 # q0f32 0, q0f16 <= 8e-4, q8f16 <= 0.022, q4 <= 0.38 (random weights are near-Gaussian, so q4's

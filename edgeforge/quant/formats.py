@@ -12,15 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgeforgeError
+from ..runtime.weights import GROUP as GROUP_SIZE, Q4_PER_WORD, stored_arrays  # the layout itself: runtime/weights.py
 
 # The constants of the storage formats, in one place (backends import them from here).
-GROUP_SIZE = 32
 Q8_MAX = 127  # q8: q = clip(round(w / scale), -127, 127), int8
 Q4_MIN, Q4_MAX = -8, 7  # q4: q = clip(round(w / scale), -8, 7) + Q4_OFFSET, in [0, 15]
 Q4_OFFSET = 8  # also ONNX MatMulNBits' default 4-bit zero point
 Q4_LEVELS = 15  # q4a: codes 0..15 and a zero point in 0..15 per group
 Q8_ONNX_ZERO_POINT = 128  # MatMulNBits 8-bit stores uint8(q + 128)
-Q4_PER_WORD = 8  # nibbles per uint32 word, element 8k+j in bits 4j..4j+3 of word k
+# Q4_PER_WORD = 8 nibbles per uint32 word, element 8k+j in bits 4j..4j+3 of word k
 
 SCALE_DTYPES = ("float16", "float32")
 BLOCK_ELEMENTS = 1 << 22  # rows quantized per step: bounds temporaries to ~16 MB of float32
@@ -51,7 +51,7 @@ class F32:
 
     def stored(self, shape) -> dict[str, tuple[tuple, str]]:
         """role -> (shape, dtype) of the arrays quantize() returns for a weight of `shape`."""
-        return {"weight": (tuple(shape), "float32")}
+        return stored_arrays(self.name, shape)
 
 
 class F16:
@@ -76,7 +76,7 @@ class F16:
         return np.asarray(arrays["weight"]).astype(np.float32)
 
     def stored(self, shape) -> dict[str, tuple[tuple, str]]:
-        return {"weight": (tuple(shape), "float16")}
+        return stored_arrays(self.name, shape)
 
 
 class _Grouped:
@@ -168,9 +168,7 @@ class _Grouped:
         return out.reshape(q.shape)
 
     def stored(self, shape) -> dict[str, tuple[tuple, str]]:
-        out_f, in_f = shape
-        return {"qweight": ((out_f, in_f // self.per_item), self.qweight_dtype),
-                "scales": ((out_f, in_f // GROUP_SIZE), self.scale_dtype)}
+        return stored_arrays(self.name, shape, self.scale_dtype)
 
     def _store(self, q: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -369,10 +367,6 @@ class Q4A(Q4):
         scales = np.asarray(arrays["scales"]).astype(np.float32)
         groups = codes.reshape(codes.shape[0], -1, GROUP_SIZE) - zeros.astype(np.float32)[:, :, None]
         return (groups * scales[:, :, None]).reshape(codes.shape)
-
-    def stored(self, shape) -> dict[str, tuple[tuple, str]]:
-        out_f, in_f = shape
-        return {**super().stored(shape), "zeros": ((out_f, zeros_width(in_f // GROUP_SIZE)), "uint8")}
 
     def _load(self, stored):
         if stored.dtype != np.uint32:

@@ -22,9 +22,10 @@ from .formats import GROUP_SIZE, Q4A, Q8, pack_q4, pack_zeros, search_asymmetric
 
 BLOCK = 128  # columns updated eagerly; the rest gets one matrix product per block (lazy batch)
 assert BLOCK % GROUP_SIZE == 0  # a group's columns must sit in one block (its grid is read from it)
-DAMP = 0.3  # fraction of mean(diag H) added to the diagonal. 512 calibration tokens give a Hessian of
-# rank <= 512 (down_proj's is 1536 wide): heavy damping trusts it less. SmolLM2 KL: 0.01 -> 0.067,
-# 0.1 -> 0.049, 0.3 -> 0.045, 1.0 -> 0.048 (docs/notes/quant.md)
+DAMP = 0.3  # fraction of mean(diag H) added to the diagonal: a Hessian from a few thousand tokens
+# of one text is a noisy estimate, heavy damping trusts it less. SmolLM2 KL with 512 tokens: 0.01 ->
+# 0.067, 0.1 -> 0.049, 0.3 -> 0.045, 1.0 -> 0.048; with the whole text (1923): 0.056 / 0.048 / 0.046
+# at 0.01 / 0.1 / 0.3 (docs/notes/quant.md, session 6)
 
 
 def memory_needed(shapes) -> int:

@@ -31,6 +31,26 @@ FORMAT_ARRAYS = {
 }
 
 
+GROUP = 32  # inputs per scale (and per zero point)
+Q4_PER_WORD = 8
+
+
+def stored_arrays(fmt: str, shape, scale_dtype: str | None = None) -> dict[str, tuple[tuple, str]]:
+    """role -> (shape, dtype) of the stored arrays of one [out, in] weight in format `fmt`: the one
+    statement of the QDIR layout that quantizers (formats.stored), the TVM module's parameters and
+    this reader's checks all use. q4a zero points are two a byte (even group in the low nibble)."""
+    out = {}
+    for role, dtype in FORMAT_ARRAYS[fmt].items():
+        if role == "weight":
+            dims = tuple(int(d) for d in shape)
+        else:
+            out_f, in_f = (int(d) for d in shape)
+            dims = {"qweight": (out_f, in_f // Q4_PER_WORD if fmt in ("q4", "q4a") else in_f),
+                    "scales": (out_f, in_f // GROUP), "zeros": (out_f, (in_f // GROUP + 1) // 2)}[role]
+        out[role] = (dims, dtype or scale_dtype)
+    return out
+
+
 def stored_key(tensor: str, role: str) -> str:
     """Stored array name: 'x.q_proj.weight' + 'scales' -> 'x.q_proj.scales' ('weight' keeps the name)."""
     base = tensor[: -len(".weight")] if tensor.endswith(".weight") else tensor
@@ -140,12 +160,19 @@ class QdirWeights:
         expected = FORMAT_ARRAYS.get(info.get("format"))
         if expected is None or set(arrays) != set(expected):
             raise BundleError(f"{self.path / QUANTIZATION}: tensor '{name}' has bad format/arrays entry")
-        for role, dtype in expected.items():
-            dtype = dtype or info.get("scale_dtype")
-            if str(arrays[role].dtype) != dtype:
-                raise BundleError(
-                    f"{self.path}: array '{info['arrays'][role]}' of tensor '{name}' is {arrays[role].dtype}, expected {dtype}"
-                )
+        try:
+            layout = stored_arrays(info["format"], info["shape"], info.get("scale_dtype"))
+        except (KeyError, TypeError, ValueError):
+            raise BundleError(f"{self.path / QUANTIZATION}: tensor '{name}' has a bad shape {info.get('shape')!r}") from None
+        for role, (shape, dtype) in layout.items():
+            key, got = info["arrays"][role], arrays[role]
+            if str(got.dtype) != dtype:
+                raise BundleError(f"{self.path}: array '{key}' of tensor '{name}' is {got.dtype}, expected {dtype}")
+            if tuple(got.shape) != shape:
+                old = role == "zeros" and tuple(got.shape) == (shape[0], int(info["shape"][1]) // GROUP)
+                raise BundleError(f"{self.path}: array '{key}' of tensor '{name}' has shape {list(got.shape)}, expected "
+                                  f"{list(shape)}" + (" (q4a zero points one a byte: written by an edgeforge before "
+                                                      "2026-11-27; quantize the model again)" if old else ""))
 
     def files(self) -> list[Path]:
         """Every file of the QDIR's weights (shards + index + JSON), for checksumming and copying."""

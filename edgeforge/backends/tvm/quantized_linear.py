@@ -17,7 +17,8 @@ from tvm.target import Target
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor
 
-GROUP = 32
+from ...runtime.weights import FORMAT_ARRAYS, GROUP, stored_arrays
+
 # CPU decode form (grouped_gemv): each group of GROUP inputs is read as GROUP // LANES vectors of
 # LANES consecutive inputs (LANES = the 8 nibbles of one q4 word).
 LANES = 8
@@ -34,16 +35,10 @@ QUANT = ("q4", "q4a", "q8")  # the grouped formats (one scale per GROUP inputs)
 
 
 def param_arrays(fmt: str, out_f: int, in_f: int, scale_dtype: str | None) -> dict[str, tuple[tuple, str]]:
-    """QDIR array kind -> (shape, dtype) for one weight of storage format `fmt`."""
-    if fmt == "q4":
-        return {"qweight": ((out_f, in_f // 8), "uint32"), "scales": ((out_f, in_f // GROUP), scale_dtype)}
-    if fmt == "q4a":
-        return {**param_arrays("q4", out_f, in_f, scale_dtype), "zeros": ((out_f, (in_f // GROUP + 1) // 2), "uint8")}
-    if fmt == "q8":
-        return {"qweight": ((out_f, in_f), "int8"), "scales": ((out_f, in_f // GROUP), scale_dtype)}
-    if fmt in ("f32", "f16"):
-        return {"weight": ((out_f, in_f), "float32" if fmt == "f32" else "float16")}
-    raise ValueError(f"unknown storage format {fmt!r}")
+    """QDIR array kind -> (shape, dtype) for one weight of storage format `fmt` (the QDIR layout)."""
+    if fmt not in FORMAT_ARRAYS:
+        raise ValueError(f"unknown storage format {fmt!r}")
+    return stored_arrays(fmt, (out_f, in_f), scale_dtype)
 
 
 def dequant_expr(fmt: str, arrays: dict, row, col):
