@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def render(r: dict) -> str:
-    parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _quality_plausible(), _memory(r), _gpu(),
+    parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _quality_plausible(), _quant_cost(), _memory(r), _gpu(),
              _schemes(), _scaling(), _scaling_peers(), _commands(r), _notes(r)]
     return "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
@@ -245,6 +245,33 @@ def _quality_plausible():
                 goals.append(f"- {t}: {ours} KL {ratio:.2f}x {theirs}'s at {size:.3f}x its weight bytes "
                              f"(goal <= {max_kl:g}x at <= {max_size:g}x): **{'met' if met else 'NOT met'}**")
     return "\n".join(out + [""] + goals)
+
+
+def _quant_cost():
+    """What quantizing costs, from bench/results/quant-cost.json (bench/quant_cost.py)."""
+    path = GPU_RESULTS / "quant-cost.json"
+    if not path.exists():
+        return ""
+    q = json.loads(path.read_text())
+    out = ["## Quantize cost (time and peak memory, calibration included)", "",
+           f"`{q['command']}`; 2 shared cores. SmolLM2-135M end to end (`edgeforge quantize smollm2-135m --quant S`, "
+           "under /usr/bin/time):", "", "| scheme | seconds | peak RSS MiB |", "|---|---:|---:|"]
+    for scheme, row in q["smollm2"].items():
+        out.append(f"| {scheme} | {row['seconds']:.1f} | {row['peak_rss_mib']} |")
+    if q.get("llama3_8b"):
+        names = list(next(iter(q["llama3_8b"].values()))["matrices"])
+        out += ["", "Llama-3-8B widths, one matrix each (random weights; a fresh process each; q4f16 = the calibrated "
+                "scale search, q4f16_m = GPTQ on q4a with H from "
+                f"{next(iter(q['llama3_8b']['gptq']['matrices'].values()))['tokens'] if 'gptq' in q['llama3_8b'] else '?'}"
+                " tokens). A layer = 2 x q (q, o) + 2 x k (k, v) + 2 x gate (gate, up) + down; the model = 32 layers, "
+                "without the calibration prefill:", "",
+                "| method | " + " | ".join(f"{n} s (MiB)" for n in names) + " | layer s | 32 layers min |",
+                "|---|" + "---:|" * (len(names) + 2)]
+        for how, row in q["llama3_8b"].items():
+            cells = " | ".join(f"{row['matrices'][n]['seconds']:.1f} ({row['matrices'][n]['peak_rss_mib']})" for n in names)
+            label = {"search": "q4f16 (scale search)", "gptq": "q4f16_m (GPTQ)"}.get(how, how)
+            out.append(f"| {label} | {cells} | {row['layer_seconds']:.0f} | {row['model_minutes']:.0f} |")
+    return "\n".join(out)
 
 
 def _scaling():

@@ -324,24 +324,26 @@ def test_cli_quantize_help_has_an_example(capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_q4f16_qdir_still_answers(smollm2_gguf, tmp_path, capsys):
+@pytest.mark.parametrize("scheme,bits", [("q4f16", (5.2, 5.6)), ("q4f16_m", (6.0, 6.3))])
+def test_smollm2_qdir_still_answers(smollm2_gguf, tmp_path, capsys, scheme, bits):
     """The real model through `edgeforge quantize` and back: the size is what the scheme's formats
-    say (q4: nibbles + one fp16 scale per 32; embedding and v_proj q8: a byte + one scale per 32),
-    and the reference on the dequantized QDIR still answers the chat question like the float model."""
+    say (q4: nibbles + one fp16 scale per 32; q4a: + a 4-bit zero point per 32; q8: a byte + one
+    scale per 32), and the reference on the dequantized QDIR still answers the chat question like
+    the float model (q4f16_m: after GPTQ on the calibration text)."""
     from edgeforge.model.reference import ReferenceModel
 
     out = tmp_path / "s"
-    code, stdout, stderr = run_cli(["quantize", str(smollm2_gguf), "--quant", "q4f16", "-o", str(out), "--json"], capsys)
+    code, stdout, stderr = run_cli(["quantize", str(smollm2_gguf), "--quant", scheme, "-o", str(out), "--json"], capsys)
     assert code == 0, stderr
     summary = json.loads(stdout)
     model = load_qdir(out)
     params = sum(int(np.prod(model.tensors.shape(n))) for n in model.tensors.names())
     assert 134e6 < params < 136e6
     quant = json.loads((out / "quantization.json").read_text())
-    per_weight = {"q4": 0.5 + 2 / 32, "q8": 1 + 2 / 32, "f32": 4}
+    per_weight = {"q4": 0.5 + 2 / 32, "q4a": 0.5 + 2 / 32 + 0.5 / 32, "q8": 1 + 2 / 32, "f32": 4}
     expected = sum(np.prod(t["shape"]) * per_weight[t["format"]] for t in quant["tensors"].values())
     assert abs(summary["bytes"] - expected) < 0.01 * expected
-    assert 5.2 < summary["bits_per_weight"] < 5.6  # SmolLM2: a large embedding share at 8 bits
+    assert bits[0] < summary["bits_per_weight"] < bits[1]  # SmolLM2: a large embedding share at 8 bits
     engine = ReferenceModel(model)
     ids = model.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     tokens, logits = [], engine.prefill(ids)
