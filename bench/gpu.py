@@ -78,7 +78,7 @@ def _bits(key: str, seed: int, nbytes: int) -> np.ndarray:
 
 
 def _synth_array(tensor: str, key: str, fmt: str, shape, dtype: str, seed: int) -> np.ndarray:
-    """One stored array of a random quantized model (QDIR roles: qweight, scales, weight)."""
+    """One stored array of a random quantized model (QDIR roles: qweight, scales, zeros, weight)."""
     n = int(np.prod(shape))
     role = key.rsplit(".", 1)[-1]
     std = EMBED_STD if ("embed_tokens" in tensor or "lm_head" in tensor) else WEIGHT_STD
@@ -86,6 +86,8 @@ def _synth_array(tensor: str, key: str, fmt: str, shape, dtype: str, seed: int) 
         return _symmetric_nibbles(_bits(key, seed, 4 * n).view(np.uint32)).reshape(shape)
     if role == "qweight" and dtype == "int8":
         return np.maximum(_bits(key, seed, n).view(np.int8), -127).reshape(shape)
+    if role == "zeros":  # q4a: zero point 8 in every group (two a byte), the nibbles' middle
+        return np.full(shape, 0x88, dtype=np.uint8)
     if role == "scales":  # the std of uniform codes: -8..7 is ~4.6, -127..127 is ~73
         return np.full(shape, std / (73.0 if fmt == "q8" else 4.6), dtype=dtype)
     if tensor.endswith("norm.weight"):

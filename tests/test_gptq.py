@@ -10,7 +10,7 @@ import pytest
 
 from edgeforge.errors import EdgeforgeError
 from edgeforge.quant import gptq
-from edgeforge.quant.formats import GROUP_SIZE, Q4_LEVELS, get_format, unpack_q4
+from edgeforge.quant.formats import GROUP_SIZE, Q4_LEVELS, get_format, unpack_q4, zeros_width
 
 
 def correlated_inputs(rng, tokens: int, k: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def test_gptq_beats_the_calibrated_search_and_stores_valid_arrays():
     arrays = gptq.gptq_quantize(w, h, fmt, "w")
     assert set(arrays) == {"qweight", "scales", "zeros"}
     assert arrays["qweight"].dtype == np.uint32 and arrays["scales"].dtype == np.float16
-    assert arrays["zeros"].dtype == np.uint8 and arrays["zeros"].shape == (64, k // GROUP_SIZE // 2)
+    assert arrays["zeros"].dtype == np.uint8 and arrays["zeros"].shape == (64, zeros_width(k // GROUP_SIZE))
     assert unpack_q4(arrays["qweight"]).max() <= Q4_LEVELS
     searched = fmt.dequantize(fmt.quantize(w, "w", importance=np.diag(h).astype(np.float32) / len(x)))
     rtn = fmt.dequantize(fmt.quantize(w, "w"))
@@ -142,28 +142,38 @@ def test_gptq_that_cannot_fit_says_so_before_it_starts(tiny_model, tmp_path, mon
 
 def test_eval_spill_goes_to_the_cache_and_orphans_are_removed(tmp_path, monkeypatch):
     """`edgeforge eval` spills GPTQ's arrays to the edgeforge cache (disk), not the system temp folder
-    (often tmpfs: RAM); a folder left by a killed process is removed, one of a live process is not."""
+    (often tmpfs: RAM). A folder whose lock nobody holds (a killed run) is removed; one whose lock is
+    held (a live run, maybe in another container sharing the cache) is not, nor anything else."""
+    import fcntl
     import gc
     import os
-    import subprocess
-    import sys
+    import time
 
+    from edgeforge.cache import ABANDONED_AFTER_S, SCRATCH_LOCK
     from edgeforge.quant.calibrate import GptqStore
 
     monkeypatch.setenv("EDGEFORGE_CACHE", str(tmp_path / "cache"))
     scratch = tmp_path / "cache" / "tmp"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    orphan, live = scratch / f".gptq.tmp-{dead.pid}-x1", scratch / f".gptq.tmp-{os.getpid()}-x2"
-    other = scratch / "gptq-notes"
-    for folder in (orphan, live, other):
+    orphan, live = scratch / ".gptq.scratch-dead", scratch / ".gptq.scratch-live"
+    fresh, old, other = scratch / ".gptq.scratch-new", scratch / ".gptq.scratch-old", scratch / "gptq-notes"
+    for folder in (orphan, live, fresh, old, other):
         folder.mkdir(parents=True)
         (folder / "0.qweight.npy").write_bytes(b"kept?")
+    (orphan / SCRATCH_LOCK).write_text("")  # nobody holds it
+    (live / SCRATCH_LOCK).write_text("")
+    holder = open(live / SCRATCH_LOCK)  # its own open file: a lock another process would hold
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    long_ago = time.time() - ABANDONED_AFTER_S - 60
+    os.utime(old, (long_ago, long_ago))  # no lock file, a day old: its creator died at once
     store = GptqStore()
-    assert store.folder.parent == scratch and store.folder.name.startswith(f".gptq.tmp-{os.getpid()}-")
-    assert not orphan.exists() and live.exists() and other.exists()
+    assert store.folder.parent == scratch and store.folder.name.startswith(".gptq.scratch-")
+    assert not orphan.exists() and not old.exists()
+    assert live.exists() and fresh.exists() and other.exists()
+    holder.close()
     store.put("w", {"qweight": np.arange(4, dtype=np.int8)})
     np.testing.assert_array_equal(store.get("w")["qweight"], np.arange(4))
+    second = GptqStore()  # a second run beside this one leaves its folder alone
+    assert store.folder.exists() and second.folder != store.folder
     folder = store.folder
     del store
     gc.collect()

@@ -240,9 +240,10 @@ def test_inconsistent_qdir_is_refused_with_the_file_named(loaded, tmp_path):
         load_qdir(out)
 
 
-def test_a_qdir_from_before_packed_zero_points_is_refused_with_advice(loaded, tmp_path):
+def test_a_qdir_from_before_packed_zero_points_is_refused_with_advice(loaded, tmp_path, capsys):
     """q4a zero points became two a byte (2026-11-27): a QDIR with the old one-a-byte arrays is
-    refused by name with what to do, by the reader every consumer uses, before any backend reads it."""
+    refused by name with what to do, by the reader every consumer uses and by both compilers
+    before they build anything (TVM compiles from quantization.json: it checks the shard headers)."""
     from safetensors.numpy import load_file, save_file
 
     from edgeforge.quant.formats import unpack_zeros
@@ -257,6 +258,11 @@ def test_a_qdir_from_before_packed_zero_points_is_refused_with_advice(loaded, tm
     with pytest.raises(EdgeforgeError, match=r"q_proj\.zeros' of tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' has "
                        r"shape \[64, 2\], expected \[64, 1\] \(q4a zero points one a byte: .*quantize the model again\)"):
         load_qdir(out).tensors.get("model.layers.0.self_attn.q_proj.weight")
+    for backend in ("tvm", "onnx"):
+        code, _, err = run_cli(["compile", str(out), "--target", "x86-cpu", "--backend", backend,
+                                "-o", str(tmp_path / backend)], capsys)
+        assert code == 2 and "q_proj.zeros" in err and "quantize the model again" in err, (backend, err)
+        assert not (tmp_path / backend).exists()
 
 
 # Bound on the relative RMS error of the logits of the reference run on the dequantized weights

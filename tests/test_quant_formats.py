@@ -525,3 +525,5 @@ def test_zero_points_pack_two_a_byte_even_group_low():
     np.testing.assert_array_equal(packed, np.array([[0x21, 0x03], [0x0F, 0x07]], np.uint8))
     np.testing.assert_array_equal(unpack_zeros(packed, 3), zeros)
     assert zeros_width(3) == 2 and zeros_width(4) == 2 and zeros_width(1) == 1
+    with pytest.raises(EdgeforgeError, match=r"q4a zero points must be in 0\.\.15, got 0\.\.16"):
+        pack_zeros(np.array([[0, 16]]))  # would spill into the neighbouring nibble

@@ -126,9 +126,11 @@ class GptqStore:
 
 def prefill_bytes(config, tokens: int) -> int:
     """Peak bytes of solve_gptq's one float prefill of `tokens` tokens: a few [tokens, width]
-    activations and the attention scores (heads x tokens^2, with the softmax's copies)."""
+    activations, the attention scores (heads x tokens^2, with the softmax's copies) and the
+    reference's float32 KV cache (k and v, every layer, allocated at twice the prompt)."""
     acts = 4 * tokens * (4 * config.hidden_size + 3 * config.intermediate_size)
-    return acts + 3 * 4 * config.num_heads * tokens * tokens
+    kv = 2 * 4 * config.num_layers * config.num_kv_heads * config.head_dim * 2 * tokens
+    return acts + 3 * 4 * config.num_heads * tokens * tokens + kv
 
 
 def gptq_tokens(model, max_tokens: int = GPTQ_TOKENS) -> int:

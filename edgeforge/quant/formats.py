@@ -292,7 +292,10 @@ def unpack_q4(words: np.ndarray) -> np.ndarray:
 def pack_zeros(zeros: np.ndarray) -> np.ndarray:
     """uint8 zero points [rows, groups] (0..15) -> [rows, ceil(groups / 2)], two a byte, the even
     group in the low nibble (MatMulNBits' `zero_points` layout, so ONNX takes them as stored)."""
-    z = np.asarray(zeros, dtype=np.uint8)
+    z = np.asarray(zeros)
+    if z.size and (z.min() < 0 or z.max() > Q4_LEVELS):
+        raise EdgeforgeError(f"q4a zero points must be in 0..{Q4_LEVELS}, got {z.min()}..{z.max()}")
+    z = z.astype(np.uint8)
     padded = np.zeros((z.shape[0], z.shape[1] + z.shape[1] % 2), np.uint8)
     padded[:, : z.shape[1]] = z
     return (padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)

@@ -157,20 +157,35 @@ class QdirWeights:
 
     def _check(self, name: str, info: dict, arrays: dict) -> None:
         """Catch a QDIR whose arrays disagree with quantization.json before a backend misreads them."""
+        self._check_layout(name, info, {role: (str(a.dtype), tuple(a.shape)) for role, a in arrays.items()})
+
+    def check_layout(self) -> None:
+        """Every tensor's stored arrays (dtype and shape, from the shard headers: no data read, no
+        numpy) against quantization.json and the QDIR layout: what a compiler checks first."""
+        for name in self.names():
+            info = self.info(name)
+            try:
+                got = {role: (ELEMENTS[self._store.dtype(key)][1], tuple(int(d) for d in self._store.shape(key)))
+                       for role, key in (info.get("arrays") or {}).items()}
+            except (SafetensorsError, KeyError) as err:
+                raise BundleError(f"{self.path}: tensor '{name}': {err}") from None
+            self._check_layout(name, info, got)
+
+    def _check_layout(self, name: str, info: dict, got: dict) -> None:
         expected = FORMAT_ARRAYS.get(info.get("format"))
-        if expected is None or set(arrays) != set(expected):
+        if expected is None or set(got) != set(expected):
             raise BundleError(f"{self.path / QUANTIZATION}: tensor '{name}' has bad format/arrays entry")
         try:
             layout = stored_arrays(info["format"], info["shape"], info.get("scale_dtype"))
         except (KeyError, TypeError, ValueError):
             raise BundleError(f"{self.path / QUANTIZATION}: tensor '{name}' has a bad shape {info.get('shape')!r}") from None
         for role, (shape, dtype) in layout.items():
-            key, got = info["arrays"][role], arrays[role]
-            if str(got.dtype) != dtype:
-                raise BundleError(f"{self.path}: array '{key}' of tensor '{name}' is {got.dtype}, expected {dtype}")
-            if tuple(got.shape) != shape:
-                old = role == "zeros" and tuple(got.shape) == (shape[0], int(info["shape"][1]) // GROUP)
-                raise BundleError(f"{self.path}: array '{key}' of tensor '{name}' has shape {list(got.shape)}, expected "
+            key, (got_dtype, got_shape) = info["arrays"][role], got[role]
+            if got_dtype != dtype:
+                raise BundleError(f"{self.path}: array '{key}' of tensor '{name}' is {got_dtype}, expected {dtype}")
+            if got_shape != shape:
+                old = role == "zeros" and got_shape == (shape[0], int(info["shape"][1]) // GROUP)
+                raise BundleError(f"{self.path}: array '{key}' of tensor '{name}' has shape {list(got_shape)}, expected "
                                   f"{list(shape)}" + (" (q4a zero points one a byte: written by an edgeforge before "
                                                       "2026-11-27; quantize the model again)" if old else ""))
 

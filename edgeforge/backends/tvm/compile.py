@@ -62,6 +62,19 @@ def _check_formats(cfg, formats: dict, quant_path: Path) -> None:
             raise EdgeforgeError(f"{quant_path}: tensor '{name}' has unknown format {fmt!r}")
 
 
+def _check_stored_layout(qdir: Path) -> None:
+    """The module is compiled from quantization.json alone: check the stored arrays agree with it
+    (dtype and shape of every array) now, so that a bad or outdated QDIR is named at compile time,
+    not at load time as a module/weights mismatch."""
+    from ...runtime.bundle_errors import BundleError
+    from ...runtime.weights import QdirWeights
+
+    try:
+        QdirWeights(qdir).check_layout()
+    except BundleError as err:
+        raise EdgeforgeError(str(err)) from None
+
+
 def export_module(spec: ModelSpec):
     """IRModule + ordered parameter list [(name, shape, dtype)] of the model."""
     model = LlamaForCausalLM(spec)
@@ -108,6 +121,7 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
 
     qdir, out = Path(qdir), Path(out)
     spec, quant = load_spec(qdir)
+    _check_stored_layout(qdir)
     tt = tvm_target_for(target)
     tt.check_toolchain()
     runtime = device_runtime.runtime_spec(tt)  # before the long build: an unknown device CPU fails here
