@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EdgeforgeError
-from ..runtime.weights import GROUP as GROUP_SIZE, Q4_PER_WORD, stored_arrays  # the layout itself: runtime/weights.py
+# The stored layout itself (group size, nibbles a word, array shapes) is runtime/weights.py's.
+from ..runtime.weights import GROUP as GROUP_SIZE, Q4_PER_WORD, stored_arrays, zeros_width  # noqa: F401 - re-exported
 
 # The constants of the storage formats, in one place (backends import them from here).
 Q8_MAX = 127  # q8: q = clip(round(w / scale), -127, 127), int8
@@ -20,7 +21,6 @@ Q4_MIN, Q4_MAX = -8, 7  # q4: q = clip(round(w / scale), -8, 7) + Q4_OFFSET, in 
 Q4_OFFSET = 8  # also ONNX MatMulNBits' default 4-bit zero point
 Q4_LEVELS = 15  # q4a: codes 0..15 and a zero point in 0..15 per group
 Q8_ONNX_ZERO_POINT = 128  # MatMulNBits 8-bit stores uint8(q + 128)
-# Q4_PER_WORD = 8 nibbles per uint32 word, element 8k+j in bits 4j..4j+3 of word k
 
 SCALE_DTYPES = ("float16", "float32")
 BLOCK_ELEMENTS = 1 << 22  # rows quantized per step: bounds temporaries to ~16 MB of float32
@@ -306,11 +306,6 @@ def unpack_zeros(packed: np.ndarray, groups: int) -> np.ndarray:
     p = np.asarray(packed, dtype=np.uint8)
     both = np.stack([p & 0xF, p >> 4], axis=2).reshape(p.shape[0], -1)
     return both[:, :groups]
-
-
-def zeros_width(groups: int) -> int:
-    """Bytes a row of packed zero points takes."""
-    return (groups + 1) // 2
 
 
 class Q4A(Q4):

@@ -32,7 +32,12 @@ FORMAT_ARRAYS = {
 
 
 GROUP = 32  # inputs per scale (and per zero point)
-Q4_PER_WORD = 8
+Q4_PER_WORD = 8  # nibbles per uint32 word, element 8k+j in bits 4j..4j+3 of word k
+
+
+def zeros_width(groups: int) -> int:
+    """Bytes a row of q4a zero points takes: two a byte, the last one alone when `groups` is odd."""
+    return (groups + 1) // 2
 
 
 def stored_arrays(fmt: str, shape, scale_dtype: str | None = None) -> dict[str, tuple[tuple, str]]:
@@ -46,7 +51,7 @@ def stored_arrays(fmt: str, shape, scale_dtype: str | None = None) -> dict[str, 
         else:
             out_f, in_f = (int(d) for d in shape)
             dims = {"qweight": (out_f, in_f // Q4_PER_WORD if fmt in ("q4", "q4a") else in_f),
-                    "scales": (out_f, in_f // GROUP), "zeros": (out_f, (in_f // GROUP + 1) // 2)}[role]
+                    "scales": (out_f, in_f // GROUP), "zeros": (out_f, zeros_width(in_f // GROUP))}[role]
         out[role] = (dims, dtype or scale_dtype)
     return out
 

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import EdgeforgeError
-
-GROUP = 32
+from ...runtime.weights import GROUP, zeros_width
 QUANT_BITS = {"q4": 4, "q4a": 4, "q8": 8}
 
 
@@ -68,7 +67,7 @@ def quant_linear(name: str, entry: dict, arrays: dict, dtype) -> QuantLinear:
 
 def _zero_points(name: str, zeros: np.ndarray, n: int, blocks: int) -> np.ndarray:
     """q4a zeros as stored (two a byte, formats.pack_zeros) are MatMulNBits' `zero_points` as they are."""
-    want = (n, (blocks + 1) // 2)
+    want = (n, zeros_width(blocks))
     if zeros.dtype != np.uint8 or zeros.shape != want:
         raise EdgeforgeError(f"tensor '{name}': q4a zeros must be uint8 {want} (two a byte), got {zeros.dtype} {zeros.shape}")
     return np.ascontiguousarray(zeros)
