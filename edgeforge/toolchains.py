@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .errors import EdgeforgeError
 from .cache import cache_dir
+from .nvrtc import Nvrtc
 
 SCRIPTS_DIR = Path(__file__).parent / "_scripts"  # a link to scripts/ in a checkout, copied into the wheel
 ARM64_PYTHON = "usr/bin/python3.11"
@@ -294,7 +295,7 @@ def _vulkan_paths(base: Path) -> tuple[Path, dict[str, str]]:
 # (drivers >= 580), jetson-orin with CUDA 12 (JetPack 6). Each installs into <cache>/toolchains/cuda<major>/
 # once. CUDA 13: nvcc + ptxas, cicc (nvvm), the runtime and crt headers, libcu++ (cccl) that kernels
 # include. CUDA 12: nvidia-cuda-nvcc-cu12 holds ptxas but no nvcc (measured, 12.6 to 12.9), so NVRTC
-# compiles instead (backends/tvm/nvrtc.py; it embeds ptxas), with the runtime and cccl headers.
+# compiles instead (edgeforge/nvrtc.py; it embeds ptxas), with the runtime and cccl headers.
 CUDA_WHEELS = {
     13: ["nvidia-cuda-nvcc==13.0.88", "nvidia-nvvm==13.0.88", "nvidia-cuda-runtime==13.0.96",
          "nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85"],
@@ -317,8 +318,6 @@ class CudaCompiler:
         if self.kind == "nvcc":  # its last line names the build: "Build cuda_13.0.r13.0/compiler..."
             text = _first_line([str(self.path), "--version"])
             return text.splitlines()[-1] if text else "unavailable"
-        from .backends.tvm.nvrtc import Nvrtc
-
         major, minor = Nvrtc(self.path, list(self.includes)).version()
         return f"NVRTC {major}.{minor} (nvidia-cuda-nvrtc-cu{major} wheel)"
 

@@ -16,6 +16,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+from .. import toolchains
 from ..runtime.hostcheck import cpu_arch, host_arch
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,6 @@ _DOWNLOAD_FAILED: set[str] = set()  # arches whose wheel download failed in this
 def _device_wheels(specs: list[tuple[str, str]], arch: str) -> dict:
     """Cached wheels for `specs`; the missing ones downloaded once (a failure is logged, remembered for
     this process, and leaves those packages unmeasured)."""
-    from .. import toolchains
-
     if arch in _DOWNLOAD_FAILED:
         return toolchains.arch_wheels(arch)
     found = toolchains.ensure_arch_wheels(specs, arch)
@@ -95,8 +94,6 @@ def measure(pinned: dict[str, str], os_name: str, arch: str, bundled_bytes: int)
     (None for devices other than Linux: their packages are not the manylinux wheels measured here)."""
     if os_name != "linux":
         return None
-    from ..toolchains import wheel_key
-
     arch = cpu_arch(arch)
     local = host_arch() == arch
     closure = dependency_closure(pinned)
@@ -107,7 +104,7 @@ def measure(pinned: dict[str, str], os_name: str, arch: str, bundled_bytes: int)
     for name, version in closure.items():
         entry = {"version": version, "download_bytes": None, "installed_bytes": None}
         exact = version[:1].isdigit()
-        wheel = wheels.get(wheel_key(name, version))
+        wheel = wheels.get(toolchains.wheel_key(name, version))
         size = _installed_size(name, version, pure_only=not local) if exact and wheel is None else None
         if wheel is not None:
             entry["download_bytes"], entry["installed_bytes"] = _wheel_sizes(wheel)

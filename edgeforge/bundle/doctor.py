@@ -10,6 +10,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from .. import toolchains
 from ..runtime.hostcheck import cuda_device_count, host_arch
 
 
@@ -41,8 +42,6 @@ def _package(dist: str, module: str) -> tuple[bool, str]:
 
 def _toolchain(probe: str) -> tuple[bool, str]:
     """Ask edgeforge.toolchains about the arm64 root and the WebGPU venv + lavapipe (nothing is built)."""
-    from .. import toolchains
-
     try:
         if probe == "arm64 root":
             root = toolchains.arm64_root()
@@ -60,8 +59,6 @@ def _toolchain(probe: str) -> tuple[bool, str]:
 
 def _cuda_compiler(major: int) -> tuple[bool, str]:
     """A system nvcc of that CUDA major, or the PyPI wheels in the cache (nothing is installed here)."""
-    from .. import toolchains
-
     try:
         found = toolchains.cuda_toolchain(major)
     except Exception as err:  # noqa: BLE001 - any probe failure is a doctor line, not a crash

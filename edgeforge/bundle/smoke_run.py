@@ -18,6 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .. import toolchains
 from ..errors import EdgeforgeError
 from ..runtime.bundle_errors import BundleError
 from ..runtime.hostcheck import check_can_run
@@ -53,8 +54,6 @@ def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
     if emulate:
         if manifest["target"].get("arch") != "aarch64" or manifest["target"].get("os") != "linux":
             raise EdgeforgeError(f"--emulate: bundle target '{manifest['target']['name']}' is not aarch64 Linux")
-        from .. import toolchains
-
         root = toolchains.ensure_arm64()  # builds the arm64 root the first time (minutes)
         return toolchains.qemu_python_command([], root=root)
     try:
@@ -62,8 +61,6 @@ def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
     except BundleError as err:
         raise EdgeforgeError(str(err)) from None
     if run == "vulkan" or manifest.get("device", "").startswith(("webgpu", "vulkan")):
-        from .. import toolchains
-
         python, env = toolchains.ensure_vulkan()  # onnxruntime-webgpu venv + Mesa lavapipe
         return [str(python)], env
     return [sys.executable], dict(os.environ)

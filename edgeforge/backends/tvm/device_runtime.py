@@ -21,6 +21,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+from ... import toolchains
 from ...errors import EdgeforgeError
 from ...runtime.hostcheck import cpu_arch, host_arch
 
@@ -92,8 +93,6 @@ def _libraries(spec: dict, pkg: Path):
                 raise EdgeforgeError(f"{path}: missing from this machine's TVM (the bundle's device runtime needs it)")
             yield name, path.read_bytes()
         return
-    from ... import toolchains
-
     wheel = toolchains.arch_wheel("apache-tvm", spec["version"], spec["arch"])
     with zipfile.ZipFile(wheel) as zf:
         members = set(zf.namelist())

@@ -23,7 +23,9 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ... import toolchains
 from ...errors import EdgeforgeError
+from ...nvrtc import Nvrtc
 
 DEFAULT_CUDA_ARCHES = ["sm_80", "sm_86", "sm_89", "sm_90"]
 # What an app must link next to a tar export, per OS (recorded in artifact.json).
@@ -86,8 +88,6 @@ class TvmTarget:
     def cuda(self):
         """This target's CUDA compiler (toolchains.CudaCompiler): a system nvcc of its CUDA version,
         else the PyPI wheels (installed once into the edgeforge cache)."""
-        from ... import toolchains
-
         found = toolchains.cuda_toolchain(self.cuda_major, install=True)
         if found.kind == "nvrtc" and len(self.arches) != 1:
             raise EdgeforgeError(
@@ -229,9 +229,7 @@ def _cuda_fatbin_compiler(arches: list[str]):
 
 @contextlib.contextmanager
 def _cuda_nvrtc_compiler(arch: str, compiler):
-    """Make TVM compile CUDA kernels with NVRTC (backends/tvm/nvrtc.py) into a cubin for `arch`."""
-    from .nvrtc import Nvrtc
-
+    """Make TVM compile CUDA kernels with NVRTC (edgeforge/nvrtc.py) into a cubin for `arch`."""
     _load_cuda_codegen()
     nvrtc = Nvrtc(compiler.path, list(compiler.includes))
 

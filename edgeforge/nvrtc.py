@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from ...errors import EdgeforgeError
+from .errors import EdgeforgeError
 
 # What TVM's generated CUDA source expects from nvcc's headers and NVRTC does not provide (the same
 # fix-ups TVM's tvm.support.nvcc applies before its NVRTC call).
