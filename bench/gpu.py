@@ -109,7 +109,6 @@ def synth_qdir(out: Path, shape: str, scheme: str = "q4f16", seed: int = 0, log=
     """A QDIR of a random Llama of `shape`, written straight in the stored format (random codes,
     constant scales): seconds for an 8B model, where generating floats and quantizing them would
     take minutes. The same (shape, scheme, seed) gives the same bytes on every machine."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from edgeforge.fsutil import atomic_output_dir
     from edgeforge.model.config import LlamaConfig
     from edgeforge.model.hf import load_hf_tokenizer
@@ -117,7 +116,7 @@ def synth_qdir(out: Path, shape: str, scheme: str = "q4f16", seed: int = 0, log=
     from edgeforge.quant import qdir as Q
     from edgeforge.quant.schemes import get_scheme
     from edgeforge.runtime.weights import shard_name, stored_key
-    from tiny_models import _train_bpe_tokenizer  # a small byte-level BPE; ids above it are never decoded
+    from edgeforge.testing import train_bpe_tokenizer  # a small byte-level BPE; ids above it are never decoded
 
     out = Path(out)
     if (out / "quantization.json").exists():
@@ -135,7 +134,7 @@ def synth_qdir(out: Path, shape: str, scheme: str = "q4f16", seed: int = 0, log=
 
     tokdir = out.parent / f".{out.name}-tokenizer"
     tokdir.mkdir(parents=True, exist_ok=True)
-    _train_bpe_tokenizer(tokdir)
+    train_bpe_tokenizer(tokdir)
     model = LoadedModel(config=cfg, tensors=Shapes(), tokenizer=load_hf_tokenizer(tokdir, cfg),
                         source={"format": "random", "model_id": f"random-{shape}", "sha256": None, "path": None})
     sch = get_scheme(scheme)
@@ -169,8 +168,7 @@ def write_random_gguf(out: Path, shape: str, seed: int = 0) -> Path:
     choice): the same bits per weight as edgeforge's q4f16. Speed does not depend on the values."""
     import gguf
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import _train_bpe_tokenizer
+    from edgeforge.testing import train_bpe_tokenizer
 
     cfg = SHAPES[shape]
     h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
@@ -178,7 +176,7 @@ def write_random_gguf(out: Path, shape: str, seed: int = 0) -> Path:
     hd = cfg.get("head_dim", h // heads)
     tokdir = out.parent / f".{out.name}-tokenizer"
     tokdir.mkdir(parents=True, exist_ok=True)
-    _train_bpe_tokenizer(tokdir)
+    train_bpe_tokenizer(tokdir)
     tj = json.loads((tokdir / "tokenizer.json").read_text())
     shutil.rmtree(tokdir, ignore_errors=True)
     by_id = {i: t for t, i in tj["model"]["vocab"].items()}

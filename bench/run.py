@@ -450,8 +450,7 @@ def _model(args, tmp: Path) -> tuple[str, Path | None]:
 
         path = fetch_model(args.model)
         return args.model, path
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import make_tiny_llama
+    from edgeforge.testing import make_tiny_llama
 
     return str(make_tiny_llama(tmp / "tiny-llama32", "llama32")), None
 

@@ -106,10 +106,9 @@ def write_model(shape: str, out: Path, seed: int = 0, log=print) -> Path:
         log(f"  {fname}: {len(members)} tensors ({time.monotonic() - t0:.0f} s)")
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": sum(int(np.prod(s)) * 2 for s in shapes.values())}, "weight_map": weight_map}))
-    sys.path.insert(0, str(BENCH.parent / "tests"))
-    from tiny_models import _train_bpe_tokenizer
+    from edgeforge.testing import train_bpe_tokenizer
 
-    _train_bpe_tokenizer(out)
+    train_bpe_tokenizer(out)
     (out / "config.json").write_text(json.dumps(hf, indent=1))
     return out
 

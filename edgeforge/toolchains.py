@@ -11,7 +11,7 @@ command lines and environments the backends, bundles and tests use:
     python, env = ensure_vulkan()                  # or vulkan_env() -> None when not built
     subprocess.run([python, "smoke.py"], env=env)  # onnxruntime-webgpu on Mesa lavapipe
 
-`probe()` reports what this machine has, for `edgeforge doctor` and `edgeforge targets`.
+`edgeforge doctor` and `edgeforge targets` ask these functions (bundle/doctor.py) what is built.
 """
 
 from __future__ import annotations
@@ -186,22 +186,6 @@ def qemu_cpu_for(mcpu: str | None) -> str:
     if shutil.which(QEMU) is None:
         raise EdgeforgeError(f"{QEMU} not found: apt-get install qemu-user-static (or run scripts/setup-arm64.sh)")
     return mcpu if mcpu in _qemu_cpus() else "max"
-
-
-def run_qemu_python(
-    script_args: list[str],
-    extra_pythonpath: list[str | os.PathLike] = (),
-    cpu: str | None = None,
-    timeout: float | None = None,
-    cwd: str | os.PathLike | None = None,
-) -> subprocess.CompletedProcess:
-    """Run qemu_python_command(...) and capture its output as text (the caller checks returncode)."""
-    cmd, env = qemu_python_command(script_args, extra_pythonpath=extra_pythonpath, cpu=cpu)
-    try:
-        return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        what = script_args[0] if script_args else "python"
-        raise EdgeforgeError(f"the emulated aarch64 run of {what} took over {timeout} s") from err
 
 
 def _clean_env() -> dict[str, str]:
@@ -459,7 +443,7 @@ def _failure_reason(tail: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# probe: what this machine has
+# helpers for what this machine has (edgeforge doctor asks; bundle/doctor.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -472,38 +456,6 @@ def _first_line(cmd: list[str], timeout: float = 20) -> str | None:
         return None
     text = (proc.stdout or proc.stderr).strip()
     return text if proc.returncode == 0 and text else None
-
-
-def nvcc_version() -> str | None:
-    text = _first_line(["nvcc", "--version"]) or ""
-    match = re.search(r"release [\d.]+, V([\d.]+)", text)
-    return match.group(1) if match else None
-
-
-def aarch64_gxx_version() -> str | None:
-    return _first_line(["aarch64-linux-gnu-g++", "-dumpfullversion"])
-
-
-def qemu_version() -> str | None:
-    text = _first_line([QEMU, "--version"]) or ""
-    match = re.search(r"version ([\w.+~-]+)", text)
-    return match.group(1) if match else None
-
-
-def nvidia_gpus() -> list[str]:
-    """GPU names from nvidia-smi (empty when there is no driver or no GPU)."""
-    text = _first_line(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"])
-    return [line.strip() for line in text.splitlines() if line.strip()] if text else []
-
-
-def has_libcuda() -> bool:
-    import ctypes
-
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
 
 
 def vulkan_devices(env: dict[str, str] | None = None, python: str | os.PathLike | None = None) -> list[dict]:
@@ -525,23 +477,3 @@ def vulkan_devices(env: dict[str, str] | None = None, python: str | os.PathLike 
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return []
 
-
-def probe() -> dict:
-    """What this machine has for each kind of target. Cheap (no setup is run); a few seconds."""
-    root = arm64_root()
-    venv = vulkan_env()
-    gpus = nvidia_gpus()
-    return {
-        "nvcc": nvcc_version(),
-        "aarch64_gxx": aarch64_gxx_version(),
-        "qemu_aarch64": qemu_version(),
-        "arm64_root": str(root) if root else None,
-        "arm64_ready": root is not None,
-        "lavapipe_ready": venv is not None,
-        "webgpu_venv": str(venv[0]) if venv else None,
-        "gpu_present": bool(gpus) or has_libcuda(),
-        "nvidia_gpus": gpus,
-        "libcuda": has_libcuda(),
-        "vulkan_devices": vulkan_devices(),
-        "lavapipe_devices": vulkan_devices(venv[1]) if venv else [],
-    }

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import SHAPES, make_tiny_llama  # noqa: E402
+from edgeforge.testing import SHAPES, make_tiny_llama  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub during tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

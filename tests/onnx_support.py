@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from edgeforge.backends import compile_qdir
-from edgeforge.runtime.generate import generate
-from edgeforge.runtime.sampling import Sampler
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -36,25 +34,6 @@ def compile_onnx(qdir: Path, out: Path, provider="CPUExecutionProvider", accurac
     toml = target_file(out.parent, f"{name}-{out.name}", provider, accuracy_level, **onnx_extra)
     compile_qdir(qdir, str(toml), "onnx", out)
     return out
-
-
-def step_logits(engine, ids, steps: int, feed=None) -> list[np.ndarray]:
-    """Logits of a prefill and `steps` decodes; fed tokens come from `feed` (else the engine's argmax)."""
-    engine.reset()
-    out = [engine.prefill(ids)]
-    for i in range(steps):
-        token = feed[i] if feed is not None else int(np.argmax(out[-1]))
-        out.append(engine.decode(token))
-    return out
-
-
-def relative_errors(got: list[np.ndarray], expected: list[np.ndarray]) -> list[float]:
-    """max |got - expected| / (max - min of expected), per step."""
-    return [float(np.max(np.abs(g - e)) / np.ptp(e)) for g, e in zip(got, expected)]
-
-
-def greedy(engine, ids, n: int) -> list[int]:
-    return generate(engine, ids, n, Sampler(temperature=0.0)).tokens
 
 
 def record(path: Path, entry: dict) -> None:

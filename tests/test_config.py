@@ -12,7 +12,7 @@ from edgeforge.errors import EdgeforgeError
 from edgeforge.model.config import LlamaConfig
 
 from tiny_gguf import llama3_rope_factors
-from tiny_models import SHAPES
+from edgeforge.testing import SHAPES
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

@@ -12,7 +12,7 @@ import pytest
 
 from edgeforge.cli import main
 from edgeforge.quant.eval import evaluate, log_softmax, mean_kl, mean_nll, split_chunks
-from tiny_models import EVAL_TEXT
+from edgeforge.testing import EVAL_TEXT
 
 
 def run_cli(args, capsys):

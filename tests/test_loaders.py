@@ -13,6 +13,7 @@ from edgeforge.model.loader import load_model
 from edgeforge.model.reference import ReferenceModel
 from edgeforge.runtime import safetensors as st
 from edgeforge.runtime.tokenizer import Tokenizer
+from edgeforge.testing import f32_to_bf16
 
 from tiny_gguf import write_gguf
 
@@ -62,7 +63,7 @@ def test_safetensors_writer_is_deterministic_aligned_and_readable(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {"w": rng.standard_normal((4, 8)).astype(np.float32), "q": np.arange(10, dtype=np.int8),
               "s": np.ones(3, np.float16), "u": np.arange(4, dtype=np.uint32),
-              "bf": ("BF16", st.f32_to_bf16(np.array([1.5, -2.25, 3.14159], np.float32)))}
+              "bf": ("BF16", f32_to_bf16(np.array([1.5, -2.25, 3.14159], np.float32)))}
     st.write_safetensors(tmp_path / "a.safetensors", arrays, {"m": "1"})
     st.write_safetensors(tmp_path / "b.safetensors", dict(reversed(list(arrays.items()))), {"m": "1"})
     a, b = (tmp_path / "a.safetensors").read_bytes(), (tmp_path / "b.safetensors").read_bytes()
@@ -86,7 +87,7 @@ def test_bf16_rounding_matches_torch():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(1).standard_normal(10000).astype(np.float32) * 100
     expected = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    np.testing.assert_array_equal(st.f32_to_bf16(x), expected)
+    np.testing.assert_array_equal(f32_to_bf16(x), expected)
     np.testing.assert_array_equal(st.bf16_to_f32(expected), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
 
 
@@ -151,7 +152,7 @@ def test_sentencepiece_conversion_matches_sentencepiece(tiny_model):
     folder = tiny_model("llama2")
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     ours = load_model(folder).tokenizer
-    from tiny_models import EVAL_TEXT
+    from edgeforge.testing import EVAL_TEXT
 
     # This tiny model was trained with sentencepiece's default normalizer, which collapses runs of
     # whitespace; transformers (and Llama-2's own model, which turns that off) do not. Compare on

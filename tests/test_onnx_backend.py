@@ -11,7 +11,9 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx_support import PROMPTS, compile_onnx, greedy, record, relative_errors, step_logits  # noqa: E402
+from onnx_support import PROMPTS, compile_onnx, record  # noqa: E402
+
+from edgeforge.testing import greedy, relative_errors, step_logits  # noqa: E402
 
 from edgeforge.errors import EdgeforgeError  # noqa: E402
 from edgeforge.runtime.bundle_errors import BundleError, CannotRunHere  # noqa: E402

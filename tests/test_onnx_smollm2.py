@@ -5,7 +5,6 @@ the same quantized weights, the rpi5 build under qemu (arm) and the vulkan build
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from onnx_support import compile_onnx, record, relative_errors, step_logits  # noqa: E402
+from onnx_support import compile_onnx, record  # noqa: E402
 
 from edgeforge.backends import compile_qdir  # noqa: E402
 from edgeforge.model.loader import load_model  # noqa: E402
@@ -23,10 +22,10 @@ from edgeforge.quant.qdir import load_qdir, write_qdir  # noqa: E402
 from edgeforge.runtime.generate import generate  # noqa: E402
 from edgeforge.runtime.onnx_engine import OnnxEngine  # noqa: E402
 from edgeforge.runtime.sampling import Sampler  # noqa: E402
+from edgeforge.testing import copy_runtime, relative_errors, step_logits  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKENS = 32
-RUNTIME = Path(__file__).resolve().parent.parent / "edgeforge" / "runtime"
 DEVICE_RUN = Path(__file__).resolve().parent / "onnx_device_run.py"
 
 
@@ -56,12 +55,6 @@ def smol(smollm2_gguf, tmp_path_factory):
     return get
 
 
-def runtime_copy(folder: Path) -> Path:
-    """edgeforge/runtime as a bundle carries it (package edgeforge_runtime), for foreign interpreters."""
-    shutil.copytree(RUNTIME, folder / "edgeforge_runtime", ignore=shutil.ignore_patterns("__pycache__"))
-    return folder
-
-
 @pytest.mark.parametrize("scheme", ["q4f32", "q8f16"])
 def test_x86_level0_matches_reference(smol, scheme, tmp_path):
     qdir, ids, golden = smol(scheme)
@@ -88,7 +81,13 @@ def test_x86_level4_reported(smol, scheme, tmp_path, tmp_path_factory):
         record(tmp_path_factory.getbasetemp() / "onnx-accuracy-level-4.jsonl", entry)
         print("accuracy_level 4:", json.dumps(entry))
         assert max(errs) < 0.1, entry  # int8 activations: a few % of the range, not garbage
-        assert got[0] == tokens[0] or agree == 0 and max(errs) < 0.1
+        if agree < TOKENS:
+            # Where the greedy runs first part (same history so far), int8 activations may only have
+            # flipped a near-tie: every logit is within max(errs) x range of the reference, so the
+            # two picks' reference logits are at most twice that apart. A defect parts clearly.
+            ref = logits[agree]
+            gap = float(ref[tokens[agree]] - ref[got[agree]])
+            assert gap <= 2 * max(errs) * float(np.ptp(ref)), (entry, agree, gap)
 
 
 @pytest.mark.arm
@@ -102,7 +101,7 @@ def test_rpi5_build_under_qemu(smol, tmp_path):
     assert artifact["target"] == "rpi5" and artifact["onnx"]["accuracy_level"] == 4
     n = 8
     cmd, env = qemu_python_command([DEVICE_RUN, art, tmp_path / "arm.npz", "--ids", ",".join(map(str, ids[0])),
-                                    "--tokens", str(n), "--threads", "2"], extra_pythonpath=[runtime_copy(tmp_path)])
+                                    "--tokens", str(n), "--threads", "2"], extra_pythonpath=[copy_runtime(tmp_path)])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -145,7 +144,7 @@ def test_vulkan_build_on_lavapipe(smol, tmp_path):
     art = tmp_path / "vulkan"
     compile_qdir(qdir, "vulkan", "onnx", art)
     n = 8
-    env = dict(env, PYTHONPATH=str(runtime_copy(tmp_path)))
+    env = dict(env, PYTHONPATH=str(copy_runtime(tmp_path)))
     # The first run compiles the WebGPU shaders (~50 s on an idle machine), then ~2 tok/s.
     proc = subprocess.run([str(python), str(DEVICE_RUN), str(art), str(tmp_path / "vk.npz"),
                            "--ids", ",".join(map(str, ids[0])), "--tokens", str(n)],

@@ -32,8 +32,7 @@ import numpy as np
 import pytest
 
 from edgeforge.runtime.safetensors import write_safetensors
-
-from tiny_models import _train_bpe_tokenizer
+from edgeforge.testing import train_bpe_tokenizer
 
 # Llama-2-7B's matrix sizes with GQA 4:1 and 3 layers: 4096 x 11008 MLPs are the big tensors.
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 4096, 11008, 3, 32, 8, 8192
@@ -68,7 +67,7 @@ def make_big_checkpoint(out: Path, seed: int = 0) -> int:
     """Write a sharded bf16 Llama HF folder (one shard per layer, like hub checkpoints); returns
     the size in bytes of its safetensors files. Only one shard is in memory at a time."""
     out.mkdir(parents=True, exist_ok=True)
-    vocab_tokens = _train_bpe_tokenizer(out)
+    vocab_tokens = train_bpe_tokenizer(out)
     assert vocab_tokens <= VOCAB
     rng = np.random.default_rng(seed)
     shards = [lambda i=i: layer_tensors(rng, i) for i in range(LAYERS)]

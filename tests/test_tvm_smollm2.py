@@ -11,7 +11,9 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from tvm_support import BUILD_TIMES, TOLERANCE, compile_tvm, copy_runtime, greedy, relative_errors, step_logits  # noqa: E402
+from tvm_support import BUILD_TIMES, TOLERANCE, compile_tvm  # noqa: E402
+
+from edgeforge.testing import copy_runtime, greedy, relative_errors, step_logits  # noqa: E402
 
 from edgeforge.model.loader import load_model  # noqa: E402
 from edgeforge.model.reference import ReferenceModel  # noqa: E402

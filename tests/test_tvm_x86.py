@@ -12,7 +12,9 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from tvm_support import PROMPTS, TOLERANCE, compile_tvm, copy_runtime, greedy, relative_errors, step_logits  # noqa: E402
+from tvm_support import PROMPTS, TOLERANCE, compile_tvm  # noqa: E402
+
+from edgeforge.testing import copy_runtime, greedy, relative_errors, step_logits  # noqa: E402
 
 from edgeforge.errors import EdgeforgeError  # noqa: E402
 from edgeforge.runtime.bundle_errors import BundleError  # noqa: E402

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeforge.runtime.generate import generate
-from edgeforge.runtime.sampling import Sampler
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -30,39 +28,6 @@ def compile_tvm(qdir: Path, target: str, out: Path) -> Path:
     compile_qdir(Path(qdir), target, "tvm", Path(out))
     BUILD_TIMES[f"{target}:{Path(qdir).name}"] = round(time.time() - start, 1)
     return Path(out)
-
-
-def step_logits(engine, ids, steps: int, feed) -> list[np.ndarray]:
-    """Logits of a prefill then `steps` decodes of the tokens in `feed` (teacher forcing)."""
-    engine.reset()
-    out = [engine.prefill(ids)]
-    for i in range(steps):
-        out.append(engine.decode(feed[i]))
-    return out
-
-
-def relative_errors(got, expected) -> list[float]:
-    return [float(np.max(np.abs(g - e)) / np.ptp(e)) for g, e in zip(got, expected)]
-
-
-def greedy(engine, ids, n: int) -> list[int]:
-    return generate(engine, ids, n, Sampler(temperature=0.0)).tokens
-
-
-def copy_runtime(dest: Path, tvm_arch: str | None = None) -> Path:
-    """edgeforge/runtime copied as the stand-alone package `edgeforge_runtime`, as bundles ship it;
-    with `tvm_arch` also the runtime-only TVM a bundle for that CPU carries (the arm64 root has none)."""
-    import edgeforge.runtime
-
-    pkg = Path(dest) / "edgeforge_runtime"
-    shutil.copytree(Path(edgeforge.runtime.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    if tvm_arch:
-        import tvm
-
-        from edgeforge.backends.tvm.device_runtime import copy_runtime as copy_tvm
-
-        copy_tvm({"package": "tvm", "version": tvm.__version__, "arch": tvm_arch, "libs": ["tvm_runtime"]}, dest)
-    return Path(dest)
 
 
 # ---- inspecting built binaries ------------------------------------------------------------------

@@ -68,17 +68,6 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return wide.view(np.float32)
 
 
-def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 bit patterns (uint16), round-to-nearest-even like torch."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    out = (rounded >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(x)
-    if np.any(nan):  # keep NaNs NaN (rounding could carry them into infinity)
-        out[nan] = 0x7FC0
-    return out
-
-
 class _PyBuffer(ctypes.Structure):  # CPython's Py_buffer (3.9 - 3.13)
     _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.py_object), ("len", ctypes.c_ssize_t),
                 ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
