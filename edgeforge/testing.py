@@ -5,6 +5,7 @@
   Needs the dev extra (torch, transformers, sentencepiece); imported only when a model is made.
 - Engine comparisons against the numpy reference (`step_logits`, `relative_errors`, `greedy`).
 - `copy_runtime`: edgeforge/runtime as a bundle carries it, for interpreters other than this one.
+- `run_under_qemu`: a Python script in the arm64 root under qemu, output captured.
 - `f32_to_bf16`: bfloat16 test data (the runtime only ever reads bf16).
 
 Not used by edgeforge itself (the CLI, the builder and the bundle runtime never import it).
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 
 from .runtime.generate import generate
+from .toolchains import qemu_python_command
 from .runtime.sampling import Sampler
 
 # Text the tiny tokenizers are trained on, and the tests' evaluation text
@@ -163,6 +166,13 @@ def copy_runtime(dest: Path, tvm_arch: str | None = None) -> Path:
 
         copy_tvm({"package": "tvm", "version": tvm.__version__, "arch": tvm_arch, "libs": ["tvm_runtime"]}, dest)
     return Path(dest)
+
+
+def run_under_qemu(args, extra_pythonpath=(), timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the arm64 root's Python on `args` under qemu (the root must be built); text output captured,
+    the caller checks the return code."""
+    cmd, env = qemu_python_command([str(a) for a in args], extra_pythonpath=extra_pythonpath)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:

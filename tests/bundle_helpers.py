@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,15 @@ def cli(capsys, *args) -> tuple[int, str, str]:
         main([str(a) for a in args])
     out = capsys.readouterr()
     return exit_info.value.code, out.out, out.err
+
+
+def cli_without_gpu(*args) -> tuple[int, str, str]:
+    """Run `edgeforge ARGS` in a child process that sees no CUDA device (CUDA_VISIBLE_DEVICES
+    empty), so a "no GPU" case gives the same answer on a machine that has one."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def build_json(capsys, *args) -> dict:

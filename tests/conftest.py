@@ -66,3 +66,17 @@ def smollm2_gguf() -> Path:
     from edgeforge.models import fetch_model
 
     return fetch_model("smollm2-135m")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `gpu` tier runs where a CUDA device is, and is skipped, with the reason, where none is."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    from edgeforge.runtime.hostcheck import cuda_gpus
+
+    gpus, _, why = cuda_gpus()
+    if not gpus:
+        skip = pytest.mark.skip(reason=f"gpu tier: no CUDA device here ({why})")
+        for item in gpu_tests:
+            item.add_marker(skip)

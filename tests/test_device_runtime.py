@@ -17,6 +17,8 @@ from tvm_support import elf_aarch64  # noqa: E402
 
 from edgeforge import toolchains  # noqa: E402
 
+pytestmark = pytest.mark.timeout(1800)  # aarch64 wheels download and emulated runs (subprocess limit 900 s)
+
 MB = 1_000_000
 
 

@@ -22,9 +22,9 @@ from edgeforge.quant.qdir import load_qdir, write_qdir  # noqa: E402
 from edgeforge.runtime.generate import generate  # noqa: E402
 from edgeforge.runtime.onnx_engine import OnnxEngine  # noqa: E402
 from edgeforge.runtime.sampling import Sampler  # noqa: E402
-from edgeforge.testing import copy_runtime, relative_errors, step_logits  # noqa: E402
+from edgeforge.testing import copy_runtime, relative_errors, run_under_qemu, step_logits  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # SmolLM2 quantize + golden, then emulated and lavapipe runs (subprocess limits up to 1200 s)
 TOKENS = 32
 DEVICE_RUN = Path(__file__).resolve().parent / "onnx_device_run.py"
 
@@ -92,7 +92,7 @@ def test_x86_level4_reported(smol, scheme, tmp_path, tmp_path_factory):
 
 @pytest.mark.arm
 def test_rpi5_build_under_qemu(smol, tmp_path):
-    from edgeforge.toolchains import ensure_arm64, qemu_python_command
+    from edgeforge.toolchains import ensure_arm64
 
     ensure_arm64()  # builds the arm64 root if it is missing: a missing toolchain fails, never skips
     qdir, ids, golden = smol("q4f32")
@@ -100,9 +100,8 @@ def test_rpi5_build_under_qemu(smol, tmp_path):
     artifact = compile_qdir(qdir, "rpi5", "onnx", art)
     assert artifact["target"] == "rpi5" and artifact["onnx"]["accuracy_level"] == 4
     n = 8
-    cmd, env = qemu_python_command([DEVICE_RUN, art, tmp_path / "arm.npz", "--ids", ",".join(map(str, ids[0])),
-                                    "--tokens", str(n), "--threads", "2"], extra_pythonpath=[copy_runtime(tmp_path)])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_under_qemu([DEVICE_RUN, art, tmp_path / "arm.npz", "--ids", ",".join(map(str, ids[0])),
+                           "--tokens", n, "--threads", 2], extra_pythonpath=[copy_runtime(tmp_path)], timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     print("rpi5 under qemu:", info)
@@ -122,9 +121,8 @@ def test_rpi5_build_under_qemu(smol, tmp_path):
                     '[onnx]\nexecution_provider = "CPUExecutionProvider"\naccuracy_level = 0\n')
     compile_qdir(qdir, str(toml), "onnx", tmp_path / "arm0")
     n0 = 4
-    cmd, env = qemu_python_command([DEVICE_RUN, tmp_path / "arm0", tmp_path / "arm0.npz", "--ids", ",".join(map(str, ids[1])),
-                                    "--tokens", str(n0), "--threads", "2"], extra_pythonpath=[tmp_path])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_under_qemu([DEVICE_RUN, tmp_path / "arm0", tmp_path / "arm0.npz", "--ids", ",".join(map(str, ids[1])),
+                           "--tokens", n0, "--threads", 2], extra_pythonpath=[tmp_path], timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["tokens"] == golden[1][0][:n0]
     errs = relative_errors(list(np.load(tmp_path / "arm0.npz")["logits"]), golden[1][1][:n0])
@@ -134,12 +132,9 @@ def test_rpi5_build_under_qemu(smol, tmp_path):
 
 @pytest.mark.vulkan
 def test_vulkan_build_on_lavapipe(smol, tmp_path):
-    from edgeforge.toolchains import vulkan_env
+    from edgeforge.toolchains import ensure_vulkan
 
-    found = vulkan_env()
-    if found is None:
-        pytest.skip("lavapipe + onnxruntime-webgpu not set up (scripts/setup-vulkan.sh)")
-    python, env = found
+    python, env = ensure_vulkan()  # sets lavapipe up if it is missing: like the ARM test, fails, never skips
     qdir, ids, _ = smol("q4f16", golden=False)
     art = tmp_path / "vulkan"
     compile_qdir(qdir, "vulkan", "onnx", art)

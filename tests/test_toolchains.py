@@ -18,10 +18,13 @@ import pytest
 
 from edgeforge import toolchains
 from edgeforge.errors import EdgeforgeError
+from edgeforge.testing import run_under_qemu
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import check_webgpu  # noqa: E402
+
+pytestmark = pytest.mark.timeout(1800)  # the first slow test builds the arm64 root or lavapipe (minutes)
 
 
 @pytest.fixture
@@ -127,8 +130,7 @@ def _aarch64_tvm_runtime(dest: Path) -> Path:
 
 
 def _run_qemu(args, extra_pythonpath=(), timeout=600):
-    cmd, env = toolchains.qemu_python_command(args, extra_pythonpath=extra_pythonpath)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_under_qemu(args, extra_pythonpath=extra_pythonpath, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

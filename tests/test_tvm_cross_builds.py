@@ -17,6 +17,8 @@ from edgeforge.model.loader import load_model  # noqa: E402
 from edgeforge.quant.qdir import write_qdir  # noqa: E402
 from edgeforge.targets import get_target  # noqa: E402
 
+pytestmark = pytest.mark.timeout(2400)  # CUDA builds may install the compiler wheels first (subprocess limit 1800 s)
+
 
 @pytest.fixture(scope="module")
 def qdir(tiny_model, tmp_path_factory):

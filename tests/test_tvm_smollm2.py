@@ -13,14 +13,14 @@ pytest.importorskip("tvm")
 
 from tvm_support import BUILD_TIMES, TOLERANCE, compile_tvm  # noqa: E402
 
-from edgeforge.testing import copy_runtime, greedy, relative_errors, step_logits  # noqa: E402
+from edgeforge.testing import copy_runtime, greedy, relative_errors, run_under_qemu, step_logits  # noqa: E402
 
 from edgeforge.model.loader import load_model  # noqa: E402
 from edgeforge.model.reference import ReferenceModel  # noqa: E402
 from edgeforge.quant.qdir import load_qdir, write_qdir  # noqa: E402
 from edgeforge.runtime.loader import open_engine  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # SmolLM2 TVM builds and an emulated run (subprocess limit 1800 s)
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers:"]
 GREEDY_TOKENS = 32
@@ -76,7 +76,7 @@ def test_x86_q4f32_greedy_tokens_equal_reference(smol):
 
 @pytest.mark.arm
 def test_rpi5_q4f16_under_qemu_reproduces_reference_tokens(smol, tmp_path):
-    from edgeforge.toolchains import ensure_arm64, run_qemu_python
+    from edgeforge.toolchains import ensure_arm64
 
     ensure_arm64()  # builds the arm64 root if it is missing: a missing toolchain fails, never skips
     qdir, artifact = smol
@@ -100,7 +100,7 @@ def test_rpi5_q4f16_under_qemu_reproduces_reference_tokens(smol, tmp_path):
         "                  'decode_tok_s': len(r.tokens) / max(r.decode_seconds, 1e-9)}))\n"
     )
     start = time.time()
-    proc = run_qemu_python([str(script)], extra_pythonpath=[rt], timeout=1800)
+    proc = run_under_qemu([script], extra_pythonpath=[rt], timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"qemu rpi5 q4f16: {out} (wall {time.time() - start:.0f} s)")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.timeout(2400)  # builds and installs the wheel (subprocess limit 1800 s)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
