@@ -18,8 +18,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import EdgeforgeError
+from .runtime.backends import BACKENDS
 
-BACKENDS = ("tvm", "onnx")
 RUN_MODES = ("host", "qemu", "cuda", "vulkan", "none")
 # edgeforge/_targets is a link to the project's top-level targets/ folder: the same files in a
 # checkout and, copied in, inside the wheel.
@@ -81,7 +81,7 @@ def load_target_file(path: Path) -> Target:
     if not NAME_RE.match(raw["name"]) or ".." in raw["name"]:
         raise EdgeforgeError(f"target file {path}: name {raw['name']!r} must be 1-64 letters, digits, '.', '_' "
                              "or '-' (it becomes part of the bundle's folder name)")
-    for table in ("tvm", "onnx"):
+    for table in BACKENDS:
         if not isinstance(raw.get(table, {}), dict):
             raise EdgeforgeError(f"target file {path}: [{table}] must be a table")
     if not isinstance(raw["backends"], list) or not all(isinstance(b, str) for b in raw["backends"]):
@@ -89,13 +89,12 @@ def load_target_file(path: Path) -> Target:
     backends = tuple(raw["backends"])
     bad = [b for b in backends if b not in BACKENDS]
     if not backends or bad:
-        raise EdgeforgeError(f"target file {path}: backends must be a non-empty list of {BACKENDS}, got {list(backends)}")
+        raise EdgeforgeError(f"target file {path}: backends must be a non-empty list of {tuple(BACKENDS)}, got {list(backends)}")
     if raw["run"] not in RUN_MODES:
         raise EdgeforgeError(f"target file {path}: run must be one of {RUN_MODES}, got '{raw['run']}'")
-    if "tvm" in backends and "host" not in raw.get("tvm", {}):
-        raise EdgeforgeError(f"target file {path}: lists backend tvm but has no [tvm] host")
-    if "onnx" in backends and "execution_provider" not in raw.get("onnx", {}):
-        raise EdgeforgeError(f"target file {path}: lists backend onnx but has no [onnx] execution_provider")
+    for name in backends:
+        if BACKENDS[name].target_required not in raw.get(name, {}):
+            raise EdgeforgeError(f"target file {path}: lists backend {name} but has no [{name}] {BACKENDS[name].target_required}")
     return Target(
         name=raw["name"], description=raw.get("description", ""), backends=backends, run=raw["run"],
         os=raw["os"], arch=raw["arch"], tvm=raw.get("tvm", {}), onnx=raw.get("onnx", {}), path=path, raw=raw,

@@ -1,5 +1,5 @@
-"""Backend registry and `compile_qdir()`. Each backend module exposes `compile_model(qdir, target, out) -> dict`
-(progress goes to `logging`).
+"""`compile_qdir()` and the compiler side of the backend registry (runtime/backends.py). Each
+backend's compile module exposes `compile_model(qdir, target, out) -> dict` (progress goes to `logging`).
 
 Backends import their compiler (apache-tvm, onnx) only when asked for, so a machine with one of
 them installed can still use the other.
@@ -15,22 +15,18 @@ from pathlib import Path
 
 from ..errors import EdgeforgeError
 from ..fsutil import atomic_output_dir, is_json_of_format
+from ..runtime.backends import BACKENDS
 from ..targets import get_target
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = {
-    "tvm": ("edgeforge.backends.tvm.compile", "edgeforge[tvm] (apache-tvm)"),
-    "onnx": ("edgeforge.backends.onnx.compile", "edgeforge[onnx] (onnx, onnxruntime)"),
-}
-
-
 def get_backend(name: str):
     if name not in BACKENDS:
         raise EdgeforgeError(f"unknown backend '{name}'; known backends: {', '.join(BACKENDS)}")
-    module, extra = BACKENDS[name]
+    entry = BACKENDS[name]
+    extra = entry.compile_extra
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(entry.compile_module)
     except ImportError as err:
         if err.name and err.name.startswith("edgeforge"):
             raise

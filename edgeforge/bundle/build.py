@@ -22,6 +22,7 @@ from ..errors import EdgeforgeError
 from ..fsutil import clean_stale_temps
 from ..hostmem import check_memory
 from ..progress import prefixed
+from ..runtime.backends import BACKENDS
 from ..runtime.bundle_errors import BundleError
 from . import archive
 from .config import BuildPlan
@@ -133,7 +134,7 @@ def memory_needed(qbytes: int, config, plan) -> int:
 
     floats = 4 * config.num_parameters()
     golden = qbytes + min(cache_budget_bytes(), floats) + (512 << 20)
-    copies = 2 * qbytes + (512 << 20) if (plan.smoke or any(b == "onnx" for _, b in plan.jobs)) else 0
+    copies = 2 * qbytes + (512 << 20) if (plan.smoke or any(BACKENDS[b].weights_in_artifact for _, b in plan.jobs)) else 0
     return max(golden, copies)
 
 

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .. import toolchains
+from ..runtime.backends import BACKENDS
 from ..runtime.hostcheck import cuda_device_count, host_arch
 
 
@@ -106,9 +107,9 @@ def checks() -> list[dict]:
 
 
 def _build_needs(target, backend: str) -> list[str]:
-    if backend == "onnx":
-        return ["onnx"]
-    needs = ["apache-tvm"]
+    needs = [BACKENDS[backend].compile_check]
+    if backend != "tvm":
+        return needs
     if target.tvm.get("cross_compiler"):
         needs.append("aarch64 g++")
     if (target.tvm.get("device") or {}).get("kind") == "cuda":

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from ..errors import CheckFailed, EdgeforgeError
+from ..quant.schemes import SCHEMES
+from ..runtime.backends import backend_names
 
 
 def _echo_json(data) -> None:
@@ -33,10 +35,11 @@ def prompt_text(_ctx, param, value):
 
 @click.command()
 @click.argument("model")
-@click.option("--quant", default=None, help="Quantization scheme: q4f16 q4f32 q4f16_m q4f16_rtn q4f32_rtn q8f16 q0f16 q0f32 (bits per weight: `edgeforge quantize --help`; a config file may set it).")
+@click.option("--quant", default=None, help=f"Quantization scheme: {' '.join(SCHEMES)} (bits per weight: "
+              "`edgeforge quantize --help`; a config file may set it).")
 @click.option("--target", "targets", multiple=True, help="Target preset (repeatable; see `edgeforge targets`). "
               "With a config file: build only these of its targets.")
-@click.option("--backend", type=click.Choice(["auto", "all", "tvm", "onnx"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", "all", *backend_names()]), default="auto", show_default=True,
               help="auto: the target's first backend; all: every backend the target lists.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Output folder for the bundles.")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True, help="Compile this many bundles at once.")

@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 
 from ..backends import compile_qdir, is_artifact  # noqa: F401 - re-exported (older import path)
+from ..runtime.backends import backend_names
 
 
 @click.command("compile")
 @click.argument("qdir", type=click.Path(path_type=Path))
 @click.option("--target", "target_name", required=True, help="Target preset name (see `edgeforge targets`) or a .toml file.")
-@click.option("--backend", type=click.Choice(["auto", "tvm", "onnx"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", *backend_names()]), default="auto", show_default=True,
               help="Compiler backend; auto picks the target file's first backend.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (replaced atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print artifact.json's content as JSON.")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import EdgeforgeError
-from ..quant.schemes import SCHEMES, check_embed_bits, get_scheme
+from ..quant.schemes import SCHEMES, check_embed_bits, get_scheme, scheme_help
 
 SCHEME_HELP = "quantization scheme: " + ", ".join(SCHEMES)
 
@@ -21,7 +21,7 @@ def _load(spec: str):
     return load_model(fetch_model(spec))
 
 
-@click.command("quantize")
+@click.command("quantize", epilog=scheme_help())
 @click.argument("model")
 @click.option("--quant", "scheme", required=True, metavar="SCHEME", help=SCHEME_HELP)
 @click.option("--embed-bits", type=click.Choice(["4", "8"]), default=None, callback=lambda c, p, v: int(v) if v else None,
@@ -38,18 +38,6 @@ def quantize(model, scheme, embed_bits, output, as_json):
     Example:
       edgeforge quantize smollm2-135m --quant q4f16 -o out/smollm2-q4f16
       edgeforge quantize ./Llama-3.2-1B --quant q4f16 --embed-bits 4 -o out/l32-q4 --json
-
-    \b
-    Schemes (bits per stored weight, scales included):
-      q4f16      4.5 (q4), 8.5 for embeddings and attn v: calibrated scale search, fp16 compute
-      q4f32      5.0 (q4), 9.0 for embeddings and attn v: the same, fp32 scales and compute
-      q4f16_m    4.625 (q4a: a zero point per group), 8.5 for embeddings, attn k and v, ffn
-                 down in llama.cpp's "more bits" layers and ffn up in the first and last
-                 eighth of the layers; GPTQ on the calibration text (medium; GPTQ is
-                 slower: ~1 min for SmolLM2, O(width^3) a matrix)
-      q4f16_rtn  4.5 everywhere, round-to-nearest (the earlier q4f16), for comparison
-      q4f32_rtn  5.0 everywhere, round-to-nearest, fp32
-      q8f16 8.5, q0f16 16, q0f32 32 (no quantization)
     """
     from ..quant.qdir import write_qdir
 

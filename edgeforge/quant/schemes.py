@@ -34,9 +34,13 @@ costs time: a Hessian inverse per matrix, O(in^3) (SmolLM2: ~1 min on 2 cores).
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import EdgeforgeError
+from ..runtime.weights import GROUP, stored_arrays
 from .formats import get_format
 
 EMBED_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
@@ -76,6 +80,15 @@ class Scheme:
     q8: tuple[str, ...] = ()  # roles stored as q8 (ROLE_SUFFIX, optionally ":" a LAYER_RULES rule)
     calibrated: bool = False  # q4 scales searched with calibration importance
     gptq: bool = False  # calibrated by GPTQ: its q4a and q8 matrices (not the embedding) solved column by column
+    summary: str = ""  # one line for `--help` and the docs' tables
+
+    def bits_per_weight(self) -> tuple[float, float]:
+        """Bits a stored weight takes, scales and zero points counted: (the linear format, the q8
+        one of its more-bits matrices and embedding), from the QDIR layout itself."""
+        linear = bits_per_weight(self.linear, self.scale_dtype)
+        if self.linear in ("q4", "q4a") and (self.embed == "q8" or self.q8):
+            return linear, bits_per_weight("q8", self.scale_dtype)
+        return linear, linear
 
     def embed_format(self, embed_bits: int | None = None) -> str:
         check_embed_bits(embed_bits)
@@ -115,15 +128,20 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in [
-        Scheme("q0f32", "f32", None, "float32"),
-        Scheme("q0f16", "f16", None, "float16"),
-        Scheme("q8f16", "q8", "float16", "float16"),
-        Scheme("q4f16", "q4", "float16", "float16", embed="q8", q8=("attn_v",), calibrated=True),
-        Scheme("q4f32", "q4", "float32", "float32", embed="q8", q8=("attn_v",), calibrated=True),
+        Scheme("q0f32", "f32", None, "float32", summary="no quantization, fp32"),
+        Scheme("q0f16", "f16", None, "float16", summary="no quantization, fp16"),
+        Scheme("q8f16", "q8", "float16", "float16", summary="q8 everywhere"),
+        Scheme("q4f16", "q4", "float16", "float16", embed="q8", q8=("attn_v",), calibrated=True,
+               summary="q4, calibrated scale search; embeddings and attn v q8; fp16 compute"),
+        Scheme("q4f32", "q4", "float32", "float32", embed="q8", q8=("attn_v",), calibrated=True,
+               summary="as q4f16 with fp32 scales and compute"),
         Scheme("q4f16_m", "q4a", "float16", "float16", embed="q8", q8=("attn_v", "attn_k", "ffn_down:more", "ffn_up:ends"),
-               calibrated=True, gptq=True),
-        Scheme("q4f16_rtn", "q4", "float16", "float16"),
-        Scheme("q4f32_rtn", "q4", "float32", "float32"),
+               calibrated=True, gptq=True,
+               summary="medium: q4a (a zero point a group) by GPTQ on the calibration text; embeddings, attn k "
+                       "and v, ffn down in llama.cpp's more-bits layers, ffn up in the first and last eighth q8 "
+                       "(GPTQ is slower: ~1 min for SmolLM2)"),
+        Scheme("q4f16_rtn", "q4", "float16", "float16", summary="q4 round to nearest everywhere (the earlier q4f16)"),
+        Scheme("q4f32_rtn", "q4", "float32", "float32", summary="as q4f16_rtn, fp32"),
     ]
 }
 
@@ -135,6 +153,24 @@ def get_scheme(name: str) -> Scheme:
         return SCHEMES[name]
     except KeyError:
         raise EdgeforgeError(f"unknown quantization scheme '{name}' (known: {', '.join(SCHEMES)})") from None
+
+
+def bits_per_weight(fmt: str, scale_dtype: str | None) -> float:
+    """Stored bits per weight of a format (scales and zero points counted), from stored_arrays."""
+    shape = (1, 2 * GROUP)  # two groups: q4a's zero points are two a byte
+    arrays = stored_arrays(fmt, shape, scale_dtype or {"f32": "float32", "f16": "float16"}.get(fmt))
+    total = sum(int(np.prod(dims)) * np.dtype(dtype).itemsize * 8 for dims, dtype in arrays.values())
+    return total / (2 * GROUP)
+
+
+def scheme_help() -> str:
+    """The schemes for `--help`: name, bits a weight (the q8 matrices' after a slash), what it does."""
+    lines = []
+    for s in SCHEMES.values():
+        linear, q8 = s.bits_per_weight()
+        bits = f"{linear:g}" if linear == q8 else f"{linear:g} / {q8:g}"
+        lines += textwrap.wrap(s.summary, 92, initial_indent=f"  {s.name:<10} {bits:<12}", subsequent_indent=" " * 25)
+    return "\b\nSchemes (bits per stored weight, scales included; after the slash: the q8 matrices):\n" + "\n".join(lines)
 
 
 def check_embed_bits(embed_bits) -> None:

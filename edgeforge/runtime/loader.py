@@ -8,18 +8,17 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from .backends import BACKENDS
 from .bundle_errors import BundleError
 from .files import read_json
 
 ARTIFACT_FORMAT = "edgeforge-artifact"
-# backend -> (engine module in this package, the pip requirement that provides its runtime)
-ENGINES = {"tvm": (".tvm_engine", "apache-tvm-ffi"), "onnx": (".onnx_engine", "onnxruntime")}
 
 
 def read_artifact(artifact_dir: Path) -> dict:
     path = Path(artifact_dir) / "artifact.json"
     artifact = read_json(path)
-    if artifact.get("format") != ARTIFACT_FORMAT or artifact.get("backend") not in ENGINES:
+    if artifact.get("format") != ARTIFACT_FORMAT or artifact.get("backend") not in BACKENDS:
         raise BundleError(f"{path}: not an edgeforge artifact, or unknown backend {artifact.get('backend')!r}")
     return artifact
 
@@ -45,12 +44,10 @@ def open_engine(artifact_dir, weights_dir=None, device=None, max_length=None):
     backend = artifact["backend"]
     if artifact.get("needs_weights") and weights_dir is None:
         raise BundleError(f"{artifact_dir / 'artifact.json'}: this {backend} artifact needs a weights folder")
-    module_name, requirement = ENGINES[backend]
+    entry = BACKENDS[backend]
     try:
-        module = importlib.import_module(module_name, __package__)
+        module = importlib.import_module(entry.engine_module, __package__)
     except ImportError as err:
         raise BundleError(f"the {backend} runtime is not installed here ({err}); "
-                          f"pip install {requirement} (see the bundle's requirements.txt)") from None
-    if backend == "tvm":
-        return module.TvmEngine(artifact_dir, weights_dir, device=device, max_seq_len=max_length)
-    return module.OnnxEngine(artifact_dir, device=device, max_length=max_length)
+                          f"pip install {entry.runtime_requirement} (see the bundle's requirements.txt)") from None
+    return module.open_engine(artifact_dir, weights_dir, device=device, max_length=max_length)

@@ -396,3 +396,9 @@ def _threads(threads: int | None) -> int:
     if value < 0:
         raise BundleError(f"threads must be >= 0, got {value}")
     return value
+
+
+def open_engine(artifact_dir, weights_dir=None, device=None, max_length=None) -> OnnxEngine:
+    """The backend registry's entry point (runtime/backends.py): the weights are in the artifact
+    (weights_dir is not used)."""
+    return OnnxEngine(artifact_dir, device=device, max_length=max_length)

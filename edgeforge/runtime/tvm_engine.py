@@ -318,3 +318,8 @@ def _tensor_and_role(param: str) -> tuple[str, str]:
     return f"{base}.weight", role
 
 
+
+
+def open_engine(artifact_dir, weights_dir, device=None, max_length=None) -> TvmEngine:
+    """The backend registry's entry point (runtime/backends.py): the QDIR weights ship beside the module."""
+    return TvmEngine(artifact_dir, weights_dir, device=device, max_seq_len=max_length)
