@@ -78,7 +78,7 @@ def cpu_has_amx() -> bool:
 
 
 def llama_bench_extra_args() -> list[str]:
-    # PLATFORM-NOTES: with GGML_NATIVE the AMX repack path segfaults on AMX CPUs; weight
+    # With GGML_NATIVE the AMX repack path segfaults on AMX CPUs (seen on a Xeon with AMX); weight
     # repacking is only switched off where AMX exists, because elsewhere it is a real speedup.
     return ["--repack", "0"] if cpu_has_amx() else []
 

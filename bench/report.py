@@ -151,7 +151,8 @@ def _memory(r):
 
 
 GPU_RESULTS = Path(__file__).resolve().parent / "results"
-# Earlier GPU figures of llama.cpp (same sdist, CUDA, all layers on the GPU; PLATFORM-NOTES.md)
+# Earlier GPU figures of llama.cpp: the same sdist built with -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90,
+# all layers on an H100 80GB HBM3, SmolLM2-135M Q4_1 (tg128 906 ± 12, pp512 ~50,700 ± 15,000 tok/s)
 LLAMA_CPP_H100 = {"smollm2": {"tg": 906, "pp": 50700, "gpu": "H100 80GB HBM3", "quant": "Q4_1"}}
 GPU_ROWS = [("smollm2", "SmolLM2-135M (real weights)", "bench-smollm2"),
             ("smollm2", "SmolLM2-135M, no CUDA graphs", "bench-smollm2-nograph"),

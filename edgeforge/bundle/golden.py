@@ -28,7 +28,8 @@ TOP_K = 8
 # dequantized weights, backends in model_dtype.
 REL_TOL = {"float32": 1e-3, "float16": 2e-2}
 # ONNX MatMulNBits accuracy_level 4 quantizes activations to int8 per block (~5e-3 relative per
-# matmul, PLATFORM-NOTES); over the layers that measured 1-2% of the logit range on tiny models.
+# matmul against numpy, onnxruntime 1.32 on CPU); over the layers that measured 1-2% of the logit
+# range on tiny models.
 INT8_ACT_REL_TOL = 4e-2
 # ONNX Runtime's aarch64 int8 kernels round activations differently from its x86 ones: SmolLM2
 # q4f16 rpi5 under qemu measured 7.1e-2 and 8.2e-2 of the range (docs/notes/bundle.md, onnx.md)
