@@ -17,6 +17,15 @@ def _echo_json(data) -> None:
     click.echo(json.dumps(data, indent=1, default=str))
 
 
+def _echo_rows(rows: list[dict], as_json: bool, text_of) -> None:
+    """A table command's output: the rows as JSON, or text_of(row) a row."""
+    if as_json:
+        _echo_json(rows)
+        return
+    for row in rows:
+        click.echo(text_of(row))
+
+
 def prompt_text(_ctx, param, value):
     """click callback for --prompt: non-empty, valid UTF-8 text (argv bytes that are not UTF-8 arrive
     as lone surrogates, which no tokenizer can encode)."""
@@ -264,15 +273,13 @@ def targets(as_json):
     """
     from ..bundle.doctor import target_rows
 
-    rows = target_rows()
-    if as_json:
-        _echo_json(rows)
-        return
-    for r in rows:
-        build = ", ".join(f"{b}:{'yes' if ok else 'no'}" for b, ok in r["can_build"].items())
-        click.echo(f"{r['name']:<15} {r['run']:<7} build [{build}] run: {'yes' if r['can_run'] else 'no'}"
-                   + (f"  (missing: {'; '.join(r['missing'])})" if r["missing"] else ""))
-        click.echo(f"{'':<15} {r['description']}")
+    _echo_rows(target_rows(), as_json, _target_text)
+
+
+def _target_text(r: dict) -> str:
+    build = ", ".join(f"{b}:{'yes' if ok else 'no'}" for b, ok in r["can_build"].items())
+    return (f"{r['name']:<15} {r['run']:<7} build [{build}] run: {'yes' if r['can_run'] else 'no'}"
+            + (f"  (missing: {'; '.join(r['missing'])})" if r["missing"] else "") + f"\n{'':<15} {r['description']}")
 
 
 @click.command()
@@ -286,12 +293,7 @@ def doctor(as_json):
     """
     from ..bundle.doctor import checks
 
-    rows = checks()
-    if as_json:
-        _echo_json(rows)
-        return
-    for r in rows:
-        click.echo(f"{'ok ' if r['ok'] else '-- '} {r['name']:<22} {r['detail']}")
+    _echo_rows(checks(), as_json, lambda r: f"{'ok ' if r['ok'] else '-- '} {r['name']:<22} {r['detail']}")
 
 
 @click.command()
