@@ -75,9 +75,9 @@ def eval_cmd(model, schemes, text_file, max_tokens, embed_bits, others, as_json)
 
     \b
     Example:
-      edgeforge eval smollm2-135m --quant q8f16 --quant q4f16 --text tests/data/eval.txt
+      edgeforge eval smollm2-135m --quant q8f16 --quant q4f16 --text bench/data/eval-long.txt
       edgeforge eval ./model.gguf --quant q4f16 --text book.txt --max-tokens 512 --json
-      edgeforge eval f32.gguf --quant q4f16 --compare Q4_K_M.gguf --text tests/data/eval.txt
+      edgeforge eval f32.gguf --quant q4f16 --compare Q4_K_M.gguf --text bench/data/eval-long.txt
     """
     from ..quant.eval import evaluate, format_table
 
