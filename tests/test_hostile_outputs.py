@@ -4,6 +4,7 @@ files never become paths outside -o, and a killed run leaves nothing behind (or 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,8 @@ def read_only_command(folder: Path, argv: list[str]) -> list[str]:
 def test_unwritable_output_is_one_error_line(qdir, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) not installed: no read-only mount to test with")
     probe = subprocess.run(read_only_command(locked, ["touch", str(locked / "x")]), capture_output=True, text=True)
     if "Read-only file system" not in probe.stderr:
         pytest.skip(f"no user namespaces here (unshare -rm): {probe.stderr.strip()[-200:]}")

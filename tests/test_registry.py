@@ -4,22 +4,27 @@ numbers against arithmetic done here by hand."""
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
+from bundle_helpers import cli
 from edgeforge.errors import EdgeforgeError
 from edgeforge.quant.schemes import SCHEMES, bits_per_weight
 from edgeforge.runtime.backends import BACKENDS
 from edgeforge.targets import list_targets, load_target_file
 
+PACKAGE = Path(__file__).resolve().parent.parent / "edgeforge"
 
-def edgeforge_help(*command) -> str:
-    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", *command, "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+
+@pytest.fixture
+def edgeforge_help(capsys):
+    def run(*command) -> str:
+        code, out, err = cli(capsys, *command, "--help")
+        assert code == 0, err
+        return out
+
+    return run
 
 
 @pytest.mark.parametrize("fmt, scale, bits", [
@@ -34,7 +39,7 @@ def test_bits_per_weight_from_the_stored_layout(fmt, scale, bits):
     assert bits_per_weight(fmt, scale) == bits
 
 
-def test_quantize_help_lists_every_registered_scheme_with_its_bits():
+def test_quantize_help_lists_every_registered_scheme_with_its_bits(edgeforge_help):
     text = edgeforge_help("quantize")
     table = text[text.index("Schemes ("):].splitlines()[1:]
     rows = {line.split()[0]: line.split()[1:] for line in table if line.split() and line.split()[0] in SCHEMES}
@@ -44,7 +49,7 @@ def test_quantize_help_lists_every_registered_scheme_with_its_bits():
     assert " ".join(SCHEMES) in " ".join(edgeforge_help("build").split())  # build --quant names them too
 
 
-def test_backend_choices_of_every_command_are_the_registry():
+def test_backend_choices_of_every_command_are_the_registry(edgeforge_help):
     for command, extra in (("compile", ["auto"]), ("build", ["auto", "all"])):
         text = " ".join(edgeforge_help(command).split())
         assert f"--backend [{'|'.join(extra + list(BACKENDS))}]" in text, command
@@ -52,12 +57,13 @@ def test_backend_choices_of_every_command_are_the_registry():
 
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 def test_each_backend_has_its_compiler_and_engine_modules(name):
+    """Read from the sources: importing a compile module loads its compiler (tvm: seconds), and the
+    TVM engine needs tvm_ffi, which the compiler side does not."""
     entry = BACKENDS[name]
-    assert importlib.util.find_spec(entry.compile_module) is not None  # found, not imported (no compiler needed)
-    # the runtime loader calls <engine module>.open_engine (read from the source: importing the TVM
-    # engine needs tvm_ffi, which the compiler side does not)
-    source = importlib.util.find_spec("edgeforge.runtime" + entry.engine_module).origin
-    assert "\ndef open_engine(artifact_dir, weights_dir" in open(source).read()
+    compile_source = PACKAGE.parent / (entry.compile_module.replace(".", "/") + ".py")
+    assert "\ndef compile_model(qdir" in compile_source.read_text()
+    engine_source = PACKAGE / "runtime" / (entry.engine_module.lstrip(".") + ".py")
+    assert "\ndef open_engine(artifact_dir, weights_dir" in engine_source.read_text()
 
 
 def test_every_target_lists_registered_backends_only():
