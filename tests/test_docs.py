@@ -5,6 +5,7 @@ the registries' entries."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -24,13 +25,17 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# `edgeforge ...` up to the end of an inline code span or of a line of a code block
-MENTION = re.compile(r"`(edgeforge [^`\n]+)`|^\s*(edgeforge [^\n#]+)", re.M)
+FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
+INLINE = re.compile(r"`(edgeforge [^`\n]+)`")
+BLOCK_LINE = re.compile(r"^\s*(?:\$ )?(edgeforge [^\n#]+)", re.M)  # a command line in a code block, comment cut
 OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*|-[a-zA-Z])\b")
 
 
 def mentions(text: str) -> list[str]:
-    return [m.group(1) or m.group(2) for m in MENTION.finditer(text)]
+    """`edgeforge ...` in inline code, and the lines of fenced code blocks that start with it."""
+    blocks = FENCED.findall(text)
+    prose = FENCED.sub("", text)
+    return INLINE.findall(prose) + [m for block in blocks for m in BLOCK_LINE.findall(block)]
 
 
 def resolve(words: list[str]) -> tuple[list[click.Command], list[str]]:
@@ -59,8 +64,13 @@ def known_options(chain: list[click.Command]) -> set[str]:
 def problems_in(path: Path) -> list[str]:
     problems = []
     for mention in mentions(path.read_text()):
+        mention = mention.strip()
         words = mention.split()[1:]
-        if not words or words[0].startswith("-"):
+        group_options = list(itertools.takewhile(lambda w: w.startswith("-"), words))  # `edgeforge -q build`
+        problems += [f"{path.name}: `{mention}`: edgeforge has no {w}" for w in group_options
+                     if w not in known_options([cli])]
+        words = words[len(group_options):]
+        if not words:
             continue
         for command in re.split(r"[/|]", words[0]):  # `edgeforge smoke/run/bench --trust`: each of them
             problems += _mention_problems(path.name, mention, [command, *words[1:]])
@@ -73,7 +83,7 @@ def _mention_problems(doc: str, mention: str, words: list[str]) -> list[str]:
         return [f"{doc}: `{mention}`: no command {words[0]!r}"]
     options = known_options(chain)
     return [f"{doc}: `{mention}`: {' '.join(c.name for c in chain[1:])} has no {option}"
-            for option in OPTION.findall(mention) if option not in options]
+            for option in OPTION.findall(" ".join(words)) if option not in options]
 
 
 def test_every_command_and_option_the_docs_name_exists():
@@ -84,10 +94,12 @@ def test_every_command_and_option_the_docs_name_exists():
 def test_the_docs_check_catches_a_wrong_option_and_a_wrong_command(tmp_path):
     doc = tmp_path / "x.md"
     doc.write_text("Run `edgeforge smoke B --emulate` and `edgeforge generate M --trust K.pem`.\n"
-                   "`edgeforge run/bench --trust K.pem`, `edgeforge smoke/plan --ssh H`\n\n"
-                   "```\nedgeforge fly --high\nedgeforge toolchains install arm64 -v\n```\n")
+                   "`edgeforge run/bench --trust K.pem`, `edgeforge smoke/plan --ssh H`, `edgeforge -x build`\n"
+                   "edgeforge builds bundles (prose, not a command)\n\n"
+                   "```sh\nedgeforge fly --high   # --comment\nedgeforge -q toolchains install arm64 -v\n```\n")
     assert problems_in(doc) == ["x.md: `edgeforge generate M --trust K.pem`: generate has no --trust",
                                 "x.md: `edgeforge smoke/plan --ssh H`: plan has no --ssh",
+                                "x.md: `edgeforge -x build`: edgeforge has no -x",
                                 "x.md: `edgeforge fly --high`: no command 'fly'"]
 
 
