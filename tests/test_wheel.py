@@ -36,8 +36,9 @@ def wheel_venv(tmp_path_factory):
 def _edf(venv: Path, cwd: Path, *args, timeout=1800, hide_nvcc=False):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     path = env.get("PATH", "").split(os.pathsep)
-    if hide_nvcc:  # a fresh machine or a hosted runner has no nvcc
+    if hide_nvcc:  # a fresh machine or a hosted runner has no nvcc, and no GPU (hidden where there is one)
         path = [d for d in path if d and not os.path.exists(os.path.join(d, "nvcc"))]
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env["PATH"] = os.pathsep.join([str(venv / "bin"), *path])
     return subprocess.run([str(venv / "bin" / "edgeforge"), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
