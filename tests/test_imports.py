@@ -67,7 +67,7 @@ def _with_parent_packages(module: str | None, importer: str) -> list[str]:
     if module is None:
         return []
     parts = module.split(".")
-    chain = [".".join(parts[:i]) for i in range(2, len(parts) + 1)]
+    chain = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return [m for m in chain if not importer.startswith(m + ".")]
 
 
