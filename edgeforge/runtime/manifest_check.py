@@ -117,7 +117,55 @@ def verify_bundle(root: Path, trust=None) -> dict:
         why = ("Python bytecode caches are never loaded from a bundle; delete the folder"
                if "__pycache__" in extra[0].split("/") else "unexpected file in the bundle")
         raise BundleError(f"{root / extra[0]}: not listed in manifest.json ({why})")
+    if "golden.json" in files:
+        check_tolerance(root, manifest)
     return manifest
+
+
+# ---- the smoke tolerance a bundle may claim ------------------------------------------------------
+# golden.json's tolerance ("rel", a fraction of the golden logit range at each step) comes from the
+# bundle, so anyone who rewrites a bundle could claim any. The verifier allows at most what the
+# bundle's compute path needs, from this table (measured: docs/BUNDLES.md, "Tolerances"), and
+# refuses golden data computed for another arithmetic than the artifact's.
+FLOAT32 = "float32"  # golden arithmetic: the numpy reference in float32 on the dequantized weights
+INT8_ACTIVATIONS = "int8-activations"  # ... with every quantized matmul's input rounded to int8 blocks
+TOLERANCES = {  # compute path -> (golden arithmetic, largest rel a bundle may claim)
+    "float32": (FLOAT32, 1e-3),
+    "float16": (FLOAT32, 2e-2),
+    "webgpu-float16": (FLOAT32, 4e-2),
+    "int8-activations-x86_64": (INT8_ACTIVATIONS, 3e-2),
+    "int8-activations-aarch64": (FLOAT32, 1.2e-1),
+}
+
+
+def compute_path(artifact: dict, arch: str) -> str:
+    """Which row of TOLERANCES an artifact computes by (artifact.json, the target's arch)."""
+    onnx = artifact.get("onnx") if isinstance(artifact.get("onnx"), dict) else {}
+    dtype = onnx.get("compute_dtype") or artifact.get("model_dtype") or FLOAT32
+    if onnx.get("accuracy_level") == 4 and onnx.get("execution_provider", "CPUExecutionProvider") == "CPUExecutionProvider":
+        return "int8-activations-x86_64" if arch == "x86_64" else "int8-activations-aarch64"
+    if str(artifact.get("device", "")).startswith("webgpu") and dtype == "float16":
+        return "webgpu-float16"
+    return FLOAT32 if dtype == FLOAT32 else "float16"
+
+
+def check_tolerance(root: Path, manifest: dict) -> None:
+    """golden.json's tolerance and arithmetic must be what the artifact's compute path allows."""
+    root = Path(root)
+    try:
+        artifact = json.loads((root / "artifact" / "artifact.json").read_bytes())
+        golden = json.loads((root / "golden.json").read_bytes())
+        rel = golden["tolerance"]["rel"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BundleError(f"{root / 'golden.json'}: unreadable tolerance or artifact.json ({err})") from None
+    path = compute_path(artifact if isinstance(artifact, dict) else {}, (manifest.get("target") or {}).get("arch", ""))
+    arithmetic, cap = TOLERANCES[path]
+    if golden.get("arithmetic", FLOAT32) != arithmetic:
+        raise BundleError(f"{root / 'golden.json'}: computed with {golden.get('arithmetic', FLOAT32)!r} arithmetic, but "
+                          f"the artifact computes by {path!r}, which needs {arithmetic!r} golden data (rebuild the bundle)")
+    if isinstance(rel, bool) or not isinstance(rel, (int, float)) or not 0 < rel <= cap:
+        raise BundleError(f"{root / 'golden.json'}: tolerance {rel!r} is not in (0, {cap}], the most a {path} "
+                          "bundle may claim (docs/BUNDLES.md, Tolerances)")
 
 
 def _check_file(root: Path, rel: str, entry) -> None:
