@@ -26,6 +26,7 @@ COMMANDS = {
     "eval": "edgeforge.commands.quant_cmds:eval_cmd",
     "compile": "edgeforge.commands.compile_cmd:compile_cmd",
     "build": "edgeforge.commands.bundle_cmds:build",
+    "verify": "edgeforge.commands.bundle_cmds:verify",
     "smoke": "edgeforge.commands.bundle_cmds:smoke",
     "run": "edgeforge.commands.bundle_cmds:run",
     "bench": "edgeforge.commands.bundle_cmds:bench",

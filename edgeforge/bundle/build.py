@@ -143,10 +143,16 @@ def _smoke_here(result: dict) -> None:
     """Run the new bundle's own smoke test on this machine when it can run here (CPU targets of this
     machine's architecture, CUDA with a GPU). A FAIL makes the build fail: a bundle that cannot
     reproduce its own golden outputs is never reported as built."""
-    from .smoke_run import run_local, verify
+    from .smoke_run import verified
 
     bundle = Path(result["path"])
-    manifest = verify(bundle)
+    with verified(bundle) as (manifest, copy):
+        _smoke_copy(result, bundle, manifest, copy)
+
+
+def _smoke_copy(result: dict, bundle: Path, manifest: dict, copy: Path) -> None:
+    from .smoke_run import run_local
+
     run = manifest["target"].get("run", "host")
     try:
         from ..runtime.hostcheck import check_can_run
@@ -158,7 +164,7 @@ def _smoke_here(result: dict) -> None:
         result["smoke"] = f"not run here: {err}"
         logger.info(f"  smoke {result['target']}/{result['backend']}: not run here ({err})")
         return
-    code, out = run_local(bundle, [sys.executable], dict(os.environ), "this machine")
+    code, out = run_local(copy, [sys.executable], dict(os.environ), "this machine")
     result["smoke"] = out.get("status", "ERROR")
     result["smoke_result"] = {k: out.get(k) for k in ("max_logit_err", "tolerance", "tokens_agree", "tokens_total")}
     line = (f"  smoke {result['target']}/{result['backend']}: {result['smoke']} "

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 from ..errors import EdgeforgeError
 from ..runtime.bundle_errors import BundleError
 from ..runtime.hostcheck import check_can_run
-from ..runtime.manifest_check import verify_bundle
+from ..runtime.manifest_check import verified_copy
 from . import archive
 
 logger = logging.getLogger(__name__)
@@ -40,11 +41,18 @@ def opened_bundle(spec: Path):
     yield spec
 
 
-def verify(bundle: Path, trust=None) -> dict:
+@contextlib.contextmanager
+def verified(bundle: Path, trust=None):
+    """(manifest, private verified copy of the bundle), the copy removed afterwards: what smoke runs
+    is what was checked, whatever happens to the bundle meanwhile."""
     try:
-        return verify_bundle(bundle, trust)
+        manifest, copy = verified_copy(bundle, trust)
     except BundleError as err:
         raise EdgeforgeError(str(err)) from None
+    try:
+        yield manifest, copy
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
@@ -115,8 +123,8 @@ def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int =
           remote_python: str = "python3", known_hosts: str | None = None,
           prompts: int | None = None, trust=None) -> tuple[int, dict]:
     smoke_args = ("--prompts", str(prompts)) if prompts else ()
-    with opened_bundle(spec) as bundle:
-        manifest = verify(bundle, trust)  # edgeforge's own code, before any of the bundle's runs
+    with opened_bundle(spec) as opened, verified(opened, trust) as (manifest, bundle):
+        # verified by edgeforge's own code, before any of the bundle's runs
         logger.info(f"checksums ok: {len(manifest['files'])} files" + (", signature ok" if trust else ""))
         if ssh:
             from .remote import smoke_over_ssh

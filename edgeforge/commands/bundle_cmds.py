@@ -111,6 +111,43 @@ TRUST_OPTION = click.option(
          "(checked before anything else). Checksums alone prove integrity, not who made the bundle.")
 
 
+# ---- verify --------------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--trust", type=click.Path(path_type=Path), default=None, metavar="PUBKEY.pem",
+              help="Also require manifest.sig to be a valid signature by this ed25519 public key.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def verify(bundle, trust, as_json):
+    """Verify a bundle with this installed edgeforge, running none of the bundle's own code.
+
+    Checks, in order: the signature of manifest.json (with --trust), manifest.json's self hash and
+    canonical form, every file's type, size and sha256, no unlisted file, and the smoke tolerance
+    golden.json claims against what its compute path allows. BUNDLE is a folder or a .tar.gz.
+    Exit codes: 0 verified, 2 refused (the message names the file).
+
+    \b
+    Examples:
+      edgeforge verify dist/smollm2-135m-q4f16-rpi5-onnx --trust release.pub.pem
+      edgeforge verify dist/smollm2-135m-q4f16-rpi5-onnx.tar.gz --json
+    """
+    import hashlib
+
+    from ..bundle.smoke_run import opened_bundle, verified
+    from ..runtime.manifest_check import load_public_key, raw_public_key
+
+    with opened_bundle(bundle) as opened, verified(opened, trust) as (manifest, _copy):
+        out = {"bundle": str(bundle), "status": "OK", "files": len(manifest["files"]),
+               "manifest_sha256": manifest.get("manifest_sha256"), "signed_by": None}
+    if trust is not None:
+        out["signed_by"] = hashlib.sha256(raw_public_key(load_public_key(trust))).hexdigest()[:16]
+    if as_json:
+        _echo_json(out)
+        return
+    signed = f", signature by {out['signed_by']} ok" if trust else " (signature not checked: no --trust)"
+    click.echo(f"OK {bundle}: {out['files']} files, checksums ok{signed}")
+
+
 # ---- smoke ---------------------------------------------------------------------------------------
 
 @click.command()
@@ -158,11 +195,16 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
 
 # ---- run / generate ------------------------------------------------------------------------------
 
-def open_verified(bundle: Path, max_length: int | None = None, trust: Path | None = None):
-    """(manifest, engine, tokenizer) of a verified bundle folder; max_length sizes the KV cache."""
+def open_verified(bundle: Path, max_length: int | None = None, trust: Path | None = None, device: str | None = None):
+    """(manifest, engine, tokenizer) of a verified bundle folder; max_length sizes the KV cache.
+
+    The one way a bundle is opened for use (run, bench, generate; serve builds on it). The installed
+    edgeforge verifies it (the signature first with `trust`), copying every file as it is hashed into
+    a private temporary folder (manifest_check.verified_copy), and everything loads from that copy:
+    a bundle changed after the check, or while it runs, cannot swap what was verified."""
     from ..runtime.bundle_errors import BundleError
     from ..runtime.hostcheck import check_can_run
-    from ..runtime.manifest_check import verify_bundle
+    from ..runtime.manifest_check import verified_copy
     from ..runtime.smoke import open_bundle_engine
     from ..runtime.tokenizer import Tokenizer, TokenizerError
 
@@ -170,10 +212,10 @@ def open_verified(bundle: Path, max_length: int | None = None, trust: Path | Non
     if not bundle.is_dir():
         raise EdgeforgeError(f"{bundle}: no such bundle folder")
     try:
-        manifest = verify_bundle(bundle, trust)
+        manifest, copy = verified_copy(bundle, trust)
         check_can_run(manifest)
-        tokenizer = Tokenizer.load(bundle / "tokenizer")
-        engine = open_bundle_engine(bundle, manifest, max_length=max_length)
+        tokenizer = Tokenizer.load(copy / "tokenizer")
+        engine = open_bundle_engine(copy, manifest, device=device, max_length=max_length)
     except (BundleError, TokenizerError) as err:
         raise EdgeforgeError(str(err)) from None
     return manifest, engine, tokenizer

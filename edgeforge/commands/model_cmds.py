@@ -24,7 +24,7 @@ def resolve(spec: str) -> Path:
 
 
 # ---- engines -------------------------------------------------------------------------------------
-def open_engine_for(path: Path, device: str | None = None):
+def open_engine_for(path: Path, device: str | None = None, trust: Path | None = None):
     """(engine, tokenizer, info) for a model path: the one place that decides what runs a MODEL.
 
     HF folders, GGUF files and QDIRs run on the numpy reference; a BUNDLE (folder with
@@ -33,7 +33,9 @@ def open_engine_for(path: Path, device: str | None = None):
     """
     path = Path(path)
     if path.is_dir() and (path / "manifest.json").exists():
-        return open_bundle(path, device)
+        return open_bundle(path, device, trust)
+    if trust is not None:
+        raise EdgeforgeError(f"--trust: {path} is not a bundle (only bundles are signed)")
     if device not in (None, "cpu"):
         raise EdgeforgeError(f"--device {device}: a model runs on the numpy reference (cpu); build a bundle for {device}")
     from ..model.loader import load_model
@@ -44,23 +46,11 @@ def open_engine_for(path: Path, device: str | None = None):
     return ReferenceModel(model), model.tokenizer, info
 
 
-def open_bundle(bundle: Path, device: str | None = None):
-    """A bundle's engine and tokenizer, opened the way its smoke test opens them."""
-    from ..runtime.bundle_errors import BundleError
-    from ..runtime.hostcheck import check_can_run
-    from ..runtime.manifest_check import verify_bundle
-    from ..runtime.smoke import open_bundle_engine
-    from ..runtime.tokenizer import Tokenizer, TokenizerError
+def open_bundle(bundle: Path, device: str | None = None, trust: Path | None = None):
+    """A bundle's engine and tokenizer, opened by the one opening path (bundle_cmds.open_verified)."""
+    from .bundle_cmds import open_verified
 
-    try:
-        manifest = verify_bundle(bundle)  # checksums before any native code loads (bundle helper)
-        check_can_run(manifest)
-        engine = open_bundle_engine(bundle, manifest, device)
-        tokenizer = Tokenizer.load(bundle / "tokenizer")
-    except (OSError, ValueError) as err:
-        raise EdgeforgeError(f"{bundle / 'manifest.json'}: unreadable ({err})") from None
-    except (BundleError, TokenizerError) as err:
-        raise EdgeforgeError(str(err)) from None
+    manifest, engine, tokenizer = open_verified(bundle, trust=trust, device=device)
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
     info = {"engine": "bundle", "format": "bundle", "model_id": model.get("id")}
     return engine, tokenizer, info
@@ -235,7 +225,9 @@ def _bundle_lines(manifest: dict, quality: dict | None) -> list[str]:
 @click.option("--device", default=None, help="Device for a bundle's engine (bundles only).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: prompt_tokens, prompt_ids, tokens, text, timings, device.")
-def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, device, as_json):
+@click.option("--trust", type=click.Path(path_type=Path), default=None, metavar="PUBKEY.pem",
+              help="BUNDLE only: refuse it unless manifest.sig is a valid signature by this ed25519 public key.")
+def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, device, as_json, trust):
     """Generate text with the numpy reference (MODEL, QDIR) or a bundle's engine (BUNDLE).
 
     Streams the text to stdout as it is generated; --json prints one object at the end.
@@ -244,12 +236,13 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
     Example:
       edgeforge generate smollm2-135m --chat --prompt "What is the capital of France?"
       edgeforge generate ./qdir-q4f16 -p "Once upon a time" -n 32 -t 0.8 --top-p 0.95 --seed 1 --json
+      edgeforge generate dist/smollm2-135m-q4f16-x86-cpu-onnx -p "Hello" --trust release.pub.pem
     """
     from ..runtime.generate import generate as run
     from ..runtime.sampling import Sampler
     from ..runtime.tokenizer import TokenizerError
 
-    engine, tok, info = open_engine_for(resolve(model), device)
+    engine, tok, info = open_engine_for(resolve(model), device, trust)
     try:
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

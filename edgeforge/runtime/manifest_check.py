@@ -14,10 +14,14 @@ What it proves (docs/BUNDLES.md, "Integrity and authenticity"):
 No file may be added: bytecode caches (__pycache__) included, since Python would load them.
 """
 
-import base64
+import argparse
+import atexit
 import hashlib
 import json
 import os
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 try:
@@ -29,12 +33,15 @@ except ImportError:  # inlined into a bundle's smoke.py
 
 
 MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
+SIGNATURE = "manifest.sig"  # the raw 64-byte ed25519 signature of manifest.json (openssl pkeyutl -rawin)
+CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format: every file but the three named here (docs/BUNDLES.md)
 FORMAT = "edgeforge-bundle"
-SIGNATURE_FORMAT = "edgeforge-signature"
 VERSION = 1
 SELF_KEY = "manifest_sha256"
 UNLISTED = {MANIFEST, SIGNATURE}  # the manifest cannot list itself, nor the signature over it
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists files; even a 100-shard model's is < 1 MB
+MAX_KEY_BYTES = 64 << 10
+VERIFIED_PREFIX = "edgeforge-verified-"  # verified_copy's private folders
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -72,6 +79,7 @@ def file_table(root: Path) -> dict:
 def write_manifest(root: Path, data: dict) -> dict:
     """Add format, the file table and the self hash to `data`; write root/manifest.json."""
     root = Path(root)
+    write_checksums(root)
     body = {k: v for k, v in data.items() if k != SELF_KEY}
     body.update(format=FORMAT, version=VERSION, files=file_table(root))
     body[SELF_KEY] = hashlib.sha256(canonical_bytes({k: v for k, v in body.items() if k != SELF_KEY})).hexdigest()
@@ -79,12 +87,41 @@ def write_manifest(root: Path, data: dict) -> dict:
     return body
 
 
-def read_manifest(root: Path) -> dict:
-    """Parse manifest.json and check its self hash; BundleError naming manifest.json otherwise."""
+def write_checksums(root: Path) -> None:
+    """SHA256SUMS: what `sha256sum --strict -c SHA256SUMS` checks on a device without edgeforge. It
+    is listed (hashed) in manifest.json like any file, so a signature over the manifest covers it."""
+    lines = [f"{sha256_file(Path(root) / rel)}  {rel}\n" for rel in list_files(root) if rel != CHECKSUMS]
+    (Path(root) / CHECKSUMS).write_text("".join(lines), encoding="utf-8")
+
+
+def read_regular(path: Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a regular file (not a link, device or fifo: opened without following links and
+    checked on the open descriptor), refused by name past `limit` bytes."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing") from None
+    except OSError as err:
+        raise BundleError(f"{path}: cannot open {what} ({err.strerror}; links are refused)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{path}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{path}: larger than {limit} bytes: not a {what}")
+    return data
+
+
+def read_manifest(root: Path, raw: bytes | None = None) -> dict:
+    """Parse manifest.json (or `raw`, its bytes as read once) and check its self hash; BundleError
+    naming manifest.json otherwise."""
     path = Path(root) / MANIFEST
-    if not path.is_file() or path.is_symlink():
-        raise BundleError(f"{path}: missing: not a bundle, or an incomplete one")
-    raw = path.read_bytes()
+    if raw is None:
+        if not path.is_file() or path.is_symlink():
+            raise BundleError(f"{path}: missing: not a bundle, or an incomplete one")
+        raw = read_regular(path, MAX_MANIFEST_BYTES, "manifest")
     try:
         data = json.loads(raw)
     except ValueError as err:
@@ -102,24 +139,50 @@ def read_manifest(root: Path) -> dict:
     return data
 
 
-def verify_bundle(root: Path, trust=None) -> dict:
+def verify_bundle(root: Path, trust=None, copy_to=None) -> dict:
     """Check the signature (when `trust` names a public key file), manifest.json, then every file's
-    presence, type, size and sha256; refuse extra files. Returns the manifest."""
+    presence, type, size and sha256; refuse extra files. Returns the manifest.
+
+    copy_to: an empty private folder; every file is copied there from the very bytes that were
+    hashed (manifest.json and manifest.sig too), so what is used afterwards (from the copy) is what
+    was verified, whatever happens to `root` meanwhile. manifest.json is read once: the signature,
+    the self hash and the file table are all checked on the same bytes."""
     root = Path(root)
-    if trust is not None:
-        verify_signature(root, trust)
-    manifest = read_manifest(root)
+    path = root / MANIFEST
+    if not path.is_file() or path.is_symlink():
+        raise BundleError(f"{path}: missing: not a bundle, or an incomplete one")
+    raw = read_regular(path, MAX_MANIFEST_BYTES, "manifest")
+    signature = verify_signature(root, trust, raw) if trust is not None else None
+    manifest = read_manifest(root, raw)
     files = manifest["files"]
     for rel, entry in sorted(files.items()):
-        _check_file(root, rel, entry)
+        _check_file(root, rel, entry, copy_to)
     extra = [rel for rel in list_files(root) if rel not in files]
     if extra:
         why = ("Python bytecode caches are never loaded from a bundle; delete the folder"
                if "__pycache__" in extra[0].split("/") else "unexpected file in the bundle")
         raise BundleError(f"{root / extra[0]}: not listed in manifest.json ({why})")
-    if "golden.json" in files:
-        check_tolerance(root, manifest)
+    if copy_to is not None:
+        Path(copy_to, MANIFEST).write_bytes(raw)
+        if signature is not None:
+            Path(copy_to, SIGNATURE).write_bytes(signature)
+    if "golden.json" in files and "artifact/artifact.json" in files:
+        check_tolerance(copy_to if copy_to is not None else root, manifest)
     return manifest
+
+
+def verified_copy(root: Path, trust=None) -> tuple:
+    """(manifest, folder): verify `root` into a new private temporary folder (mode 0700, under
+    TMPDIR), removed when this process exits; load everything from that folder. Costs the bundle's
+    size on disk while the process runs (the price of using exactly what was verified)."""
+    copy = Path(tempfile.mkdtemp(prefix=VERIFIED_PREFIX))
+    atexit.register(shutil.rmtree, copy, True)
+    try:
+        manifest = verify_bundle(root, trust, copy_to=copy)
+    except BaseException:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise
+    return manifest, copy
 
 
 # ---- the smoke tolerance a bundle may claim ------------------------------------------------------
@@ -168,19 +231,48 @@ def check_tolerance(root: Path, manifest: dict) -> None:
                           "bundle may claim (docs/BUNDLES.md, Tolerances)")
 
 
-def _check_file(root: Path, rel: str, entry) -> None:
-    path = root / rel
-    if not isinstance(rel, str) or not isinstance(entry, dict) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+def _check_file(root: Path, rel: str, entry, copy_to=None) -> None:
+    if not isinstance(rel, str) or not isinstance(entry, dict) or Path(rel).is_absolute() or ".." in Path(rel).parts \
+            or rel in UNLISTED or not rel:
         raise BundleError(f"{root / MANIFEST}: file entry {rel!r} is malformed or leaves the bundle")
+    path = root / rel
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise BundleError(f"{path}: not a regular file (links and devices are refused)")
     if not path.exists():
         raise BundleError(f"{path}: missing (incomplete bundle)")
-    size = path.stat().st_size
-    if size != entry.get("size"):
-        raise BundleError(f"{path}: size {size} bytes, manifest says {entry.get('size')} (truncated or modified)")
-    if sha256_file(path) != entry.get("sha256"):
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise BundleError(f"{path}: cannot open ({err.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # swapped for a folder, device or fifo since the check above
+        os.close(fd)
+        raise BundleError(f"{path}: not a regular file (links and devices are refused)")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size != entry.get("size"):
+            raise BundleError(f"{path}: size {info.st_size} bytes, manifest says {entry.get('size')} (truncated or modified)")
+        digest = _hash_and_copy(f, Path(copy_to) / rel if copy_to is not None else None, info.st_mode)
+    if digest != entry.get("sha256"):
         raise BundleError(f"{path}: sha256 does not match manifest.json (modified or corrupt)")
+
+
+def _hash_and_copy(f, dest, mode: int, chunk: int = 1 << 20) -> str:
+    """sha256 of an open file, writing the same bytes to `dest` (when given) as they are hashed."""
+    h = hashlib.sha256()
+    out = None
+    if dest is not None:
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        out = open(dest, "xb")
+    try:
+        while block := f.read(chunk):
+            h.update(block)
+            if out is not None:
+                out.write(block)
+    finally:
+        if out is not None:
+            out.close()
+            os.chmod(dest, 0o700 if mode & 0o111 else 0o600)
+    return h.hexdigest()
 
 
 # ---- signatures -------------------------------------------------------------------------------
@@ -194,7 +286,7 @@ def _crypto():
     return serialization, ed25519
 
 
-def _raw_public(key) -> bytes:
+def raw_public_key(key) -> bytes:
     serialization, _ = _crypto()
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -202,9 +294,7 @@ def _raw_public(key) -> bytes:
 def load_public_key(path):
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except OSError as err:
-        raise BundleError(f"{path}: cannot read the public key ({err.strerror})") from None
+        key = serialization.load_pem_public_key(read_regular(path, MAX_KEY_BYTES, "public key file"))
     except ValueError as err:
         raise BundleError(f"{path}: not a PEM public key ({err})") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
@@ -215,9 +305,7 @@ def load_public_key(path):
 def load_private_key(path):
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except OSError as err:
-        raise BundleError(f"{path}: cannot read the signing key ({err.strerror})") from None
+        key = serialization.load_pem_private_key(read_regular(path, MAX_KEY_BYTES, "signing key file"), password=None)
     except (ValueError, TypeError) as err:
         raise BundleError(f"{path}: not an unencrypted PEM private key ({err})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -226,43 +314,62 @@ def load_private_key(path):
 
 
 def sign_bundle(root: Path, key_path) -> dict:
-    """Write manifest.sig: an ed25519 signature over manifest.json's bytes (which hash every file)."""
+    """Write manifest.sig: the raw ed25519 signature of manifest.json's bytes (which hash every
+    file), as `openssl pkeyutl -sign -rawin` makes and `-verify -rawin` checks it."""
     root = Path(root)
     key = load_private_key(key_path)
-    public = _raw_public(key.public_key())
-    sig = {"format": SIGNATURE_FORMAT, "version": VERSION, "algorithm": "ed25519", "signed": MANIFEST,
-           "public_key": base64.b64encode(public).decode(), "key_id": hashlib.sha256(public).hexdigest()[:16],
-           "signature": base64.b64encode(key.sign((root / MANIFEST).read_bytes())).decode()}
-    (root / SIGNATURE).write_bytes(canonical_bytes(sig))
-    return sig
+    public = raw_public_key(key.public_key())
+    (root / SIGNATURE).write_bytes(key.sign((root / MANIFEST).read_bytes()))
+    return {"algorithm": "ed25519", "key_id": hashlib.sha256(public).hexdigest()[:16]}
 
 
-def verify_signature(root: Path, trust) -> dict:
-    """Refuse an unsigned bundle, one signed by another key, or a bad signature; by name."""
+def verify_signature(root: Path, trust, manifest_bytes: bytes | None = None) -> bytes:
+    """Refuse an unsigned bundle or a signature that is not the trusted key's over manifest.json
+    (`manifest_bytes`: its bytes as the caller read them, so that what is signed is what is used).
+    Returns the signature."""
     root = Path(root)
     key = load_public_key(trust)
     path = root / SIGNATURE
     if not path.is_file() or path.is_symlink():
         raise BundleError(f"{root}: not signed (no {SIGNATURE}); --trust {trust} accepts signed bundles only")
-    try:
-        sig = json.loads(path.read_bytes())
-        signature = base64.b64decode(sig["signature"], validate=True)
-        signer = base64.b64decode(sig["public_key"], validate=True)
-    except (ValueError, KeyError, TypeError) as err:
-        raise BundleError(f"{path}: malformed signature file ({err})") from None
-    if not isinstance(sig, dict) or sig.get("format") != SIGNATURE_FORMAT or sig.get("algorithm") != "ed25519":
-        raise BundleError(f"{path}: not an edgeforge ed25519 signature")
-    trusted = _raw_public(key)
-    if signer != trusted:
-        raise BundleError(f"{path}: signed by key {hashlib.sha256(signer).hexdigest()[:16]}, not by the trusted key "
-                          f"{trust} ({hashlib.sha256(trusted).hexdigest()[:16]})")
-    manifest = root / MANIFEST
-    if not manifest.is_file() or manifest.is_symlink():
-        raise BundleError(f"{manifest}: missing: not a bundle, or an incomplete one")
+    signature = read_regular(path, 64, "signature (64 bytes of ed25519)")
+    if manifest_bytes is None:
+        manifest_bytes = read_regular(root / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
     from cryptography.exceptions import InvalidSignature
 
     try:
-        key.verify(signature, manifest.read_bytes())
+        key.verify(signature, manifest_bytes)
     except InvalidSignature:
-        raise BundleError(f"{path}: the signature does not match manifest.json (modified after signing)") from None
-    return sig
+        raise BundleError(f"{path}: not a signature of manifest.json by the trusted key {trust} "
+                          f"({hashlib.sha256(raw_public_key(key)).hexdigest()[:16]}): signed by another key, "
+                          "or modified after signing") from None
+    return signature
+
+
+# ---- smoke.py's command line (parsed here: smoke.py carries this file inline) ------------------
+
+class _Once(argparse.Action):
+    """An option that may be given once: a second --trust must not silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice")
+        setattr(namespace, self.dest, values)
+
+
+def smoke_arguments(argv, default_bundle: str) -> argparse.Namespace:
+    """smoke.py's options, strictly: no abbreviations (--tru), unknown options are errors (exit 2),
+    --trust at most once and with a value. Every spelling that names --trust gets it checked."""
+    ap = argparse.ArgumentParser(prog="smoke.py", allow_abbrev=False,
+                                 description="Smoke-test this edgeforge bundle on this machine.")
+    ap.add_argument("bundle", nargs="?", default=default_bundle, help="bundle folder (default: this one)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--device", default=None, help="device override, e.g. cuda:1")
+    ap.add_argument("--prompts", type=int, default=None, metavar="N", help="check only the first N golden prompts")
+    ap.add_argument("--trust", action=_Once, default=None, metavar="KEY.pem",
+                    help="refuse the bundle unless signed by this ed25519 key (for a check the bundle cannot "
+                         "subvert, run `edgeforge verify` or the openssl recipe of docs/BUNDLES.md instead)")
+    args = ap.parse_args(argv)
+    if args.prompts is not None and args.prompts < 1:
+        ap.error("--prompts must be at least 1")
+    return args
