@@ -48,8 +48,9 @@ def _one(args) -> dict:
     except EdgeforgeError as err:
         return {"target": target.name, "backend": backend, "ok": False, "error": str(err)}
     except Exception as err:  # noqa: BLE001 - one broken backend must not stop the other targets
-        traceback.print_exc(file=sys.stderr)
-        return {"target": target.name, "backend": backend, "ok": False,
+        if os.environ.get("EDGEFORGE_DEBUG") == "1":  # --debug (set for worker processes too)
+            traceback.print_exc(file=sys.stderr)
+        return {"target": target.name, "backend": backend, "ok": False, "internal": True,
                 "error": f"internal error in the {backend} backend: {type(err).__name__}: {err}"}
     result = {"target": target.name, "backend": backend, "ok": True, "path": str(dest),
               "files": len(manifest["files"]), "bytes": sum(f["size"] for f in manifest["files"].values()),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import CheckFailed, EdgeforgeError
+from ..errors import CheckFailed, EdgeforgeError, InternalError
 
 
 def _echo_json(data) -> None:
@@ -90,8 +90,10 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json, n
         click.echo(f"built {len(summary['bundles']) - len(failed)}/{len(summary['bundles'])} bundles "
                    f"in {summary['seconds']} s -> {plan.output}")
     if failed:
-        raise EdgeforgeError(f"{len(failed)} bundle(s) failed: " + "; ".join(
-            f"{b['target']}/{b['backend']}: {b['error']}" for b in failed))
+        error = InternalError if any(b.get("internal") for b in failed) else EdgeforgeError  # 70: a bug
+        raise error(f"{len(failed)} bundle(s) failed: " + "; ".join(
+            f"{b['target']}/{b['backend']}: {b['error']}" for b in failed)
+            + (" (a bug in edgeforge: rerun with --debug for the traceback and report it)" if error is InternalError else ""))
 
 
 def _check_signing_key(path: Path) -> None:

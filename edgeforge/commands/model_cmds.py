@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
@@ -148,6 +147,7 @@ def inspect(model, as_json):
       edgeforge inspect dist/smollm2-135m-q4f16-rpi5-tvm
     """
     from ..model.loader import load_model
+    from ..runtime.smoke import printable
 
     if (Path(model) / "manifest.json").is_file():
         _inspect_bundle(Path(model), as_json)
@@ -172,7 +172,7 @@ def inspect(model, as_json):
         f"tokenizer:    {t['kind']}, bos {t['bos_token_id']} (added: {t['add_bos_token']}), eos {t['eos_token_ids']}, "
         f"chat template: {'yes' if t['chat_template'] else 'no'}",
     ]
-    click.echo("\n".join(lines))
+    click.echo("\n".join(printable(line, 2000) for line in lines))  # model metadata: no terminal escapes
 
 
 def _inspect_bundle(bundle: Path, as_json: bool) -> None:
@@ -238,6 +238,7 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
       edgeforge generate ./qdir-q4f16 -p "Once upon a time" -n 32 -t 0.8 --top-p 0.95 --seed 1 --json
       edgeforge generate dist/smollm2-135m-q4f16-x86-cpu-onnx -p "Hello" --trust release.pub.pem
     """
+    from ..bundle.chat import Streamer
     from ..runtime.generate import generate as run
     from ..runtime.sampling import Sampler
     from ..runtime.tokenizer import TokenizerError
@@ -251,7 +252,7 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
             ids = tok.encode(prompt)
     except TokenizerError as err:
         raise EdgeforgeError(f"{model}: {err}") from None
-    stream = None if as_json else _Streamer(tok)
+    stream = None if as_json else Streamer(tok)
     result = run(engine, ids, max_tokens, Sampler(temperature, top_p, seed), stop_ids=tok.eos_token_ids,
                  on_token=stream)
     text = tok.decode(result.tokens)
@@ -271,27 +272,3 @@ def _prompt_text(ctx, param, value):
     from .bundle_cmds import prompt_text
 
     return prompt_text(ctx, param, value)
-
-
-class _Streamer:
-    """Print text as tokens arrive. Decoding the whole sequence each time keeps multi-byte
-    characters and sentencepiece spaces right; a trailing U+FFFD is an incomplete character: wait."""
-
-    def __init__(self, tok):
-        self.tok, self.ids, self.shown = tok, [], ""
-
-    def __call__(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
-            return
-        sys.stdout.write(text[len(self.shown):])
-        sys.stdout.flush()
-        self.shown = text
-
-    def finish(self) -> None:
-        text = self.tok.decode(self.ids)
-        if text.startswith(self.shown):
-            sys.stdout.write(text[len(self.shown):])
-        sys.stdout.write("\n")
-        sys.stdout.flush()

@@ -151,6 +151,12 @@ def printable(text: str, limit: int = 200) -> str:
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
+def terminal_text(text: str) -> str:
+    """Model output for a terminal: newlines and tabs kept, every other control character (ESC
+    starts a terminal escape sequence) shown as U+FFFD."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in str(text))
+
+
 def describe(result: dict) -> str:
     def rate(x):
         return "n/a" if x is None else f"{x:.1f}"
