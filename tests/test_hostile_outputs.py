@@ -80,17 +80,60 @@ def test_target_names_never_become_paths(tmp_path, name):
         load_target_file(t)
 
 
+_KILLED_RUN = """
+import os, signal, sys
+from pathlib import Path
+from edgeforge.fsutil import owned_temp_dir
+with owned_temp_dir(sys.argv[2], sys.argv[1]) as tmp:
+    (tmp / "half-written").write_text("x")
+    if sys.argv[3] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print(tmp.name, flush=True)
+    sys.stdin.read()  # holds the folder (and its lock) until the test closes stdin
+"""
+
+
 def test_stale_temporary_folders_of_dead_runs_are_cleaned(qdir, tmp_path, capsys):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    stale = tmp_path / f".art.tmp-{dead}-abcd"
-    stale.mkdir()
-    (stale / "half-written").write_text("x")
-    alive = tmp_path / f".other.tmp-{os.getpid()}-abcd"  # ours (alive): kept
-    alive.mkdir()
-    code, _, err = cli(capsys, "compile", qdir, "--target", "x86-cpu", "--backend", "onnx", "-o", tmp_path / "art")
-    assert code == 0, err
-    assert not stale.exists() and alive.exists()
+    """Only folders edgeforge marked (its lock file) and nobody holds are removed: not a look-alike
+    folder of a dead PID, not one whose marker is a link, not one a live run (any PID namespace:
+    the lock, not the PID, decides) still holds."""
+    run = [sys.executable, "-c", _KILLED_RUN, str(tmp_path)]
+    killed = subprocess.run([*run, ".art.tmp-1-", "kill"], capture_output=True)
+    assert killed.returncode == -9
+    (stale,) = [p for p in tmp_path.glob(".art.tmp-1-*") if p.is_dir()]
+    assert (stale / "half-written").exists() and stale.with_name(stale.name + ".lock").exists()
+    lookalike = tmp_path / ".mine.tmp-1-keep"  # a user's folder, named like ours, of a dead PID
+    lookalike.mkdir()
+    (lookalike / "precious").write_text("x")
+    linked = tmp_path / ".linked.tmp-1-keep"
+    linked.mkdir()
+    (tmp_path / "marker").write_bytes(stale.with_name(stale.name + ".lock").read_bytes())
+    linked.with_name(linked.name + ".lock").symlink_to(tmp_path / "marker")
+    holder = subprocess.Popen([*run, ".held.tmp-99999999-", "hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    held = tmp_path / holder.stdout.readline().strip()
+    try:
+        code, _, err = cli(capsys, "compile", qdir, "--target", "x86-cpu", "--backend", "onnx", "-o", tmp_path / "art")
+        assert code == 0, err
+        assert not stale.exists() and not stale.with_name(stale.name + ".lock").exists()
+        assert (lookalike / "precious").exists() and linked.exists() and held.exists()
+    finally:
+        holder.communicate("")
+    assert not held.exists()  # its owner removed it on the way out
+
+
+def test_config_output_is_relative_to_the_config(tiny_model, tmp_path, monkeypatch):
+    from edgeforge.bundle.config import make_plan
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    config = folder / "build.toml"
+    config.write_text(f'model = "{tiny_model("llama32")}"\nquant = "q4f32"\noutput = "out"\n'
+                      '[targets]\nx86-cpu = "onnx"\n')
+    monkeypatch.chdir(tmp_path)
+    plan = make_plan(str(config), None, (), "auto", None)
+    assert plan.output == folder / "out"
+    assert make_plan(str(config), None, (), "auto", "elsewhere").output == Path("elsewhere")  # -o wins, as given
 
 
 def _wait_for(pred, timeout=120):

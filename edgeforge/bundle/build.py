@@ -12,14 +12,13 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..errors import EdgeforgeError
-from ..fsutil import clean_stale_temps
+from ..fsutil import clean_stale_temps, owned_temp_dir
 from ..hostmem import check_memory
 from ..progress import prefixed
 from ..runtime.bundle_errors import BundleError
@@ -78,7 +77,7 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False) -> dic
     model = load_model(path)
     plan.output.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(plan.output)  # what a killed build left behind
-    with tempfile.TemporaryDirectory(prefix=f".edgeforge-build.tmp-{os.getpid()}-", dir=plan.output) as work:
+    with owned_temp_dir(f".edgeforge-build.tmp-{os.getpid()}-", plan.output) as work:
         qdir = Path(work) / "qdir"
         logger.info(f"[quantize] {plan.quant}")
         summary = write_qdir(model, plan.quant, qdir, embed_bits=plan.embed_bits)

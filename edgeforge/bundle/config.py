@@ -128,7 +128,8 @@ def make_plan(spec: str, quant, targets: tuple[str, ...], backend: str, output) 
         if backend != "auto":
             wanted = {t: backend for t in wanted}
         plan = BuildPlan(model=raw["model"], quant=quant or raw["quant"],
-                         output=Path(output or raw.get("output", "dist")), source=Path(spec),
+                         output=Path(output) if output else Path(spec).parent / raw.get("output", "dist"),
+                         source=Path(spec),  # a config's output, like its model path, is relative to it
                          prompts=tuple(raw.get("prompts", DEFAULT_PROMPTS)),
                          golden_tokens=int(raw.get("golden_tokens", DEFAULT_TOKENS)),
                          embed_bits=raw.get("embed_bits"))

@@ -219,9 +219,12 @@ def check_tolerance(root: Path, manifest: dict) -> None:
         artifact = json.loads((root / "artifact" / "artifact.json").read_bytes())
         golden = json.loads((root / "golden.json").read_bytes())
         rel = golden["tolerance"]["rel"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise BundleError(f"{root / 'golden.json'}: unreadable tolerance or artifact.json ({err})") from None
-    path = compute_path(artifact if isinstance(artifact, dict) else {}, (manifest.get("target") or {}).get("arch", ""))
+    target = manifest.get("target")
+    if not isinstance(target, dict) or not isinstance(artifact, dict) or not isinstance(golden, dict):
+        raise BundleError(f"{root / MANIFEST}: malformed target, golden.json or artifact.json (expected JSON objects)")
+    path = compute_path(artifact, str(target.get("arch", "")))
     arithmetic, cap = TOLERANCES[path]
     if golden.get("arithmetic", FLOAT32) != arithmetic:
         raise BundleError(f"{root / 'golden.json'}: computed with {golden.get('arithmetic', FLOAT32)!r} arithmetic, but "
