@@ -144,6 +144,12 @@ def make_plan(spec: str, quant, targets: tuple[str, ...], backend: str, output) 
             raise EdgeforgeError("-o/--output is required when building from a model (e.g. -o dist)")
         wanted, where = {t: backend for t in targets}, "--target"
         plan = BuildPlan(model=spec, quant=quant, output=Path(output))
+    from ..quant.schemes import get_scheme
+
+    try:
+        get_scheme(plan.quant)  # before the model loads (a large one takes minutes)
+    except EdgeforgeError as err:
+        raise EdgeforgeError(f"--quant: {err}") from None
     for name, backends in wanted.items():
         plan.jobs.extend(expand(name, backends, where))
     if not plan.jobs:

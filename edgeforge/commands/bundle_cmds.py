@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,6 +28,23 @@ def prompt_text(_ctx, param, value):
     if not value.strip():
         raise click.BadParameter("is empty", param=param)
     return value
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that refuses nan and inf (click's lets nan through every bound, and an infinite
+    temperature is no sampling setting): --temperature, --top-p."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return value
+
+
+TEMPERATURE = FiniteFloatRange(0, None)
+TOP_P = FiniteFloatRange(0, 1, min_open=True)
 
 
 # ---- build ---------------------------------------------------------------------------------------
@@ -229,8 +247,8 @@ def open_verified(bundle: Path, max_length: int | None = None, trust: Path | Non
               help="Prompt text; without it (and a terminal) an interactive chat starts.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--max-tokens", "-n", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0, None), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--temperature", type=TEMPERATURE, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=TOP_P, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ctx", type=click.IntRange(2), default=None,
               help="Most tokens a conversation may hold (prompt + answers); default the model's context length. "

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import EdgeforgeError
+from .bundle_cmds import TEMPERATURE, TOP_P
 
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,11 @@ def fetch_model(name, as_json):
       edgeforge fetch-model smollm2-135m
       edgeforge fetch-model HuggingFaceTB/SmolLM2-135M-Instruct --json
     """
+    from ..model.loader import load_model
     from ..models import fetch_model as fetch
 
     path = fetch(name)
+    load_model(path)  # a folder (local or fetched) that is no model is refused by name, not printed
     if as_json:
         click.echo(json.dumps({"name": name, "path": str(path)}))
     else:
@@ -218,9 +221,9 @@ def _bundle_lines(manifest: dict, quality: dict | None) -> list[str]:
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--max-tokens", "-n", default=64, show_default=True, type=click.IntRange(1, 1 << 20))
-@click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(0, None),
+@click.option("--temperature", "-t", default=0.0, show_default=True, type=TEMPERATURE,
               help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-p", default=1.0, show_default=True, type=TOP_P)
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed (temperature > 0).")
 @click.option("--device", default=None, help="Device for a bundle's engine (bundles only).")
 @click.option("--json", "as_json", is_flag=True,
