@@ -212,3 +212,31 @@ def test_a_bundle_that_fails_its_own_smoke_fails_the_build(host_bundle, tmp_path
     result = {"ok": True, "path": str(bundle), "target": "x86-cpu", "backend": "onnx"}
     _smoke_here(result)
     assert result["ok"] is False and result["smoke"] == "FAIL" and "its own smoke test" in result["error"]
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+def test_sigterm_stops_jobs_workers_and_renames_nothing(tiny_model, tmp_path):
+    """build --jobs 2: SIGTERM to the build while its workers compile: exit 143, no traceback, every
+    worker gone (not left compiling), nothing in -o, no temporary folder left."""
+    dist = tmp_path / "dist"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant",
+                             "q4f32", "--target", "x86-cpu", "--backend", "all", "--jobs", "2", "--no-smoke",
+                             "--no-quality", "test", "-o", str(dist)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # both workers are compiling once the two bundles' temporary folders exist
+    assert _wait_for(lambda: dist.is_dir() and len([p for p in dist.iterdir() if "-x86-cpu-" in p.name]) >= 2), \
+        proc.communicate(timeout=60)
+    workers = _children(proc.pid)
+    assert workers
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert _wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), timeout=30), "a worker survived"
+    assert list(dist.iterdir()) == [], f"left behind: {list(dist.iterdir())}"

@@ -120,10 +120,32 @@ def _run_tasks(tasks, jobs: int) -> list[dict]:
         return results
     logger.info(f"[compile] {len(tasks)} bundles, {jobs} at a time")
     # spawn: forking a process that has loaded TVM/ONNX Runtime threads is not safe
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_signals)
+    try:
         for result in pool.map(_one, tasks):
             results.append(_report(result))
+    except BaseException:  # SIGTERM (SystemExit), Ctrl-C, a failure: stop the workers, do not wait
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
     return results
+
+
+def _worker_signals() -> None:
+    """In each --jobs worker: SIGTERM unwinds like in the parent (cli._terminate), so a worker that
+    is stopped removes its temporary folder and never renames a half-built bundle into place."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
+def _stop_workers(pool) -> None:
+    """SIGTERM every worker, drop queued tasks and wait for them to unwind. (The executor has no
+    public way to stop running tasks; its process table is the documented-by-use way.)"""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def memory_needed(qbytes: int, config, plan) -> int:
