@@ -17,43 +17,14 @@ SystemExit), so the folder is removed on the way out.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import stat
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .errors import EdgeforgeError
-
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^/]+$")
-LOCK_SUFFIX = ".lock"
-MARKER = b"edgeforge temporary folder: removed by the next edgeforge run once unlocked\n"
-
-
-@contextlib.contextmanager
-def owned_temp_dir(prefix: str, parent: str | os.PathLike):
-    """A new temporary folder in `parent`, marked as edgeforge's and locked while the block runs
-    (its sibling lock file, see the module docstring); removed, with its lock file, at the end."""
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    lock = tmp.with_name(tmp.name + LOCK_SUFFIX)
-    try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, MARKER)
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        os.close(fd)
-
+from .runtime.manifest_check import clean_stale_temps, owned_temp_dir  # noqa: F401 - re-exported (one implementation)
 
 def is_json_of_format(path: Path, fmt: str) -> bool:
     """True when `path` is a JSON file whose "format" is `fmt` (how edgeforge marks its outputs)."""
@@ -116,46 +87,3 @@ def _replace_dir(new: Path, final: Path) -> None:
     with owned_temp_dir(f".{final.name}.old-{os.getpid()}-", final.parent) as trash:
         os.rename(final, trash / "old")
         os.rename(new, final)
-
-
-def clean_stale_temps(folder: Path) -> list[Path]:
-    """Remove the temporary folders in `folder` that edgeforge made and nobody uses any more (their
-    lock file is edgeforge's marker and unlocked), and such lock files left without a folder."""
-    removed = []
-    try:
-        entries = list(Path(folder).iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        if entry.name.endswith(LOCK_SUFFIX):
-            continue
-        if _TMP_RE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
-            if _remove_if_abandoned(entry, entry.with_name(entry.name + LOCK_SUFFIX)):
-                removed.append(entry)
-    for entry in entries:  # a run killed between removing its folder and its lock file
-        if entry.name.endswith(LOCK_SUFFIX) and _TMP_RE.match(entry.name[: -len(LOCK_SUFFIX)]) \
-                and not entry.with_name(entry.name[: -len(LOCK_SUFFIX)]).exists():
-            _remove_if_abandoned(None, entry)
-    return removed
-
-
-def _remove_if_abandoned(folder: Path | None, lock: Path) -> bool:
-    """Remove `folder` and `lock` when `lock` is a regular file holding MARKER whose flock is free."""
-    try:
-        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return False  # no marker: not ours (or not ours to judge)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.read(fd, len(MARKER) + 1) != MARKER:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False  # in use by a live run, here or in another container
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        return True
-    finally:
-        os.close(fd)

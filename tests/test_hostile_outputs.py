@@ -170,7 +170,7 @@ def test_signal_during_archive_smoke_removes_the_extracted_bundle(host_bundle, t
     env = dict(os.environ, TMPDIR=str(tmp))
     proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "smoke", str(host_bundle[1])], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: any(p.name.startswith("edgeforge-smoke-") for p in tmp.iterdir())), \
+    assert _wait_for(lambda: any(p.name.startswith(".edgeforge-smoke.tmp-") for p in tmp.iterdir())), \
         proc.communicate(timeout=60)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -212,6 +212,28 @@ def test_a_bundle_that_fails_its_own_smoke_fails_the_build(host_bundle, tmp_path
     result = {"ok": True, "path": str(bundle), "target": "x86-cpu", "backend": "onnx"}
     _smoke_here(result)
     assert result["ok"] is False and result["smoke"] == "FAIL" and "its own smoke test" in result["error"]
+
+
+@pytest.mark.parametrize("step", ["extracting", "verifying"])
+def test_sigkilled_archive_smoke_is_cleaned_by_the_next_run(host_bundle, tmp_path, step):
+    """SIGKILL (nothing runs on the way out) while smoke extracts an archive or holds a verified
+    copy: the next smoke removes what it left in TMPDIR, and only that."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp / ".mine.tmp-1-keep").mkdir()  # looks like ours, is not: kept
+    env = dict(os.environ, TMPDIR=str(tmp))
+    want = ".edgeforge-smoke.tmp-" if step == "extracting" else ".edgeforge-verified.tmp-"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "smoke", str(host_bundle[1])], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: any(p.name.startswith(want) for p in tmp.iterdir())), proc.communicate(timeout=60)
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = {p.name for p in tmp.iterdir()} - {".mine.tmp-1-keep", ".ses"}
+    assert left, "SIGKILL should have left something to clean"
+    code = subprocess.run([sys.executable, "-m", "edgeforge.cli", "smoke", str(host_bundle[1])], env=env,
+                          capture_output=True, text=True, timeout=300).returncode
+    assert code == 0
+    assert {p.name for p in tmp.iterdir()} - {".ses"} == {".mine.tmp-1-keep"}
 
 
 def _children(pid: int) -> set[int]:

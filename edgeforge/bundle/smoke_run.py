@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import EdgeforgeError
 from ..runtime.bundle_errors import BundleError
 from ..runtime.hostcheck import check_can_run
-from ..runtime.manifest_check import verified_copy
+from ..runtime.manifest_check import clean_stale_temps, owned_temp_dir, verified_copy
 from . import archive
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,9 @@ def opened_bundle(spec: Path):
     """A bundle folder for `spec` (a folder, or an archive extracted into a temp folder)."""
     spec = Path(spec)
     if archive.is_archive(spec):
-        with tempfile.TemporaryDirectory(prefix="edgeforge-smoke-") as tmp:
+        parent = tempfile.gettempdir()
+        clean_stale_temps(Path(parent))  # extractions of runs killed with SIGKILL
+        with owned_temp_dir(f".edgeforge-smoke.tmp-{os.getpid()}-", parent) as tmp:
             yield archive.extract(spec, Path(tmp))
         return
     if not spec.is_dir():

@@ -16,9 +16,12 @@ No file may be added: bytecode caches (__pycache__) included, since Python would
 
 import argparse
 import atexit
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -41,7 +44,7 @@ SELF_KEY = "manifest_sha256"
 UNLISTED = {MANIFEST, SIGNATURE}  # the manifest cannot list itself, nor the signature over it
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists files; even a 100-shard model's is < 1 MB
 MAX_KEY_BYTES = 64 << 10
-VERIFIED_PREFIX = "edgeforge-verified-"  # verified_copy's private folders
+VERIFIED_PREFIX = ".edgeforge-verified.tmp-"  # verified_copy's private folders (owned_temp_dir names)
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -175,14 +178,103 @@ def verified_copy(root: Path, trust=None) -> tuple:
     """(manifest, folder): verify `root` into a new private temporary folder (mode 0700, under
     TMPDIR), removed when this process exits; load everything from that folder. Costs the bundle's
     size on disk while the process runs (the price of using exactly what was verified)."""
-    copy = Path(tempfile.mkdtemp(prefix=VERIFIED_PREFIX))
-    atexit.register(shutil.rmtree, copy, True)
+    parent = tempfile.gettempdir()
+    clean_stale_temps(Path(parent))  # copies of runs killed with SIGKILL
+    copy = held_temp_dir(f"{VERIFIED_PREFIX}{os.getpid()}-", parent)
     try:
         manifest = verify_bundle(root, trust, copy_to=copy)
     except BaseException:
         shutil.rmtree(copy, ignore_errors=True)
         raise
     return manifest, copy
+
+
+# ---- private temporary folders ----------------------------------------------------------------
+# Named `.NAME.tmp-PID-XXXX` (the PID for people only), each with a sibling `.NAME.tmp-PID-XXXX.lock`:
+# a marker file edgeforge writes, flock'ed for as long as the folder is in use. A process killed with
+# SIGKILL leaves both behind; the next run removes the folder only when the lock file is edgeforge's
+# marker and its lock is free, which holds across containers and PID namespaces where a PID means
+# nothing, and never touches a folder that merely looks like ours. (Here, not in edgeforge/fsutil.py,
+# because the verified copies of bundles use them on devices too: this file is smoke.py's verifier.)
+
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^/]+$")
+LOCK_SUFFIX = ".lock"
+MARKER = b"edgeforge temporary folder: removed by the next edgeforge run once unlocked\n"
+
+
+@contextlib.contextmanager
+def owned_temp_dir(prefix: str, parent: str | os.PathLike):
+    """A new temporary folder in `parent`, marked as edgeforge's and locked while the block runs
+    (its sibling lock file, see the module docstring); removed, with its lock file, at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    lock = tmp.with_name(tmp.name + LOCK_SUFFIX)
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, MARKER)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+
+def held_temp_dir(prefix: str, parent) -> Path:
+    """owned_temp_dir for the rest of this process: removed at exit (atexit; a SIGKILL leaves it to
+    the next run's clean_stale_temps)."""
+    owned = owned_temp_dir(prefix, parent)
+    folder = owned.__enter__()
+    atexit.register(owned.__exit__, None, None, None)
+    return folder
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temporary folders in `folder` that edgeforge made and nobody uses any more (their
+    lock file is edgeforge's marker and unlocked), and such lock files left without a folder."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.endswith(LOCK_SUFFIX):
+            continue
+        if _TMP_RE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+            if _remove_if_abandoned(entry, entry.with_name(entry.name + LOCK_SUFFIX)):
+                removed.append(entry)
+    for entry in entries:  # a run killed between removing its folder and its lock file
+        if entry.name.endswith(LOCK_SUFFIX) and _TMP_RE.match(entry.name[: -len(LOCK_SUFFIX)]) \
+                and not entry.with_name(entry.name[: -len(LOCK_SUFFIX)]).exists():
+            _remove_if_abandoned(None, entry)
+    return removed
+
+
+def _remove_if_abandoned(folder: Path | None, lock: Path) -> bool:
+    """Remove `folder` and `lock` when `lock` is a regular file holding MARKER whose flock is free."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False  # no marker: not ours (or not ours to judge)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.read(fd, len(MARKER) + 1) != MARKER:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # in use by a live run, here or in another container
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        return True
+    finally:
+        os.close(fd)
 
 
 # ---- the smoke tolerance a bundle may claim ------------------------------------------------------
