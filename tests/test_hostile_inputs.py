@@ -227,3 +227,37 @@ def test_a_listener_that_is_not_ssh_is_a_clear_error(host_bundle, capsys):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --ssh pi@127.0.0.1")
     assert "Traceback" not in proc.stderr and "raise " not in proc.stderr
+
+
+# ---- issue 21, item 4: a chat template is code from the model: bounded in time, output and memory ----
+
+HOSTILE_TEMPLATES = {
+    "nested loops": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "huge product": "{{ 'x' * 1000000000 }}",
+    "doubling with +": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+                       "{% endfor %}{{ ns.s|length }}",
+    "doubling with ~": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+                       "{% endfor %}{{ ns.s|length }}",
+    "recursive macro": "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% else %}{{ s }}{% endif %}{% endmacro %}"
+                       "{{ f('x', 40) }}",
+    "flood of output": "{% for a in range(100000) %}{{ 'y' * 100 }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
+def test_hostile_chat_template_is_refused_quickly(tiny_model, tmp_path, name):
+    """Each template would hang or take gigabytes: refused by name (exit 2) within the time bound."""
+    import shutil
+    import time
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model("llama32"), model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = HOSTILE_TEMPLATES[name]
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "generate", str(model), "--chat", "-p", "hi",
+                           "-n", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "chat template" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 60
