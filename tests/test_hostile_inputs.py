@@ -261,3 +261,33 @@ def test_hostile_chat_template_is_refused_quickly(tiny_model, tmp_path, name):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "chat template" in proc.stderr and "Traceback" not in proc.stderr
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("what", ["fifo", "dev-zero", "folder", "too big"])
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json", "chat_template.jinja", "--text"])
+def test_every_file_read_is_a_bounded_regular_file(tiny_model, tmp_path, what, where):
+    """A fifo would hang the reader, /dev/zero fill memory: each is refused by name, exit 2."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model("llama32"), model)
+    target = tmp_path / "text.txt" if where == "--text" else model / where
+    if target.exists():
+        target.unlink()
+    if where == "chat_template.jinja":  # read only when tokenizer_config.json has no template
+        cfg = json.loads((model / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if what == "fifo":
+        os.mkfifo(target)
+    elif what == "dev-zero":
+        target.symlink_to("/dev/zero")
+    elif what == "folder":
+        target.mkdir()
+    else:
+        with open(target, "wb") as f:
+            f.truncate(300 << 20)  # sparse: 300 MiB, past every bound
+    args = ["eval", str(model), "--quant", "q8f16", "--text", str(target)] if where == "--text" else ["inspect", str(model)]
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-1500:])
+    assert target.name in proc.stderr and "Traceback" not in proc.stderr

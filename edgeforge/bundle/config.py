@@ -23,6 +23,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..errors import EdgeforgeError
+from ..runtime.bundle_errors import BundleError
+from ..runtime.files import read_text
 from ..targets import get_target
 from ..quant.quality import DEFAULT_TOKENS as QUALITY_TOKENS
 from .golden import DEFAULT_PROMPTS, DEFAULT_TOKENS
@@ -50,8 +52,8 @@ def is_config(arg: str) -> bool:
 
 def read_config(path: Path) -> dict:
     try:
-        raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
+        raw = tomllib.loads(read_text(path, 1 << 20, "build config"))
+    except (BundleError, tomllib.TOMLDecodeError) as err:
         raise EdgeforgeError(f"build config {path}: {err}") from None
     for key in ("model", "quant", "targets"):
         if key not in raw:

@@ -53,6 +53,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos + rotate_half(x) * sin
 
 
+PREFILL_CHUNK = 256  # prompt tokens per reference step (ReferenceModel.prefill)
 INT8_BLOCK = 32  # MatMulNBits' block_size: the weights' group size, which it also quantizes inputs by
 
 
@@ -154,9 +155,12 @@ class ReferenceModel:
     device = "cpu (numpy reference)"
 
     def __init__(self, model=None, *, config: LlamaConfig | None = None, tensors=None, cache_bytes: int | None = None,
-                 observe=None, int8_inputs=frozenset()):
+                 observe=None, int8_inputs=frozenset(), chunk: int | None = PREFILL_CHUNK):
         """`int8_inputs`: weight names whose matmul input is rounded like ONNX Runtime's int8 kernels
-        round it (int8_blocks): the golden data of a bundle that computes that way (bundle/golden.py)."""
+        round it (int8_blocks): the golden data of a bundle that computes that way (bundle/golden.py).
+        `chunk`: prompts are processed this many tokens at a time (None: all at once, for GPTQ,
+        whose observe() must see a matrix's whole input in one call)."""
+        self.chunk = chunk
         self.config = config if config is not None else model.config
         tensors = tensors if tensors is not None else model.tensors
         self.w = Weights(tensors, self.config.tensor_shapes(),
@@ -176,18 +180,32 @@ class ReferenceModel:
         self.cache = KVCache(self.config)
 
     def prefill(self, ids) -> np.ndarray:
-        """Append `ids` to the sequence; float32 logits [vocab] of the last one."""
-        return self._step(list(ids), self.cache)[-1]
+        """Append `ids` to the sequence; float32 logits [vocab] of the last one. In chunks: memory and
+        time per step stay bounded by the chunk (attention scores [heads, chunk, length], activations,
+        and the output head only for the last position), not by the prompt."""
+        ids = list(ids)
+        observed = self.w.observe is not None  # calibration sees the head's input for every position
+        for part in self._chunks(ids):
+            logits = self._step(part, self.cache, last_only=not observed)
+        return logits[-1]
 
     def decode(self, token: int) -> np.ndarray:
         return self._step([int(token)], self.cache)[-1]
 
     def forward(self, ids) -> np.ndarray:
         """Logits [len(ids), vocab] of a fresh sequence; the engine's own cache is left alone."""
-        return self._step(list(ids), KVCache(self.config))
+        cache = KVCache(self.config)
+        parts = [self._step(part, cache) for part in self._chunks(list(ids))]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _chunks(self, ids: list[int]) -> list[list[int]]:
+        if not ids:
+            raise ValueError("no tokens to process")
+        step = self.chunk or len(ids)
+        return [ids[start : start + step] for start in range(0, len(ids), step)]
 
     # ---- the model ---------------------------------------------------------------------------------
-    def _step(self, ids: list[int], cache: KVCache) -> np.ndarray:
+    def _step(self, ids: list[int], cache: KVCache, last_only: bool = False) -> np.ndarray:
         c = self.config
         if not ids:
             raise ValueError("no tokens to process")
@@ -200,6 +218,8 @@ class ReferenceModel:
             x = x + self._attention(layer, x, cos, sin, cache, positions)
             x = x + self._mlp(layer, x)
         cache.length += len(ids)
+        if last_only:
+            x = x[-1:]
         x = rms_norm(x, self.w["model.norm.weight"], c.rms_norm_eps)
         return self.w.matmul_t(x, self.head)
 

@@ -97,19 +97,23 @@ def write_checksums(root: Path) -> None:
     (Path(root) / CHECKSUMS).write_text("".join(lines), encoding="utf-8")
 
 
-def read_regular(path: Path, limit: int, what: str = "file") -> bytes:
-    """The bytes of a regular file (not a link, device or fifo: opened without following links and
-    checked on the open descriptor), refused by name past `limit` bytes."""
+def read_regular(path: Path, limit: int, what: str = "file", follow_links: bool = False) -> bytes:
+    """The bytes of a regular file (not a device or fifo, and not a link unless `follow_links`:
+    checked on the open descriptor), refused by name past `limit` bytes. Every file edgeforge reads
+    whole goes through here (bundle files, keys, model configs, texts), so none can hang on a fifo
+    or fill memory from /dev/zero."""
     path = Path(path)
+    nofollow = 0 if follow_links else getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise BundleError(f"{path}: missing") from None
     except OSError as err:
-        raise BundleError(f"{path}: cannot open {what} ({err.strerror}; links are refused)") from None
+        raise BundleError(f"{path}: cannot open {what} ({err.strerror}"
+                          + ("" if follow_links else "; links are refused") + ")") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise BundleError(f"{path}: not a regular file")
+        raise BundleError(f"{path}: not a regular file ({what})")
     with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:

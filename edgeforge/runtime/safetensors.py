@@ -20,6 +20,9 @@ import os
 import struct
 from pathlib import Path
 
+from .bundle_errors import BundleError
+from .manifest_check import read_regular
+
 try:
     import numpy as np
 except ImportError:  # a TVM bundle on its device: raw_pointer() only
@@ -352,8 +355,8 @@ class SafetensorsFolder:
 
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        weight_map = json.loads(read_regular(index, 64 << 20, "safetensors index", follow_links=True))["weight_map"]
+    except (BundleError, ValueError, KeyError, TypeError) as err:
         raise SafetensorsError(f"{index}: unreadable safetensors index ({err})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise SafetensorsError(f"{index}: 'weight_map' must map tensor names to file names")

@@ -20,6 +20,12 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .bundle_errors import BundleError
+from .manifest_check import read_regular
+
+MAX_CONFIG_BYTES = 16 << 20  # tokenizer_config.json (Llama 3's is ~50 KB)
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json (Llama 3's is 9 MB)
+
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing or unreadable, or a chat template failed; the message names it."""
@@ -148,8 +154,8 @@ class Tokenizer:
         tok_path, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
         tok = load_tokenizer_json(tok_path)
         try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
+            cfg = json.loads(read_regular(cfg_path, MAX_CONFIG_BYTES, "tokenizer config", follow_links=True))
+        except (BundleError, ValueError) as err:
             raise TokenizerError(f"{cfg_path}: cannot read tokenizer config ({err})") from None
         try:
             if not isinstance(cfg, dict):
@@ -167,6 +173,8 @@ def load_tokenizer_json(path: str | os.PathLike) -> _HFTokenizer:
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"{path}: no such tokenizer file")
+    if not path.is_file() or path.stat().st_size > MAX_TOKENIZER_BYTES:  # a fifo would hang the reader
+        raise TokenizerError(f"{path}: not a regular file of at most {MAX_TOKENIZER_BYTES >> 20} MiB")
     try:
         return _HFTokenizer.from_file(str(path))
     except Exception as err:
