@@ -167,6 +167,9 @@ def main(argv=None):
         code = _fail(f"{where}{err.strerror or err}", 2, debug)
     except RecursionError as err:
         code = _fail(f"input too deeply nested ({err})", 2, debug)
+    except MemoryError as err:  # a size from the input that no check caught first: not a bug in the code path
+        code = _fail(f"out of memory ({err or 'MemoryError'}): the input asks for more memory than this machine "
+                     "has (a model, context or prompt too large for it)", 2, debug)
     except Exception as err:  # noqa: BLE001 - the one error path: never a bare traceback
         code = _fail(internal_message(err), EXIT_INTERNAL, debug)
     finally:

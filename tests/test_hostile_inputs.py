@@ -291,3 +291,33 @@ def test_every_file_read_is_a_bounded_regular_file(tiny_model, tmp_path, what, w
     proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-1500:])
     assert target.name in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_huge_context_is_checked_against_memory_before_tables(tiny_qdir, tmp_path):
+    """max_position_embeddings = 2^31 - 1 in a tiny model: the ONNX compile's rotary tables would
+    need 512 GiB; refused by name before anything is allocated (it was a MemoryError, exit 70)."""
+    import shutil
+
+    qdir = tmp_path / "q"
+    shutil.copytree(tiny_qdir("llama32", "q8f16")[0], qdir)
+    cfg = json.loads((qdir / "config.json").read_text())
+    cfg["context_length"] = 2**31 - 1
+    (qdir / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "compile", str(qdir), "--target", "x86-cpu",
+                           "--backend", "onnx", "-o", str(tmp_path / "a")], capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)))
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert "max_position_embeddings" in proc.stderr and "GiB" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_memory_error_is_bad_input_not_a_bug(monkeypatch, capsys):
+    import edgeforge.bundle.doctor as doctor
+    from bundle_helpers import cli
+
+    def too_big():
+        raise MemoryError("Unable to allocate 512 GiB")
+
+    monkeypatch.setattr(doctor, "target_rows", too_big)
+    code, _, err = cli(capsys, "targets")
+    assert code == 2 and "out of memory" in err and "internal error" not in err
