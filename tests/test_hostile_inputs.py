@@ -321,3 +321,30 @@ def test_memory_error_is_bad_input_not_a_bug(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "target_rows", too_big)
     code, _, err = cli(capsys, "targets")
     assert code == 2 and "out of memory" in err and "internal error" not in err
+
+
+_TARGET_HEAD = 'name = "mine"\nbackends = ["tvm", "onnx"]\nrun = "host"\nos = "linux"\narch = "x86_64"\n'
+
+
+@pytest.mark.parametrize("backend,tables,needle", [
+    ("tvm", '[tvm]\nhost = { kind = "llvm", mtriple = "x86_64-linux-gnu" }\ncross_compilr = "gcc"\n'
+            '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "[tvm] unknown key 'cross_compilr'"),
+    ("tvm", '[tvm]\nhost = { kind = "llvm", mtripe = "x86_64-linux-gnu" }\n'
+            '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "Unknown config option 'mtripe'"),
+    ("tvm", '[tvm]\nhost = { kind = "llvm", mtriple = "x86_64-linux-gnu", mcpu = "haswel" }\n'
+            '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "mcpu 'haswel' is not a CPU LLVM knows"),
+    ("tvm", '[tvm]\nhost = { kind = "llvm", mtriple = "x86_64-linux-gnu", mattr = ["+avx9"] }\n'
+            '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "mattr '+avx9' is not a feature"),
+    ("onnx", '[tvm]\nhost = { kind = "llvm", mtriple = "x86_64-linux-gnu" }\n'
+             '[onnx]\nexecution_provider = "CPUExecutionProvider"\naccuracy_levle = 0\n', "[onnx] unknown key 'accuracy_levle'"),
+])
+def test_target_values_tvm_or_onnx_would_ignore_are_refused(tiny_qdir, tmp_path, backend, tables, needle):
+    """LLVM only warns about an unknown CPU or feature and builds for a generic one; a misspelled
+    key was silently unused; an unknown TVM option was an internal error: each is exit 2, named."""
+    target = tmp_path / "mine.toml"
+    target.write_text(_TARGET_HEAD + tables)
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "compile", str(tiny_qdir("llama32", "q8f16")[0]),
+                           "--target", str(target), "--backend", backend, "-o", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert needle in proc.stderr and "target 'mine'" in proc.stderr and "Traceback" not in proc.stderr
