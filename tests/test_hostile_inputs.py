@@ -263,8 +263,10 @@ def test_hostile_chat_template_is_refused_quickly(tiny_model, tmp_path, name):
     assert time.monotonic() - start < 60
 
 
-@pytest.mark.parametrize("what", ["fifo", "dev-zero", "folder", "too big"])
-@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json", "chat_template.jinja", "--text"])
+@pytest.mark.parametrize("what,where", [
+    ("fifo", "config.json"), ("dev-zero", "tokenizer_config.json"), ("too big", "config.json"),
+    ("folder", "chat_template.jinja"), ("dev-zero", "chat_template.jinja"), ("fifo", "--text"), ("too big", "--text"),
+])
 def test_every_file_read_is_a_bounded_regular_file(tiny_model, tmp_path, what, where):
     """A fifo would hang the reader, /dev/zero fill memory: each is refused by name, exit 2."""
     import shutil
