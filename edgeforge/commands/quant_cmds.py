@@ -110,6 +110,8 @@ def _read_text(path: str) -> str:
     from ..runtime.bundle_errors import BundleError
     from ..runtime.files import read_text
 
+    if not Path(path).exists():
+        raise EdgeforgeError(f"--text {path}: no such file")
     try:
         return read_text(path, what="text")  # bounded, a regular file (not a fifo or /dev/zero)
     except BundleError as err:
