@@ -1,12 +1,14 @@
 """The `edgeforge` command line: a thin click group over edgeforge/commands/*.
 
 Exit codes (every command): 0 success; 1 a check ran and failed (smoke FAIL); 2 bad input, an
-unusable bundle, or a missing toolchain/accelerator (the message says which).
+unusable bundle, or a missing toolchain/accelerator (the message says which); 70 a bug in edgeforge
+(an internal error: please report it with the --debug traceback); 130 interrupted; 143 terminated.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import traceback
 
@@ -14,6 +16,7 @@ import click
 
 from . import __version__
 from .progress import configure
+from .errors import EXIT_INTERNAL
 from .runtime.bundle_errors import Failure
 
 # name -> "module:attribute". Imported on first use so `edgeforge --help` stays fast and a missing
@@ -26,6 +29,7 @@ COMMANDS = {
     "eval": "edgeforge.commands.quant_cmds:eval_cmd",
     "compile": "edgeforge.commands.compile_cmd:compile_cmd",
     "build": "edgeforge.commands.bundle_cmds:build",
+    "verify": "edgeforge.commands.bundle_cmds:verify",
     "smoke": "edgeforge.commands.bundle_cmds:smoke",
     "run": "edgeforge.commands.bundle_cmds:run",
     "bench": "edgeforge.commands.bundle_cmds:bench",
@@ -107,9 +111,9 @@ def cli():
     plain lines about every 10% elsewhere (CI, pipes, files). -q shows only warnings and errors,
     -v adds debug details; both work before or after the command name.
 
-    Exit codes: 0 ok, 1 a check failed, 2 bad input or unusable environment, 130 interrupted,
-    143 terminated (SIGTERM; temporary folders are removed). --debug (anywhere) prints the traceback
-    of a failure as well as its one-line message.
+    Exit codes: 0 ok, 1 a check failed, 2 bad input or unusable environment, 70 a bug in edgeforge
+    (internal error), 130 interrupted, 143 terminated (SIGTERM; temporary folders are removed).
+    --debug (anywhere) prints the traceback of a failure as well as its one-line message.
     """
 
 
@@ -125,12 +129,14 @@ def _terminate(signum, _frame):
 def main(argv=None):
     """Run the CLI. Every failure is one `error:` line on stderr and an exit code (module docstring);
     `--debug` (anywhere on the line, or EDGEFORGE_DEBUG=1) adds the Python traceback."""
-    import os
     import signal
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("EDGEFORGE_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
+    previous_debug = os.environ.get("EDGEFORGE_DEBUG")
+    if debug:
+        os.environ["EDGEFORGE_DEBUG"] = "1"  # worker processes (build --jobs) print tracebacks too
     configure(0)  # INFO on stderr until -q/-v say otherwise (reset for each in-process run)
     previous = None
     try:
@@ -148,11 +154,9 @@ def main(argv=None):
         code = 130
     except click.UsageError as err:  # one line, like every other failure
         where = f" (edgeforge {err.ctx.command_path.split(' ', 1)[1]} --help)" if err.ctx and " " in err.ctx.command_path else ""
-        click.echo(f"error: {err.format_message()}{where}", err=True)
-        code = 2
+        code = _fail(f"{err.format_message()}{where}", 2, False)
     except click.ClickException as err:
-        err.show()
-        code = 2
+        code = _fail(err.format_message(), 2, debug)
     except click.exceptions.Exit as err:
         code = err.exit_code
     except KeyboardInterrupt:
@@ -163,19 +167,34 @@ def main(argv=None):
         code = _fail(f"{where}{err.strerror or err}", 2, debug)
     except RecursionError as err:
         code = _fail(f"input too deeply nested ({err})", 2, debug)
+    except MemoryError as err:  # a size from the input that no check caught first: not a bug in the code path
+        code = _fail(f"out of memory ({err or 'MemoryError'}): the input asks for more memory than this machine "
+                     "has (a model, context or prompt too large for it)", 2, debug)
     except Exception as err:  # noqa: BLE001 - the one error path: never a bare traceback
-        code = _fail(f"internal error ({type(err).__name__}: {err}); rerun with --debug for the traceback "
-                     "and report it", 2, debug)
+        code = _fail(internal_message(err), EXIT_INTERNAL, debug)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_debug is None:
+            os.environ.pop("EDGEFORGE_DEBUG", None)
+        else:
+            os.environ["EDGEFORGE_DEBUG"] = previous_debug
     sys.exit(code)
 
 
+def internal_message(err: BaseException) -> str:
+    return (f"internal error ({type(err).__name__}: {err}); this is a bug in edgeforge: rerun with --debug "
+            "for the traceback and report it")
+
+
 def _fail(message: str, code: int, debug: bool) -> int:
+    """One `error:` line. Messages quote file names, tensor names and metadata from the input: any
+    control character (a terminal escape sequence starts with one) is shown as a space."""
+    from .runtime.smoke import printable
+
     if debug:
         click.echo(traceback.format_exc().rstrip(), err=True)
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {printable(message, 4000)}", err=True)
     return code
 
 

@@ -1,6 +1,8 @@
 """Errors with exit codes. The CLI turns them into one line on stderr and a documented exit code."""
 
-from .runtime.bundle_errors import Failure
+from .runtime.bundle_errors import Failure, InternalError  # noqa: F401 - re-exported
+
+EXIT_INTERNAL = InternalError.exit_code  # 70: a bug in edgeforge
 
 
 class EdgeforgeError(Failure):

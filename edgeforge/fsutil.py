@@ -5,25 +5,26 @@ hidden temporary folder next to its final place and renamed into place at the en
 final path is replaced only when it is edgeforge's own output of that kind (each caller says how to
 recognize one) or an empty folder: `-o ~` or `-o some-project` is refused, never wiped.
 
-Temporary folders are named `.NAME.tmp-PID-XXXX`: a run killed with SIGKILL leaves one behind, and
-the next run writing next to it removes it once that PID is gone. SIGTERM and SIGINT unwind normally
-(cli.main turns SIGTERM into SystemExit), so the `except` below removes the folder itself.
+Temporary folders are named `.NAME.tmp-PID-XXXX` (the PID for people only) and each has a sibling
+`.NAME.tmp-PID-XXXX.lock`: a marker file that edgeforge writes, flock'ed for as long as the folder is
+in use (owned_temp_dir). A run killed with SIGKILL leaves both behind; the next run writing next to
+them removes the folder only when the lock file is edgeforge's marker and its lock is free, which
+holds across containers and PID namespaces where a PID means nothing, and never touches a folder
+that merely looks like ours. SIGTERM and SIGINT unwind normally (cli.main turns SIGTERM into
+SystemExit), so the folder is removed on the way out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .errors import EdgeforgeError
-
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^/]+$")
-
+from .runtime.manifest_check import clean_stale_temps, owned_temp_dir  # noqa: F401 - re-exported (one implementation)
 
 def is_json_of_format(path: Path, fmt: str) -> bool:
     """True when `path` is a JSON file whose "format" is `fmt` (how edgeforge marks its outputs)."""
@@ -63,16 +64,15 @@ def atomic_output_dir(final: str | os.PathLike, is_ours: Callable[[Path], bool],
         raise EdgeforgeError(f"output {final}: cannot create its folder ({err.strerror})") from None
     clean_stale_temps(final.parent)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+        owned = owned_temp_dir(f".{final.name}.tmp-{os.getpid()}-", final.parent)
+        tmp = owned.__enter__()
     except OSError as err:
         raise EdgeforgeError(f"output {final}: cannot write next to it ({err.strerror})") from None
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.push(owned)  # removes the folder (whatever is left of it) and its lock, even on errors
         yield tmp
         check_replaceable(final, is_ours, what)  # again: something may have appeared meanwhile
         _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _replace_dir(new: Path, final: Path) -> None:
@@ -84,33 +84,6 @@ def _replace_dir(new: Path, final: Path) -> None:
             if not final.exists():
                 raise
     # Move the old output aside first: rename() cannot replace a non-empty folder.
-    trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
-    os.rename(final, trash / "old")
-    os.rename(new, final)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temps(folder: Path) -> list[Path]:
-    """Remove edgeforge temporary folders in `folder` left by runs that no longer exist."""
-    removed = []
-    try:
-        entries = list(Path(folder).iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _TMP_RE.match(entry.name)
-        if m and entry.is_dir() and not entry.is_symlink() and int(m["pid"]) != os.getpid() \
-                and not _pid_alive(int(m["pid"])):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
+    with owned_temp_dir(f".{final.name}.old-{os.getpid()}-", final.parent) as trash:
+        os.rename(final, trash / "old")
+        os.rename(new, final)

@@ -19,6 +19,8 @@ else:  # pragma: no cover
 
 from .errors import EdgeforgeError
 from .runtime.backends import BACKENDS
+from .runtime.bundle_errors import BundleError
+from .runtime.files import read_text
 
 RUN_MODES = ("host", "qemu", "cuda", "vulkan", "none")
 # edgeforge/_targets is a link to the project's top-level targets/ folder: the same files in a
@@ -69,8 +71,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def load_target_file(path: Path) -> Target:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raw = tomllib.loads(read_text(path, 1 << 20, "target file"))
+    except (BundleError, tomllib.TOMLDecodeError) as err:
         raise EdgeforgeError(f"target file {path}: {err}") from None
     for key in ("name", "backends", "run", "os", "arch"):
         if key not in raw:

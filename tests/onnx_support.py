@@ -44,3 +44,30 @@ def record(path: Path, entry: dict) -> None:
 
 def with_onnx(target, provider: str, level: int):
     return dataclasses.replace(target, onnx={"execution_provider": provider, "accuracy_level": level})
+
+
+def matmul_nbits(rng, k: int, n: int, bits: int):
+    """A random MatMulNBits weight (block 32, default zero point): (its float32 [n, k] value,
+    run(a, accuracy_level) -> ONNX Runtime's a @ W.T on the CPU)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    levels = 16 if bits == 4 else 256
+    q = rng.integers(0, levels, (n, k)).astype(np.uint8)
+    blob = (q[:, 0::2] | (q[:, 1::2] << 4)) if bits == 4 else q
+    scales = (rng.random((n, k // 32)) * 0.05 + 0.01).astype(np.float32)
+    w = ((q.astype(np.float32) - levels // 2).reshape(n, k // 32, 32) * scales[:, :, None]).reshape(n, k)
+
+    def run(a: np.ndarray, accuracy_level: int) -> np.ndarray:
+        node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                                block_size=32, accuracy_level=accuracy_level)
+        graph = helper.make_graph(
+            [node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(a.shape))],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [a.shape[0], n])],
+            initializer=[numpy_helper.from_array(blob.reshape(n, k // 32, -1), "B"), numpy_helper.from_array(scales, "S")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"A": a})[0]
+
+    return w, run

@@ -89,3 +89,25 @@ def test_cli_smoke_refuses_truncated_and_evil_archives(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert str(path) in proc.stderr and words in proc.stderr
     assert not (tmp_path.parent / "x.txt").exists()
+
+
+@pytest.mark.parametrize("damage", ["crc", "length", "trailer cut", "bytes after", "inner bit"])
+def test_damaged_gzip_refused_by_name(tmp_path, damage):
+    """Damage that leaves every tar member intact (the gzip trailer) used to pass: gzip's CRC-32 and
+    length are now checked too, and the message names the archive."""
+    packed = bytearray(archive.pack(make_tree(tmp_path / "b"), tmp_path / "b.tar.gz").read_bytes())
+    if damage == "crc":
+        packed[-8] ^= 0xFF
+    elif damage == "length":
+        packed[-1] ^= 0x01
+    elif damage == "trailer cut":
+        packed = packed[:-3]
+    elif damage == "bytes after":
+        packed += b"tail"
+    else:
+        packed[len(packed) // 2] ^= 0x10
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(bytes(packed))
+    with pytest.raises(EdgeforgeError, match=r"bad\.tar\.gz: unreadable or truncated archive"):
+        archive.extract(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -118,7 +118,7 @@ def test_build_config_and_options(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "m.gguf"\nquant = "q4f16"\n[targets]\nx86-cpu = ["tvm", "onnx"]\nrpi5 = "auto"\n')
     plan = make_plan(str(cfg), None, ("rpi5",), "auto", None)
-    assert [(t.name, b) for t, b in plan.jobs] == [("rpi5", "onnx")] and plan.output == Path("dist")
+    assert [(t.name, b) for t, b in plan.jobs] == [("rpi5", "onnx")] and plan.output == tmp_path / "dist"  # relative to the config
     plan = make_plan(str(cfg), "q8f16", (), "onnx", tmp_path / "o")
     assert [(t.name, b) for t, b in plan.jobs] == [("x86-cpu", "onnx"), ("rpi5", "onnx")] and plan.quant == "q8f16"
     with pytest.raises(EdgeforgeError, match="--target cuda: not in build config"):

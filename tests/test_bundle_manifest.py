@@ -31,7 +31,7 @@ def bundle(tmp_path):
 
 def test_write_then_verify(bundle):
     m = verify_bundle(bundle)
-    assert set(m["files"]) == {"artifact/model.so", "golden.json", "runtime/edgeforge_runtime/__init__.py"}
+    assert set(m["files"]) == {"SHA256SUMS", "artifact/model.so", "golden.json", "runtime/edgeforge_runtime/__init__.py"}
     assert m["files"]["artifact/model.so"]["size"] == 3000
     # a bytecode cache is code Python would run: never exempt (issue 11)
     (bundle / "runtime" / "edgeforge_runtime" / "__pycache__").mkdir()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import marshal
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,9 +142,9 @@ def test_signed_bundle_passes_with_its_key(signed, capsys):
 def test_wrong_key_and_unsigned_are_refused(signed, host_bundle, tmp_path, capsys):
     bundle, pub, other = signed
     code, _, err = cli(capsys, "smoke", bundle, "--trust", other)
-    assert code == 2 and "not by the trusted key" in err
+    assert code == 2 and "by the trusted key" in err and "signed by another key" in err
     proc = _smoke_py(bundle, "--trust", str(other))
-    assert proc.returncode == 2 and "not by the trusted key" in json.loads(proc.stdout)["error"]
+    assert proc.returncode == 2 and "by the trusted key" in json.loads(proc.stdout)["error"]
     code, _, err = cli(capsys, "smoke", host_bundle[0], "--trust", pub)
     assert code == 2 and "not signed" in err
 
@@ -155,8 +156,8 @@ def test_rewritten_signed_bundle_is_refused(signed, tmp_path, capsys):
     golden["tolerance"]["rel"] = 1e9
     (bundle / "golden.json").write_text(json.dumps(golden))
     resign(bundle)
-    code, _, _ = cli(capsys, "smoke", bundle)
-    assert code == 0  # integrity alone: the rewritten bundle is consistent
+    code, _, err = cli(capsys, "smoke", bundle)
+    assert code == 2 and "golden.json: tolerance" in err  # consistent checksums; the verifier's cap refuses it
     code, _, err = cli(capsys, "smoke", bundle, "--trust", signed[1])
     assert code == 2 and "modified after signing" in err
 
@@ -168,3 +169,146 @@ def test_sign_with_a_bad_key_fails_before_building(tiny_model, tmp_path, capsys)
                        "--backend", "onnx", "-o", tmp_path / "dist", "--sign", bad)
     assert code == 2 and "--sign" in err and "bad.pem" in err
     assert not (tmp_path / "dist").exists()
+
+
+# ---- issue 21, item 2: verification the bundle cannot subvert ------------------------------------
+
+@pytest.mark.parametrize("spelling", [
+    ["--trust={other}"], ["--tru", "{other}"], ["--trus={other}"], ["-t", "{other}"], ["--trust"],
+    ["--trust", "{pub}", "--trust", "{other}"], ["--trust", "{other}", "--trust", "{pub}"], ["--TRUST", "{other}"],
+    ["--json", "--trust={other}"], ["--trust", "{other}", "--prompts", "0"],
+])
+def test_no_spelling_of_trust_skips_the_check(signed, spelling):
+    """smoke.py with a key that did not sign the bundle, spelled every way a user or a script might:
+    never exit 0 (the old parser skipped the check for --trust=KEY and --tru KEY)."""
+    _, pub, other = signed
+    args = [a.format(pub=pub, other=other) for a in spelling]
+    proc = _smoke_py(signed[0], *args)
+    assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("spelling", [["--trust={pub}"], ["--trust", "{pub}"]])
+def test_right_key_passes_in_both_spellings(signed, spelling):
+    proc = _smoke_py(signed[0], *[a.format(pub=signed[1]) for a in spelling])
+    assert proc.returncode == 0, proc.stderr
+    assert "signature ok" in proc.stderr and json.loads(proc.stdout)["status"] == "PASS"
+
+
+def _openssl_recipe() -> str:
+    """The device recipe exactly as docs/BUNDLES.md prints it (the block after its marker)."""
+    doc = (Path(__file__).parent.parent / "docs" / "BUNDLES.md").read_text()
+    block = doc.split("<!-- device-verify-recipe -->", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return block
+
+
+def _run_recipe(bundle: Path, pub: Path) -> subprocess.CompletedProcess:
+    script = _openssl_recipe().replace("BUNDLE", str(bundle)).replace("PUB.pem", str(pub))
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_openssl_recipe_accepts_a_signed_bundle(signed):
+    proc = _run_recipe(signed[0], signed[1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Signature Verified Successfully" in proc.stdout
+
+
+@pytest.mark.parametrize("attack", ["other key", "file changed", "sums rewritten", "file added", "file linked",
+                                    "resigned by attacker"])
+def test_openssl_recipe_refuses(signed, tmp_path, attack):
+    """Standard tools alone (openssl, sha256sum, grep, find) refuse each tampering."""
+    bundle = copy_bundle(signed[0], tmp_path / "b")
+    _, pub, other = signed
+    data = bundle / "artifact" / "model.onnx.data"
+    key = pub
+    if attack == "other key":
+        key = other
+    elif attack == "file changed":
+        data.write_bytes(data.read_bytes()[:-1] + b"\x00")
+    elif attack == "sums rewritten":  # the change and a matching SHA256SUMS line
+        data.write_bytes(data.read_bytes()[:-1] + b"\x00")
+        import hashlib
+        sums = (bundle / "SHA256SUMS").read_text().splitlines()
+        fixed = [f"{hashlib.sha256(data.read_bytes()).hexdigest()}  artifact/model.onnx.data"
+                 if line.endswith("  artifact/model.onnx.data") else line for line in sums]
+        (bundle / "SHA256SUMS").write_text("\n".join(fixed) + "\n")
+    elif attack == "file added":
+        (bundle / "runtime" / "edgeforge_runtime" / "json.py").write_text("print('pwned')\n")
+    elif attack == "file linked":
+        (bundle / "evil").symlink_to("/etc/passwd")
+    elif attack == "resigned by attacker":  # changed, then every checksum (SHA256SUMS too) made consistent
+        data.write_bytes(data.read_bytes()[:-1] + b"\x00")
+        resign(bundle)
+    proc = _run_recipe(bundle, key)
+    assert proc.returncode != 0, (attack, proc.stdout, proc.stderr)
+
+
+def test_edgeforge_verify(signed, host_bundle, tmp_path, capsys):
+    bundle, pub, other = signed
+    code, out, err = cli(capsys, "verify", bundle, "--trust", pub, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["status"] == "OK" and result["signed_by"] and result["files"] > 10
+    code, out, _ = cli(capsys, "verify", bundle)
+    assert code == 0 and "signature not checked" in out
+    code, _, err = cli(capsys, "verify", bundle, "--trust", other)
+    assert code == 2 and "signed by another key" in err
+    code, _, err = cli(capsys, "verify", host_bundle[0], "--trust", pub)
+    assert code == 2 and "not signed" in err
+    tampered = copy_bundle(bundle, tmp_path / "t")
+    (tampered / "smoke.py").write_text("print('PASS')\n")  # the bundle's own verifier replaced
+    code, _, err = cli(capsys, "verify", tampered, "--trust", pub)
+    assert code == 2 and "smoke.py" in err
+
+
+@pytest.mark.parametrize("bad", ["dir", "fifo", "big", "link"])
+def test_trust_key_file_must_be_a_small_regular_file(signed, tmp_path, capsys, bad):
+    path = tmp_path / "key.pem"
+    if bad == "dir":
+        path.mkdir()
+    elif bad == "fifo":
+        os.mkfifo(path)
+    elif bad == "big":
+        path.write_bytes(b"A" * (1 << 20))
+    else:
+        path.symlink_to(signed[1])
+    code, _, err = cli(capsys, "verify", signed[0], "--trust", path)
+    assert code == 2 and str(path) in err and "Traceback" not in err, err
+
+
+def test_used_bytes_are_the_verified_bytes(signed, tmp_path):
+    """Verify-then-use without a race: what open_verified loads is a private copy made from the
+    bytes it hashed, so changing the bundle right after (or during) the check changes nothing."""
+    from edgeforge.commands.bundle_cmds import open_verified
+    from edgeforge.runtime.generate import generate
+    from edgeforge.runtime.sampling import Sampler
+
+    bundle = copy_bundle(signed[0], tmp_path / "b")
+    _, engine, tok = open_verified(bundle, trust=signed[1])
+    before = generate(engine, tok.encode("one two"), 6, Sampler(0, 1, 0)).tokens
+    data = bundle / "artifact" / "model.onnx.data"
+    data.write_bytes(bytes(len(data.read_bytes())))  # zero every weight after the check
+    for f in bundle.rglob("*.py"):
+        f.write_text("raise SystemExit('pwned')\n")
+    engine.reset()
+    assert generate(engine, tok.encode("one two"), 6, Sampler(0, 1, 0)).tokens == before
+
+
+def test_verified_copy_is_private_and_exact(signed, tmp_path):
+    from edgeforge.runtime.manifest_check import sha256_file, verified_copy
+
+    manifest, copy = verified_copy(signed[0], signed[1])
+    assert (copy.stat().st_mode & 0o077) == 0  # nobody else can swap files in it
+    for rel, entry in manifest["files"].items():
+        assert sha256_file(copy / rel) == entry["sha256"]
+    assert (copy / "manifest.sig").read_bytes() == (signed[0] / "manifest.sig").read_bytes()
+
+
+def test_generate_takes_trust(signed, host_bundle, capsys):
+    code, out, err = cli(capsys, "generate", signed[0], "-p", "one two", "-n", "3", "--trust", signed[1], "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["tokens"]) == 3
+    code, _, err = cli(capsys, "generate", host_bundle[0], "-p", "one two", "--trust", signed[1])
+    assert code == 2 and "not signed" in err
+    code, _, err = cli(capsys, "generate", signed[0], "-p", "one two", "--trust", signed[2])
+    assert code == 2 and "signed by another key" in err

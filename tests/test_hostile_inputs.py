@@ -227,3 +227,126 @@ def test_a_listener_that_is_not_ssh_is_a_clear_error(host_bundle, capsys):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --ssh pi@127.0.0.1")
     assert "Traceback" not in proc.stderr and "raise " not in proc.stderr
+
+
+# ---- issue 21, item 4: a chat template is code from the model: bounded in time, output and memory ----
+
+HOSTILE_TEMPLATES = {
+    "nested loops": "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "huge product": "{{ 'x' * 1000000000 }}",
+    "doubling with +": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+                       "{% endfor %}{{ ns.s|length }}",
+    "doubling with ~": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+                       "{% endfor %}{{ ns.s|length }}",
+    "recursive macro": "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% else %}{{ s }}{% endif %}{% endmacro %}"
+                       "{{ f('x', 40) }}",
+    "flood of output": "{% for a in range(100000) %}{{ 'y' * 100 }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
+def test_hostile_chat_template_is_refused_quickly(tiny_model, tmp_path, name):
+    """Each template would hang or take gigabytes: refused by name (exit 2) within the time bound."""
+    import shutil
+    import time
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model("llama32"), model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = HOSTILE_TEMPLATES[name]
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "generate", str(model), "--chat", "-p", "hi",
+                           "-n", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "chat template" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("what,where", [
+    ("fifo", "config.json"), ("dev-zero", "tokenizer_config.json"), ("too big", "config.json"),
+    ("folder", "chat_template.jinja"), ("dev-zero", "chat_template.jinja"), ("fifo", "--text"), ("too big", "--text"),
+])
+def test_every_file_read_is_a_bounded_regular_file(tiny_model, tmp_path, what, where):
+    """A fifo would hang the reader, /dev/zero fill memory: each is refused by name, exit 2."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model("llama32"), model)
+    target = tmp_path / "text.txt" if where == "--text" else model / where
+    if target.exists():
+        target.unlink()
+    if where == "chat_template.jinja":  # read only when tokenizer_config.json has no template
+        cfg = json.loads((model / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if what == "fifo":
+        os.mkfifo(target)
+    elif what == "dev-zero":
+        target.symlink_to("/dev/zero")
+    elif what == "folder":
+        target.mkdir()
+    else:
+        with open(target, "wb") as f:
+            f.truncate(300 << 20)  # sparse: 300 MiB, past every bound
+    args = ["eval", str(model), "--quant", "q8f16", "--text", str(target)] if where == "--text" else ["inspect", str(model)]
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-1500:])
+    assert target.name in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_huge_context_is_checked_against_memory_before_tables(tiny_qdir, tmp_path):
+    """max_position_embeddings = 2^31 - 1 in a tiny model: the ONNX compile's rotary tables would
+    need 512 GiB; refused by name before anything is allocated (it was a MemoryError, exit 70)."""
+    import shutil
+
+    qdir = tmp_path / "q"
+    shutil.copytree(tiny_qdir("llama32", "q8f16")[0], qdir)
+    cfg = json.loads((qdir / "config.json").read_text())
+    cfg["context_length"] = 2**31 - 1
+    (qdir / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "compile", str(qdir), "--target", "x86-cpu",
+                           "--backend", "onnx", "-o", str(tmp_path / "a")], capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)))
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert "max_position_embeddings" in proc.stderr and "GiB" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_memory_error_is_bad_input_not_a_bug(monkeypatch, capsys):
+    import edgeforge.bundle.doctor as doctor
+    from bundle_helpers import cli
+
+    def too_big():
+        raise MemoryError("Unable to allocate 512 GiB")
+
+    monkeypatch.setattr(doctor, "target_rows", too_big)
+    code, _, err = cli(capsys, "targets")
+    assert code == 2 and "out of memory" in err and "internal error" not in err
+
+
+_TARGET_HEAD = 'name = "mine"\nbackends = ["tvm", "onnx"]\nrun = "host"\nos = "linux"\narch = "x86_64"\n'
+
+
+@pytest.mark.parametrize("backend,tables,needle", [
+    ("tvm", '[tvm]\nhost = { kind = "llvm", mtriple = "x86_64-linux-gnu" }\ncross_compilr = "gcc"\n'
+            '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "[tvm] unknown key 'cross_compilr'"),
+    ("tvm", '[tvm]\nhost = { kind = "llvm", mtripe = "x86_64-linux-gnu" }\n'
+            '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "Unknown config option 'mtripe'"),
+    ("tvm", '[tvm]\nhost = { kind = "llvm", mtriple = "x86_64-linux-gnu", mcpu = "haswel" }\n'
+            '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "mcpu 'haswel' is not a CPU LLVM knows"),
+    ("tvm", '[tvm]\nhost = { kind = "llvm", mtriple = "x86_64-linux-gnu", mattr = ["+avx9"] }\n'
+            '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "mattr '+avx9' is not a feature"),
+    ("onnx", '[tvm]\nhost = { kind = "llvm", mtriple = "x86_64-linux-gnu" }\n'
+             '[onnx]\nexecution_provider = "CPUExecutionProvider"\naccuracy_levle = 0\n', "[onnx] unknown key 'accuracy_levle'"),
+])
+def test_target_values_tvm_or_onnx_would_ignore_are_refused(tiny_qdir, tmp_path, backend, tables, needle):
+    """LLVM only warns about an unknown CPU or feature and builds for a generic one; a misspelled
+    key was silently unused; an unknown TVM option was an internal error: each is exit 2, named."""
+    target = tmp_path / "mine.toml"
+    target.write_text(_TARGET_HEAD + tables)
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "compile", str(tiny_qdir("llama32", "q8f16")[0]),
+                           "--target", str(target), "--backend", backend, "-o", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert needle in proc.stderr and "target 'mine'" in proc.stderr and "Traceback" not in proc.stderr

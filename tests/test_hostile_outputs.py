@@ -81,17 +81,60 @@ def test_target_names_never_become_paths(tmp_path, name):
         load_target_file(t)
 
 
+_KILLED_RUN = """
+import os, signal, sys
+from pathlib import Path
+from edgeforge.fsutil import owned_temp_dir
+with owned_temp_dir(sys.argv[2], sys.argv[1]) as tmp:
+    (tmp / "half-written").write_text("x")
+    if sys.argv[3] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print(tmp.name, flush=True)
+    sys.stdin.read()  # holds the folder (and its lock) until the test closes stdin
+"""
+
+
 def test_stale_temporary_folders_of_dead_runs_are_cleaned(qdir, tmp_path, capsys):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    stale = tmp_path / f".art.tmp-{dead}-abcd"
-    stale.mkdir()
-    (stale / "half-written").write_text("x")
-    alive = tmp_path / f".other.tmp-{os.getpid()}-abcd"  # ours (alive): kept
-    alive.mkdir()
-    code, _, err = cli(capsys, "compile", qdir, "--target", "x86-cpu", "--backend", "onnx", "-o", tmp_path / "art")
-    assert code == 0, err
-    assert not stale.exists() and alive.exists()
+    """Only folders edgeforge marked (its lock file) and nobody holds are removed: not a look-alike
+    folder of a dead PID, not one whose marker is a link, not one a live run (any PID namespace:
+    the lock, not the PID, decides) still holds."""
+    run = [sys.executable, "-c", _KILLED_RUN, str(tmp_path)]
+    killed = subprocess.run([*run, ".art.tmp-1-", "kill"], capture_output=True)
+    assert killed.returncode == -9
+    (stale,) = [p for p in tmp_path.glob(".art.tmp-1-*") if p.is_dir()]
+    assert (stale / "half-written").exists() and stale.with_name(stale.name + ".lock").exists()
+    lookalike = tmp_path / ".mine.tmp-1-keep"  # a user's folder, named like ours, of a dead PID
+    lookalike.mkdir()
+    (lookalike / "precious").write_text("x")
+    linked = tmp_path / ".linked.tmp-1-keep"
+    linked.mkdir()
+    (tmp_path / "marker").write_bytes(stale.with_name(stale.name + ".lock").read_bytes())
+    linked.with_name(linked.name + ".lock").symlink_to(tmp_path / "marker")
+    holder = subprocess.Popen([*run, ".held.tmp-99999999-", "hold"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    held = tmp_path / holder.stdout.readline().strip()
+    try:
+        code, _, err = cli(capsys, "compile", qdir, "--target", "x86-cpu", "--backend", "onnx", "-o", tmp_path / "art")
+        assert code == 0, err
+        assert not stale.exists() and not stale.with_name(stale.name + ".lock").exists()
+        assert (lookalike / "precious").exists() and linked.exists() and held.exists()
+    finally:
+        holder.communicate("")
+    assert not held.exists()  # its owner removed it on the way out
+
+
+def test_config_output_is_relative_to_the_config(tiny_model, tmp_path, monkeypatch):
+    from edgeforge.bundle.config import make_plan
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    config = folder / "build.toml"
+    config.write_text(f'model = "{tiny_model("llama32")}"\nquant = "q4f32"\noutput = "out"\n'
+                      '[targets]\nx86-cpu = "onnx"\n')
+    monkeypatch.chdir(tmp_path)
+    plan = make_plan(str(config), None, (), "auto", None)
+    assert plan.output == folder / "out"
+    assert make_plan(str(config), None, (), "auto", "elsewhere").output == Path("elsewhere")  # -o wins, as given
 
 
 def _wait_for(pred, timeout=120):
@@ -128,7 +171,7 @@ def test_signal_during_archive_smoke_removes_the_extracted_bundle(host_bundle, t
     env = dict(os.environ, TMPDIR=str(tmp))
     proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "smoke", str(host_bundle[1])], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: any(p.name.startswith("edgeforge-smoke-") for p in tmp.iterdir())), \
+    assert _wait_for(lambda: any(p.name.startswith(".edgeforge-smoke.tmp-") for p in tmp.iterdir())), \
         proc.communicate(timeout=60)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -186,3 +229,53 @@ def test_a_bundle_that_fails_its_own_smoke_fails_the_build(host_bundle, tmp_path
     result = {"ok": True, "path": str(bundle), "target": "x86-cpu", "backend": "onnx"}
     _smoke_here(result)
     assert result["ok"] is False and result["smoke"] == "FAIL" and "its own smoke test" in result["error"]
+
+
+@pytest.mark.parametrize("step", ["extracting", "verifying"])
+def test_sigkilled_archive_smoke_is_cleaned_by_the_next_run(host_bundle, tmp_path, step):
+    """SIGKILL (nothing runs on the way out) while smoke extracts an archive or holds a verified
+    copy: the next smoke removes what it left in TMPDIR, and only that."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp / ".mine.tmp-1-keep").mkdir()  # looks like ours, is not: kept
+    env = dict(os.environ, TMPDIR=str(tmp))
+    want = ".edgeforge-smoke.tmp-" if step == "extracting" else ".edgeforge-verified.tmp-"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "smoke", str(host_bundle[1])], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: any(p.name.startswith(want) for p in tmp.iterdir())), proc.communicate(timeout=60)
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = {p.name for p in tmp.iterdir()} - {".mine.tmp-1-keep", ".ses"}
+    assert left, "SIGKILL should have left something to clean"
+    code = subprocess.run([sys.executable, "-m", "edgeforge.cli", "smoke", str(host_bundle[1])], env=env,
+                          capture_output=True, text=True, timeout=300).returncode
+    assert code == 0
+    assert {p.name for p in tmp.iterdir()} - {".ses"} == {".mine.tmp-1-keep"}
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+def test_sigterm_stops_jobs_workers_and_renames_nothing(tiny_model, tmp_path):
+    """build --jobs 2: SIGTERM to the build while its workers compile: exit 143, no traceback, every
+    worker gone (not left compiling), nothing in -o, no temporary folder left."""
+    dist = tmp_path / "dist"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant",
+                             "q4f32", "--target", "x86-cpu", "--backend", "all", "--jobs", "2", "--no-smoke",
+                             "--no-quality", "test", "-o", str(dist)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # both workers are compiling once the two bundles' temporary folders exist
+    assert _wait_for(lambda: dist.is_dir() and len([p for p in dist.iterdir() if "-x86-cpu-" in p.name]) >= 2), \
+        proc.communicate(timeout=60)
+    workers = _children(proc.pid)
+    assert workers
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert _wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), timeout=30), "a worker survived"
+    assert list(dist.iterdir()) == [], f"left behind: {list(dist.iterdir())}"

@@ -155,3 +155,81 @@ def test_generate_dispatches_a_bundle_to_its_engine(capsys, tiny_model, tmp_path
     code, ref_out, _ = run_cli(capsys, "generate", model, "-p", "hello there", "-n", "5", "--json")
     assert result["engine"] == "bundle" and json.loads(ref_out)["engine"] == "reference"
     assert result["prompt_ids"] == json.loads(ref_out)["prompt_ids"] and len(result["tokens"]) == 5
+
+
+# ---- issue 21, item 6: refused up front, by name, never coerced ----------------------------------
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"tie_word_embeddings": "no"}, "'tie_word_embeddings' must be true or false"),
+    ({"tie_word_embeddings": 1}, "'tie_word_embeddings' must be true or false"),
+    ({"num_key_value_heads": 2.7}, "'num_key_value_heads' must be an integer"),
+    ({"head_dim": "32"}, "'head_dim' must be an integer"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 0, "rope_theta": 1e4}}, "rope scaling factor"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": -2.0, "rope_theta": 1e4}}, "rope scaling factor"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": "2", "rope_theta": 1e4}}, "rope scaling factor"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": "1e4"}}, "'rope_theta'"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64, "rope_theta": 1e4}}, "high_freq_factor"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 6.5, "rope_theta": 1e4}}, "original_max_position_embeddings"),
+    ({"rope_parameters": "linear"}, "'rope_parameters' must be an object"),
+    ({"rope_parameters": None, "rope_scaling": ["linear"]}, "'rope_scaling' must be an object"),
+])
+def test_config_types_are_not_coerced(capsys, folder, changes, needle):
+    edit_config(folder, **changes)
+    assert_error(capsys, ["inspect", str(folder)], "config.json", needle)
+
+
+@pytest.mark.parametrize("option", [["--temperature", "nan"], ["--temperature", "inf"], ["--top-p", "nan"],
+                                    ["--temperature", "1", "--top-p", "-inf"]])
+def test_sampling_values_must_be_finite(capsys, tiny_model, option):
+    assert_error(capsys, ["generate", str(tiny_model("llama32")), "-p", "hi", *option], option[-2])
+
+
+def test_unknown_quant_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    import edgeforge.model.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *_: pytest.fail("the model was loaded"))
+    assert_error(capsys, ["build", str(tmp_path), "--quant", "q5f16", "--target", "x86-cpu", "-o", str(tmp_path / "o")],
+                 "--quant", "q5f16")
+
+
+def test_fetch_model_refuses_a_folder_that_is_no_model(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    assert_error(capsys, ["fetch-model", str(tmp_path)], str(tmp_path), "not a model")
+
+
+def _header(path):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _write_header(path, header, data):
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/etc/passwd", "sub/../../x.safetensors", ".."])
+def test_index_shards_must_stay_in_the_model_folder(capsys, folder, tmp_path, shard):
+    header, _ = _header(folder / "model.safetensors")
+    (folder / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    index = {"metadata": {}, "weight_map": {name: shard for name in header if name != "__metadata__"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_error(capsys, ["inspect", str(folder)], "model.safetensors.index.json", "not a file name in the model's folder")
+
+
+def test_overlapping_tensors_are_refused(capsys, folder):
+    """A header whose tensors share bytes (same shape: the aliasing would otherwise load silently)."""
+    path = folder / "model.safetensors"
+    header, data = _header(path)
+    same = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            same.setdefault(tuple(entry["shape"]), []).append(name)
+    a, b = next(names for names in same.values() if len(names) > 1)[:2]
+    header[b]["data_offsets"] = header[a]["data_offsets"]
+    _write_header(path, header, data)
+    for command in (["inspect", str(folder)], ["quantize", str(folder), "--quant", "q8f16", "-o", str(folder.parent / "q")]):
+        assert_error(capsys, command, "model.safetensors", "overlap")

@@ -91,3 +91,34 @@ def test_golden_memory_stays_near_the_quantized_size(tmp_path):
           f"float embedding {float_bytes / 2**20:.0f} MiB, quantized model {q_bytes / 2**20:.0f} MiB")
     assert streamed < q_bytes + 96 * 2**20 < float_bytes / 2  # the quantized size plus a working set
     assert kept > 0.9 * float_bytes  # the old behaviour, for contrast
+
+
+def test_prefill_in_chunks_is_the_same_and_bounded(tiny_qdir):
+    """Prompt processing in chunks (issue 21, item 4): the logits equal one whole step's, and the
+    largest attention score array is [heads, chunk, length], not [heads, prompt, prompt]."""
+    import numpy as np
+
+    from edgeforge.model import reference
+    from edgeforge.model.reference import ReferenceModel
+
+    _, model, _ = tiny_qdir("llama32", "q8f16")
+    ids = [(7 * i) % 300 + 3 for i in range(300)]
+    whole = ReferenceModel(model, chunk=None)
+    chunked = ReferenceModel(model, chunk=64)
+    np.testing.assert_allclose(chunked.prefill(ids), whole.prefill(ids), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(chunked.decode(5), whole.decode(5), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(chunked.forward(ids[:100]), whole.forward(ids[:100]), rtol=1e-4, atol=1e-4)
+    largest = []
+    real_softmax = reference.softmax
+
+    def spy(x):
+        largest.append(x.size)
+        return real_softmax(x)
+
+    reference.softmax = spy
+    try:
+        ReferenceModel(model, chunk=64).prefill(ids)
+    finally:
+        reference.softmax = real_softmax
+    c = model.config
+    assert max(largest) <= c.num_heads * 64 * len(ids)

@@ -154,3 +154,37 @@ def test_remote_python_cannot_become_a_second_command(host_bundle, sshd, tmp_pat
     code, _, err = cli(capsys, "smoke", host_bundle[0], "--ssh", sshd["dest"], "--port", sshd["port"],
                        "--identity", sshd["key"], "--remote-python", f"{sys.executable}; touch {marker}")
     assert code == 2 and not marker.exists()
+
+
+def _remote_folders() -> set:
+    return set(Path("/tmp").glob("edgeforge-smoke.*"))  # the device is this machine (sshd on loopback)
+
+
+def test_ssh_removes_its_upload_when_the_remote_python_is_missing(host_bundle, sshd, capsys):
+    before = _remote_folders()
+    code, _, err = cli(capsys, "smoke", host_bundle[0], "--ssh", sshd["dest"], "--port", sshd["port"],
+                       "--identity", sshd["key"], "--remote-python", "no-such-python3")
+    assert code == 2 and "not found on the device" in err
+    assert _remote_folders() == before
+
+
+def test_ssh_removes_its_upload_on_sigterm(host_bundle, sshd, tmp_path):
+    """SIGTERM while smoke.py runs on the device: exit 143 and the device's temp folder is gone."""
+    import signal
+    import subprocess
+    import time
+
+    before = _remote_folders()
+    args = ["smoke", str(host_bundle[0]), *map(str, ssh_args(sshd))]
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not (_remote_folders() - before):
+        time.sleep(0.05)
+    assert _remote_folders() - before, proc.communicate(timeout=60)
+    time.sleep(1.0)  # upload under way or smoke.py running there
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 143), err  # 0: it finished first
+    assert "Traceback" not in err
+    assert _remote_folders() == before

@@ -7,6 +7,7 @@ and nothing half-extracted is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import posixpath
@@ -80,7 +81,7 @@ def check_members(archive: Path) -> list[tarfile.TarInfo]:
         raise EdgeforgeError(f"{archive}: cannot read ({err.strerror})") from None
     total = 0
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with open(archive, "rb") as raw, _decompressed(raw) as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
             members = []
             for m in tar:
                 _check_member(archive, m)
@@ -95,11 +96,23 @@ def check_members(archive: Path) -> list[tarfile.TarInfo]:
                     data = tar.extractfile(m)
                     while data.read(CHUNK):
                         pass
+            # tar stops at its end marker; read the stream to its end too, where gzip checks the
+            # CRC and length of what it inflated (a damaged or cut trailer, or bytes after it)
+            while stream.read(CHUNK):
+                pass
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile, zlib.error) as err:
         raise EdgeforgeError(f"{archive}: unreadable or truncated archive ({type(err).__name__}: {err})") from None
     if not members:
         raise EdgeforgeError(f"{archive}: empty archive")
     return members
+
+
+def _decompressed(raw):
+    """The archive's tar stream: through gzip (which verifies CRC-32 and length at the end) when
+    the file starts with gzip's magic, else the file itself (a plain .tar)."""
+    magic = raw.read(2)
+    raw.seek(0)
+    return gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else contextlib.nullcontext(raw)
 
 
 def _check_member(archive: Path, m: tarfile.TarInfo) -> None:

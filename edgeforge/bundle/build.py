@@ -12,14 +12,13 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..errors import EdgeforgeError
-from ..fsutil import clean_stale_temps
+from ..fsutil import clean_stale_temps, owned_temp_dir
 from ..hostmem import check_memory
 from ..progress import prefixed
 from ..runtime.backends import BACKENDS
@@ -49,8 +48,9 @@ def _one(args) -> dict:
     except EdgeforgeError as err:
         return {"target": target.name, "backend": backend, "ok": False, "error": str(err)}
     except Exception as err:  # noqa: BLE001 - one broken backend must not stop the other targets
-        traceback.print_exc(file=sys.stderr)
-        return {"target": target.name, "backend": backend, "ok": False,
+        if os.environ.get("EDGEFORGE_DEBUG") == "1":  # --debug (set for worker processes too)
+            traceback.print_exc(file=sys.stderr)
+        return {"target": target.name, "backend": backend, "ok": False, "internal": True,
                 "error": f"internal error in the {backend} backend: {type(err).__name__}: {err}"}
     result = {"target": target.name, "backend": backend, "ok": True, "path": str(dest),
               "files": len(manifest["files"]), "bytes": sum(f["size"] for f in manifest["files"].values()),
@@ -69,7 +69,7 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False) -> dic
     from ..model.loader import load_model
     from ..models import resolve_model_path
     from ..quant.qdir import write_qdir
-    from .golden import make_golden
+    from .golden import make_golden, planned_arithmetic
 
     t0 = time.perf_counter()
     slug = model_slug(plan.model)
@@ -78,14 +78,16 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False) -> dic
     model = load_model(path)
     plan.output.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(plan.output)  # what a killed build left behind
-    with tempfile.TemporaryDirectory(prefix=f".edgeforge-build.tmp-{os.getpid()}-", dir=plan.output) as work:
+    with owned_temp_dir(f".edgeforge-build.tmp-{os.getpid()}-", plan.output) as work:
         qdir = Path(work) / "qdir"
         logger.info(f"[quantize] {plan.quant}")
         summary = write_qdir(model, plan.quant, qdir, embed_bits=plan.embed_bits)
         logger.info(f"[quantize] {summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
         check_memory("golden, compile and smoke", memory_needed(summary["bytes"], model.config, plan))
         logger.info(f"[golden] {len(plan.prompts)} prompts x {plan.golden_tokens} tokens on the numpy reference")
-        golden = make_golden(qdir, plan.prompts, plan.golden_tokens)
+        # once per arithmetic the bundles compute in (ONNX Runtime's x86 int8 kernels: their own)
+        golden = {a: make_golden(qdir, plan.prompts, plan.golden_tokens, arithmetic=a)
+                  for a in sorted({planned_arithmetic(t, b) for t, b in plan.jobs})}
         quality = _quality(model, qdir, plan)
         tasks = [(plan.output / bundle_name(slug, plan.quant, t.name, b), qdir, t, b, golden, make_archive, plan.sign_key,
                   quality) for t, b in plan.jobs]
@@ -119,10 +121,32 @@ def _run_tasks(tasks, jobs: int) -> list[dict]:
         return results
     logger.info(f"[compile] {len(tasks)} bundles, {jobs} at a time")
     # spawn: forking a process that has loaded TVM/ONNX Runtime threads is not safe
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_signals)
+    try:
         for result in pool.map(_one, tasks):
             results.append(_report(result))
+    except BaseException:  # SIGTERM (SystemExit), Ctrl-C, a failure: stop the workers, do not wait
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
     return results
+
+
+def _worker_signals() -> None:
+    """In each --jobs worker: SIGTERM unwinds like in the parent (cli._terminate), so a worker that
+    is stopped removes its temporary folder and never renames a half-built bundle into place."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
+def _stop_workers(pool) -> None:
+    """SIGTERM every worker, drop queued tasks and wait for them to unwind. (The executor has no
+    public way to stop running tasks; its process table is the documented-by-use way.)"""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def memory_needed(qbytes: int, config, plan) -> int:
@@ -142,10 +166,16 @@ def _smoke_here(result: dict) -> None:
     """Run the new bundle's own smoke test on this machine when it can run here (CPU targets of this
     machine's architecture, CUDA with a GPU). A FAIL makes the build fail: a bundle that cannot
     reproduce its own golden outputs is never reported as built."""
-    from .smoke_run import run_local, verify
+    from .smoke_run import verified
 
     bundle = Path(result["path"])
-    manifest = verify(bundle)
+    with verified(bundle) as (manifest, copy):
+        _smoke_copy(result, bundle, manifest, copy)
+
+
+def _smoke_copy(result: dict, bundle: Path, manifest: dict, copy: Path) -> None:
+    from .smoke_run import run_local
+
     run = manifest["target"].get("run", "host")
     try:
         from ..runtime.hostcheck import check_can_run
@@ -157,7 +187,7 @@ def _smoke_here(result: dict) -> None:
         result["smoke"] = f"not run here: {err}"
         logger.info(f"  smoke {result['target']}/{result['backend']}: not run here ({err})")
         return
-    code, out = run_local(bundle, [sys.executable], dict(os.environ), "this machine")
+    code, out = run_local(copy, [sys.executable], dict(os.environ), "this machine")
     result["smoke"] = out.get("status", "ERROR")
     result["smoke_result"] = {k: out.get(k) for k in ("max_logit_err", "tolerance", "tokens_agree", "tokens_total")}
     line = (f"  smoke {result['target']}/{result['backend']}: {result['smoke']} "

@@ -8,13 +8,16 @@ import click
 
 from ..runtime.generate import generate
 from ..runtime.sampling import Sampler
+from ..runtime.smoke import terminal_text
 
 logger = logging.getLogger(__name__)
 
 
 class Streamer:
     """Print text as tokens arrive: decode the whole answer each time and print the new suffix,
-    so multi-token characters (UTF-8 split across byte tokens) come out whole."""
+    so multi-token characters (UTF-8 split across byte tokens) and sentencepiece spaces come out
+    right. The text comes from the model's vocabulary: control characters (terminal escapes) are
+    never printed raw (terminal_text)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.shown = tokenizer, [], ""
@@ -22,10 +25,15 @@ class Streamer:
     def __call__(self, token: int) -> None:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        if text.endswith("\ufffd") or not text.startswith(self.shown):  # incomplete UTF-8: wait
             return
-        click.echo(text[len(self.shown):], nl=False)
+        click.echo(terminal_text(text[len(self.shown):]), nl=False)
         self.shown = text
+
+    def finish(self) -> None:
+        """The rest of the text (a last incomplete character) and a newline."""
+        text = self.tokenizer.decode(self.ids)
+        click.echo(terminal_text(text[len(self.shown):]) if text.startswith(self.shown) else "")
 
 
 def answer_json(engine, tokenizer, prompt: str, chat: bool, max_tokens=128, temperature=0.0, top_p=1.0, seed=0) -> dict:
@@ -42,7 +50,7 @@ def stream_answer(engine, tokenizer, prompt, max_tokens=128, temperature=0.0, to
     streamer = Streamer(tokenizer)
     result = generate(engine, ids, max_tokens, Sampler(temperature, top_p, seed),
                       stop_ids=tokenizer.eos_token_ids, on_token=streamer)
-    click.echo()
+    streamer.finish()
     logger.info(f"[{len(result.tokens)} tokens, prefill {result.prefill_tokens_per_second:.1f} tok/s, "
                 f"decode {result.decode_tokens_per_second:.1f} tok/s]")
     return result.tokens

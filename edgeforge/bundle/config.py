@@ -23,6 +23,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..errors import EdgeforgeError
+from ..runtime.bundle_errors import BundleError
+from ..runtime.files import read_text
 from ..targets import get_target
 from ..quant.quality import DEFAULT_TOKENS as QUALITY_TOKENS
 from .golden import DEFAULT_PROMPTS, DEFAULT_TOKENS
@@ -50,8 +52,8 @@ def is_config(arg: str) -> bool:
 
 def read_config(path: Path) -> dict:
     try:
-        raw = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
+        raw = tomllib.loads(read_text(path, 1 << 20, "build config"))
+    except (BundleError, tomllib.TOMLDecodeError) as err:
         raise EdgeforgeError(f"build config {path}: {err}") from None
     for key in ("model", "quant", "targets"):
         if key not in raw:
@@ -128,7 +130,8 @@ def make_plan(spec: str, quant, targets: tuple[str, ...], backend: str, output) 
         if backend != "auto":
             wanted = {t: backend for t in wanted}
         plan = BuildPlan(model=raw["model"], quant=quant or raw["quant"],
-                         output=Path(output or raw.get("output", "dist")), source=Path(spec),
+                         output=Path(output) if output else Path(spec).parent / raw.get("output", "dist"),
+                         source=Path(spec),  # a config's output, like its model path, is relative to it
                          prompts=tuple(raw.get("prompts", DEFAULT_PROMPTS)),
                          golden_tokens=int(raw.get("golden_tokens", DEFAULT_TOKENS)),
                          embed_bits=raw.get("embed_bits"))
@@ -143,6 +146,12 @@ def make_plan(spec: str, quant, targets: tuple[str, ...], backend: str, output) 
             raise EdgeforgeError("-o/--output is required when building from a model (e.g. -o dist)")
         wanted, where = {t: backend for t in targets}, "--target"
         plan = BuildPlan(model=spec, quant=quant, output=Path(output))
+    from ..quant.schemes import get_scheme
+
+    try:
+        get_scheme(plan.quant)  # before the model loads (a large one takes minutes)
+    except EdgeforgeError as err:
+        raise EdgeforgeError(f"--quant: {err}") from None
     for name, backends in wanted.items():
         plan.jobs.extend(expand(name, backends, where))
     if not plan.jobs:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..progress import progress
 from ..runtime.golden_check import GOLDEN_FORMAT, step_summary
+from ..runtime.manifest_check import FLOAT32, INT8_ACTIVATIONS, TOLERANCES, compute_path
 from ..runtime.smoke import encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -24,33 +25,40 @@ DEFAULT_PROMPTS = (
 )
 DEFAULT_TOKENS = 12
 TOP_K = 8
-# Relative to the golden logit range at each step (max - min): the reference runs in float32 on the
-# dequantized weights, backends in model_dtype.
-REL_TOL = {"float32": 1e-3, "float16": 2e-2}
-# ONNX MatMulNBits accuracy_level 4 quantizes activations to int8 per block (~5e-3 relative per
-# matmul against numpy, onnxruntime 1.32 on CPU); over the layers that measured 1-2% of the logit
-# range on tiny models.
-INT8_ACT_REL_TOL = 4e-2
-# ONNX Runtime's aarch64 int8 kernels round activations differently from its x86 ones: SmolLM2
-# q4f16 rpi5 under qemu measured 7.1e-2 and 8.2e-2 of the range (docs/notes/bundle.md, onnx.md)
-# while x86 measured 3.0e-2 to 3.5e-2, with the same greedy tokens.
-INT8_ACT_AARCH64_REL_TOL = 1.2e-1
-# WebGPU's float16 kernels (Dawn on lavapipe) measured 1.99e-2 of the range on SmolLM2 q4f16,
-# at the edge of the generic float16 bound; they accumulate in float16.
-WEBGPU_F16_REL_TOL = 4e-2
 
 
 def tolerance_for(artifact: dict, arch: str = "x86_64") -> dict:
-    """The golden tolerance for one compiled artifact on a target of `arch`: by compute dtype, wider
-    for int8 activations and for WebGPU's float16 kernels (each bound measured, see above)."""
-    dtype = (artifact.get("onnx") or {}).get("compute_dtype") or artifact.get("model_dtype", "float32")
-    rel, why = REL_TOL.get(dtype, 2e-2), f"{dtype} compute"
-    if (artifact.get("onnx") or {}).get("accuracy_level") == 4:
-        bound = INT8_ACT_AARCH64_REL_TOL if arch == "aarch64" else INT8_ACT_REL_TOL
-        rel, why = max(rel, bound), f"{dtype} compute with int8 activations (MatMulNBits accuracy_level 4) on {arch}"
-    elif artifact.get("device", "").startswith("webgpu") and dtype == "float16":
-        rel, why = max(rel, WEBGPU_F16_REL_TOL), "float16 compute in WebGPU kernels"
-    return {"rel": rel, "why": why, "basis": "golden logit range (max - min) per step"}
+    """The golden tolerance of one compiled artifact on a target of `arch`: the verifier's own bound
+    for its compute path (runtime/manifest_check.TOLERANCES, measured in docs/BUNDLES.md)."""
+    path = compute_path(artifact, arch)
+    arithmetic, rel = TOLERANCES[path]
+    return {"rel": rel, "why": f"{path} compute, golden data in {arithmetic} arithmetic",
+            "basis": "golden logit range (max - min) per step"}
+
+
+def golden_arithmetic(artifact: dict, arch: str) -> str:
+    """The arithmetic the golden data of this artifact must follow (FLOAT32 or INT8_ACTIVATIONS)."""
+    return TOLERANCES[compute_path(artifact, arch)][0]
+
+
+def planned_arithmetic(target, backend: str) -> str:
+    """golden_arithmetic of what compiling for (target, backend) will give, before it is compiled
+    (the ONNX backend's accuracy_level defaults to 4, like its compile)."""
+    onnx = {"accuracy_level": 4, **(target.onnx or {})} if backend == "onnx" else {}
+    return golden_arithmetic({"backend": backend, "onnx": onnx}, target.arch)
+
+
+def golden_of(goldens: dict, qdir: Path, artifact: dict, arch: str) -> dict:
+    """The golden data for a compiled artifact: from `goldens` ({arithmetic: golden}, or one golden),
+    computed here for the same prompts when none has the artifact's arithmetic."""
+    arithmetic = golden_arithmetic(artifact, arch)
+    if goldens.get("format") == GOLDEN_FORMAT:
+        goldens = {goldens.get("arithmetic", FLOAT32): goldens}
+    if arithmetic in goldens:
+        return goldens[arithmetic]
+    any_golden = next(iter(goldens.values()))
+    return make_golden(qdir, [p["text"] for p in any_golden["prompts"]],
+                       any_golden.get("max_tokens", DEFAULT_TOKENS), arithmetic=arithmetic)
 
 
 def greedy(engine, prompt_ids: list[int], max_tokens: int, stop_ids=(), top_k: int = TOP_K,
@@ -72,8 +80,12 @@ def greedy(engine, prompt_ids: list[int], max_tokens: int, stop_ids=(), top_k: i
     return tokens, steps
 
 
-def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_TOKENS) -> dict:
+def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_TOKENS, arithmetic: str = FLOAT32) -> dict:
     """Run the numpy reference on the QDIR for each prompt (chat template when the model has one).
+
+    arithmetic: FLOAT32, or INT8_ACTIVATIONS for artifacts whose quantized matmuls round their
+    inputs to int8 blocks (ONNX Runtime's CPU kernels at accuracy_level 4): the reference then
+    rounds the same inputs the same way, so the golden data follows the engine's arithmetic.
 
     Progress: a "[golden]" bar over every prompt's tokens (a large model's reference takes seconds
     per token) and one DEBUG record per prompt with its tokens."""
@@ -81,7 +93,7 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
     from ..model.reference import ReferenceModel
 
     model = load_model(Path(qdir))
-    engine = ReferenceModel(model)
+    engine = ReferenceModel(model, int8_inputs=_block_quantized(model) if arithmetic == INT8_ACTIVATIONS else ())
     dtype = model.source.get("model_dtype") or _model_dtype(qdir)
     chat = bool(getattr(model.tokenizer, "chat_template", None))
     encoded = [(text, encode_prompt(model.tokenizer, text, chat)) for text in prompts]
@@ -99,14 +111,25 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
             bar.advance(done + count - bar.count, repr(text))  # the last token, and those after a stop token
             logger.debug(f"golden: {text!r}: {len(ids)} prompt tokens -> {tokens}")
             out.append({"text": text, "chat": chat, "prompt_ids": ids, "tokens": tokens, "steps": steps})
-    return {"format": GOLDEN_FORMAT, "version": 1, "model_dtype": dtype, "top_k": TOP_K,
-            "tolerance": {"rel": REL_TOL.get(dtype, 2e-2), "why": f"{dtype} compute",
-                          "basis": "golden logit range (max - min) per step"},
-            "reference": "edgeforge numpy reference (float32 on the dequantized QDIR weights), teacher-forced",
+    return {"format": GOLDEN_FORMAT, "version": 1, "model_dtype": dtype, "top_k": TOP_K, "arithmetic": arithmetic,
+            "max_tokens": max_tokens,
+            "tolerance": None,  # set per bundle from its compute path (tolerance_for)
+            "reference": "edgeforge numpy reference (float32 on the dequantized QDIR weights"
+                         + (", int8-rounded inputs of the quantized matmuls" if arithmetic == INT8_ACTIVATIONS else "")
+                         + "), teacher-forced",
             "prompts": out}
+
+
+def _block_quantized(model) -> set[str]:
+    """The QDIR's block-quantized weights (q4, q4a, q8): what ONNX Runtime runs as MatMulNBits."""
+    weights = model.tensors.weights
+    return {name for name in weights.names() if weights.info(name)["format"] in ("q4", "q4a", "q8")}
 
 
 def _model_dtype(qdir: Path) -> str:
     from ..runtime.files import read_json
 
     return read_json(Path(qdir) / "quantization.json").get("model_dtype", "float32")
+
+
+WEBGPU_F16_REL_TOL = TOLERANCES["webgpu-float16"][1]  # tests/test_onnx_smollm2.py compares CPU and GPU with it

@@ -30,8 +30,10 @@ SMOKE_HEAD = '''\
 
 Needs only what requirements.txt lists (and the `cryptography` package for --trust). Exit codes:
 0 PASS, 1 FAIL, 2 unusable bundle or machine. Every file is checked against manifest.json (and the
-signature against the trusted key) by the code in this file, before anything is imported from the
-bundle's runtime/ folder.
+signature against the trusted key) by the code in this file and copied, as hashed, into a private
+temporary folder that everything then runs from. This file ships inside the bundle: someone who can
+rewrite the bundle can rewrite it too. Check a bundle you did not make with a verifier from outside
+it first: `edgeforge verify BUNDLE --trust KEY.pem`, or openssl and sha256sum (docs/BUNDLES.md).
 """
 import os
 import sys
@@ -53,21 +55,21 @@ SMOKE_TAIL = '''
 def _verify_then_run():
     import json as _json
 
-    args = sys.argv[1:]
-    trust = args[args.index("--trust") + 1] if "--trust" in args[:-1] else None
+    args = smoke_arguments(sys.argv[1:], HERE)  # strict: exit 2 on any option it does not know
     try:
-        manifest = verify_bundle(Path(HERE), trust)
+        # the runtime below is imported from a private copy of the very bytes verified here
+        manifest, copy = verified_copy(Path(args.bundle), args.trust)
     except BundleError as err:
-        if "--json" in args:
+        if args.json:
             print(_json.dumps({"status": "ERROR", "error": str(err)}, indent=1))
         else:
             print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"checksums ok: {len(manifest['files'])} files" + (", signature ok" if trust else ""), file=sys.stderr)
-    sys.path.insert(0, os.path.join(HERE, "runtime"))
+    print(f"checksums ok: {len(manifest['files'])} files" + (", signature ok" if args.trust else ""), file=sys.stderr)
+    sys.path.insert(0, os.path.join(str(copy), "runtime"))
     from edgeforge_runtime.smoke import main
 
-    return main(bundle=HERE, verified=manifest)
+    return main(args=args, bundle=copy, verified=manifest)
 
 
 if __name__ == "__main__":

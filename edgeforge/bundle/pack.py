@@ -15,7 +15,7 @@ from ..fsutil import atomic_output_dir, is_json_of_format
 from ..runtime.loader import read_artifact
 from ..runtime.manifest_check import sign_bundle
 from . import device_install, layout, readme
-from .golden import tolerance_for
+from .golden import golden_of, tolerance_for
 from .manifest import manifest_data, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -32,8 +32,9 @@ def is_bundle(path: Path) -> bool:
 
 def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, sign_key: Path | None = None,
                 quality: dict | None = None) -> dict:
-    """Build the bundle at `dest` for (target, backend); returns its manifest. `quality`: quality.json's
-    content (edgeforge.quant.quality), summarized in the manifest too."""
+    """Build the bundle at `dest` for (target, backend); returns its manifest. `golden`: one golden
+    data set or {arithmetic: golden} (the one in the artifact's arithmetic is used; golden.golden_of).
+    `quality`: quality.json's content (edgeforge.quant.quality), summarized in the manifest too."""
     dest = Path(dest)
     with atomic_output_dir(dest, is_bundle, "bundle") as tmp:
         compile_qdir(qdir, str(target.path) if target.path else target.name, backend, tmp / "artifact")
@@ -42,7 +43,7 @@ def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, sign
         if has_weights:
             layout.copy_weights(qdir, tmp)
         layout.copy_tokenizer(qdir, tmp)
-        golden = dict(golden, tolerance=tolerance_for(artifact, target.arch))
+        golden = dict(golden_of(golden, qdir, artifact, target.arch), tolerance=tolerance_for(artifact, target.arch))
         (tmp / "golden.json").write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
         layout.copy_runtime(tmp)
         bundled = layout.copy_backend_runtime(artifact, tmp)

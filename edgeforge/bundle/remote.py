@@ -107,6 +107,31 @@ def _exec(client, command: str, timeout: float | None = None) -> tuple[int, str,
     return stdout.channel.recv_exit_status(), out, err
 
 
+def _upload_and_run(client, dest: str, bundle: Path, remote: str, python: str,
+                    smoke_args: tuple[str, ...]) -> tuple[int, str, str]:
+    sftp = client.open_sftp()
+    try:
+        sftp.mkdir(remote)
+        n = _upload(sftp, bundle, remote)
+    finally:
+        sftp.close()
+    logger.info(f"copied {n} files to {dest}:{remote}")
+    cmd = " ".join([f"cd {shlex.quote(remote)} && {remote_command(python)} smoke.py --json", *map(shlex.quote, smoke_args)])
+    code, out, err = _exec(client, cmd)
+    if code == 127:
+        raise EdgeforgeError(f"--ssh {dest}: '{python}' not found on the device ({err.strip()})")
+    return code, out, err
+
+
+def _remove_remote(client, dest: str, folder: str) -> None:
+    """Remove the device's temp folder; a broken connection is reported, never raised over the
+    error that is already on its way out."""
+    try:
+        _exec(client, f"rm -rf {shlex.quote(folder)}", timeout=60)
+    except Exception as err:  # noqa: BLE001 - cleanup must not mask the real outcome
+        logger.warning(f"--ssh {dest}: could not remove {folder} on the device ({type(err).__name__}: {err})")
+
+
 def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None = None,
                    python: str = "python3", known_hosts: str | None = None,
                    keep: bool = False, smoke_args: tuple[str, ...] = ()) -> tuple[int, str, str]:
@@ -119,19 +144,12 @@ def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None
         code, out, err = _exec(client, "mktemp -d /tmp/edgeforge-smoke.XXXXXX")
         if code != 0 or not out.strip():
             raise EdgeforgeError(f"--ssh {dest}: cannot make a temp folder on the device: {err.strip()}")
-        remote = posixpath.join(out.strip(), Path(bundle).name)
-        sftp = client.open_sftp()
-        sftp.mkdir(remote)
-        n = _upload(sftp, Path(bundle), remote)
-        sftp.close()
-        logger.info(f"copied {n} files to {dest}:{remote}")
-        cmd = " ".join([f"cd {shlex.quote(remote)} && {remote_command(python)} smoke.py --json",
-                        *map(shlex.quote, smoke_args)])
-        code, out, err = _exec(client, cmd)
-        if code == 127:
-            raise EdgeforgeError(f"--ssh {dest}: '{python}' not found on the device ({err.strip()})")
-        if not keep:
-            _exec(client, f"rm -rf {shlex.quote(posixpath.dirname(remote))}")
-        return code, out, err
+        folder = out.strip()
+        try:
+            return _upload_and_run(client, dest, Path(bundle), posixpath.join(folder, Path(bundle).name), python,
+                                   smoke_args)
+        finally:  # every exit: success, FAIL, an upload error, a missing Python, Ctrl-C, SIGTERM
+            if not keep:
+                _remove_remote(client, dest, folder)
     finally:
         client.close()

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from .. import toolchains
 from ..errors import EdgeforgeError
 from ..runtime.bundle_errors import BundleError
 from ..runtime.hostcheck import check_can_run
-from ..runtime.manifest_check import verify_bundle
+from ..runtime.manifest_check import clean_stale_temps, owned_temp_dir, verified_copy
 from . import archive
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ def opened_bundle(spec: Path):
     """A bundle folder for `spec` (a folder, or an archive extracted into a temp folder)."""
     spec = Path(spec)
     if archive.is_archive(spec):
-        with tempfile.TemporaryDirectory(prefix="edgeforge-smoke-") as tmp:
+        parent = tempfile.gettempdir()
+        clean_stale_temps(Path(parent))  # extractions of runs killed with SIGKILL
+        with owned_temp_dir(f".edgeforge-smoke.tmp-{os.getpid()}-", parent) as tmp:
             yield archive.extract(spec, Path(tmp))
         return
     if not spec.is_dir():
@@ -41,11 +44,18 @@ def opened_bundle(spec: Path):
     yield spec
 
 
-def verify(bundle: Path, trust=None) -> dict:
+@contextlib.contextmanager
+def verified(bundle: Path, trust=None):
+    """(manifest, private verified copy of the bundle), the copy removed afterwards: what smoke runs
+    is what was checked, whatever happens to the bundle meanwhile."""
     try:
-        return verify_bundle(bundle, trust)
+        manifest, copy = verified_copy(bundle, trust)
     except BundleError as err:
         raise EdgeforgeError(str(err)) from None
+    try:
+        yield manifest, copy
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
@@ -112,8 +122,8 @@ def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int =
           remote_python: str = "python3", known_hosts: str | None = None,
           prompts: int | None = None, trust=None) -> tuple[int, dict]:
     smoke_args = ("--prompts", str(prompts)) if prompts else ()
-    with opened_bundle(spec) as bundle:
-        manifest = verify(bundle, trust)  # edgeforge's own code, before any of the bundle's runs
+    with opened_bundle(spec) as opened, verified(opened, trust) as (manifest, bundle):
+        # verified by edgeforge's own code, before any of the bundle's runs
         logger.info(f"checksums ok: {len(manifest['files'])} files" + (", signature ok" if trust else ""))
         if ssh:
             from .remote import smoke_over_ssh

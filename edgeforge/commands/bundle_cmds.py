@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import click
 
-from ..errors import CheckFailed, EdgeforgeError
+from ..errors import CheckFailed, EdgeforgeError, InternalError
 from ..quant.schemes import SCHEMES
 from ..runtime.backends import backend_names
 
@@ -38,6 +39,23 @@ def prompt_text(_ctx, param, value):
     if not value.strip():
         raise click.BadParameter("is empty", param=param)
     return value
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that refuses nan and inf (click's lets nan through every bound, and an infinite
+    temperature is no sampling setting): --temperature, --top-p."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return value
+
+
+TEMPERATURE = FiniteFloatRange(0, None)
+TOP_P = FiniteFloatRange(0, 1, min_open=True)
 
 
 # ---- build ---------------------------------------------------------------------------------------
@@ -102,8 +120,10 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json, n
         click.echo(f"built {len(summary['bundles']) - len(failed)}/{len(summary['bundles'])} bundles "
                    f"in {summary['seconds']} s -> {plan.output}")
     if failed:
-        raise EdgeforgeError(f"{len(failed)} bundle(s) failed: " + "; ".join(
-            f"{b['target']}/{b['backend']}: {b['error']}" for b in failed))
+        error = InternalError if any(b.get("internal") for b in failed) else EdgeforgeError  # 70: a bug
+        raise error(f"{len(failed)} bundle(s) failed: " + "; ".join(
+            f"{b['target']}/{b['backend']}: {b['error']}" for b in failed)
+            + (" (a bug in edgeforge: rerun with --debug for the traceback and report it)" if error is InternalError else ""))
 
 
 def _check_signing_key(path: Path) -> None:
@@ -121,6 +141,43 @@ TRUST_OPTION = click.option(
     "--trust", type=click.Path(path_type=Path), default=None, metavar="PUBKEY.pem",
     help="Refuse the bundle unless manifest.sig is a valid signature by this ed25519 public key "
          "(checked before anything else). Checksums alone prove integrity, not who made the bundle.")
+
+
+# ---- verify --------------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--trust", type=click.Path(path_type=Path), default=None, metavar="PUBKEY.pem",
+              help="Also require manifest.sig to be a valid signature by this ed25519 public key.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def verify(bundle, trust, as_json):
+    """Verify a bundle with this installed edgeforge, running none of the bundle's own code.
+
+    Checks, in order: the signature of manifest.json (with --trust), manifest.json's self hash and
+    canonical form, every file's type, size and sha256, no unlisted file, and the smoke tolerance
+    golden.json claims against what its compute path allows. BUNDLE is a folder or a .tar.gz.
+    Exit codes: 0 verified, 2 refused (the message names the file).
+
+    \b
+    Examples:
+      edgeforge verify dist/smollm2-135m-q4f16-rpi5-onnx --trust release.pub.pem
+      edgeforge verify dist/smollm2-135m-q4f16-rpi5-onnx.tar.gz --json
+    """
+    import hashlib
+
+    from ..bundle.smoke_run import opened_bundle, verified
+    from ..runtime.manifest_check import load_public_key, raw_public_key
+
+    with opened_bundle(bundle) as opened, verified(opened, trust) as (manifest, _copy):
+        out = {"bundle": str(bundle), "status": "OK", "files": len(manifest["files"]),
+               "manifest_sha256": manifest.get("manifest_sha256"), "signed_by": None}
+    if trust is not None:
+        out["signed_by"] = hashlib.sha256(raw_public_key(load_public_key(trust))).hexdigest()[:16]
+    if as_json:
+        _echo_json(out)
+        return
+    signed = f", signature by {out['signed_by']} ok" if trust else " (signature not checked: no --trust)"
+    click.echo(f"OK {bundle}: {out['files']} files, checksums ok{signed}")
 
 
 # ---- smoke ---------------------------------------------------------------------------------------
@@ -170,11 +227,16 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
 
 # ---- run / generate ------------------------------------------------------------------------------
 
-def open_verified(bundle: Path, max_length: int | None = None, trust: Path | None = None):
-    """(manifest, engine, tokenizer) of a verified bundle folder; max_length sizes the KV cache."""
+def open_verified(bundle: Path, max_length: int | None = None, trust: Path | None = None, device: str | None = None):
+    """(manifest, engine, tokenizer) of a verified bundle folder; max_length sizes the KV cache.
+
+    The one way a bundle is opened for use (run, bench, generate; serve builds on it). The installed
+    edgeforge verifies it (the signature first with `trust`), copying every file as it is hashed into
+    a private temporary folder (manifest_check.verified_copy), and everything loads from that copy:
+    a bundle changed after the check, or while it runs, cannot swap what was verified."""
     from ..runtime.bundle_errors import BundleError
     from ..runtime.hostcheck import check_can_run
-    from ..runtime.manifest_check import verify_bundle
+    from ..runtime.manifest_check import verified_copy
     from ..runtime.smoke import open_bundle_engine
     from ..runtime.tokenizer import Tokenizer, TokenizerError
 
@@ -182,10 +244,10 @@ def open_verified(bundle: Path, max_length: int | None = None, trust: Path | Non
     if not bundle.is_dir():
         raise EdgeforgeError(f"{bundle}: no such bundle folder")
     try:
-        manifest = verify_bundle(bundle, trust)
+        manifest, copy = verified_copy(bundle, trust)
         check_can_run(manifest)
-        tokenizer = Tokenizer.load(bundle / "tokenizer")
-        engine = open_bundle_engine(bundle, manifest, max_length=max_length)
+        tokenizer = Tokenizer.load(copy / "tokenizer")
+        engine = open_bundle_engine(copy, manifest, device=device, max_length=max_length)
     except (BundleError, TokenizerError) as err:
         raise EdgeforgeError(str(err)) from None
     return manifest, engine, tokenizer
@@ -197,8 +259,8 @@ def open_verified(bundle: Path, max_length: int | None = None, trust: Path | Non
               help="Prompt text; without it (and a terminal) an interactive chat starts.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--max-tokens", "-n", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0, None), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--temperature", type=TEMPERATURE, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=TOP_P, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ctx", type=click.IntRange(2), default=None,
               help="Most tokens a conversation may hold (prompt + answers); default the model's context length. "

@@ -5,12 +5,12 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
 
 from ..errors import EdgeforgeError
+from .bundle_cmds import TEMPERATURE, TOP_P
 
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def resolve(spec: str) -> Path:
 
 
 # ---- engines -------------------------------------------------------------------------------------
-def open_engine_for(path: Path, device: str | None = None):
+def open_engine_for(path: Path, device: str | None = None, trust: Path | None = None):
     """(engine, tokenizer, info) for a model path: the one place that decides what runs a MODEL.
 
     HF folders, GGUF files and QDIRs run on the numpy reference; a BUNDLE (folder with
@@ -33,7 +33,9 @@ def open_engine_for(path: Path, device: str | None = None):
     """
     path = Path(path)
     if path.is_dir() and (path / "manifest.json").exists():
-        return open_bundle(path, device)
+        return open_bundle(path, device, trust)
+    if trust is not None:
+        raise EdgeforgeError(f"--trust: {path} is not a bundle (only bundles are signed)")
     if device not in (None, "cpu"):
         raise EdgeforgeError(f"--device {device}: a model runs on the numpy reference (cpu); build a bundle for {device}")
     from ..model.loader import load_model
@@ -44,23 +46,11 @@ def open_engine_for(path: Path, device: str | None = None):
     return ReferenceModel(model), model.tokenizer, info
 
 
-def open_bundle(bundle: Path, device: str | None = None):
-    """A bundle's engine and tokenizer, opened the way its smoke test opens them."""
-    from ..runtime.bundle_errors import BundleError
-    from ..runtime.hostcheck import check_can_run
-    from ..runtime.manifest_check import verify_bundle
-    from ..runtime.smoke import open_bundle_engine
-    from ..runtime.tokenizer import Tokenizer, TokenizerError
+def open_bundle(bundle: Path, device: str | None = None, trust: Path | None = None):
+    """A bundle's engine and tokenizer, opened by the one opening path (bundle_cmds.open_verified)."""
+    from .bundle_cmds import open_verified
 
-    try:
-        manifest = verify_bundle(bundle)  # checksums before any native code loads (bundle helper)
-        check_can_run(manifest)
-        engine = open_bundle_engine(bundle, manifest, device)
-        tokenizer = Tokenizer.load(bundle / "tokenizer")
-    except (OSError, ValueError) as err:
-        raise EdgeforgeError(f"{bundle / 'manifest.json'}: unreadable ({err})") from None
-    except (BundleError, TokenizerError) as err:
-        raise EdgeforgeError(str(err)) from None
+    manifest, engine, tokenizer = open_verified(bundle, trust=trust, device=device)
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
     info = {"engine": "bundle", "format": "bundle", "model_id": model.get("id")}
     return engine, tokenizer, info
@@ -78,9 +68,11 @@ def fetch_model(name, as_json):
       edgeforge fetch-model smollm2-135m
       edgeforge fetch-model HuggingFaceTB/SmolLM2-135M-Instruct --json
     """
+    from ..model.loader import load_model
     from ..models import fetch_model as fetch
 
     path = fetch(name)
+    load_model(path)  # a folder (local or fetched) that is no model is refused by name, not printed
     if as_json:
         click.echo(json.dumps({"name": name, "path": str(path)}))
     else:
@@ -158,6 +150,7 @@ def inspect(model, as_json):
       edgeforge inspect dist/smollm2-135m-q4f16-rpi5-tvm
     """
     from ..model.loader import load_model
+    from ..runtime.smoke import printable
 
     if (Path(model) / "manifest.json").is_file():
         _inspect_bundle(Path(model), as_json)
@@ -182,7 +175,7 @@ def inspect(model, as_json):
         f"tokenizer:    {t['kind']}, bos {t['bos_token_id']} (added: {t['add_bos_token']}), eos {t['eos_token_ids']}, "
         f"chat template: {'yes' if t['chat_template'] else 'no'}",
     ]
-    click.echo("\n".join(lines))
+    click.echo("\n".join(printable(line, 2000) for line in lines))  # model metadata: no terminal escapes
 
 
 def _inspect_bundle(bundle: Path, as_json: bool) -> None:
@@ -228,14 +221,16 @@ def _bundle_lines(manifest: dict, quality: dict | None) -> list[str]:
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--max-tokens", "-n", default=64, show_default=True, type=click.IntRange(1, 1 << 20))
-@click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(0, None),
+@click.option("--temperature", "-t", default=0.0, show_default=True, type=TEMPERATURE,
               help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-p", default=1.0, show_default=True, type=TOP_P)
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed (temperature > 0).")
 @click.option("--device", default=None, help="Device for a bundle's engine (bundles only).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: prompt_tokens, prompt_ids, tokens, text, timings, device.")
-def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, device, as_json):
+@click.option("--trust", type=click.Path(path_type=Path), default=None, metavar="PUBKEY.pem",
+              help="BUNDLE only: refuse it unless manifest.sig is a valid signature by this ed25519 public key.")
+def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, device, as_json, trust):
     """Generate text with the numpy reference (MODEL, QDIR) or a bundle's engine (BUNDLE).
 
     Streams the text to stdout as it is generated; --json prints one object at the end.
@@ -244,12 +239,14 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
     Example:
       edgeforge generate smollm2-135m --chat --prompt "What is the capital of France?"
       edgeforge generate ./qdir-q4f16 -p "Once upon a time" -n 32 -t 0.8 --top-p 0.95 --seed 1 --json
+      edgeforge generate dist/smollm2-135m-q4f16-x86-cpu-onnx -p "Hello" --trust release.pub.pem
     """
+    from ..bundle.chat import Streamer
     from ..runtime.generate import generate as run
     from ..runtime.sampling import Sampler
     from ..runtime.tokenizer import TokenizerError
 
-    engine, tok, info = open_engine_for(resolve(model), device)
+    engine, tok, info = open_engine_for(resolve(model), device, trust)
     try:
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -258,7 +255,7 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
             ids = tok.encode(prompt)
     except TokenizerError as err:
         raise EdgeforgeError(f"{model}: {err}") from None
-    stream = None if as_json else _Streamer(tok)
+    stream = None if as_json else Streamer(tok)
     result = run(engine, ids, max_tokens, Sampler(temperature, top_p, seed), stop_ids=tok.eos_token_ids,
                  on_token=stream)
     text = tok.decode(result.tokens)
@@ -278,27 +275,3 @@ def _prompt_text(ctx, param, value):
     from .bundle_cmds import prompt_text
 
     return prompt_text(ctx, param, value)
-
-
-class _Streamer:
-    """Print text as tokens arrive. Decoding the whole sequence each time keeps multi-byte
-    characters and sentencepiece spaces right; a trailing U+FFFD is an incomplete character: wait."""
-
-    def __init__(self, tok):
-        self.tok, self.ids, self.shown = tok, [], ""
-
-    def __call__(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
-            return
-        sys.stdout.write(text[len(self.shown):])
-        sys.stdout.flush()
-        self.shown = text
-
-    def finish(self) -> None:
-        text = self.tok.decode(self.ids)
-        if text.startswith(self.shown):
-            sys.stdout.write(text[len(self.shown):])
-        sys.stdout.write("\n")
-        sys.stdout.flush()

@@ -95,10 +95,13 @@ def eval_cmd(model, schemes, text_file, max_tokens, embed_bits, others, as_json)
 
 
 def _read_text(path: str) -> str:
+    from ..runtime.bundle_errors import BundleError
+    from ..runtime.files import read_text
+
+    if not Path(path).exists():
+        raise EdgeforgeError(f"--text {path}: no such file")
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EdgeforgeError(f"--text {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise EdgeforgeError(f"--text {path}: cannot read as UTF-8 text ({err})") from None
+        return read_text(path, what="text")  # bounded, a regular file (not a fifo or /dev/zero)
+    except BundleError as err:
+        raise EdgeforgeError(f"--text {err}") from None
 

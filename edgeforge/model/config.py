@@ -8,6 +8,7 @@ names, llama3 rope stored as per-frequency factors) are handled here once.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
@@ -131,6 +132,8 @@ class LlamaConfig:
             raise EdgeforgeError(f"{source}: unsupported rope scaling {s.get('type')!r}")
         if s is not None and s["type"] == "factors" and len(s["factors"]) != self.head_dim // 2:
             raise EdgeforgeError(f"{source}: rope factors must have head_dim/2 = {self.head_dim // 2} entries")
+        if s is not None:
+            _check_rope_scaling(s, source)
 
     # ---- sources --------------------------------------------------------------------------------
     @classmethod
@@ -145,12 +148,12 @@ class LlamaConfig:
             hidden_size=hidden,
             num_layers=_int(hf, "num_hidden_layers", source),
             num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
+            num_kv_heads=_int(hf, "num_key_value_heads", source, heads),
+            head_dim=_int(hf, "head_dim", source, hidden // heads if heads > 0 else 0),
             intermediate_size=_int(hf, "intermediate_size", source),
             rms_norm_eps=_float(hf, "rms_norm_eps", source, 1e-6),
             rope_theta=0.0,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_bool(hf, "tie_word_embeddings", source, False),
             context_length=_int(hf, "max_position_embeddings", source, 2048),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=[] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])],
@@ -218,6 +221,41 @@ def _float(d: dict, key: str, source: str, default: float) -> float:
     return float(value)
 
 
+def _bool(d: dict, key: str, source: str, default: bool) -> bool:
+    """A JSON true/false: "no", 0 or 1 are a broken config, not something to guess the truth of."""
+    value = d.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise EdgeforgeError(f"{source}: '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _number(value, what: str, source: str, positive: bool = True) -> float:
+    """A finite JSON number (not a string, not a bool), > 0 when `positive`; else an error naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        raise EdgeforgeError(f"{source}: {what} must be a {'positive ' if positive else ''}finite number, got {value!r}")
+    return float(value)
+
+
+def _check_rope_scaling(s: dict, source: str) -> None:
+    """Scaling parameters that would divide by zero, flip or NaN every rotary frequency: refused."""
+    if s["type"] in ("linear", "llama3"):
+        _number(s.get("factor"), "rope scaling factor", source)
+    if s["type"] == "llama3":
+        low = _number(s.get("low_freq_factor"), "rope low_freq_factor", source)
+        high = _number(s.get("high_freq_factor"), "rope high_freq_factor", source)
+        if high <= low:
+            raise EdgeforgeError(f"{source}: rope high_freq_factor ({high:g}) must be larger than low_freq_factor ({low:g})")
+        old = s.get("original_max_position_embeddings")
+        if isinstance(old, (bool, np.bool_)) or not isinstance(old, numbers.Integral) or old < 1:
+            raise EdgeforgeError(f"{source}: rope original_max_position_embeddings must be a positive integer, got {old!r}")
+    if s["type"] == "factors":
+        for f in s["factors"]:
+            _number(f, "every rope factor", source)
+
+
 def _int(d: dict, key: str, source: str, default=_REQUIRED) -> int:
     """An integer field: missing -> `default` (or an error); present but not an integer -> an error
     naming the key (a float or string count is a broken config, not something to round)."""
@@ -254,27 +292,32 @@ def _check_hf_architecture(hf: dict, source: str) -> None:
 def _hf_rope(hf: dict, source: str) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from transformers 5 `rope_parameters` or 4.x `rope_theta`+`rope_scaling`."""
     params = hf.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise EdgeforgeError(f"{source}: 'rope_parameters' must be an object, got {params!r}")
     if isinstance(params, dict):
         theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = params
     else:
         theta = hf.get("rope_theta", 10000.0)
         scaling = hf.get("rope_scaling")
+    theta = _number(theta, "'rope_theta'", source)
     if not scaling:
-        return float(theta), None
+        return theta, None
+    if not isinstance(scaling, dict):
+        raise EdgeforgeError(f"{source}: 'rope_scaling' must be an object, got {scaling!r}")
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     try:
         if kind == "default":
-            return float(theta), None
+            return theta, None
         if kind == "linear":
-            return float(theta), {"type": "linear", "factor": float(scaling["factor"])}
+            return theta, {"type": "linear", "factor": _number(scaling["factor"], "rope scaling factor", source)}
         if kind == "llama3":
-            return float(theta), {
+            return theta, {  # checked as they are (no coercion of strings); validate() checks them again
                 "type": "llama3",
-                "factor": float(scaling["factor"]),
-                "low_freq_factor": float(scaling["low_freq_factor"]),
-                "high_freq_factor": float(scaling["high_freq_factor"]),
-                "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+                "factor": _number(scaling["factor"], "rope scaling factor", source),
+                "low_freq_factor": _number(scaling["low_freq_factor"], "rope low_freq_factor", source),
+                "high_freq_factor": _number(scaling["high_freq_factor"], "rope high_freq_factor", source),
+                "original_max_position_embeddings": _int(scaling, "original_max_position_embeddings", source),
             }
     except KeyError as err:
         raise EdgeforgeError(f"{source}: rope scaling '{kind}' is missing {err.args[0]}") from None

@@ -9,7 +9,9 @@ import numpy as np
 
 from ..errors import EdgeforgeError
 from ..runtime.safetensors import SafetensorsError, SafetensorsFolder
-from ..runtime.files import read_json
+from ..runtime.files import read_json, read_text
+
+MAX_TEMPLATE_BYTES = 1 << 20  # a chat template; real ones are a few KB
 from ..runtime.tokenizer import Tokenizer, TokenizerError, load_tokenizer_json
 from .config import LlamaConfig
 from .types import LoadedModel, TensorSource, check_shapes, files_sha256
@@ -123,7 +125,7 @@ def load_hf_tokenizer(folder: Path, config: LlamaConfig) -> Tokenizer:
         eos = [cfg_eos]
     template = tcfg.get("chat_template")
     if template is None and (folder / "chat_template.jinja").exists():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        template = read_text(folder / "chat_template.jinja", MAX_TEMPLATE_BYTES, "chat template")
     if isinstance(template, list):  # several named templates: use the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return Tokenizer(tok, bos, eos, bool(add_bos), template)

@@ -18,6 +18,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import EdgeforgeError
+from ..runtime.manifest_check import read_regular
 
 # GGUF / sentencepiece piece types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -72,7 +73,7 @@ def read_sentencepiece_model(path: Path) -> dict:
     """Parse a sentencepiece ModelProto (tokenizer.model) without protobuf: pieces with score and
     type, the model type and add_dummy_prefix. Only the few fields we need are decoded."""
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(Path(path), 256 << 20, "sentencepiece model", follow_links=True)
         fields = _proto_fields(data)
         pieces = []
         for f, v in fields:

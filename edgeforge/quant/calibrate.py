@@ -75,7 +75,7 @@ def collect_importance(model, max_tokens: int = CALIBRATION_TOKENS) -> tuple[dic
     squares = _MeanSquares()
     t0 = time.perf_counter()
     # cache_bytes=0: the float model is streamed (quantization's memory stays ~one tensor)
-    ref = ReferenceModel(model, observe=squares.add, cache_bytes=0)
+    ref = ReferenceModel(model, observe=squares.add, cache_bytes=0, chunk=None)  # chunked below, by CHUNK
     ref.reset()
     with progress(len(ids), "[calibrate]", unit="tokens", logger=logger) as bar:
         for start in range(0, len(ids), CHUNK):
@@ -169,7 +169,7 @@ def solve_gptq(model, formats: dict, store: GptqStore, max_tokens: int = GPTQ_TO
             bar.advance(1, name)
 
         # One prefill over every token: each observe() sees a matrix's whole input at once.
-        ref = ReferenceModel(model, observe=observe, cache_bytes=0)
+        ref = ReferenceModel(model, observe=observe, cache_bytes=0, chunk=None)
         ref.reset()
         ref.prefill(ids)
     logger.info(f"[gptq] {len(store.index)} matrices from {len(ids)} tokens in {time.perf_counter() - t0:.1f} s")

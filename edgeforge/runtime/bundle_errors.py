@@ -26,3 +26,10 @@ class SmokeFailed(Failure):
     """The bundle ran and its outputs disagree with the golden data: exit 1."""
 
     exit_code = 1
+
+
+class InternalError(Failure):
+    """A bug in edgeforge (not the input's fault): exit 70 (EX_SOFTWARE), so callers and tests can
+    tell it from bad input (2). The CLI maps every unexpected exception to it."""
+
+    exit_code = 70

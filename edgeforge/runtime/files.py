@@ -7,7 +7,20 @@ import os
 from pathlib import Path
 
 from .bundle_errors import BundleError
-from .manifest_check import sha256_file  # noqa: F401 - one implementation, re-exported
+from .manifest_check import read_regular, sha256_file  # noqa: F401 - one implementation, re-exported
+
+MAX_JSON_BYTES = 64 << 20  # configs, indexes, golden data: far below; a 50k-entry index is ~5 MB
+MAX_TEXT_BYTES = 256 << 20  # texts to score, chat templates, TOML
+
+
+def read_text(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES, what: str = "text file") -> str:
+    """A UTF-8 file read whole, bounded (read_regular: a regular file, links followed, at most
+    `limit` bytes); BundleError naming the file otherwise."""
+    data = read_regular(Path(path), limit, what, follow_links=True)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BundleError(f"{path}: not UTF-8 text ({err})") from None
 
 
 def read_json(path: str | os.PathLike, fmt: str | None = None, version: int | None = None) -> dict:
@@ -15,11 +28,7 @@ def read_json(path: str | os.PathLike, fmt: str | None = None, version: int | No
     unreadable, not UTF-8, not JSON, not an object, or not of edgeforge format `fmt` [`version`])."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing") from None
-    except OSError as err:
-        raise BundleError(f"{path}: cannot read ({err.strerror})") from None
+        data = json.loads(read_text(path, MAX_JSON_BYTES, "JSON file"))
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise BundleError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):

@@ -14,10 +14,17 @@ What it proves (docs/BUNDLES.md, "Integrity and authenticity"):
 No file may be added: bytecode caches (__pycache__) included, since Python would load them.
 """
 
-import base64
+import argparse
+import atexit
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 try:
@@ -29,12 +36,15 @@ except ImportError:  # inlined into a bundle's smoke.py
 
 
 MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
+SIGNATURE = "manifest.sig"  # the raw 64-byte ed25519 signature of manifest.json (openssl pkeyutl -rawin)
+CHECKSUMS = "SHA256SUMS"  # `sha256sum -c` format: every file but the three named here (docs/BUNDLES.md)
 FORMAT = "edgeforge-bundle"
-SIGNATURE_FORMAT = "edgeforge-signature"
 VERSION = 1
 SELF_KEY = "manifest_sha256"
 UNLISTED = {MANIFEST, SIGNATURE}  # the manifest cannot list itself, nor the signature over it
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest lists files; even a 100-shard model's is < 1 MB
+MAX_KEY_BYTES = 64 << 10
+VERIFIED_PREFIX = ".edgeforge-verified.tmp-"  # verified_copy's private folders (owned_temp_dir names)
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -72,6 +82,7 @@ def file_table(root: Path) -> dict:
 def write_manifest(root: Path, data: dict) -> dict:
     """Add format, the file table and the self hash to `data`; write root/manifest.json."""
     root = Path(root)
+    write_checksums(root)
     body = {k: v for k, v in data.items() if k != SELF_KEY}
     body.update(format=FORMAT, version=VERSION, files=file_table(root))
     body[SELF_KEY] = hashlib.sha256(canonical_bytes({k: v for k, v in body.items() if k != SELF_KEY})).hexdigest()
@@ -79,12 +90,45 @@ def write_manifest(root: Path, data: dict) -> dict:
     return body
 
 
-def read_manifest(root: Path) -> dict:
-    """Parse manifest.json and check its self hash; BundleError naming manifest.json otherwise."""
+def write_checksums(root: Path) -> None:
+    """SHA256SUMS: what `sha256sum --strict -c SHA256SUMS` checks on a device without edgeforge. It
+    is listed (hashed) in manifest.json like any file, so a signature over the manifest covers it."""
+    lines = [f"{sha256_file(Path(root) / rel)}  {rel}\n" for rel in list_files(root) if rel != CHECKSUMS]
+    (Path(root) / CHECKSUMS).write_text("".join(lines), encoding="utf-8")
+
+
+def read_regular(path: Path, limit: int, what: str = "file", follow_links: bool = False) -> bytes:
+    """The bytes of a regular file (not a device or fifo, and not a link unless `follow_links`:
+    checked on the open descriptor), refused by name past `limit` bytes. Every file edgeforge reads
+    whole goes through here (bundle files, keys, model configs, texts), so none can hang on a fifo
+    or fill memory from /dev/zero."""
+    path = Path(path)
+    nofollow = 0 if follow_links else getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing") from None
+    except OSError as err:
+        raise BundleError(f"{path}: cannot open {what} ({err.strerror}"
+                          + ("" if follow_links else "; links are refused") + ")") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{path}: not a regular file ({what})")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{path}: larger than {limit} bytes: not a {what}")
+    return data
+
+
+def read_manifest(root: Path, raw: bytes | None = None) -> dict:
+    """Parse manifest.json (or `raw`, its bytes as read once) and check its self hash; BundleError
+    naming manifest.json otherwise."""
     path = Path(root) / MANIFEST
-    if not path.is_file() or path.is_symlink():
-        raise BundleError(f"{path}: missing: not a bundle, or an incomplete one")
-    raw = path.read_bytes()
+    if raw is None:
+        if not path.is_file() or path.is_symlink():
+            raise BundleError(f"{path}: missing: not a bundle, or an incomplete one")
+        raw = read_regular(path, MAX_MANIFEST_BYTES, "manifest")
     try:
         data = json.loads(raw)
     except ValueError as err:
@@ -102,37 +146,232 @@ def read_manifest(root: Path) -> dict:
     return data
 
 
-def verify_bundle(root: Path, trust=None) -> dict:
+def verify_bundle(root: Path, trust=None, copy_to=None) -> dict:
     """Check the signature (when `trust` names a public key file), manifest.json, then every file's
-    presence, type, size and sha256; refuse extra files. Returns the manifest."""
+    presence, type, size and sha256; refuse extra files. Returns the manifest.
+
+    copy_to: an empty private folder; every file is copied there from the very bytes that were
+    hashed (manifest.json and manifest.sig too), so what is used afterwards (from the copy) is what
+    was verified, whatever happens to `root` meanwhile. manifest.json is read once: the signature,
+    the self hash and the file table are all checked on the same bytes."""
     root = Path(root)
-    if trust is not None:
-        verify_signature(root, trust)
-    manifest = read_manifest(root)
+    path = root / MANIFEST
+    if not path.is_file() or path.is_symlink():
+        raise BundleError(f"{path}: missing: not a bundle, or an incomplete one")
+    raw = read_regular(path, MAX_MANIFEST_BYTES, "manifest")
+    signature = verify_signature(root, trust, raw) if trust is not None else None
+    manifest = read_manifest(root, raw)
     files = manifest["files"]
     for rel, entry in sorted(files.items()):
-        _check_file(root, rel, entry)
+        _check_file(root, rel, entry, copy_to)
     extra = [rel for rel in list_files(root) if rel not in files]
     if extra:
         why = ("Python bytecode caches are never loaded from a bundle; delete the folder"
                if "__pycache__" in extra[0].split("/") else "unexpected file in the bundle")
         raise BundleError(f"{root / extra[0]}: not listed in manifest.json ({why})")
+    if copy_to is not None:
+        Path(copy_to, MANIFEST).write_bytes(raw)
+        if signature is not None:
+            Path(copy_to, SIGNATURE).write_bytes(signature)
+    if "golden.json" in files and "artifact/artifact.json" in files:
+        check_tolerance(copy_to if copy_to is not None else root, manifest)
     return manifest
 
 
-def _check_file(root: Path, rel: str, entry) -> None:
-    path = root / rel
-    if not isinstance(rel, str) or not isinstance(entry, dict) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+def verified_copy(root: Path, trust=None) -> tuple:
+    """(manifest, folder): verify `root` into a new private temporary folder (mode 0700, under
+    TMPDIR), removed when this process exits; load everything from that folder. Costs the bundle's
+    size on disk while the process runs (the price of using exactly what was verified)."""
+    parent = tempfile.gettempdir()
+    clean_stale_temps(Path(parent))  # copies of runs killed with SIGKILL
+    copy = held_temp_dir(f"{VERIFIED_PREFIX}{os.getpid()}-", parent)
+    try:
+        manifest = verify_bundle(root, trust, copy_to=copy)
+    except BaseException:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise
+    return manifest, copy
+
+
+# ---- private temporary folders ----------------------------------------------------------------
+# Named `.NAME.tmp-PID-XXXX` (the PID for people only), each with a sibling `.NAME.tmp-PID-XXXX.lock`:
+# a marker file edgeforge writes, flock'ed for as long as the folder is in use. A process killed with
+# SIGKILL leaves both behind; the next run removes the folder only when the lock file is edgeforge's
+# marker and its lock is free, which holds across containers and PID namespaces where a PID means
+# nothing, and never touches a folder that merely looks like ours. (Here, not in edgeforge/fsutil.py,
+# because the verified copies of bundles use them on devices too: this file is smoke.py's verifier.)
+
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^/]+$")
+LOCK_SUFFIX = ".lock"
+MARKER = b"edgeforge temporary folder: removed by the next edgeforge run once unlocked\n"
+
+
+@contextlib.contextmanager
+def owned_temp_dir(prefix: str, parent: str | os.PathLike):
+    """A new temporary folder in `parent`, marked as edgeforge's and locked while the block runs
+    (its sibling lock file, see the module docstring); removed, with its lock file, at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    lock = tmp.with_name(tmp.name + LOCK_SUFFIX)
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, MARKER)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+
+def held_temp_dir(prefix: str, parent) -> Path:
+    """owned_temp_dir for the rest of this process: removed at exit (atexit; a SIGKILL leaves it to
+    the next run's clean_stale_temps)."""
+    owned = owned_temp_dir(prefix, parent)
+    folder = owned.__enter__()
+    atexit.register(owned.__exit__, None, None, None)
+    return folder
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temporary folders in `folder` that edgeforge made and nobody uses any more (their
+    lock file is edgeforge's marker and unlocked), and such lock files left without a folder."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.endswith(LOCK_SUFFIX):
+            continue
+        if _TMP_RE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+            if _remove_if_abandoned(entry, entry.with_name(entry.name + LOCK_SUFFIX)):
+                removed.append(entry)
+    for entry in entries:  # a run killed between removing its folder and its lock file
+        if entry.name.endswith(LOCK_SUFFIX) and _TMP_RE.match(entry.name[: -len(LOCK_SUFFIX)]) \
+                and not entry.with_name(entry.name[: -len(LOCK_SUFFIX)]).exists():
+            _remove_if_abandoned(None, entry)
+    return removed
+
+
+def _remove_if_abandoned(folder: Path | None, lock: Path) -> bool:
+    """Remove `folder` and `lock` when `lock` is a regular file holding MARKER whose flock is free."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False  # no marker: not ours (or not ours to judge)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.read(fd, len(MARKER) + 1) != MARKER:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # in use by a live run, here or in another container
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        return True
+    finally:
+        os.close(fd)
+
+
+# ---- the smoke tolerance a bundle may claim ------------------------------------------------------
+# golden.json's tolerance ("rel", a fraction of the golden logit range at each step) comes from the
+# bundle, so anyone who rewrites a bundle could claim any. The verifier allows at most what the
+# bundle's compute path needs, from this table (measured: docs/BUNDLES.md, "Tolerances"), and
+# refuses golden data computed for another arithmetic than the artifact's.
+FLOAT32 = "float32"  # golden arithmetic: the numpy reference in float32 on the dequantized weights
+INT8_ACTIVATIONS = "int8-activations"  # ... with every quantized matmul's input rounded to int8 blocks
+TOLERANCES = {  # compute path -> (golden arithmetic, largest rel a bundle may claim)
+    "float32": (FLOAT32, 1e-3),
+    "float16": (FLOAT32, 2e-2),
+    "webgpu-float16": (FLOAT32, 4e-2),
+    "int8-activations-x86_64": (INT8_ACTIVATIONS, 3e-2),
+    "int8-activations-aarch64": (FLOAT32, 1.2e-1),
+}
+
+
+def compute_path(artifact: dict, arch: str) -> str:
+    """Which row of TOLERANCES an artifact computes by (artifact.json, the target's arch)."""
+    onnx = artifact.get("onnx") if isinstance(artifact.get("onnx"), dict) else {}
+    dtype = onnx.get("compute_dtype") or artifact.get("model_dtype") or FLOAT32
+    if onnx.get("accuracy_level") == 4 and onnx.get("execution_provider", "CPUExecutionProvider") == "CPUExecutionProvider":
+        return "int8-activations-x86_64" if arch == "x86_64" else "int8-activations-aarch64"
+    if str(artifact.get("device", "")).startswith("webgpu") and dtype == "float16":
+        return "webgpu-float16"
+    return FLOAT32 if dtype == FLOAT32 else "float16"
+
+
+def check_tolerance(root: Path, manifest: dict) -> None:
+    """golden.json's tolerance and arithmetic must be what the artifact's compute path allows."""
+    root = Path(root)
+    try:
+        artifact = json.loads((root / "artifact" / "artifact.json").read_bytes())
+        golden = json.loads((root / "golden.json").read_bytes())
+        rel = golden["tolerance"]["rel"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        raise BundleError(f"{root / 'golden.json'}: unreadable tolerance or artifact.json ({err})") from None
+    target = manifest.get("target")
+    if not isinstance(target, dict) or not isinstance(artifact, dict) or not isinstance(golden, dict):
+        raise BundleError(f"{root / MANIFEST}: malformed target, golden.json or artifact.json (expected JSON objects)")
+    path = compute_path(artifact, str(target.get("arch", "")))
+    arithmetic, cap = TOLERANCES[path]
+    if golden.get("arithmetic", FLOAT32) != arithmetic:
+        raise BundleError(f"{root / 'golden.json'}: computed with {golden.get('arithmetic', FLOAT32)!r} arithmetic, but "
+                          f"the artifact computes by {path!r}, which needs {arithmetic!r} golden data (rebuild the bundle)")
+    if isinstance(rel, bool) or not isinstance(rel, (int, float)) or not 0 < rel <= cap:
+        raise BundleError(f"{root / 'golden.json'}: tolerance {rel!r} is not in (0, {cap}], the most a {path} "
+                          "bundle may claim (docs/BUNDLES.md, Tolerances)")
+
+
+def _check_file(root: Path, rel: str, entry, copy_to=None) -> None:
+    if not isinstance(rel, str) or not isinstance(entry, dict) or Path(rel).is_absolute() or ".." in Path(rel).parts \
+            or rel in UNLISTED or not rel:
         raise BundleError(f"{root / MANIFEST}: file entry {rel!r} is malformed or leaves the bundle")
+    path = root / rel
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise BundleError(f"{path}: not a regular file (links and devices are refused)")
     if not path.exists():
         raise BundleError(f"{path}: missing (incomplete bundle)")
-    size = path.stat().st_size
-    if size != entry.get("size"):
-        raise BundleError(f"{path}: size {size} bytes, manifest says {entry.get('size')} (truncated or modified)")
-    if sha256_file(path) != entry.get("sha256"):
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise BundleError(f"{path}: cannot open ({err.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # swapped for a folder, device or fifo since the check above
+        os.close(fd)
+        raise BundleError(f"{path}: not a regular file (links and devices are refused)")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size != entry.get("size"):
+            raise BundleError(f"{path}: size {info.st_size} bytes, manifest says {entry.get('size')} (truncated or modified)")
+        digest = _hash_and_copy(f, Path(copy_to) / rel if copy_to is not None else None, info.st_mode)
+    if digest != entry.get("sha256"):
         raise BundleError(f"{path}: sha256 does not match manifest.json (modified or corrupt)")
+
+
+def _hash_and_copy(f, dest, mode: int, chunk: int = 1 << 20) -> str:
+    """sha256 of an open file, writing the same bytes to `dest` (when given) as they are hashed."""
+    h = hashlib.sha256()
+    out = None
+    if dest is not None:
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        out = open(dest, "xb")
+    try:
+        while block := f.read(chunk):
+            h.update(block)
+            if out is not None:
+                out.write(block)
+    finally:
+        if out is not None:
+            out.close()
+            os.chmod(dest, 0o700 if mode & 0o111 else 0o600)
+    return h.hexdigest()
 
 
 # ---- signatures -------------------------------------------------------------------------------
@@ -146,7 +385,7 @@ def _crypto():
     return serialization, ed25519
 
 
-def _raw_public(key) -> bytes:
+def raw_public_key(key) -> bytes:
     serialization, _ = _crypto()
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -154,9 +393,7 @@ def _raw_public(key) -> bytes:
 def load_public_key(path):
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except OSError as err:
-        raise BundleError(f"{path}: cannot read the public key ({err.strerror})") from None
+        key = serialization.load_pem_public_key(read_regular(path, MAX_KEY_BYTES, "public key file"))
     except ValueError as err:
         raise BundleError(f"{path}: not a PEM public key ({err})") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
@@ -167,9 +404,7 @@ def load_public_key(path):
 def load_private_key(path):
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except OSError as err:
-        raise BundleError(f"{path}: cannot read the signing key ({err.strerror})") from None
+        key = serialization.load_pem_private_key(read_regular(path, MAX_KEY_BYTES, "signing key file"), password=None)
     except (ValueError, TypeError) as err:
         raise BundleError(f"{path}: not an unencrypted PEM private key ({err})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -178,43 +413,62 @@ def load_private_key(path):
 
 
 def sign_bundle(root: Path, key_path) -> dict:
-    """Write manifest.sig: an ed25519 signature over manifest.json's bytes (which hash every file)."""
+    """Write manifest.sig: the raw ed25519 signature of manifest.json's bytes (which hash every
+    file), as `openssl pkeyutl -sign -rawin` makes and `-verify -rawin` checks it."""
     root = Path(root)
     key = load_private_key(key_path)
-    public = _raw_public(key.public_key())
-    sig = {"format": SIGNATURE_FORMAT, "version": VERSION, "algorithm": "ed25519", "signed": MANIFEST,
-           "public_key": base64.b64encode(public).decode(), "key_id": hashlib.sha256(public).hexdigest()[:16],
-           "signature": base64.b64encode(key.sign((root / MANIFEST).read_bytes())).decode()}
-    (root / SIGNATURE).write_bytes(canonical_bytes(sig))
-    return sig
+    public = raw_public_key(key.public_key())
+    (root / SIGNATURE).write_bytes(key.sign((root / MANIFEST).read_bytes()))
+    return {"algorithm": "ed25519", "key_id": hashlib.sha256(public).hexdigest()[:16]}
 
 
-def verify_signature(root: Path, trust) -> dict:
-    """Refuse an unsigned bundle, one signed by another key, or a bad signature; by name."""
+def verify_signature(root: Path, trust, manifest_bytes: bytes | None = None) -> bytes:
+    """Refuse an unsigned bundle or a signature that is not the trusted key's over manifest.json
+    (`manifest_bytes`: its bytes as the caller read them, so that what is signed is what is used).
+    Returns the signature."""
     root = Path(root)
     key = load_public_key(trust)
     path = root / SIGNATURE
     if not path.is_file() or path.is_symlink():
         raise BundleError(f"{root}: not signed (no {SIGNATURE}); --trust {trust} accepts signed bundles only")
-    try:
-        sig = json.loads(path.read_bytes())
-        signature = base64.b64decode(sig["signature"], validate=True)
-        signer = base64.b64decode(sig["public_key"], validate=True)
-    except (ValueError, KeyError, TypeError) as err:
-        raise BundleError(f"{path}: malformed signature file ({err})") from None
-    if not isinstance(sig, dict) or sig.get("format") != SIGNATURE_FORMAT or sig.get("algorithm") != "ed25519":
-        raise BundleError(f"{path}: not an edgeforge ed25519 signature")
-    trusted = _raw_public(key)
-    if signer != trusted:
-        raise BundleError(f"{path}: signed by key {hashlib.sha256(signer).hexdigest()[:16]}, not by the trusted key "
-                          f"{trust} ({hashlib.sha256(trusted).hexdigest()[:16]})")
-    manifest = root / MANIFEST
-    if not manifest.is_file() or manifest.is_symlink():
-        raise BundleError(f"{manifest}: missing: not a bundle, or an incomplete one")
+    signature = read_regular(path, 64, "signature (64 bytes of ed25519)")
+    if manifest_bytes is None:
+        manifest_bytes = read_regular(root / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
     from cryptography.exceptions import InvalidSignature
 
     try:
-        key.verify(signature, manifest.read_bytes())
+        key.verify(signature, manifest_bytes)
     except InvalidSignature:
-        raise BundleError(f"{path}: the signature does not match manifest.json (modified after signing)") from None
-    return sig
+        raise BundleError(f"{path}: not a signature of manifest.json by the trusted key {trust} "
+                          f"({hashlib.sha256(raw_public_key(key)).hexdigest()[:16]}): signed by another key, "
+                          "or modified after signing") from None
+    return signature
+
+
+# ---- smoke.py's command line (parsed here: smoke.py carries this file inline) ------------------
+
+class _Once(argparse.Action):
+    """An option that may be given once: a second --trust must not silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice")
+        setattr(namespace, self.dest, values)
+
+
+def smoke_arguments(argv, default_bundle: str) -> argparse.Namespace:
+    """smoke.py's options, strictly: no abbreviations (--tru), unknown options are errors (exit 2),
+    --trust at most once and with a value. Every spelling that names --trust gets it checked."""
+    ap = argparse.ArgumentParser(prog="smoke.py", allow_abbrev=False,
+                                 description="Smoke-test this edgeforge bundle on this machine.")
+    ap.add_argument("bundle", nargs="?", default=default_bundle, help="bundle folder (default: this one)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--device", default=None, help="device override, e.g. cuda:1")
+    ap.add_argument("--prompts", type=int, default=None, metavar="N", help="check only the first N golden prompts")
+    ap.add_argument("--trust", action=_Once, default=None, metavar="KEY.pem",
+                    help="refuse the bundle unless signed by this ed25519 key (for a check the bundle cannot "
+                         "subvert, run `edgeforge verify` or the openssl recipe of docs/BUNDLES.md instead)")
+    args = ap.parse_args(argv)
+    if args.prompts is not None and args.prompts < 1:
+        ap.error("--prompts must be at least 1")
+    return args

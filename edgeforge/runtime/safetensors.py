@@ -20,6 +20,9 @@ import os
 import struct
 from pathlib import Path
 
+from .bundle_errors import BundleError
+from .manifest_check import read_regular
+
 try:
     import numpy as np
 except ImportError:  # a TVM bundle on its device: raw_pointer() only
@@ -175,7 +178,18 @@ def _parse_header(path: Path, mm, size: int):
     metadata = header.pop("__metadata__", None) or {}
     data_len = size - 8 - n
     entries = {name: _check_entry(path, name, e, data_len) for name, e in header.items()}
+    _check_disjoint(path, entries)
     return entries, metadata, 8 + n
+
+
+def _check_disjoint(path: Path, entries: dict) -> None:
+    """Two tensors sharing bytes is a forged or corrupt header: writing one would change the other,
+    and an index of aliased names can smuggle one tensor's data in as another's."""
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name) for name, e in entries.items()
+                   if e["data_offsets"][1] > e["data_offsets"][0])
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise SafetensorsError(f"{path}: tensors '{first}' and '{second}' overlap in the file (corrupt or forged header)")
 
 
 def _check_entry(path: Path, name: str, e, data_len: int) -> dict:
@@ -330,12 +344,17 @@ class SafetensorsFolder:
 
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        weight_map = json.loads(read_regular(index, 64 << 20, "safetensors index", follow_links=True))["weight_map"]
+    except (BundleError, ValueError, KeyError, TypeError) as err:
         raise SafetensorsError(f"{index}: unreadable safetensors index ({err})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise SafetensorsError(f"{index}: 'weight_map' must map tensor names to file names")
     for fname in set(weight_map.values()):
+        if Path(fname).name != fname or fname in ("", ".", "..") or "\\" in fname:
+            raise SafetensorsError(f"{index}: shard {fname!r} is not a file name in the model's folder "
+                                   "(paths leading elsewhere are refused)")
         if not (index.parent / fname).exists():
             raise SafetensorsError(f"{index}: shard {fname} listed in the index does not exist")
+        if not (index.parent / fname).is_file():
+            raise SafetensorsError(f"{index}: shard {fname} is not a regular file")
     return weight_map

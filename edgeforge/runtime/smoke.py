@@ -6,9 +6,9 @@ Exit codes: 0 PASS, 1 FAIL (outputs disagree with golden.json), 2 unusable bundl
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,7 +17,7 @@ from .bundle_errors import BundleError, SmokeFailed
 from .files import read_json
 from .golden_check import GOLDEN_FORMAT, run_prompt, summarize
 from .hostcheck import check_can_run
-from .manifest_check import verify_bundle
+from .manifest_check import VERIFIED_PREFIX, verified_copy
 
 
 # Dawn on Mesa lavapipe segfaults when a WebGPU session is destroyed: engines stay referenced until
@@ -90,8 +90,9 @@ def run_smoke(bundle: Path, device: str | None = None, log=lambda m: None, max_p
     bundle's smoke.py, before importing this module) has verified the bundle already."""
     bundle = Path(bundle).resolve()
     t0 = time.perf_counter()
-    manifest = verified if verified is not None else verify_bundle(bundle, trust)
-    if verified is None:
+    manifest = verified
+    if verified is None:  # run from a private copy of what was verified
+        manifest, bundle = verified_copy(bundle, trust)
         log(f"checksums ok: {len(manifest['files'])} files ({time.perf_counter() - t0:.1f} s)")
     check_can_run(manifest)
     golden = read_golden(bundle)
@@ -150,6 +151,12 @@ def printable(text: str, limit: int = 200) -> str:
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
+def terminal_text(text: str) -> str:
+    """Model output for a terminal: newlines and tabs kept, every other control character (ESC
+    starts a terminal escape sequence) shown as U+FFFD."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in str(text))
+
+
 def describe(result: dict) -> str:
     def rate(x):
         return "n/a" if x is None else f"{x:.1f}"
@@ -162,18 +169,18 @@ def describe(result: dict) -> str:
             f"peak mem {'n/a' if mem is None else f'{mem:.0f} MB'}")
 
 
-def main(argv=None, bundle: Path | None = None, verified: dict | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="smoke.py", description="Smoke-test this edgeforge bundle on this machine.")
-    ap.add_argument("bundle", nargs="?", default=str(bundle or Path.cwd()), help="bundle folder (default: here)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--device", default=None, help="device override, e.g. cuda:1")
-    ap.add_argument("--prompts", type=int, default=None, metavar="N", help="check only the first N golden prompts")
-    ap.add_argument("--trust", default=None, metavar="KEY.pem", help="refuse the bundle unless signed by this ed25519 key")
-    args = ap.parse_args(argv)
+def main(argv=None, bundle: Path | None = None, verified: dict | None = None, args=None) -> int:
+    """smoke.py's entry point. `args`: the options smoke.py parsed already; `verified`: the manifest
+    of `bundle` (its verified private copy), which is then run without verifying it again."""
+    from .manifest_check import smoke_arguments
+
+    if args is None:
+        args = smoke_arguments(argv, str(bundle or Path.cwd()))
+    if verified is not None:
+        args.bundle = str(bundle)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731 - progress on stderr, the result on stdout
     try:
-        result = run_smoke(Path(args.bundle), args.device, log, args.prompts, trust=args.trust,
-                           verified=verified if Path(args.bundle).resolve() == Path(bundle or ".").resolve() else None)
+        result = run_smoke(Path(args.bundle), args.device, log, args.prompts, trust=args.trust, verified=verified)
         code = 0 if result["status"] == "PASS" else 1
     except SmokeFailed as err:
         result, code = {"status": "FAIL", "error": str(err)}, 1
@@ -194,5 +201,7 @@ def main(argv=None, bundle: Path | None = None, verified: dict | None = None) ->
         # out): leave without running destructors so the exit code is the smoke verdict.
         sys.stdout.flush()
         sys.stderr.flush()
+        if verified is not None and Path(args.bundle).name.startswith(VERIFIED_PREFIX):
+            shutil.rmtree(args.bundle, ignore_errors=True)  # our private copy: atexit does not run
         os._exit(code)
     return code

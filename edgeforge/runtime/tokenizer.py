@@ -10,12 +10,21 @@ Copied into bundles: imports only the standard library, tokenizers and jinja2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from datetime import datetime
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+from .bundle_errors import BundleError
+from .manifest_check import read_regular
+
+MAX_CONFIG_BYTES = 16 << 20  # tokenizer_config.json (Llama 3's is ~50 KB)
+MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json (Llama 3's is 9 MB)
 
 
 class TokenizerError(ValueError):
@@ -71,8 +80,8 @@ class Tokenizer:
         if self._template is None:
             self._template = _compile_template(self.chat_template)
         try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+            return _render_bounded(
+                self._template, messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra,
             )
         except TokenizerError:
@@ -145,8 +154,8 @@ class Tokenizer:
         tok_path, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
         tok = load_tokenizer_json(tok_path)
         try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
+            cfg = json.loads(read_regular(cfg_path, MAX_CONFIG_BYTES, "tokenizer config", follow_links=True))
+        except (BundleError, ValueError) as err:
             raise TokenizerError(f"{cfg_path}: cannot read tokenizer config ({err})") from None
         try:
             if not isinstance(cfg, dict):
@@ -164,15 +173,92 @@ def load_tokenizer_json(path: str | os.PathLike) -> _HFTokenizer:
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"{path}: no such tokenizer file")
+    if not path.is_file() or path.stat().st_size > MAX_TOKENIZER_BYTES:  # a fifo would hang the reader
+        raise TokenizerError(f"{path}: not a regular file of at most {MAX_TOKENIZER_BYTES >> 20} MiB")
     try:
         return _HFTokenizer.from_file(str(path))
     except Exception as err:
         raise TokenizerError(f"{path}: unreadable tokenizer.json ({str(err).splitlines()[0][:200]})") from None
 
 
+# A chat template is code from the model: its rendering is bounded in time and in output (a real
+# template renders a conversation in well under a millisecond, and a prompt longer than any context
+# is useless), and a template cannot build huge strings or lists with * or + (memory before time).
+TEMPLATE_SECONDS = 5.0
+TEMPLATE_MAX_CHARS = 4 << 20
+
+
+def _render_bounded(template, **context) -> str:
+    out, size = [], 0
+    with _deadline(TEMPLATE_SECONDS):
+        for chunk in template.generate(**context):
+            size += len(chunk)
+            if size > TEMPLATE_MAX_CHARS:
+                raise TokenizerError(f"chat template output is larger than {TEMPLATE_MAX_CHARS} characters; refused")
+            out.append(chunk)
+    return "".join(out)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """TokenizerError when the block runs longer than `seconds` (SIGALRM, so in the main thread
+    only: elsewhere the size bounds still hold)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(_signum, _frame):
+        raise TokenizerError(f"chat template did not finish rendering within {seconds:g} s; refused")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _bounded_binop(left, right, operator: str):
+    """Refuse `*` and `+` whose string or list result would exceed the output bound."""
+    def size(x):
+        return len(x) if isinstance(x, (str, list, tuple)) else None
+
+    if operator == "*":
+        seq, count = (left, right) if size(left) is not None else (right, left)
+        if size(seq) is not None and isinstance(count, int) and size(seq) * max(count, 0) > TEMPLATE_MAX_CHARS:
+            raise TokenizerError(f"chat template builds a sequence of {size(seq) * count} items; refused")
+    if operator == "+" and size(left) is not None and size(right) is not None \
+            and size(left) + size(right) > TEMPLATE_MAX_CHARS:
+        raise TokenizerError(f"chat template builds a sequence of {size(left) + size(right)} items; refused")
+
+
+def _bounded_value(value) -> None:
+    if isinstance(value, (str, list, tuple)) and len(value) > TEMPLATE_MAX_CHARS:
+        raise TokenizerError(f"chat template builds a sequence of {len(value)} items; refused")
+
+
 def _compile_template(source: str):
     """A jinja2 template in a sandbox, with the helpers transformers' chat templates rely on."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "+"])
+
+        def call_binop(self, context, operator, left, right):
+            _bounded_binop(left, right, operator)
+            return super().call_binop(context, operator, left, right)
+
+        def call(self, context, obj, *args, **kwargs):  # a macro recursing on a doubled string
+            for value in (*args, *kwargs.values()):
+                _bounded_value(value)
+            return super().call(context, obj, *args, **kwargs)
+
+    class BoundedNamespace(Namespace):  # `{% set ns.s = ns.s ~ ns.s %}` in a loop
+        def __setitem__(self, name, value):
+            _bounded_value(value)
+            super().__setitem__(name, value)
 
     def raise_exception(message):
         raise TokenizerError(f"chat template error: {message}")
@@ -180,10 +266,10 @@ def _compile_template(source: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["namespace"] = BoundedNamespace
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(source)

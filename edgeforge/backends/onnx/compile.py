@@ -51,6 +51,9 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
     return artifact
 
 
+ONNX_KEYS = {"execution_provider", "accuracy_level", "compute_dtype"}
+
+
 def compute_dtype(target, ep: str, model_dtype: str) -> str:
     """[onnx] compute_dtype = "auto" (default) | "float32" | "float16".
 
@@ -71,6 +74,9 @@ def compute_dtype(target, ep: str, model_dtype: str) -> str:
 def _target_settings(target) -> tuple[str, int]:
     settings = getattr(target, "onnx", None) or {}
     where = f"target '{target.name}' ({getattr(target, 'path', None) or 'built-in'})"
+    unknown = sorted(set(settings) - ONNX_KEYS)
+    if unknown:  # a misspelled key would be ignored, not used
+        raise EdgeforgeError(f"{where}: [onnx] unknown key {unknown[0]!r} (known: {', '.join(sorted(ONNX_KEYS))})")
     ep = settings.get("execution_provider")
     if ep not in PROVIDERS:
         raise EdgeforgeError(f"{where}: [onnx] execution_provider must be one of {', '.join(PROVIDERS)}, got {ep!r}")

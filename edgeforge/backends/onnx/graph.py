@@ -292,6 +292,14 @@ class LlamaOnnxBuilder:
         return self.g.op("MatMul", [x, self.g.init("lm_head.weight_t", w.T)], "lm_head")
 
     def rotary_caches(self) -> tuple[str, str]:
+        from ...hostmem import check_memory
+
+        # [context, head_dim/2] angles in float64 plus cos and sin: sized by the config's context
+        # length, which a config may set to anything: checked before anything is allocated
+        half = self.cfg.head_dim // 2
+        check_memory(f"ONNX rotary tables for a context of {self.cfg.context_length} tokens (config.json "
+                     "max_position_embeddings)", 4 * 8 * self.cfg.context_length * half,
+                     advice="a smaller max_position_embeddings in the model's config.json")
         inv = self.cfg.rope_inv_freq().astype(np.float64)
         angles = np.outer(np.arange(self.cfg.context_length, dtype=np.float64), inv)
         cos = self.g.init("cos_cache", np.cos(angles).astype(self.dtype))

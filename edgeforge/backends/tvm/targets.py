@@ -28,6 +28,7 @@ from ...errors import EdgeforgeError
 from ...nvrtc import Nvrtc
 
 DEFAULT_CUDA_ARCHES = ["sm_80", "sm_86", "sm_89", "sm_90"]
+TVM_KEYS = {"host", "device", "arches", "cross_compiler", "export", "cuda", "cuda_graph"}  # the docstring's list
 # What an app must link next to a tar export, per OS (recorded in artifact.json).
 LINK_NOTES = {
     "macos": "xcrun clang++ -dynamiclib model.tar objects + libtvm_runtime (with Metal) -framework Metal -framework Foundation",
@@ -62,7 +63,7 @@ class TvmTarget:
         from tvm.target import Target
 
         if not self.device:
-            return Target(dict(self.host))
+            return self._checked_host()
         device = dict(self.device)
         if device["kind"] == "cuda":
             # Generate code for the oldest arch; nvcc then emits real code for every arch listed
@@ -71,7 +72,27 @@ class TvmTarget:
             # every listed arch has 48 KiB of static shared memory per block; said here, dlight stops
             # warning that it assumes so
             device.setdefault("max_shared_memory_per_block", 49152)
-        return Target(device, host=dict(self.host))
+        return Target(device, host=self._checked_host())
+
+    def _checked_host(self):
+        """The host TVM target, refused by name where TVM or LLVM would reject or silently ignore
+        what the target file says: an unknown option, CPU name or +feature (LLVM only warns and
+        builds for a generic CPU)."""
+        from tvm.target import Target, codegen
+
+        where = f"target '{self.name}': [tvm] host"
+        try:
+            target = Target(dict(self.host))
+        except (ValueError, TypeError) as err:
+            raise EdgeforgeError(f"{where}: {str(err).splitlines()[0]}") from None
+        triple, cpu = self.host.get("mtriple") or codegen.llvm_get_system_triple(), self.host.get("mcpu")
+        if cpu and not codegen.llvm_is_valid_cpu(cpu, triple):
+            raise EdgeforgeError(f"{where}: mcpu {cpu!r} is not a CPU LLVM knows for {triple}")
+        enabled = set(codegen.llvm_get_cpu_features(target))
+        unknown = [f for f in self.host.get("mattr") or [] if f.startswith("+") and f[1:] not in enabled]
+        if unknown:
+            raise EdgeforgeError(f"{where}: mattr {unknown[0]!r} is not a feature LLVM knows for {triple}")
+        return target
 
     def describe(self) -> str:
         parts = [self.host.get("mtriple", "host"), self.host.get("mcpu", "")]
@@ -170,6 +191,9 @@ def tvm_target_for(target) -> TvmTarget:
     """TvmTarget from an edgeforge.targets.Target (reads its [tvm] table)."""
     table = getattr(target, "tvm", None) or (getattr(target, "raw", {}) or {}).get("tvm") or {}
     where = f"target '{target.name}' ({getattr(target, 'path', None) or 'preset'})"
+    unknown = sorted(set(table) - TVM_KEYS)
+    if unknown:  # a misspelled key would be ignored, not used
+        raise EdgeforgeError(f"{where}: [tvm] unknown key {unknown[0]!r} (known: {', '.join(sorted(TVM_KEYS))})")
     host = table.get("host")
     if not isinstance(host, dict) or host.get("kind") != "llvm":
         raise EdgeforgeError(f"{where}: [tvm] host must be a table with kind = \"llvm\"")

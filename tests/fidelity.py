@@ -1,0 +1,164 @@
+"""Smoke fidelity harness: unseen random Llama-3-style models, their golden data, and the smoke
+verdict of each compute path on them (tests/test_smoke_fidelity.py; docs/BUNDLES.md's tolerance
+table was measured with it).
+
+A sweep model is the tiny `llama32` folder (tokenizer, config) with every weight redrawn from its
+own seed, the tied embedding (so the logits) scaled by `sharpness`: sharp logits are where a
+tolerance of a fixed fraction of the range went wrong (issue 21).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgeforge.bundle.golden import DEFAULT_PROMPTS, make_golden, tolerance_for
+from edgeforge.runtime.golden_check import run_prompt
+
+
+def sweep_model(base: Path, out: Path, seed: int, sharpness: float, outliers: float = 1.0, std: float = 0.08) -> Path:
+    """A copy of the HF folder `base` with fresh random weights (normal, `std`; seed), logits scaled
+    by `sharpness`, and two channels of every norm weight scaled by `outliers` (the outlier features
+    of real Llama models, which make a block's int8 scale coarse for its other values)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(base, out)
+    rng = np.random.default_rng(seed)
+    tensors = load_file(out / "model.safetensors")
+    fresh = {}
+    for name, t in sorted(tensors.items()):
+        if name.endswith("norm.weight"):
+            w = 1.0 + 0.2 * rng.standard_normal(t.shape)
+            w[rng.choice(t.shape[0], 2, replace=False)] *= outliers
+            fresh[name] = w.astype(t.dtype)
+        else:
+            fresh[name] = (std * rng.standard_normal(t.shape)).astype(t.dtype)
+    fresh["model.embed_tokens.weight"] *= np.float32(sharpness)
+    save_file(fresh, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def quantized(model_dir: Path, scheme: str, out: Path) -> Path:
+    from edgeforge.model.loader import load_model
+    from edgeforge.quant.qdir import write_qdir
+
+    write_qdir(load_model(model_dir), scheme, out)
+    return out
+
+
+def compiled(qdir: Path, target: str, backend: str, out: Path) -> dict:
+    from edgeforge.backends import compile_qdir
+
+    return compile_qdir(qdir, target, backend, out)
+
+
+def verdict(qdir: Path, artifact_dir: Path, golden: dict, arch: str = "x86_64") -> dict:
+    """The smoke verdict of the compiled artifact against `golden` with the tolerance a build gives
+    it: PASS/FAIL, the largest error as a fraction of the logit range, token agreement."""
+    from edgeforge.runtime.loader import open_engine, read_artifact
+
+    artifact = read_artifact(artifact_dir)
+    rel = tolerance_for(artifact, arch)["rel"]
+    weights = qdir if artifact.get("needs_weights") else None
+    engine = open_engine(artifact_dir, weights)
+    results = [run_prompt(engine, p, rel) for p in golden["prompts"]]
+    worst = max(r["max_err"] / r["tol"] * rel for r in results)
+    return {"ok": all(r["ok"] for r in results), "rel_err": worst, "rel_tol": rel,
+            "agree": sum(r["agree"] for r in results), "steps": sum(r["steps"] for r in results)}
+
+
+def golden_for(qdir: Path, arithmetic: str = "float32", tokens: int = 8) -> dict:
+    return make_golden(qdir, DEFAULT_PROMPTS, tokens, arithmetic=arithmetic)
+
+
+# ---- mutations: semantically wrong weights with consistent files ----------------------------------
+# Each edits a copy of a QDIR the way a broken converter, a wrong layer map or a tampered bundle would;
+# the artifact compiled from it must FAIL against the golden data of the original.
+
+def _arrays(qdir: Path) -> tuple[dict, dict]:
+    import json
+
+    from safetensors.numpy import load_file
+
+    quant = json.loads((qdir / "quantization.json").read_text())
+    stored = {}
+    for shard in sorted(qdir.glob("*.safetensors")):
+        stored.update({k: (shard, v) for k, v in load_file(shard).items()})
+    return quant["tensors"], stored
+
+
+def _rewrite(qdir: Path, changed: dict) -> None:
+    """Write back the arrays in `changed` (array key -> new array) into their shards."""
+    from safetensors.numpy import load_file, save_file
+
+    shards = {}
+    for key, (shard, array) in changed.items():
+        shards.setdefault(shard, {})[key] = array
+    for shard, arrays in shards.items():
+        data = load_file(shard)
+        data.update(arrays)
+        save_file(data, shard)
+
+
+def _edit(qdir: Path, edits: dict) -> None:
+    """edits: tensor name -> {role: f(array) -> array}, applied to the stored arrays."""
+    tensors, stored = _arrays(qdir)
+    changed = {}
+    for name, roles in edits.items():
+        for role, fn in roles.items():
+            key = tensors[name]["arrays"][role]
+            shard, array = stored[key]
+            changed[key] = (shard, np.ascontiguousarray(fn(array.copy())))
+    _rewrite(qdir, changed)
+
+
+def _swap(qdir: Path, a: str, b: str) -> None:
+    """Exchange two tensors' stored arrays (same format and shape)."""
+    tensors, stored = _arrays(qdir)
+    changed = {}
+    for role in tensors[a]["arrays"]:
+        ka, kb = tensors[a]["arrays"][role], tensors[b]["arrays"][role]
+        changed[ka] = (stored[ka][0], stored[kb][1])
+        changed[kb] = (stored[kb][0], stored[ka][1])
+    _rewrite(qdir, changed)
+
+
+def _config(qdir: Path, **values) -> None:
+    import json
+
+    path = qdir / "config.json"
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config, indent=1, sort_keys=True))
+
+
+def _permute_rows(a):
+    return a[np.random.default_rng(0).permutation(a.shape[0])]
+
+
+L = "model.layers.{}."
+MUTATIONS = {
+    "scaled o_proj (x1.5)": lambda q: _edit(q, {L.format(1) + "self_attn.o_proj.weight": {"scales": lambda s: s * 1.5}}),
+    "scaled down_proj (x0.5)": lambda q: _edit(q, {L.format(0) + "mlp.down_proj.weight": {"scales": lambda s: s * 0.5}}),
+    "sign-flipped up_proj": lambda q: _edit(q, {L.format(0) + "mlp.up_proj.weight": {"scales": lambda s: -s}}),
+    "sign-flipped v_proj": lambda q: _edit(q, {L.format(1) + "self_attn.v_proj.weight": {"scales": lambda s: -s}}),
+    "permuted q_proj rows": lambda q: _edit(q, {L.format(0) + "self_attn.q_proj.weight": {"qweight": _permute_rows,
+                                                                                          "scales": _permute_rows}}),
+    "permuted embedding rows": lambda q: _edit(q, {"model.embed_tokens.weight": {"qweight": _permute_rows,
+                                                                                 "scales": _permute_rows}}),
+    "swapped gate and up": lambda q: _swap(q, L.format(1) + "mlp.gate_proj.weight", L.format(1) + "mlp.up_proj.weight"),
+    "swapped layers' q_proj": lambda q: _swap(q, L.format(0) + "self_attn.q_proj.weight", L.format(1) + "self_attn.q_proj.weight"),
+    "scaled input norm (x1.3)": lambda q: _edit(q, {L.format(1) + "input_layernorm.weight": {"weight": lambda w: w * 1.3}}),
+    "sign-flipped final norm": lambda q: _edit(q, {"model.norm.weight": {"weight": lambda w: -w}}),
+    "swapped norms": lambda q: _swap(q, L.format(0) + "input_layernorm.weight", L.format(0) + "post_attention_layernorm.weight"),
+    "rope theta of Llama 2 (1e4)": lambda q: _config(q, rope_theta=10000.0),
+    "rope without llama3 scaling": lambda q: _config(q, rope_scaling=None),
+}
+
+
+def mutated(qdir: Path, mutation: str, out: Path) -> Path:
+    shutil.copytree(qdir, out)
+    MUTATIONS[mutation](out)
+    return out
