@@ -45,25 +45,14 @@ def open_engine_for(path: Path, device: str | None = None):
 
 
 def open_bundle(bundle: Path, device: str | None = None):
-    """A bundle's engine and tokenizer, opened the way its smoke test opens them."""
-    from ..runtime.bundle_errors import BundleError
-    from ..runtime.hostcheck import check_can_run
-    from ..runtime.manifest_check import verify_bundle
-    from ..runtime.smoke import open_bundle_engine
-    from ..runtime.tokenizer import Tokenizer, TokenizerError
+    """A bundle's engine and tokenizer, opened (verified first) the way every bundle command opens them."""
+    from .bundle_cmds import open_verified
 
-    try:
-        manifest = verify_bundle(bundle)  # checksums before any native code loads (bundle helper)
-        check_can_run(manifest)
-        engine = open_bundle_engine(bundle, manifest, device)
-        tokenizer = Tokenizer.load(bundle / "tokenizer")
-    except (OSError, ValueError) as err:
-        raise EdgeforgeError(f"{bundle / 'manifest.json'}: unreadable ({err})") from None
-    except (BundleError, TokenizerError) as err:
-        raise EdgeforgeError(str(err)) from None
+    session = open_verified(bundle, device=device)
+    manifest = session.manifest
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
     info = {"engine": "bundle", "format": "bundle", "model_id": model.get("id")}
-    return engine, tokenizer, info
+    return session.engine, session.tokenizer, info
 
 
 # ---- fetch-model ---------------------------------------------------------------------------------
@@ -245,33 +234,33 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
       edgeforge generate smollm2-135m --chat --prompt "What is the capital of France?"
       edgeforge generate ./qdir-q4f16 -p "Once upon a time" -n 32 -t 0.8 --top-p 0.95 --seed 1 --json
     """
-    from ..runtime.generate import generate as run
-    from ..runtime.sampling import Sampler
-    from ..runtime.tokenizer import TokenizerError
+    from ..runtime.bundle_errors import BundleError
+    from ..runtime.session import Session
 
     engine, tok, info = open_engine_for(resolve(model), device)
+    session = Session(Path(model), {}, tok, engine)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            ids = tok.encode_chat(messages)
-        else:
-            ids = tok.encode(prompt)
-    except TokenizerError as err:
+        ids = session.encode(messages if chat else prompt)
+    except BundleError as err:
         raise EdgeforgeError(f"{model}: {err}") from None
-    stream = None if as_json else _Streamer(tok)
-    result = run(engine, ids, max_tokens, Sampler(temperature, top_p, seed), stop_ids=tok.eos_token_ids,
-                 on_token=stream)
-    text = tok.decode(result.tokens)
+    done = session.generate(ids, max_tokens, temperature, top_p, seed, on_text=None if as_json else _write)
+    result = done.result
     if as_json:
         click.echo(json.dumps({
-            "prompt_tokens": len(ids), "prompt_ids": ids, "tokens": result.tokens, "text": text,
+            "prompt_tokens": len(ids), "prompt_ids": ids, "tokens": done.ids, "text": done.text,
             "stopped": result.stopped, "timings": result.timings(), "device": engine.device, **info,
         }))
     else:
-        stream.finish()
-        logger.info(f"[{len(ids)} prompt tokens, {len(result.tokens)} generated; prefill "
+        _write("\n")
+        logger.info(f"[{len(ids)} prompt tokens, {len(done.ids)} generated; prefill "
                     f"{result.prefill_tokens_per_second:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s "
                     f"on {engine.device}]")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _prompt_text(ctx, param, value):
@@ -280,25 +269,3 @@ def _prompt_text(ctx, param, value):
     return prompt_text(ctx, param, value)
 
 
-class _Streamer:
-    """Print text as tokens arrive. Decoding the whole sequence each time keeps multi-byte
-    characters and sentencepiece spaces right; a trailing U+FFFD is an incomplete character: wait."""
-
-    def __init__(self, tok):
-        self.tok, self.ids, self.shown = tok, [], ""
-
-    def __call__(self, token: int) -> None:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
-            return
-        sys.stdout.write(text[len(self.shown):])
-        sys.stdout.flush()
-        self.shown = text
-
-    def finish(self) -> None:
-        text = self.tok.decode(self.ids)
-        if text.startswith(self.shown):
-            sys.stdout.write(text[len(self.shown):])
-        sys.stdout.write("\n")
-        sys.stdout.flush()
