@@ -9,9 +9,6 @@ import click
 from ..errors import EdgeforgeError
 from .bundle_cmds import TRUST_OPTION, open_verified
 
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-
-
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -47,23 +44,19 @@ def serve(bundle, host, port, api_key, api_key_file, parallel, queue_limit, ctx,
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
            -d '{"model": "smollm2-135m-q4f16-x86-cpu-onnx", "messages": [{"role": "user", "content": "Hi"}]}'
     """
-    from ..runtime.server import Server, run_server
+    from ..runtime.bundle_errors import BundleError
+    from ..runtime.server import check_api_key, read_api_key_file, serve_session
 
     _check_server_packages()
-    key = _api_key(api_key, api_key_file)
+    if api_key is not None and api_key_file is not None:
+        raise EdgeforgeError("--api-key and --api-key-file exclude each other")
+    try:
+        key = read_api_key_file(api_key_file) if api_key_file else check_api_key(api_key, "--api-key") if api_key else None
+    except BundleError as err:
+        raise EdgeforgeError(str(err)) from None
     sock = _bind(host, port)
     first = open_verified(bundle, max_length=ctx, trust=trust)
-    sessions = [first] + [first.sibling() for _ in range(parallel - 1)]
-    server = Server(sessions, api_key=key, queue_limit=queue_limit)
-    address = sock.getsockname()
-    shown_host = f"[{address[0]}]" if ":" in address[0] else address[0]
-    click.echo(f"serving {server.model_id} on http://{shown_host}:{address[1]} ({parallel} engine(s), "
-               f"queue {queue_limit}, context {first.context_length or '?'} tokens, "
-               f"{'API key required' if key else 'no API key'})", err=True)
-    if host not in LOOPBACK and not key:
-        click.echo(f"warning: listening on {host} without an API key: anyone who can reach this port can use it",
-                   err=True)
-    run_server(server, sock, drain)
+    serve_session(first, sock, key, parallel, queue_limit, drain, lambda message: click.echo(message, err=True))
 
 
 def _check_server_packages() -> None:
@@ -74,25 +67,6 @@ def _check_server_packages() -> None:
         raise EdgeforgeError(f"serve needs starlette and uvicorn ({err}): pip install 'edgeforge[serve]'") from None
 
 
-def _api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
-    if api_key is not None and api_key_file is not None:
-        raise EdgeforgeError("--api-key and --api-key-file exclude each other")
-    if api_key_file is not None:
-        try:
-            lines = api_key_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise EdgeforgeError(f"--api-key-file {api_key_file}: unreadable ({getattr(err, 'strerror', None) or err})") from None
-        api_key, where = (lines[0] if lines else ""), f"--api-key-file {api_key_file}"
-    else:
-        where = "--api-key"
-    if api_key is None:
-        return None
-    api_key = api_key.strip()
-    if len(api_key) < 8 or not api_key.isascii() or not api_key.isprintable() or " " in api_key:
-        raise EdgeforgeError(f"{where}: an API key must be at least 8 printable ASCII characters without spaces")
-    return api_key
-
-
 def _bind(host: str, port: int):
     from ..runtime.bundle_errors import BundleError
     from ..runtime.server import bind
@@ -101,5 +75,3 @@ def _bind(host: str, port: int):
         return bind(host, port)
     except BundleError as err:
         raise EdgeforgeError(str(err)) from None
-    except (OSError, UnicodeError) as err:  # a host name that does not resolve
-        raise EdgeforgeError(f"--host {host}: {err}") from None

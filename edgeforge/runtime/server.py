@@ -377,15 +377,16 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as err:
+    except (OSError, UnicodeError) as err:  # in use, not ours, or a host name that does not resolve
         sock.close()
-        raise BundleError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+        raise BundleError(f"--host {host} --port {port}: cannot listen there "
+                          f"({getattr(err, 'strerror', None) or err})") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
 
 
-def run_server(server: Server, sock: socket.socket, drain_seconds: float) -> bool:
+def run_server(server: Server, sock: socket.socket, drain_seconds: float) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get `drain_seconds` to finish. Blocks. The signal
     that ended it is raised again afterwards (uvicorn), so the CLI exits 130 or 143."""
     import uvicorn
@@ -393,4 +394,80 @@ def run_server(server: Server, sock: socket.socket, drain_seconds: float) -> boo
     config = uvicorn.Config(server.app(), log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=drain_seconds, timeout_keep_alive=5)
     uvicorn.Server(config).run(sockets=[sock])
-    return True
+
+
+def serve_session(first, sock: socket.socket, api_key: str | None, parallel: int, queue_limit: int,
+                  drain_seconds: float, announce) -> None:
+    """Open the other engines next to `first` (an opened Session), say where it listens, serve."""
+    sessions = [first] + [first.sibling() for _ in range(parallel - 1)]
+    server = Server(sessions, api_key=api_key, queue_limit=queue_limit)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    announce(f"serving {server.model_id} on http://{shown}:{port} ({parallel} engine(s), queue {queue_limit}, "
+             f"context {first.context_length or '?'} tokens, {'API key required' if api_key else 'no API key'})")
+    if host not in ("127.0.0.1", "::1") and not api_key:
+        announce(f"warning: listening on {host} without an API key: anyone who can reach this port can use it")
+    run_server(server, sock, drain_seconds)
+
+
+def check_api_key(key: str, where: str) -> str:
+    key = key.strip()
+    if len(key) < 8 or not key.isascii() or not key.isprintable() or " " in key:
+        raise BundleError(f"{where}: an API key must be at least 8 printable ASCII characters without spaces")
+    return key
+
+
+def read_api_key_file(path) -> str:
+    """The first line of an API key file."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise BundleError(f"--api-key-file {path}: unreadable ({getattr(err, 'strerror', None) or err})") from None
+    return check_api_key(lines[0] if lines else "", f"--api-key-file {path}")
+
+
+def main(argv=None) -> int:
+    """On a device without edgeforge, inside a bundle: python3 -m edgeforge_runtime.server BUNDLE [options]
+    (PYTHONPATH=BUNDLE/runtime; starlette and uvicorn installed). The options mean what they mean for
+    `edgeforge serve`; the API key comes from --api-key-file or $EDGEFORGE_API_KEY."""
+    import argparse
+    import os
+    import signal
+    import sys
+
+    from .session import open_session
+
+    ap = argparse.ArgumentParser(prog="python3 -m edgeforge_runtime.server", description=main.__doc__)
+    ap.add_argument("bundle")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--api-key-file", default=None)
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--queue", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=None)
+    ap.add_argument("--drain", type=float, default=10.0)
+    ap.add_argument("--trust", default=None, metavar="PUBKEY.pem")
+    args = ap.parse_args(argv)
+    announce = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        if not 0 <= args.port <= 65535 or args.parallel < 1 or args.queue < 0 or (args.ctx is not None and args.ctx < 2):
+            raise BundleError("--port must be 0..65535, --parallel >= 1, --queue >= 0, --ctx >= 2")
+        env_key = os.environ.get("EDGEFORGE_API_KEY")
+        key = (read_api_key_file(args.api_key_file) if args.api_key_file
+               else check_api_key(env_key, "$EDGEFORGE_API_KEY") if env_key else None)
+        sock = bind(args.host, args.port)
+        first = open_session(args.bundle, max_length=args.ctx, trust=args.trust)
+        serve_session(first, sock, key, args.parallel, args.queue, args.drain, announce)
+    except BundleError as err:
+        announce(f"error: {err}")
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

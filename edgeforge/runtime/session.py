@@ -66,8 +66,11 @@ class Session:
         return open_bundle_engine(self.bundle, self.manifest, device=self._device, max_length=self._max_length)
 
     def sibling(self) -> "Session":
-        """Another engine on the same bundle (its own KV cache), opened without verifying again."""
-        return Session(self.bundle, self.manifest, self.tokenizer, self.open_engine(), self._max_length, self._device)
+        """Another engine on the same bundle (its own KV cache), opened without verifying again. An engine
+        that can share its loaded model (ONNX: one session runs concurrent calls) does so."""
+        twin = getattr(self.engine, "sibling", None)
+        engine = twin() if twin is not None else self.open_engine()
+        return Session(self.bundle, self.manifest, self.tokenizer, engine, self._max_length, self._device)
 
     @property
     def context_length(self) -> int | None:
