@@ -86,7 +86,7 @@ class LiveServer:
             self.proc.wait()
 
 
-def client(server: LiveServer, api_key: str = "none", **kw):
+def client(server: LiveServer, api_key: str = "none", timeout: float = 120, **kw):
     import openai
 
-    return openai.OpenAI(base_url=server.base, api_key=api_key, max_retries=0, timeout=120, **kw)
+    return openai.OpenAI(base_url=server.base, api_key=api_key, max_retries=0, timeout=timeout, **kw)

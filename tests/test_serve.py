@@ -218,6 +218,15 @@ def test_prompt_past_the_context_is_a_400_naming_the_limit(server, bundle):
     assert "512" in err.value.message  # the tiny model's context
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_only_json_bodies_are_read(server, bundle, content_type):
+    # what a browser may send cross-site without asking first (and what curl -d sends by default)
+    body = json.dumps({"model": model_id(bundle), "prompt": "hi", "max_tokens": 2}).encode()
+    status, answer, _ = server.request("POST", "/v1/completions", body,
+                                       {"Content-Type": content_type} if content_type else {})
+    assert status == 415 and "application/json" in answer["error"]["message"]
+
+
 def test_oversized_body_is_a_413(server, bundle):
     status, answer, _ = server.post("/v1/completions", {"model": model_id(bundle), "prompt": "x" * (2 << 20)})
     assert status == 413 and "limit" in answer["error"]["message"]

@@ -97,6 +97,17 @@ def test_disconnect_mid_stream_frees_the_engine(server, bundle):
     assert time.monotonic() - t0 < 5  # freed between two tokens, not after 2000 of them
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_engine(server, bundle):
+    before = server.metric("cancelled_total")
+    with pytest.raises(openai.APITimeoutError):
+        client(server, timeout=1.5).chat.completions.create(model=bundle.name, messages=STORY, max_tokens=2000,
+                                                            temperature=0)
+    t0 = time.monotonic()
+    while server.metric("cancelled_total") == before and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert server.metric("cancelled_total") == before + 1 and server.metric("slots_busy") == 0
+
+
 def test_sigterm_mid_stream_drains_then_exits_143(bundle):
     live = LiveServer(bundle, "--drain", "60")
     got: dict = {}

@@ -273,6 +273,13 @@ class Server:
                 raise ClientGone()
 
     async def _read_body(self, request) -> bytes:
+        # JSON only: a web page can send a cross-site "simple" POST (text/plain, forms) to a server on the
+        # household network without asking, but not an application/json one (the browser asks first, and
+        # this server allows no other origins), so no page a user visits can spend the server's time.
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise wire.ApiError(415, f"send the request body as JSON with 'Content-Type: application/json' "
+                                     f"(got {media_type[:60] or 'no content type'!r})", code="unsupported_media_type")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise self._too_large(int(declared))
@@ -391,8 +398,11 @@ def run_server(server: Server, sock: socket.socket, drain_seconds: float) -> Non
     that ended it is raised again afterwards (uvicorn), so the CLI exits 130 or 143."""
     import uvicorn
 
+    # Connections past limit_concurrency get 503 at once, so idle or slow clients cannot pile up without end.
+    slots = len(server.sessions)
     config = uvicorn.Config(server.app(), log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=drain_seconds, timeout_keep_alive=5)
+                            timeout_graceful_shutdown=drain_seconds, timeout_keep_alive=5,
+                            limit_concurrency=max(64, 4 * (slots + server.queue_limit)))
     uvicorn.Server(config).run(sockets=[sock])
 
 
