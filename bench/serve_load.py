@@ -1,7 +1,7 @@
 """Load test: `edgeforge serve` next to llama.cpp's `llama-server` on the same model, on loopback.
 
-    python bench/serve_load.py --bundle dist/smollm2-135m-q4f16-x86-cpu-onnx            # writes JSON
-    python bench/serve_load.py --bundle ... --markdown BENCHMARKS.md                      # and the table
+    python bench/serve_load.py --bundle dist/smollm2-135m-q4f16-x86-cpu-onnx --threads 1
+    # writes bench/results/serve-load.json; bench/report.py renders it into BENCHMARKS.md ("Serving")
 
 For each server and each concurrency (1, 4, 16 clients): every client sends streamed chat completions
 (greedy, the same max_tokens, prompts from one list) one after another until the level's request count
@@ -91,7 +91,7 @@ class ServerProcess:
         self._stop.set()
         self.proc.terminate()
         try:
-            self.proc.wait(30)
+            self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -200,54 +200,33 @@ def run(args) -> dict:
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": shlex.join(sys.argv),
            "max_tokens": args.max_tokens, "slots": args.slots, "threads": args.threads, "ctx": args.ctx,
            "load_average": os.getloadavg()[0], "servers": {}}
-    for name in args.servers:
-        server = makers[name]()
-        try:
-            server.wait_ready()
-            one_request(server.port, server.model, PROMPTS[0], 4, args.timeout)  # warm up
-            levels = []
-            for clients in args.clients:
-                requests = max(args.min_requests, args.requests_per_client * clients)
-                levels.append(load_level(server, clients, requests, args.max_tokens, args.timeout))
-                print(f"[serve_load] {name} {levels[-1]}", file=sys.stderr, flush=True)
-        finally:
+    servers = {}
+    try:
+        for name in args.servers:
+            servers[name] = makers[name]()
+            servers[name].wait_ready()
+            one_request(servers[name].port, servers[name].model, PROMPTS[0], 4, args.timeout)  # warm up
+        levels = {name: [] for name in servers}
+        # Interleaved (each level: every server in turn): on a shared machine, load that comes and goes
+        # then falls on both servers alike rather than on whichever happened to run at the time.
+        for clients in args.clients:
+            requests = max(args.min_requests, args.requests_per_client * clients)
+            for name, server in servers.items():
+                levels[name].append(load_level(server, clients, requests, args.max_tokens, args.timeout))
+                print(f"[serve_load] {name} {levels[name][-1]}", file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
+    for name, server in servers.items():
         out["servers"][name] = {"model": str(bundle if name == "edgeforge" else gguf), "weights_bytes": weights[name],
-                                "peak_rss_bytes": server.peak_rss, "levels": levels}
+                                "peak_rss_bytes": server.peak_rss, "levels": levels[name]}
+    out["load_average_end"] = os.getloadavg()[0]
     return out
-
-
-def markdown(result: dict) -> str:
-    rows = ["| server | clients | requests | errors | generated tok/s | TTFT p50 ms | TTFT p99 ms |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, s in result["servers"].items():
-        for lv in s["levels"]:
-            rows.append(f"| {name} | {lv['clients']} | {lv['requests']} | {lv['errors']} | {lv['tok_s']} | "
-                        f"{lv['ttft_p50_ms']} | {lv['ttft_p99_ms']} |")
-    mem = ["| server | weights | peak RSS (whole run, 16 clients the largest load) |", "|---|---:|---:|"]
-    for name, s in result["servers"].items():
-        mem.append(f"| {name} | {s['weights_bytes'] / 1e6:.1f} MB | {s['peak_rss_bytes'] / 1e6:.1f} MB |")
-    return "\n".join([
-        f"Measured {result['date']} on this 2-core machine (load average {result['load_average']:.1f} when it "
-        f"started: the machine is shared, numbers are noisy), {result['slots']} slots and {result['threads']} "
-        f"threads for each server, greedy, max_tokens {result['max_tokens']}, streamed chat completions:",
-        "", "```", result["command"], "```", "", *rows, "", *mem, ""])
-
-
-def write_section(path: Path, text: str) -> None:
-    start, end = "<!-- serve_load:start -->", "<!-- serve_load:end -->"
-    doc = path.read_text() if path.exists() else ""
-    block = f"{start}\n{text}{end}"
-    if start in doc and end in doc:
-        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n## Serving: edgeforge serve vs llama-server\n\n" + block + "\n"
-    path.write_text(doc)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", required=True, help="an edgeforge bundle folder (x86-cpu)")
+    ap.add_argument("--bundle", help="an edgeforge bundle folder (x86-cpu ONNX)")
     ap.add_argument("--gguf", default=None, help="llama.cpp's model (default: SmolLM2 Q4_0 made by bench/prep.py)")
     ap.add_argument("--servers", nargs="+", default=["edgeforge", "llama-server"], choices=["edgeforge", "llama-server"])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
@@ -258,16 +237,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=512, help="context per slot")
     ap.add_argument("--timeout", type=float, default=300, help="seconds a request may take")
-    ap.add_argument("-o", "--output", default=None, help="write the result JSON here")
-    ap.add_argument("--markdown", default=None, help="replace the serving section of this file (BENCHMARKS.md)")
+    ap.add_argument("-o", "--output", default=str(ROOT / "bench" / "results" / "serve-load.json"),
+                    help="write the result JSON here (bench/report.py renders it into BENCHMARKS.md)")
     args = ap.parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=1)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    if not args.bundle:
+        ap.error("--bundle is required")
+    text = json.dumps(run(args), indent=1)
+    Path(args.output).write_text(text + "\n")
     print(text)
-    if args.markdown:
-        write_section(Path(args.markdown), markdown(result))
     return 0
 
 

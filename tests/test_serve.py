@@ -270,6 +270,7 @@ def test_api_key_is_enforced_on_every_v1_route(bundle, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--api-key", "short"], "at least 8"),
+    (["--api-key", ""], "at least 8"),
     (["--api-key", "x" * 20, "--api-key-file", "k"], "exclude each other"),
     (["--api-key-file", "/nonexistent/key"], "--api-key-file /nonexistent/key"),
     (["--port", "70000"], "--port"),

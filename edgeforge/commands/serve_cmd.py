@@ -51,7 +51,9 @@ def serve(bundle, host, port, api_key, api_key_file, parallel, queue_limit, ctx,
     if api_key is not None and api_key_file is not None:
         raise EdgeforgeError("--api-key and --api-key-file exclude each other")
     try:
-        key = read_api_key_file(api_key_file) if api_key_file else check_api_key(api_key, "--api-key") if api_key else None
+        # an empty --api-key or EDGEFORGE_API_KEY is a mistake, never "no key"
+        key = (read_api_key_file(api_key_file) if api_key_file is not None
+               else check_api_key(api_key, "--api-key") if api_key is not None else None)
     except BundleError as err:
         raise EdgeforgeError(str(err)) from None
     sock = _bind(host, port)

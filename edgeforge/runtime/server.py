@@ -465,7 +465,7 @@ def main(argv=None) -> int:
             raise BundleError("--port must be 0..65535, --parallel >= 1, --queue >= 0, --ctx >= 2")
         env_key = os.environ.get("EDGEFORGE_API_KEY")
         key = (read_api_key_file(args.api_key_file) if args.api_key_file
-               else check_api_key(env_key, "$EDGEFORGE_API_KEY") if env_key else None)
+               else check_api_key(env_key, "$EDGEFORGE_API_KEY") if env_key is not None else None)
         sock = bind(args.host, args.port)
         first = open_session(args.bundle, max_length=args.ctx, trust=args.trust)
         serve_session(first, sock, key, args.parallel, args.queue, args.drain, announce)
