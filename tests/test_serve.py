@@ -354,3 +354,28 @@ def test_help_has_an_example():
     proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "serve", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "edgeforge serve dist/" in proc.stdout and "--api-key" in proc.stdout
     json.dumps(proc.stdout)
+
+
+def test_tvm_bundle_serves_concurrent_requests(tiny_model, tmp_path):
+    """TVM bundles have no shared-model sibling: --parallel opens N engines, each used from its own thread."""
+    pytest.importorskip("tvm", reason="the tvm extra (apache-tvm) is not installed")
+    from edgeforge.runtime.session import open_session
+
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant",
+                           "q4f32", "--target", "x86-cpu", "--backend", "tvm", "-o", str(tmp_path / "dist"),
+                           "--no-smoke", "--no-quality", "serve test"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (tvm_bundle,) = [p for p in (tmp_path / "dist").iterdir() if p.is_dir()]
+    session = open_session(tvm_bundle)
+    prompts = [f"Story number {i}:" for i in range(4)]
+    expected = [session.generate(session.encode(p), 20).text for p in prompts]
+    with LiveServer(tvm_bundle, "--parallel", "2") as live:
+        c = client(live)
+
+        def streamed(prompt):
+            return "".join(ch.choices[0].text for ch in c.completions.create(
+                model=tvm_bundle.name, prompt=prompt, max_tokens=20, temperature=0, stream=True) if ch.choices)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(streamed, prompts)) == expected
+        assert live.terminate() == 143
