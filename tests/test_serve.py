@@ -379,3 +379,10 @@ def test_tvm_bundle_serves_concurrent_requests(tiny_model, tmp_path):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             assert list(pool.map(streamed, prompts)) == expected
         assert live.terminate() == 143
+
+
+def test_manifest_records_what_serving_installs(bundle):
+    serve = json.loads((bundle / "manifest.json").read_text())["device_install"]["serve"]
+    assert {"starlette", "uvicorn"} <= set(serve["packages"]) and serve["unmeasured"] == []
+    assert 0 < serve["added_bytes"] <= serve["installed_bytes"] < 20e6
+    assert all(p["installed_bytes"] > 0 for p in serve["packages"].values())
