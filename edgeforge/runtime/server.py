@@ -209,7 +209,8 @@ class Server:
         except ClientGone:
             job.cancel.set()
             raise
-        except BundleError as err:
+        except Exception as err:  # noqa: BLE001 - an engine failure is this request's 500, not a crash
+            logger.error(f"generation failed: {type(err).__name__}: {err}")
             raise wire.ApiError(500, f"generation failed: {err}", kind="server_error") from None
         rid = wire.new_id("chatcmpl" if chunk_object.startswith("chat") else "cmpl")
         make = wire.chat_answer if chunk_object.startswith("chat") else wire.completion_answer
@@ -219,9 +220,12 @@ class Server:
         """Server-sent events: OpenAI's chunks as text arrives, the finish reason, usage if asked, [DONE]."""
         chat = chunk_object.startswith("chat")
         rid = wire.new_id("chatcmpl" if chat else "cmpl")
-        chunk = (lambda text, reason=None: wire.chat_chunk(rid, self.model_id, {"content": text} if text or reason is None
-                                                           else {}, reason)) if chat else \
-            (lambda text, reason=None: wire.completion_chunk(rid, self.model_id, text, reason))
+
+        def chunk(text: str, reason: str | None = None) -> dict:
+            if not chat:
+                return wire.completion_chunk(rid, self.model_id, text, reason)
+            return wire.chat_chunk(rid, self.model_id, {"content": text} if reason is None else {}, reason)
+
         try:
             if chat:
                 yield wire.sse(wire.chat_chunk(rid, self.model_id, {"role": "assistant", "content": ""}))
