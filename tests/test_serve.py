@@ -166,6 +166,7 @@ DROP = object()
     (dict(messages=[{"role": "user", "content": "hi"}] * 257), "messages"),
     (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
     (dict(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+    (dict(messages=[{"role": "user", "content": "lone \ud800 surrogate"}]), "messages[0].content"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      "messages[0].content"),
     (dict(model=DROP), "model"),
