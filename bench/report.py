@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def render(r: dict) -> str:
-    parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _quality_plausible(), _quant_cost(), _memory(r), _gpu(),
+    parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _quality_plausible(), _quant_cost(), _memory(r), _serving(), _gpu(),
              _schemes(), _scaling(), _scaling_peers(), _commands(r), _notes(r)]
     return "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
@@ -246,6 +246,46 @@ def _quality_plausible():
                 goals.append(f"- {t}: {ours} KL {ratio:.2f}x {theirs}'s at {size:.3f}x its weight bytes "
                              f"(goal <= {max_kl:g}x at <= {max_size:g}x): **{'met' if met else 'NOT met'}**")
     return "\n".join(out + [""] + goals)
+
+
+def _serving():
+    """edgeforge serve next to llama-server under load, from bench/results/serve-load.json (bench/serve_load.py)."""
+    path = GPU_RESULTS / "serve-load.json"
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    rows = ["| server | clients | requests | errors | generated tok/s | TTFT p50 ms | TTFT p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, s in r["servers"].items():
+        for lv in s["levels"]:
+            rows.append(f"| {name} | {lv['clients']} | {lv['requests']} | {lv['errors']} | {lv['tok_s']} | "
+                        f"{lv['ttft_p50_ms']} | {lv['ttft_p99_ms']} |")
+    mem = ["| server | model | weights MB | peak RSS MB (whole run; 16 clients the largest load) |", "|---|---|---:|---:|"]
+    for name, s in r["servers"].items():
+        mem.append(f"| {name} | {Path(s['model']).name} | {s['weights_bytes'] / 1e6:.1f} | {s['peak_rss_bytes'] / 1e6:.1f} |")
+    return "\n".join([
+        "## Serving: edgeforge serve vs llama-server", "",
+        f"`{r['command']}` on {r['date']}: streamed chat completions on loopback, greedy, max_tokens "
+        f"{r['max_tokens']}, {r['slots']} slots (`--parallel` / `-np`) and {r['threads']} thread(s) for each server, "
+        f"the servers interleaved level by level. Load average {r['load_average']:.1f} at the start and "
+        f"{r.get('load_average_end', 0):.1f} at the end: this 2-core machine was shared, so absolute numbers are "
+        "low and noisy; compare the rows of this run. TTFT includes the time a request waits for a slot.", "",
+        *rows, "", *_serving_goal(r), "", *mem, "",
+        "Why one thread each, what batching would give, and what is left: docs/notes/serve.md."]).rstrip()
+
+
+def _serving_goal(r):
+    """Issue 22's goal, level by level: aggregate tok/s and TTFT p50 at least llama-server's."""
+    ours, peer = r["servers"].get("edgeforge"), r["servers"].get("llama-server")
+    if not ours or not peer:
+        return []
+    out = ["| clients | tok/s edgeforge / llama-server | TTFT p50 edgeforge / llama-server | goal (>= tok/s, <= TTFT) |",
+           "|---:|---:|---:|---|"]
+    for a, b in zip(ours["levels"], peer["levels"]):
+        met = a["tok_s"] >= b["tok_s"] and (a["ttft_p50_ms"] or 0) <= (b["ttft_p50_ms"] or 0)
+        out.append(f"| {a['clients']} | {a['tok_s'] / b['tok_s']:.2f}x | {a['ttft_p50_ms'] / b['ttft_p50_ms']:.2f}x | "
+                   f"{'met' if met else 'NOT met'} |")
+    return out
 
 
 def _quant_cost():

@@ -33,6 +33,7 @@ COMMANDS = {
     "smoke": "edgeforge.commands.bundle_cmds:smoke",
     "run": "edgeforge.commands.bundle_cmds:run",
     "bench": "edgeforge.commands.bundle_cmds:bench",
+    "serve": "edgeforge.commands.serve_cmd:serve",
     "targets": "edgeforge.commands.bundle_cmds:targets",
     "doctor": "edgeforge.commands.bundle_cmds:doctor",
     "plan": "edgeforge.commands.bundle_cmds:plan",

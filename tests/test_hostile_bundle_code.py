@@ -284,7 +284,8 @@ def test_used_bytes_are_the_verified_bytes(signed, tmp_path):
     from edgeforge.runtime.sampling import Sampler
 
     bundle = copy_bundle(signed[0], tmp_path / "b")
-    _, engine, tok = open_verified(bundle, trust=signed[1])
+    session = open_verified(bundle, trust=signed[1])
+    engine, tok = session.engine, session.tokenizer
     before = generate(engine, tok.encode("one two"), 6, Sampler(0, 1, 0)).tokens
     data = bundle / "artifact" / "model.onnx.data"
     data.write_bytes(bytes(len(data.read_bytes())))  # zero every weight after the check

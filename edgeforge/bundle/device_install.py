@@ -89,14 +89,41 @@ def _device_wheels(specs: list[tuple[str, str]], arch: str) -> dict:
     return found
 
 
+# `pip install edgeforge[serve]`'s server stack (edgeforge serve; the bundle's runtime/server.py): what a
+# device adds to serve a bundle over HTTP, measured apart from what requirements.txt brings.
+SERVE_PACKAGES = {"starlette": "", "uvicorn": ""}
+
+
 def measure(pinned: dict[str, str], os_name: str, arch: str, bundled_bytes: int) -> dict | None:
     """The manifest's `device_install` entry for a bundle whose device runs `os_name` on CPU `arch`
-    (None for devices other than Linux: their packages are not the manylinux wheels measured here)."""
+    (None for devices other than Linux: their packages are not the manylinux wheels measured here).
+    Its "serve" entry: the packages serving adds (those not already installed for the bundle)."""
     if os_name != "linux":
         return None
     arch = cpu_arch(arch)
-    local = host_arch() == arch
     closure = dependency_closure(pinned)
+    packages, unmeasured = _measure_packages(closure, arch)
+    installed = sum(p["installed_bytes"] or 0 for p in packages.values())
+    downloads = [p["download_bytes"] for p in packages.values()]
+    serve_packages, serve_unmeasured = _measure_packages(dependency_closure(SERVE_PACKAGES), arch)
+    return {
+        "arch": arch, "python": "cp311",
+        "packages": packages,
+        "bundled_runtime_bytes": bundled_bytes,
+        "installed_bytes": installed + bundled_bytes,
+        "download_bytes": None if None in downloads else sum(downloads),
+        "unmeasured": unmeasured,
+        # installed_bytes: the server stack with everything it needs; added_bytes: the part that
+        # requirements.txt's own closure does not bring already
+        "serve": {"packages": serve_packages, "unmeasured": serve_unmeasured,
+                  "installed_bytes": sum(p["installed_bytes"] or 0 for p in serve_packages.values()),
+                  "added_bytes": sum(p["installed_bytes"] or 0 for n, p in serve_packages.items() if n not in closure)},
+    }
+
+
+def _measure_packages(closure: dict[str, str], arch: str) -> tuple[dict, list[str]]:
+    """({name: {version, download_bytes, installed_bytes, measured_from}}, names not measured)."""
+    local = host_arch() == arch
     wheels = {}
     if not local and arch == "aarch64":
         wheels = _device_wheels([(n, v) for n, v in closure.items() if v[:1].isdigit()], arch)
@@ -115,16 +142,7 @@ def measure(pinned: dict[str, str], os_name: str, arch: str, bundled_bytes: int)
         else:
             unmeasured.append(name)
         packages[name] = entry
-    installed = sum(p["installed_bytes"] or 0 for p in packages.values())
-    downloads = [p["download_bytes"] for p in packages.values()]
-    return {
-        "arch": arch, "python": "cp311",
-        "packages": packages,
-        "bundled_runtime_bytes": bundled_bytes,
-        "installed_bytes": installed + bundled_bytes,
-        "download_bytes": None if None in downloads else sum(downloads),
-        "unmeasured": unmeasured,
-    }
+    return packages, unmeasured
 
 
 def summary(info: dict | None) -> str:
@@ -138,5 +156,8 @@ def summary(info: dict | None) -> str:
     least = "at least " if info["unmeasured"] else ""
     bundled = f", {info['bundled_runtime_bytes'] / mb:.1f} MB of it carried in the bundle" if info["bundled_runtime_bytes"] else ""
     missing = f"; not measured: {', '.join(info['unmeasured'])}" if info["unmeasured"] else ""
+    serve = info.get("serve")
+    served = (f"; serving over HTTP (edgeforge[serve]: starlette, uvicorn) adds {serve['added_bytes'] / mb:.1f} MB "
+              f"({serve['installed_bytes'] / mb:.1f} MB with all it needs)" if serve and not serve["unmeasured"] else "")
     return (f"device install ({info['arch']}): {least}{info['installed_bytes'] / mb:.1f} MB on disk{bundled}{down} "
-            f"(largest: {biggest}){missing}")
+            f"(largest: {biggest}){missing}{served}")

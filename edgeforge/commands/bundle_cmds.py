@@ -228,29 +228,15 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
 # ---- run / generate ------------------------------------------------------------------------------
 
 def open_verified(bundle: Path, max_length: int | None = None, trust: Path | None = None, device: str | None = None):
-    """(manifest, engine, tokenizer) of a verified bundle folder; max_length sizes the KV cache.
-
-    The one way a bundle is opened for use (run, bench, generate; serve builds on it). The installed
-    edgeforge verifies it (the signature first with `trust`), copying every file as it is hashed into
-    a private temporary folder (manifest_check.verified_copy), and everything loads from that copy:
-    a bundle changed after the check, or while it runs, cannot swap what was verified."""
+    """A verified, opened bundle folder (runtime.session.Session: manifest, tokenizer, engine); max_length
+    sizes the KV cache. The one way every command opens a bundle."""
     from ..runtime.bundle_errors import BundleError
-    from ..runtime.hostcheck import check_can_run
-    from ..runtime.manifest_check import verified_copy
-    from ..runtime.smoke import open_bundle_engine
-    from ..runtime.tokenizer import Tokenizer, TokenizerError
+    from ..runtime.session import open_session
 
-    bundle = Path(bundle)
-    if not bundle.is_dir():
-        raise EdgeforgeError(f"{bundle}: no such bundle folder")
     try:
-        manifest, copy = verified_copy(bundle, trust)
-        check_can_run(manifest)
-        tokenizer = Tokenizer.load(copy / "tokenizer")
-        engine = open_bundle_engine(copy, manifest, device=device, max_length=max_length)
-    except (BundleError, TokenizerError) as err:
+        return open_session(Path(bundle), max_length=max_length, trust=trust, device=device)
+    except BundleError as err:
         raise EdgeforgeError(str(err)) from None
-    return manifest, engine, tokenizer
 
 
 @click.command()
@@ -278,19 +264,19 @@ def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, ctx, as_json
     """
     from ..bundle.chat import answer_json, chat_loop, stream_answer
 
-    _, engine, tokenizer = open_verified(bundle, max_length=ctx, trust=trust)
+    session = open_verified(bundle, max_length=ctx, trust=trust)
     opts = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if as_json:
         if prompt is None:
             raise EdgeforgeError("--json needs --prompt")
-        _echo_json(answer_json(engine, tokenizer, prompt, chat, **opts))
+        _echo_json(answer_json(session, prompt, chat, **opts))
         return
     if prompt is None:
         if not sys.stdin.isatty():
             raise EdgeforgeError("--prompt is required when stdin is not a terminal")
-        chat_loop(engine, tokenizer, **opts)
+        chat_loop(session, **opts)
         return
-    stream_answer(engine, tokenizer, [{"role": "user", "content": prompt}] if chat else prompt, **opts)
+    stream_answer(session, [{"role": "user", "content": prompt}] if chat else prompt, **opts)
 
 
 # ---- bench ---------------------------------------------------------------------------------------
@@ -312,8 +298,8 @@ def bench(bundle, n_prompt, n_gen, repetitions, as_json, trust):
     from ..bundle.bench import run_bench
 
     # A cache for what the tests need, as llama-bench sizes its context to n_prompt + n_gen.
-    manifest, engine, _ = open_verified(bundle, max_length=max(n_prompt, n_gen + 1), trust=trust)
-    records = run_bench(engine, manifest, n_prompt, n_gen, repetitions)
+    session = open_verified(bundle, max_length=max(n_prompt, n_gen + 1), trust=trust)
+    records = run_bench(session.engine, session.manifest, n_prompt, n_gen, repetitions)
     if as_json:
         _echo_json(records)
         return

@@ -47,13 +47,15 @@ def open_engine_for(path: Path, device: str | None = None, trust: Path | None = 
 
 
 def open_bundle(bundle: Path, device: str | None = None, trust: Path | None = None):
-    """A bundle's engine and tokenizer, opened by the one opening path (bundle_cmds.open_verified)."""
+    """A bundle's engine and tokenizer, opened (verified first, the signature too with `trust`) the way
+    every bundle command opens them."""
     from .bundle_cmds import open_verified
 
-    manifest, engine, tokenizer = open_verified(bundle, trust=trust, device=device)
+    session = open_verified(bundle, trust=trust, device=device)
+    manifest = session.manifest
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
     info = {"engine": "bundle", "format": "bundle", "model_id": model.get("id")}
-    return engine, tokenizer, info
+    return session.engine, session.tokenizer, info
 
 
 # ---- fetch-model ---------------------------------------------------------------------------------
@@ -241,37 +243,41 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
       edgeforge generate ./qdir-q4f16 -p "Once upon a time" -n 32 -t 0.8 --top-p 0.95 --seed 1 --json
       edgeforge generate dist/smollm2-135m-q4f16-x86-cpu-onnx -p "Hello" --trust release.pub.pem
     """
-    from ..bundle.chat import Streamer
-    from ..runtime.generate import generate as run
-    from ..runtime.sampling import Sampler
-    from ..runtime.tokenizer import TokenizerError
+    from ..runtime.bundle_errors import BundleError
+    from ..runtime.session import Session
 
     engine, tok, info = open_engine_for(resolve(model), device, trust)
+    session = Session(Path(model), {}, tok, engine)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            ids = tok.encode_chat(messages)
-        else:
-            ids = tok.encode(prompt)
-    except TokenizerError as err:
+        ids = session.encode(messages if chat else prompt)
+    except BundleError as err:
         raise EdgeforgeError(f"{model}: {err}") from None
-    stream = None if as_json else Streamer(tok)
-    result = run(engine, ids, max_tokens, Sampler(temperature, top_p, seed), stop_ids=tok.eos_token_ids,
-                 on_token=stream)
-    text = tok.decode(result.tokens)
+    done = session.generate(ids, max_tokens, temperature, top_p, seed, on_text=None if as_json else _write)
+    result = done.result
     if as_json:
         click.echo(json.dumps({
-            "prompt_tokens": len(ids), "prompt_ids": ids, "tokens": result.tokens, "text": text,
+            "prompt_tokens": len(ids), "prompt_ids": ids, "tokens": done.ids, "text": done.text,
             "stopped": result.stopped, "timings": result.timings(), "device": engine.device, **info,
         }))
     else:
-        stream.finish()
-        logger.info(f"[{len(ids)} prompt tokens, {len(result.tokens)} generated; prefill "
+        _write("\n")
+        logger.info(f"[{len(ids)} prompt tokens, {len(done.ids)} generated; prefill "
                     f"{result.prefill_tokens_per_second:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s "
                     f"on {engine.device}]")
+
+
+def _write(text: str) -> None:
+    """Model text to stdout: its control characters (terminal escapes) never printed raw."""
+    from ..runtime.smoke import terminal_text
+
+    sys.stdout.write(terminal_text(text))
+    sys.stdout.flush()
 
 
 def _prompt_text(ctx, param, value):
     from .bundle_cmds import prompt_text
 
     return prompt_text(ctx, param, value)
+
+

@@ -45,7 +45,8 @@ def generate(engine, prompt_ids, max_tokens: int, sampler: Sampler | None = None
     """Run `prompt_ids` through `engine` then produce up to `max_tokens` tokens.
 
     Stops after a token in `stop_ids` (which is included in `tokens`). `on_token(id)` is called
-    for each token as soon as it exists (streaming). The KV cache is reset first.
+    for each token as soon as it exists (streaming); when it returns True, generation ends after
+    that token with stopped="stop" (a stop string, a cancelled request). The KV cache is reset first.
     """
     prompt_ids = [int(i) for i in prompt_ids]
     if not prompt_ids:
@@ -72,8 +73,9 @@ def generate(engine, prompt_ids, max_tokens: int, sampler: Sampler | None = None
             kept.append(np.array(logits, dtype=np.float32))
         token = sampler.sample(logits)
         tokens.append(token)
-        if on_token is not None:
-            on_token(token)
+        if on_token is not None and on_token(token):
+            stopped = "stop"
+            break
         if token in stop:
             stopped = "stop"
             break

@@ -68,6 +68,23 @@ class OnnxEngine:
         if self.kv_mode not in ("shared", "copy"):
             raise BundleError(f"kv_mode must be 'shared' or 'copy', got {self.kv_mode!r}")
         self.kv_on_cpu = self.provider != "CUDAExecutionProvider"
+        self._start_sequence_state()
+
+    # Everything above is the loaded model; below, one sequence's state (bindings, KV cache).
+    SHARED = ("ort", "artifact_dir", "info", "provider", "device_id", "num_layers", "vocab_size", "embeddings",
+              "session", "device", "max_length", "context_length", "kv_dtype", "kv_mode", "kv_on_cpu")
+
+    def sibling(self) -> "OnnxEngine":
+        """Another sequence on the same loaded model. An ONNX Runtime session runs concurrent calls, so a
+        server's engines share the weights and one thread pool (N sessions would hold N copies of the
+        weights and N pools competing for the cores); each keeps its own bindings and KV cache."""
+        twin = object.__new__(OnnxEngine)
+        for name in self.SHARED:
+            setattr(twin, name, getattr(self, name))
+        twin._start_sequence_state()
+        return twin
+
+    def _start_sequence_state(self):
         self.io = self.session.io_binding()
         self._bind_small_buffers()
         self.capacity = 0

@@ -40,6 +40,10 @@ class Tokenizer:
         self.add_bos_token = bool(add_bos_token)
         self.chat_template = chat_template or None
         self._template = None
+        # encode_special_tokens is a switch on the shared Rust tokenizer: a server encodes from several
+        # threads, and one thread's switch must never apply to another's text (markup as plain text, or
+        # worse, a user's text as markup).
+        self._encode_lock = threading.Lock()
 
     # ---- basic ---------------------------------------------------------------------------------
     @property
@@ -60,7 +64,8 @@ class Tokenizer:
         BOS is added here, not by the tokenizer's post-processor, so that `add_bos` means the same
         for every source (add_special_tokens=False turns the post-processor off).
         """
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        with self._encode_lock:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos_token if add_bos is None else add_bos) and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids  # like transformers, even if the text starts with BOS
         return ids
@@ -123,14 +128,15 @@ class Tokenizer:
             raise TokenizerError("a message contains special-token text and the chat template does not place "
                                  "message text verbatim; refusing rather than letting the text act as markup")
         ids = []
-        for piece, markup in pieces:
-            if not piece:
-                continue
-            self.tok.encode_special_tokens = not markup
-            try:
-                ids += self.tok.encode(piece, add_special_tokens=False).ids
-            finally:
-                self.tok.encode_special_tokens = False
+        with self._encode_lock:
+            for piece, markup in pieces:
+                if not piece:
+                    continue
+                self.tok.encode_special_tokens = not markup
+                try:
+                    ids += self.tok.encode(piece, add_special_tokens=False).ids
+                finally:
+                    self.tok.encode_special_tokens = False
         return ids
 
     # ---- files ---------------------------------------------------------------------------------
