@@ -20,7 +20,7 @@ else:  # pragma: no cover
 from .errors import EdgeforgeError
 
 BACKENDS = ("tvm", "onnx")
-RUN_MODES = ("host", "qemu", "cuda", "vulkan", "none")
+RUN_MODES = ("host", "qemu", "cuda", "vulkan", "browser", "none")
 # edgeforge/_targets is a link to the project's top-level targets/ folder: the same files in a
 # checkout and, copied in, inside the wheel.
 BUILTIN_DIR = Path(__file__).parent / "_targets"
