@@ -60,7 +60,8 @@ class Page:
         self._server = background_server(self.bundle)
         url = self._server.__enter__()
         try:
-            self._pw = _playwright()().__enter__()
+            self._pw_context = _playwright()()
+            self._pw = self._pw_context.__enter__()
             args = BASE_ARGS + (WEBGPU_ARGS if self.webgpu else [])
             self.browser = self._pw.chromium.launch(executable_path=chromium_path(), headless=True, args=args)
             self.page = self.browser.new_page(viewport={"width": 412, "height": 860})  # a phone's width
@@ -88,7 +89,7 @@ class Page:
                              f"{(self.console or ['nothing logged'])[-1]})")
 
     def __exit__(self, *exc):
-        for step in (lambda: self.browser.close(), lambda: self._pw.__exit__(None, None, None)):
+        for step in (lambda: self.browser.close(), lambda: self._pw_context.__exit__(None, None, None)):
             try:
                 step()
             except Exception:  # noqa: BLE001 - tearing down after an error: keep the first error

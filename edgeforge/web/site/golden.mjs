@@ -84,21 +84,35 @@ export async function smoke({ base, manifest, engine, tokenizer, ep, log }) {
   return { ...summarize(results), prompts: results, prompts_checked: results.length, prompts_total: golden.prompts.length };
 }
 
-// pp/tg like llama-bench: `pp` prompt tokens in one prefill, then `tg` decode steps, `reps` times.
+// pp/tg like llama-bench (edgeforge/bundle/bench.py): ppN is one prefill of N tokens from an empty
+// cache, tgN is N decode steps after a one-token prefill; one warm-up of each first (WebGPU compiles
+// its shaders then). Returns the seconds of every repetition.
 export async function bench({ engine, pp, tg, reps, log }) {
   const vocab = engine.info.vocab_size;
-  const ids = Array.from({ length: pp }, (_, i) => (i * 7919 + 13) % vocab);
-  const runs = [];
-  for (let r = 0; r < reps + 1; r++) {  // the first run warms up (shader compilation on WebGPU)
+  const ids = Array.from({ length: Math.max(pp, 1) }, (_, i) => (i * 7919 + 13) % vocab);
+  const timePp = async () => {
     engine.reset();
-    let t = performance.now();
-    let logits = await engine.prefill(ids);
-    const prefill = (performance.now() - t) / 1000;
-    t = performance.now();
-    for (let i = 0; i < tg; i++) logits = await engine.decode(argmax(logits));
-    const decode = (performance.now() - t) / 1000;
-    if (r > 0) runs.push({ pp_s: prefill, tg_s: decode });
-    log(`${r === 0 ? "warm-up" : `run ${r}/${reps}`}: pp${pp} ${(pp / prefill).toFixed(1)} tok/s, tg${tg} ${(tg / decode).toFixed(1)} tok/s`);
+    const t = performance.now();
+    await engine.prefill(ids);
+    return (performance.now() - t) / 1000;
+  };
+  const timeTg = async (n) => {
+    engine.reset();
+    let logits = await engine.prefill([ids[0]]);
+    const t = performance.now();
+    for (let i = 0; i < n; i++) logits = await engine.decode(argmax(logits));
+    return (performance.now() - t) / 1000;
+  };
+  const out = { pp, tg, reps, pp_s: [], tg_s: [] };
+  if (pp) {
+    await timePp();
+    for (let r = 0; r < reps; r++) out.pp_s.push(await timePp());
+    log(`pp${pp}: ${out.pp_s.map((s) => (pp / s).toFixed(1)).join(", ")} tok/s`);
   }
-  return { pp, tg, reps, runs };
+  if (tg) {
+    await timeTg(Math.min(tg, 4));
+    for (let r = 0; r < reps; r++) out.tg_s.push(await timeTg(tg));
+    log(`tg${tg}: ${out.tg_s.map((s) => (tg / s).toFixed(1)).join(", ")} tok/s`);
+  }
+  return out;
 }
