@@ -150,7 +150,7 @@ export class EmbeddingTable {
   }
 }
 
-const WEBGPU_PREFILL_CHUNK = 8;
+const WEBGPU_EXACT_POSITIONS = 8;
 
 // ---- the engine ---------------------------------------------------------------------------------
 // reset() / prefill(ids) / decode(token) -> Float32Array [vocab] logits, like the Python engines.
@@ -198,10 +198,11 @@ export class Engine {
     this.device = ep;
     this.kvType = info.kv_dtype === "float16" ? "float16" : "float32";
     this.maxLength = info.context_length;
-    // onnxruntime-web's WebGPU GroupQueryAttention (float32) gets rows 9 and later of one run wrong
-    // (1.31.1; measured 0.07-0.28 off on both SwiftShader and lavapipe, rows 1-8 exact): prompts go
-    // in 8 positions a run there. WASM takes the whole prompt at once.
-    this.prefillChunk = ep === "webgpu" ? WEBGPU_PREFILL_CHUNK : Infinity;
+    // onnxruntime-web's WebGPU GroupQueryAttention (float32; 1.31.1, and onnxruntime-webgpu 1.27)
+    // gets every row at position 8 or later of a multi-token run wrong (0.03-0.28 off, on SwiftShader
+    // and on lavapipe), while single-token runs are exact: there the prompt goes in as positions 0-7
+    // in one run, then one token a run (docs/notes/web.md). WASM takes the whole prompt at once.
+    this.exactRun = ep === "webgpu" ? WEBGPU_EXACT_POSITIONS : Infinity;
     this.past = null;
     this.reset();
   }
@@ -227,7 +228,11 @@ export class Engine {
   async prefill(ids) {
     if (!ids.length) throw new BundleError("prefill needs at least one token");
     let logits;
-    for (let i = 0; i < ids.length; i += this.prefillChunk) logits = await this.step(ids.slice(i, i + this.prefillChunk));
+    for (let i = 0; i < ids.length;) {
+      const n = Math.max(1, Math.min(ids.length - i, this.exactRun - this.length));
+      logits = await this.step(ids.slice(i, i + n));
+      i += n;
+    }
     return logits;
   }
 

@@ -39,7 +39,7 @@ export async function runPrompt(engine, prompt, rel) {
     max_err: Math.max(...steps.map((s) => s.err)), tol: Math.min(...steps.map((s) => s.tol)),
     agree: steps.filter((s) => s.agree).length, steps: steps.length,
     picked: steps.map((s) => s.pick), expected: [...tokens], first_bad_step: bad < 0 ? null : bad,
-    prompt_tokens: prompt.prompt_ids.length, prefill_s: (t1 - t0) / 1000,
+    step_errs: steps.map((s) => s.err), prompt_tokens: prompt.prompt_ids.length, prefill_s: (t1 - t0) / 1000,
     decode_tokens: tokens.length - 1, decode_s: (t2 - t1) / 1000,
   };
 }
