@@ -10,6 +10,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from ..errors import EdgeforgeError
 from ..runtime.hostcheck import cuda_device_count, host_arch
 
 
@@ -37,6 +38,17 @@ def _package(dist: str, module: str) -> tuple[bool, str]:
     if ver is None or importlib.util.find_spec(module) is None:
         return False, f"{dist} not installed"
     return True, f"{dist} {ver}"
+
+
+def _web_toolchain() -> tuple[bool, str]:
+    """The pinned npm packages web bundles ship (scripts/setup-web.sh; nothing is installed here)."""
+    from ..toolchains import toolchains_dir
+    from ..web.assets import node_modules
+
+    try:
+        return True, str(node_modules(toolchains_dir() / "web"))
+    except EdgeforgeError as err:
+        return False, str(err)
 
 
 def _toolchain(probe: str) -> tuple[bool, str]:
@@ -94,6 +106,9 @@ CHECKS = {
     "arm64 root": lambda: _toolchain("arm64 root"),
     "onnxruntime-webgpu": lambda: _toolchain("onnxruntime-webgpu"),
     "lavapipe": lambda: _toolchain("lavapipe"),
+    "chromium": lambda: _tool("chromium"),
+    "onnxruntime-web (npm)": lambda: _web_toolchain(),
+    "playwright (web)": lambda: _package("playwright", "playwright"),
     "CUDA GPU": _gpu,
     "Vulkan loader": _vulkan_loader,
 }
@@ -120,6 +135,7 @@ def _build_needs(target, backend: str) -> list[str]:
 
 
 RUN_NEEDS = {"qemu": ["qemu-aarch64", "arm64 root"], "cuda": ["CUDA GPU"],
+             "browser": ["chromium", "onnxruntime-web (npm)", "playwright (web)"],
              "vulkan": ["onnxruntime-webgpu", "lavapipe"], "host": []}
 
 
@@ -148,7 +164,7 @@ def target_rows() -> list[dict]:
     return [target_row(t) for t in list_targets()]
 
 
-SMOKE_MODE = {"host": "host", "qemu": "emulate", "cuda": "gpu", "vulkan": "vulkan", "none": "none"}
+SMOKE_MODE = {"host": "host", "qemu": "emulate", "cuda": "gpu", "vulkan": "vulkan", "browser": "browser", "none": "none"}
 
 
 def github_matrix(config: Path) -> dict:
