@@ -21,6 +21,7 @@ import logging
 import posixpath
 import socketserver
 import ssl
+import sys
 import threading
 import urllib.parse
 from pathlib import Path
@@ -165,3 +166,31 @@ class background_server:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+def main(argv=None) -> int:
+    """`python -m edgeforge.web.server BUNDLE [--host H] [--port P] [--certfile C --keyfile K]`
+    (what `edgeforge serve WEB_BUNDLE` runs)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m edgeforge.web.server", description="Serve a web bundle.",
+                                 epilog="example: python -m edgeforge.web.server dist/smollm2-135m-q4f16-web-onnx --port 8000")
+    ap.add_argument("bundle")
+    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 for the LAN (default: %(default)s)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--certfile", default=None, help="PEM certificate: serve HTTPS (phones need it on the LAN)")
+    ap.add_argument("--keyfile", default=None, help="PEM private key of --certfile")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        serve_static(args.bundle, args.host, args.port, args.certfile, args.keyfile)
+    except EdgeforgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
