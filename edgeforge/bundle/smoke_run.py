@@ -121,10 +121,10 @@ def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int =
         from ..web import run as web_run
 
         if web_run.is_web(manifest):  # its page, in headless Chromium (WASM and WebGPU)
-            if emulate or ssh or prompts:
-                raise EdgeforgeError("a web bundle's smoke runs in headless Chromium here: --emulate, --ssh and "
-                                     "--prompts do not apply (open its index.html?mode=smoke on the phone)")
-            return web_run.smoke(bundle, manifest, eps or web_run.EPS)
+            if emulate or ssh:
+                raise EdgeforgeError("a web bundle's smoke runs in headless Chromium here: --emulate and --ssh "
+                                     "do not apply (open its index.html?mode=smoke on the phone)")
+            return web_run.smoke(bundle, manifest, eps or web_run.EPS, prompts=prompts)
         if eps:
             raise EdgeforgeError("--ep applies to web bundles only")
         if ssh:

@@ -21,11 +21,13 @@ def is_web(manifest: dict) -> bool:
     return (manifest.get("target") or {}).get("run") == "browser"
 
 
-def smoke(bundle: Path, manifest: dict, eps=EPS, timeout_s: float = 900) -> tuple[int, dict]:
-    """Run the page's smoke mode once per EP; returns (worst exit code, {status, runs: [...]})."""
+def smoke(bundle: Path, manifest: dict, eps=EPS, prompts: int | None = None,
+          timeout_s: float = 3600) -> tuple[int, dict]:
+    """Run the page's smoke mode once per EP (the first `prompts` golden prompts, else all); returns
+    (worst exit code, {status, runs: [...]})."""
     runs = []
     for ep in eps:
-        result = run_page(bundle, "smoke", ep, timeout_s=timeout_s)
+        result = run_page(bundle, "smoke", ep, {"prompts": prompts} if prompts else None, timeout_s=timeout_s)
         result.setdefault("peak_rss_mb", None)  # the browser does not tell a page its peak memory
         result.setdefault("bundle", manifest.get("name"))
         runs.append(result)

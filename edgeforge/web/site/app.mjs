@@ -48,7 +48,8 @@ async function main() {
   const facts = { bundle: manifest.name, target: manifest.target?.name, backend: manifest.backend, device, ep,
                   quality: manifest.quality, load_seconds: loadSeconds, files_checked: checked,
                   runtime: manifest.runtime_requirements, user_agent: navigator.userAgent };
-  if (mode === "smoke") return publish({ ...facts, ...(await smoke({ base, manifest, engine, tokenizer, ep, log })) });
+  if (mode === "smoke") return publish({ ...facts, ...(await smoke({ base, manifest, engine, tokenizer, ep, log,
+                                                                     maxPrompts: Number(params.get("prompts")) || 0 })) });
   if (mode === "bench") {
     const num = (k, d) => (params.has(k) ? Number(params.get(k)) : d);
     return publish({ ...facts, ...(await bench({ engine, pp: num("pp", 512), tg: num("tg", 128), reps: num("reps", 1), log })) });

@@ -64,10 +64,11 @@ export function toleranceFor(golden, ep) {
   return Number((t.per_ep && t.per_ep[ep]) ?? t.rel);
 }
 
-export async function smoke({ base, manifest, engine, tokenizer, ep, log }) {
+export async function smoke({ base, manifest, engine, tokenizer, ep, log, maxPrompts }) {
   const golden = await fetchVerifiedJson(base, manifest, "golden.json");
   if (golden.format !== "edgeforge-golden" || !golden.prompts?.length) throw new Error("golden.json: not an edgeforge golden file");
-  for (const p of golden.prompts) {  // the page's tokenizer must give the build's prompt ids
+  const prompts = maxPrompts ? golden.prompts.slice(0, maxPrompts) : golden.prompts;
+  for (const p of prompts) {  // the page's tokenizer must give the build's prompt ids
     const ids = p.chat ? tokenizer.encodeChat([{ role: "user", content: p.text }]) : tokenizer.encode(p.text);
     if (JSON.stringify(ids) !== JSON.stringify(p.prompt_ids)) {
       return { status: "FAIL", error: `tokenizer/: the page encodes golden prompt ${JSON.stringify(p.text)} differently than at build time` };
@@ -75,10 +76,10 @@ export async function smoke({ base, manifest, engine, tokenizer, ep, log }) {
   }
   const rel = toleranceFor(golden, ep);
   const results = [];
-  for (const [i, p] of golden.prompts.entries()) {
+  for (const [i, p] of prompts.entries()) {
     const r = await runPrompt(engine, p, rel);
     results.push(r);
-    log(`prompt ${i + 1}/${golden.prompts.length}: ${r.ok ? "ok" : "BAD"}, max err ${r.max_err.toPrecision(4)}, ` +
+    log(`prompt ${i + 1}/${prompts.length}: ${r.ok ? "ok" : "BAD"}, max err ${r.max_err.toPrecision(4)}, ` +
         `${r.agree}/${r.steps} tokens agree (${(r.prefill_s + r.decode_s).toFixed(1)} s)`);
   }
   return { ...summarize(results), prompts: results, prompts_checked: results.length, prompts_total: golden.prompts.length };
