@@ -188,12 +188,24 @@ def smollm2_web_bundle(smollm2_gguf, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.web
-def test_smollm2_web_smoke_passes_on_wasm_and_webgpu(smollm2_web_bundle):
-    code, result, err = _smoke(smollm2_web_bundle)
+def test_smollm2_web_smoke_passes_on_wasm(smollm2_web_bundle):
+    code, result, err = _smoke(smollm2_web_bundle, "--ep", "wasm")
     assert code == 0, (err[-2000:], result)
-    for r in result["runs"]:
-        assert r["status"] == "PASS", r
-        assert r["tokens_agree"] >= r["tokens_total"] - 1, r["ep"]
+    (r,) = result["runs"]
+    assert r["status"] == "PASS" and r["prompts_checked"] == r["prompts_total"] == 3
+    assert r["tokens_agree"] == r["tokens_total"] and r["max_logit_err"] < 1e-3  # float32, same weights
+
+
+@pytest.mark.slow
+@pytest.mark.web
+def test_smollm2_web_smoke_passes_on_webgpu(smollm2_web_bundle):
+    # One golden prompt: Chromium's WebGPU adapter here is SwiftShader, a CPU emulation of a GPU that
+    # runs SmolLM2 at ~16 s a token on 2 cores (docs/notes/web.md); a prompt is ~40 runs.
+    code, result, err = _smoke(smollm2_web_bundle, "--ep", "webgpu", "--prompts", "1")
+    assert code == 0, (err[-2000:], result)
+    (r,) = result["runs"]
+    assert r["status"] == "PASS" and r["device"].startswith("webgpu (") and r["prompts_checked"] == 1
+    assert r["tokens_agree"] == r["tokens_total"]
 
 
 @pytest.mark.slow
