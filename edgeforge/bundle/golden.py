@@ -39,9 +39,10 @@ INT8_ACT_AARCH64_REL_TOL = 1.2e-1
 WEBGPU_F16_REL_TOL = 4e-2
 
 
-# Web bundles (float32 graph, MatMulNBits accuracy_level 4), one bound per onnxruntime-web execution
-# provider, each from measurement (docs/BUNDLES.md "Web bundles"): the page picks its EP's.
-WEB_REL_TOL = {"wasm": 4e-2, "webgpu": 4e-2}
+# Web bundles (float32 graph, MatMulNBits accuracy_level 0), one bound per onnxruntime-web execution
+# provider (the page picks its EP's). Measured: WASM 3.8e-5 absolute on SmolLM2 q4f16 (~1e-6 of the
+# range), WebGPU on SwiftShader 2e-6 on the tiny models (docs/notes/web.md): the float32 bound holds.
+WEB_REL_TOL = {"wasm": REL_TOL["float32"], "webgpu": REL_TOL["float32"]}
 
 
 def tolerance_for(artifact: dict, arch: str = "x86_64") -> dict:
