@@ -150,6 +150,18 @@ def test_tiny_web_smoke_passes_on_wasm_and_webgpu(tiny_web_bundle):
 
 @pytest.mark.slow
 @pytest.mark.web
+def test_llama2_shape_web_smoke_on_wasm(tiny_model, tmp_path):
+    """The other tokenizer family (sentencepiece-style tokenizer.json, no chat template) and an untied
+    head with multi-head attention, through the page's tokenizer and engine."""
+    bundle = _build(tiny_model("llama2"), "q4f32", tmp_path)
+    code, result, err = _smoke(bundle, "--ep", "wasm")
+    assert code == 0, (err[-2000:], result)
+    (r,) = result["runs"]
+    assert r["status"] == "PASS" and r["tokens_agree"] == r["tokens_total"]
+
+
+@pytest.mark.slow
+@pytest.mark.web
 def test_page_refuses_a_tampered_data_file(tiny_web_bundle, tmp_path):
     from edgeforge.web.browser import run_page
 

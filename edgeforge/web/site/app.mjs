@@ -120,5 +120,5 @@ main().catch((err) => {
   const message = String(err.message || err);
   notice(message, true);
   log(`error: ${message}`);
-  publish({ status: err instanceof BundleError ? "ERROR" : "ERROR", error: message });
+  publish({ status: "ERROR", error: message });  // a refused file, no adapter, a load failure: exit 2
 });
