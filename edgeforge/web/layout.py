@@ -76,6 +76,7 @@ cross-origin isolated). A phone needs nothing but the URL.
 ```
 edgeforge serve {name}                                  # http://127.0.0.1:8000/ on this computer
 edgeforge serve {name} --host 0.0.0.0 --port 8443 --certfile cert.pem --keyfile key.pem   # the LAN, HTTPS
+python -m edgeforge.web.server {name} --port 8000       # the same server without the CLI
 ```
 
 Any static server works if it sends `Cross-Origin-Opener-Policy: same-origin`,
