@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes.util
 import importlib.util
+import os
 import shutil
 import subprocess
 from functools import lru_cache
@@ -106,7 +107,7 @@ CHECKS = {
     "arm64 root": lambda: _toolchain("arm64 root"),
     "onnxruntime-webgpu": lambda: _toolchain("onnxruntime-webgpu"),
     "lavapipe": lambda: _toolchain("lavapipe"),
-    "chromium": lambda: _tool("chromium"),
+    "chromium": lambda: _tool(os.environ.get("EDGEFORGE_CHROMIUM") or "chromium"),  # web/browser.py's choice
     "onnxruntime-web (npm)": lambda: _web_toolchain(),
     "playwright (web)": lambda: _package("playwright", "playwright"),
     "CUDA GPU": _gpu,
