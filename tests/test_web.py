@@ -162,6 +162,17 @@ def test_llama2_shape_web_smoke_on_wasm(tiny_model, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.web
+def test_unquantized_embedding_rows_on_wasm(tiny_model, tmp_path):
+    """q0f32: the page reads dense float32 embedding rows (the quantized path is the other tests')."""
+    bundle = _build(tiny_model("llama32"), "q0f32", tmp_path)
+    assert json.loads((bundle / "artifact" / "artifact.json").read_text())["onnx"]["embedding"]["kind"] == "dense"
+    code, result, err = _smoke(bundle, "--ep", "wasm")
+    assert code == 0, (err[-2000:], result)
+    assert result["runs"][0]["max_logit_err"] < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.web
 def test_page_refuses_a_tampered_data_file(tiny_web_bundle, tmp_path):
     from edgeforge.web.browser import run_page
 
