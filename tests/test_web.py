@@ -104,6 +104,18 @@ def test_too_large_model_refused_by_name(tmp_path):
     check_fits(tmp_path, "web")  # a 1B model's q4 weights fit
 
 
+def test_setup_script_installs_the_pinned_npm_packages():
+    """scripts/setup-web.sh and edgeforge.web.NPM_PACKAGES name the same versions (the bundle's
+    manifest records the latter; assets.node_modules refuses a toolchain that differs)."""
+    import re
+
+    from edgeforge.web import NPM_PACKAGES
+
+    text = (Path(__file__).parents[1] / "scripts" / "setup-web.sh").read_text()
+    listed = re.search(r"^NPM_PACKAGES=\((.*)\)$", text, re.M).group(1).split()
+    assert dict(item.rsplit("@", 1) for item in listed) == NPM_PACKAGES
+
+
 def test_web_target_preset():
     from edgeforge.targets import get_target
 
