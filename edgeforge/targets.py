@@ -22,7 +22,7 @@ from .runtime.backends import BACKENDS
 from .runtime.bundle_errors import BundleError
 from .runtime.files import read_text
 
-RUN_MODES = ("host", "qemu", "cuda", "vulkan", "none")
+RUN_MODES = ("host", "qemu", "cuda", "vulkan", "browser", "none")
 # edgeforge/_targets is a link to the project's top-level targets/ folder: the same files in a
 # checkout and, copied in, inside the wheel.
 BUILTIN_DIR = Path(__file__).parent / "_targets"

@@ -272,6 +272,18 @@ def _vulkan_paths(base: Path) -> tuple[Path, dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Web (Debian's chromium + the pinned npm packages the page ships)
+# ---------------------------------------------------------------------------------------------
+
+
+def ensure_web() -> Path:
+    """Install chromium (apt) and the npm packages if needed (scripts/setup-web.sh); returns the
+    folder whose node_modules/ the web bundles copy their vendor files from."""
+    out = _run_setup("setup-web.sh")
+    return Path(out.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA compilers from PyPI (no GPU, no system CUDA needed)
 # ---------------------------------------------------------------------------------------------
 
@@ -374,10 +386,12 @@ def install(name: str) -> str:
         return str(ensure_arm64())
     if name == "vulkan":
         return str(ensure_vulkan()[0])
+    if name == "web":
+        return str(ensure_web())
     if name in ("cuda", "cuda13", "cuda12"):
         major = 12 if name == "cuda12" else 13
         return str(cuda_toolchain(major, install=True).path)
-    raise EdgeforgeError(f"unknown toolchain {name!r}: arm64, vulkan, cuda (CUDA 13) or cuda12")
+    raise EdgeforgeError(f"unknown toolchain {name!r}: arm64, vulkan, web, cuda (CUDA 13) or cuda12")
 
 
 # ---------------------------------------------------------------------------------------------

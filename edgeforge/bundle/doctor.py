@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes.util
 import importlib.util
+import os
 import shutil
 import subprocess
 from functools import lru_cache
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from .. import toolchains
 from ..runtime.backends import BACKENDS
+from ..errors import EdgeforgeError
 from ..runtime.hostcheck import cuda_device_count, host_arch
 
 
@@ -39,6 +41,17 @@ def _package(dist: str, module: str) -> tuple[bool, str]:
     if ver is None or importlib.util.find_spec(module) is None:
         return False, f"{dist} not installed"
     return True, f"{dist} {ver}"
+
+
+def _web_toolchain() -> tuple[bool, str]:
+    """The pinned npm packages web bundles ship (scripts/setup-web.sh; nothing is installed here)."""
+    from ..toolchains import toolchains_dir
+    from ..web.assets import node_modules
+
+    try:
+        return True, str(node_modules(toolchains_dir() / "web"))
+    except EdgeforgeError as err:
+        return False, str(err)
 
 
 def _toolchain(probe: str) -> tuple[bool, str]:
@@ -92,6 +105,9 @@ CHECKS = {
     "arm64 root": lambda: _toolchain("arm64 root"),
     "onnxruntime-webgpu": lambda: _toolchain("onnxruntime-webgpu"),
     "lavapipe": lambda: _toolchain("lavapipe"),
+    "chromium": lambda: _tool(os.environ.get("EDGEFORGE_CHROMIUM") or "chromium"),  # web/browser.py's choice
+    "onnxruntime-web (npm)": lambda: _web_toolchain(),
+    "playwright (web)": lambda: _package("playwright", "playwright"),
     "CUDA GPU": _gpu,
     "Vulkan loader": _vulkan_loader,
 }
@@ -118,6 +134,7 @@ def _build_needs(target, backend: str) -> list[str]:
 
 
 RUN_NEEDS = {"qemu": ["qemu-aarch64", "arm64 root"], "cuda": ["CUDA GPU"],
+             "browser": ["chromium", "onnxruntime-web (npm)", "playwright (web)"],
              "vulkan": ["onnxruntime-webgpu", "lavapipe"], "host": []}
 
 
@@ -146,7 +163,7 @@ def target_rows() -> list[dict]:
     return [target_row(t) for t in list_targets()]
 
 
-SMOKE_MODE = {"host": "host", "qemu": "emulate", "cuda": "gpu", "vulkan": "vulkan", "none": "none"}
+SMOKE_MODE = {"host": "host", "qemu": "emulate", "cuda": "gpu", "vulkan": "vulkan", "browser": "browser", "none": "none"}
 
 
 def github_matrix(config: Path) -> dict:

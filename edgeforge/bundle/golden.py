@@ -27,13 +27,21 @@ DEFAULT_TOKENS = 12
 TOP_K = 8
 
 
+# Web bundles: onnxruntime-web's execution providers the page may run, each with its own bound
+# (the page picks its EP's; the verifier caps every one by the compute path's row).
+WEB_EPS = ("wasm", "webgpu")
+
+
 def tolerance_for(artifact: dict, arch: str = "x86_64") -> dict:
     """The golden tolerance of one compiled artifact on a target of `arch`: the verifier's own bound
     for its compute path (runtime/manifest_check.TOLERANCES, measured in docs/BUNDLES.md)."""
     path = compute_path(artifact, arch)
     arithmetic, rel = TOLERANCES[path]
-    return {"rel": rel, "why": f"{path} compute, golden data in {arithmetic} arithmetic",
-            "basis": "golden logit range (max - min) per step"}
+    tolerance = {"rel": rel, "why": f"{path} compute, golden data in {arithmetic} arithmetic",
+                 "basis": "golden logit range (max - min) per step"}
+    if artifact.get("device") == "browser":
+        tolerance["per_ep"] = {ep: rel for ep in WEB_EPS}
+    return tolerance
 
 
 def golden_arithmetic(artifact: dict, arch: str) -> str:

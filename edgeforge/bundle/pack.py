@@ -37,6 +37,11 @@ def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, sign
     `quality`: quality.json's content (edgeforge.quant.quality), summarized in the manifest too."""
     dest = Path(dest)
     with atomic_output_dir(dest, is_bundle, "bundle") as tmp:
+        web = target.run == "browser"
+        if web:  # refused by name before the compile: a browser's WebAssembly memory is 4 GiB
+            from ..web import layout as web_layout
+
+            web_layout.check_fits(qdir, target.name)
         compile_qdir(qdir, str(target.path) if target.path else target.name, backend, tmp / "artifact")
         artifact = read_artifact(tmp / "artifact")
         has_weights = bool(artifact.get("needs_weights"))
@@ -45,17 +50,23 @@ def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, sign
         layout.copy_tokenizer(qdir, tmp)
         golden = dict(golden_of(golden, qdir, artifact, target.arch), tolerance=tolerance_for(artifact, target.arch))
         (tmp / "golden.json").write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
-        layout.copy_runtime(tmp)
-        bundled = layout.copy_backend_runtime(artifact, tmp)
-        layout.write_smoke_py(tmp)
-        reqs = layout.requirements(artifact)
-        layout.write_requirements(tmp, reqs)
+        if web:  # a static site: the page and the pinned npm files instead of the Python runtime
+            reqs = web_layout.add_site(tmp)
+        else:
+            layout.copy_runtime(tmp)
+            bundled = layout.copy_backend_runtime(artifact, tmp)
+            layout.write_smoke_py(tmp)
+            reqs = layout.requirements(artifact)
+            layout.write_requirements(tmp, reqs)
         data = manifest_data(dest.name, qdir, target, artifact, reqs, has_weights)
-        data["device_install"] = device_install.measure(reqs, target.os, target.arch, bundled)
+        if web:
+            data["device_requirements"] = web_layout.device_requirements(data["device_requirements"])
+        else:
+            data["device_install"] = device_install.measure(reqs, target.os, target.arch, bundled)
         if quality is not None:
             (tmp / "quality.json").write_text(json.dumps(quality, indent=1, sort_keys=True) + "\n")
             data["quality"] = {k: quality[k] for k in ("kl", "ppl_ratio", "predictions", "skipped") if k in quality}
-        readme.write_readme(tmp, data)
+        (web_layout.write_readme if web else readme.write_readme)(tmp, data)
         manifest = write_manifest(tmp, data)
         logger.debug(f"bundle: manifest of {len(manifest['files'])} files written for {dest.name}")
         if sign_key is not None:

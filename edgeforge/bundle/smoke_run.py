@@ -120,11 +120,20 @@ def run_local(bundle: Path, python: list[str], env: dict, where: str,
 
 def smoke(spec: Path, emulate: bool = False, ssh: str | None = None, port: int = 22, identity: str | None = None,
           remote_python: str = "python3", known_hosts: str | None = None,
-          prompts: int | None = None, trust=None) -> tuple[int, dict]:
+          prompts: int | None = None, trust=None, eps: tuple[str, ...] | None = None) -> tuple[int, dict]:
     smoke_args = ("--prompts", str(prompts)) if prompts else ()
     with opened_bundle(spec) as opened, verified(opened, trust) as (manifest, bundle):
         # verified by edgeforge's own code, before any of the bundle's runs
         logger.info(f"checksums ok: {len(manifest['files'])} files" + (", signature ok" if trust else ""))
+        from ..web import run as web_run
+
+        if web_run.is_web(manifest):  # its page, in headless Chromium (WASM and WebGPU)
+            if emulate or ssh:
+                raise EdgeforgeError("a web bundle's smoke runs in headless Chromium here: --emulate and --ssh "
+                                     "do not apply (open its index.html?mode=smoke on the phone)")
+            return web_run.smoke(bundle, manifest, eps or web_run.EPS, prompts=prompts)
+        if eps:
+            raise EdgeforgeError("--ep applies to web bundles only")
         if ssh:
             from .remote import smoke_over_ssh
 

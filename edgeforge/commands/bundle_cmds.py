@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -137,6 +138,16 @@ def _check_signing_key(path: Path) -> None:
         raise EdgeforgeError(f"--sign: {err}") from None
 
 
+EP_OPTION = click.option(
+    "--ep", type=click.Choice(["all", "wasm", "webgpu"]), default=None,
+    help="Web bundles: the onnxruntime-web execution provider(s) to run in headless Chromium (default: all; "
+         "webgpu uses Chromium's software adapter here).")
+
+
+def _eps(ep: str | None) -> tuple[str, ...] | None:
+    return None if ep is None else ("wasm", "webgpu") if ep == "all" else (ep,)
+
+
 TRUST_OPTION = click.option(
     "--trust", type=click.Path(path_type=Path), default=None, metavar="PUBKEY.pem",
     help="Refuse the bundle unless manifest.sig is a valid signature by this ed25519 public key "
@@ -194,8 +205,9 @@ def verify(bundle, trust, as_json):
 @click.option("--remote-python", default="python3", show_default=True, help="Python command on the ssh device.")
 @click.option("--prompts", type=click.IntRange(min=1), default=None, metavar="N",
               help="Check only the first N golden prompts (slow emulation or devices); the result says N of M.")
+@EP_OPTION
 @TRUST_OPTION
-def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_python, prompts, trust):
+def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_python, prompts, ep, trust):
     """Verify a bundle's checksums, run its golden prompts, print PASS or FAIL.
 
     Exit codes: 0 PASS, 1 FAIL, 2 unusable bundle or machine (the message says which).
@@ -205,6 +217,7 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
       edgeforge smoke dist/smollm2-135m-q4f16-x86-cpu-tvm
       edgeforge smoke dist/smollm2-135m-q4f16-rpi5-tvm --emulate
       edgeforge smoke dist/smollm2-135m-q4f16-rpi5-onnx.tar.gz --ssh pi@raspberrypi.local --json
+      edgeforge smoke dist/smollm2-135m-q4f16-web-onnx --ep wasm   # its page in headless Chromium
     """
     from ..bundle.smoke_run import smoke as run_smoke
     from ..runtime.smoke import describe, describe_quality
@@ -212,13 +225,14 @@ def smoke(bundle, as_json, emulate, ssh, port, identity, known_hosts, remote_pyt
     if emulate and ssh:
         raise EdgeforgeError("--emulate and --ssh exclude each other")
     code, result = run_smoke(bundle, emulate, ssh, port, identity, remote_python, known_hosts,
-                             prompts=prompts, trust=trust)
+                             prompts=prompts, trust=trust, eps=_eps(ep))
     if as_json:
         _echo_json(result)
     if code == 2:
         raise EdgeforgeError(result.get("error", "bundle unusable here"))
     if not as_json:
-        click.echo(describe(result) if "max_logit_err" in result else f"{result['status']}: {result.get('error')}")
+        for run in result.get("runs", [result]):  # a web bundle: one run per execution provider
+            click.echo(describe(run) if "max_logit_err" in run else f"{run['status']}: {run.get('error')}")
         if result.get("quality"):
             click.echo(describe_quality(result["quality"]))
     if code == 1:
@@ -279,6 +293,31 @@ def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, ctx, as_json
     stream_answer(session, [{"role": "user", "content": prompt}] if chat else prompt, **opts)
 
 
+def is_web_bundle(bundle: Path) -> bool:
+    """Whether `bundle` says it is a web bundle (its page runs in a browser, not here). Only routes the
+    command: the path taken verifies the bundle, and checks this again on the verified manifest."""
+    from ..runtime.bundle_errors import BundleError
+    from ..runtime.files import read_json
+    from ..web.run import is_web
+
+    try:
+        return is_web(read_json(Path(bundle) / "manifest.json"))
+    except BundleError:
+        return False  # not a bundle folder, or an unreadable manifest: the verifier says which
+
+
+@contextlib.contextmanager
+def verified_web(bundle: Path, trust):
+    """(manifest, private verified copy) of a web bundle."""
+    from ..bundle.smoke_run import verified
+    from ..web.run import is_web
+
+    with verified(Path(bundle), trust) as (manifest, copy):
+        if not is_web(manifest):
+            raise EdgeforgeError(f"{bundle}: not a web bundle (its manifest changed while it was read?)")
+        yield manifest, copy
+
+
 # ---- bench ---------------------------------------------------------------------------------------
 
 @click.command()
@@ -287,19 +326,29 @@ def run(bundle, prompt, chat, max_tokens, temperature, top_p, seed, ctx, as_json
 @click.option("-n", "--n-gen", type=click.IntRange(0), default=128, show_default=True, help="Generated tokens (tg test).")
 @click.option("-r", "--repetitions", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print llama-bench style JSON records.")
+@EP_OPTION
 @TRUST_OPTION
-def bench(bundle, n_prompt, n_gen, repetitions, as_json, trust):
+def bench(bundle, n_prompt, n_gen, repetitions, as_json, ep, trust):
     """Measure prefill (ppN) and decode (tgN) speed of a bundle, like llama-bench.
 
     \b
     Example:
       edgeforge bench dist/smollm2-135m-q4f16-x86-cpu-tvm -p 512 -n 128 -r 3 --json
+      edgeforge bench dist/smollm2-135m-q4f16-web-onnx --ep webgpu   # in headless Chromium
     """
     from ..bundle.bench import run_bench
 
-    # A cache for what the tests need, as llama-bench sizes its context to n_prompt + n_gen.
-    session = open_verified(bundle, max_length=max(n_prompt, n_gen + 1), trust=trust)
-    records = run_bench(session.engine, session.manifest, n_prompt, n_gen, repetitions)
+    if is_web_bundle(bundle):
+        from ..web import run as web_run
+
+        with verified_web(bundle, trust) as (manifest, copy):
+            records = web_run.bench(copy, manifest, n_prompt, n_gen, repetitions, _eps(ep) or web_run.EPS)
+    else:
+        if ep:
+            raise EdgeforgeError("--ep applies to web bundles only")
+        # A cache for what the tests need, as llama-bench sizes its context to n_prompt + n_gen.
+        session = open_verified(bundle, max_length=max(n_prompt, n_gen + 1), trust=trust)
+        records = run_bench(session.engine, session.manifest, n_prompt, n_gen, repetitions)
     if as_json:
         _echo_json(records)
         return

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from ..errors import EdgeforgeError
-from .bundle_cmds import TRUST_OPTION, open_verified
+from .bundle_cmds import TRUST_OPTION, is_web_bundle, open_verified, verified_web
+
 
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
@@ -29,17 +30,26 @@ from .bundle_cmds import TRUST_OPTION, open_verified
                    "TVM reserves its KV cache for this many tokens per engine.")
 @click.option("--drain", type=click.FloatRange(0, 3600), default=10.0, show_default=True, metavar="SECONDS",
               help="On SIGTERM or Ctrl-C, how long requests in flight may take to finish before they are stopped.")
+@click.option("--certfile", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Web bundles: serve HTTPS with this certificate (phones allow WebGPU and WASM threads only "
+                   "over HTTPS or on localhost).")
+@click.option("--keyfile", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Web bundles: the certificate's private key.")
 @TRUST_OPTION
-def serve(bundle, host, port, api_key, api_key_file, parallel, queue_limit, ctx, drain, trust):
+def serve(bundle, host, port, api_key, api_key_file, parallel, queue_limit, ctx, drain, certfile, keyfile, trust):
     """Serve a bundle over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models,
     /health and /metrics (Prometheus). The bundle is verified before anything of it is loaded.
 
     Runs until SIGTERM (exit 143) or Ctrl-C (exit 130), letting requests in flight finish (--drain).
     Needs the serve extra: pip install 'edgeforge[serve]'.
 
+    A web bundle (--target web) is served as its static page instead, with the headers WASM threads
+    need (COOP/COEP) and the right MIME types, for a phone's browser.
+
     \b
     Examples:
       edgeforge serve dist/smollm2-135m-q4f16-x86-cpu-onnx
+      edgeforge serve dist/smollm2-135m-q4f16-web-onnx --host 0.0.0.0 --port 8443 --certfile cert.pem --keyfile key.pem
       edgeforge serve dist/smollm2-135m-q4f16-rpi5-tvm --host 0.0.0.0 --api-key-file key.txt --parallel 2
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
            -d '{"model": "smollm2-135m-q4f16-x86-cpu-onnx", "messages": [{"role": "user", "content": "Hi"}]}'
@@ -47,6 +57,11 @@ def serve(bundle, host, port, api_key, api_key_file, parallel, queue_limit, ctx,
     from ..runtime.bundle_errors import BundleError
     from ..runtime.server import check_api_key, read_api_key_file, serve_session
 
+    if is_web_bundle(bundle):
+        _serve_web(bundle, host, port, certfile, keyfile, trust)
+        return
+    if certfile is not None or keyfile is not None:
+        raise EdgeforgeError("--certfile/--keyfile apply to web bundles only")
     _check_server_packages()
     if api_key is not None and api_key_file is not None:
         raise EdgeforgeError("--api-key and --api-key-file exclude each other")
@@ -59,6 +74,16 @@ def serve(bundle, host, port, api_key, api_key_file, parallel, queue_limit, ctx,
     sock = _bind(host, port)
     first = open_verified(bundle, max_length=ctx, trust=trust)
     serve_session(first, sock, key, parallel, queue_limit, drain, lambda message: click.echo(message, err=True))
+
+
+def _serve_web(bundle: Path, host: str, port: int, certfile, keyfile, trust) -> None:
+    """A web bundle's page from the verified private copy (the page checks every file once more)."""
+    from ..web.server import serve_static
+
+    if (certfile is None) != (keyfile is None):
+        raise EdgeforgeError("--certfile and --keyfile go together")
+    with verified_web(bundle, trust) as (_, copy):
+        serve_static(copy, host, port, certfile, keyfile)
 
 
 def _check_server_packages() -> None:

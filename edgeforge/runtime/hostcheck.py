@@ -36,6 +36,9 @@ def check_can_run(manifest: dict) -> None:
     name, want_os, want_arch = target.get("name", "?"), target.get("os", "linux"), target.get("arch", host_arch())
     device = manifest.get("device", "cpu")
     here = f"this is {host_os()} {host_arch()}"
+    if want_os == "web":
+        raise CannotRunHere(f"cannot run here: target '{name}' is a web page: serve the bundle (`edgeforge serve BUNDLE`) "
+                            "and open it in a browser; `edgeforge smoke` runs it in headless Chromium")
     if want_os == "ios":
         raise CannotRunHere(f"cannot run here: target '{name}' needs an iOS app that links artifact/ "
                             f"(TVM objects + Metal shaders); there is no Python smoke on iOS ({here})")

@@ -23,6 +23,8 @@ PROVIDERS = {
     "CUDAExecutionProvider": ("cuda", "onnxruntime-gpu"),
     "WebGpuExecutionProvider": ("webgpu", "onnxruntime-webgpu"),
     "CoreMLExecutionProvider": ("coreml", "onnxruntime"),
+    # onnxruntime-web in a browser page (the `web` target): WebGPU, or WASM without a GPU
+    "web": ("browser", "onnxruntime-web"),
 }
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
@@ -92,6 +94,10 @@ WEBGPU_RUNTIME_VERSION = "1.27.0"
 
 
 def _runtime_version(package: str, ort_version: str) -> str:
+    if package == "onnxruntime-web":  # the npm build the page ships (edgeforge/web)
+        from ...web import NPM_PACKAGES
+
+        return NPM_PACKAGES[package]
     return WEBGPU_RUNTIME_VERSION if package == "onnxruntime-webgpu" else ort_version
 
 
