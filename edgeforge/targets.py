@@ -74,6 +74,11 @@ def load_target_file(path: Path) -> Target:
         raw = tomllib.loads(read_text(path, 1 << 20, "target file"))
     except (BundleError, tomllib.TOMLDecodeError) as err:
         raise EdgeforgeError(f"target file {path}: {err}") from None
+    known = ("name", "description", "backends", "run", "os", "arch", *BACKENDS)
+    unknown = sorted(k for k in raw if k not in known)
+    if unknown:  # a typo (`bakends`, `[tvn]`) would otherwise be ignored silently
+        raise EdgeforgeError(f"target file {path}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                             f"a target file has {', '.join(known)}")
     for key in ("name", "backends", "run", "os", "arch"):
         if key not in raw:
             raise EdgeforgeError(f"target file {path}: missing key '{key}'")

@@ -93,11 +93,11 @@ def test_every_command_and_option_the_docs_name_exists():
 
 def test_the_docs_check_catches_a_wrong_option_and_a_wrong_command(tmp_path):
     doc = tmp_path / "x.md"
-    doc.write_text("Run `edgeforge smoke B --emulate` and `edgeforge generate M --trust K.pem`.\n"
+    doc.write_text("Run `edgeforge smoke B --emulate` and `edgeforge generate M --emulate`.\n"
                    "`edgeforge run/bench --trust K.pem`, `edgeforge smoke/plan --ssh H`, `edgeforge -x build`\n"
                    "edgeforge builds bundles (prose, not a command)\n\n"
                    "```sh\nedgeforge fly --high   # --comment\nedgeforge -q toolchains install arm64 -v\n```\n")
-    assert problems_in(doc) == ["x.md: `edgeforge generate M --trust K.pem`: generate has no --trust",
+    assert problems_in(doc) == ["x.md: `edgeforge generate M --emulate`: generate has no --emulate",
                                 "x.md: `edgeforge smoke/plan --ssh H`: plan has no --ssh",
                                 "x.md: `edgeforge -x build`: edgeforge has no -x",
                                 "x.md: `edgeforge fly --high`: no command 'fly'"]

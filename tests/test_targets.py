@@ -52,6 +52,11 @@ def test_user_target_from_env_dir(tmp_path, monkeypatch):
     ('name = "b"\nbackends = ["cuda"]\nrun = "host"\nos = "linux"\narch = "x86_64"\n', "backends must be"),
     ('name = "b"\nbackends = ["onnx"]\nos = "linux"\narch = "x86_64"\n', "missing key 'run'"),
     ('name = "b"\nbackends = [onnx\n', "bad.toml"),
+    # typos are refused by name, never ignored (the preset would silently lose the setting)
+    ('name = "b"\nbackends = ["onnx"]\nrun = "host"\nos = "linux"\narch = "x86_64"\ndescripton = "x"\n'
+     '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "unknown key\\(s\\) 'descripton'"),
+    ('name = "b"\nbackends = ["onnx"]\nrun = "host"\nos = "linux"\narch = "x86_64"\n'
+     '[onnx]\nexecution_provider = "CPUExecutionProvider"\n[tvn]\nhost = "llvm"\n', "unknown key\\(s\\) 'tvn'"),
 ])
 def test_bad_target_file_names_itself(tmp_path, monkeypatch, body, message):
     bad = tmp_path / "bad.toml"
