@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -73,19 +74,44 @@ def test_escapes_in_model_metadata_are_not_printed_raw(tiny_model, tmp_path, cap
 
 
 def test_generated_text_is_shown_without_control_characters(capsys):
-    from edgeforge.bundle.chat import Streamer
+    """run's streaming path (Session.generate -> bundle.chat) on a model whose vocabulary holds an
+    escape sequence: the terminal never gets it raw."""
+    import numpy as np
 
-    class Vocab:  # decode() as a tokenizer whose vocabulary holds an escape sequence
+    from edgeforge.bundle.chat import stream_answer
+    from edgeforge.runtime.session import Session
+
+    class Vocab:
         pieces = {1: "hi ", 2: f"{ESC}[2J", 3: "\n\tok"}
+        eos_token_ids = ()
+
+        def encode(self, text):
+            return [1]
 
         def decode(self, ids):
             return "".join(self.pieces[i] for i in ids)
 
-    stream = Streamer(Vocab())
-    for token in (1, 2, 3):
-        stream(token)
-    stream.finish()
+    class Engine:  # greedy picks 1, 2, 3 in turn
+        device = "cpu"
+
+        def reset(self):
+            self.n = 0
+
+        def _next(self):
+            self.n += 1
+            logits = np.zeros(4, np.float32)
+            logits[self.n] = 1.0
+            return logits
+
+        def prefill(self, ids):
+            return self._next()
+
+        def decode(self, token):
+            return self._next()
+
+    done = stream_answer(Session(Path("bundle"), {}, Vocab(), Engine()), "hi", max_tokens=3)
     out = capsys.readouterr().out
+    assert done.ids == [1, 2, 3]
     assert ESC not in out and out.startswith("hi \ufffd[2J\n\tok")
 
 
@@ -93,3 +119,21 @@ def test_generated_text_is_shown_without_control_characters(capsys):
 def test_usage_errors_are_one_clean_line(tiny_model, tmp_path, capsys, args):
     code, _, err = cli(capsys, "build", tiny_model("llama32"), *args, "-o", tmp_path / "o")
     assert code == 2 and err.startswith("error:") and ESC not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key,value", [("bos_token_id", 1e308), ("bos_token_id", -1), ("bos_token_id", True),
+                                       ("bos_token_id", 10**9), ("eos_token_ids", [2.5]), ("eos_token_ids", 7)])
+def test_bundle_tokenizer_ids_outside_the_vocabulary_are_refused(tiny_model, tmp_path, key, value):
+    """A re-checksummed bundle whose tokenizer config names an id the vocabulary does not have is
+    refused by name when it loads (it used to reach the engine and crash converting to int64)."""
+    from edgeforge.model.loader import load_model
+    from edgeforge.runtime.tokenizer import Tokenizer, TokenizerError
+
+    load_model(tiny_model("llama32")).tokenizer.save(tmp_path)
+    cfg_path = tmp_path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert Tokenizer.load(tmp_path).bos_token_id == cfg["bos_token_id"]  # intact: loads
+    cfg[key] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json"):
+        Tokenizer.load(tmp_path)

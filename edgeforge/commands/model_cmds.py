@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import sys
 from pathlib import Path
 
 import click

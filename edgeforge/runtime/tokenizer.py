@@ -169,8 +169,14 @@ class Tokenizer:
             template = cfg.get("chat_template")
             if template is not None and not isinstance(template, str):
                 raise TypeError("chat_template is not text")
-            return cls(tok, cfg.get("bos_token_id"), cfg.get("eos_token_ids") or [],
-                       cfg.get("add_bos_token", False), template)
+            bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_ids") or []
+            if not isinstance(eos, list):
+                raise TypeError("eos_token_ids is not a list")
+            vocab = tok.get_vocab_size(with_added_tokens=True)
+            for token_id in ([] if bos is None else [bos]) + eos:  # ids reach the engine as int64
+                if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab:
+                    raise ValueError(f"token id {token_id!r} is not an id of this {vocab}-token vocabulary")
+            return cls(tok, bos, eos, cfg.get("add_bos_token", False), template)
         except (TypeError, ValueError) as err:
             raise TokenizerError(f"{cfg_path}: malformed tokenizer config ({err})") from None
 
