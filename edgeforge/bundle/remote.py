@@ -126,10 +126,15 @@ def _upload_and_run(client, dest: str, bundle: Path, remote: str, python: str,
 def _remove_remote(client, dest: str, folder: str) -> None:
     """Remove the device's temp folder; a broken connection is reported, never raised over the
     error that is already on its way out."""
+    # smoke.py may still be running there (we were interrupted) and writing into the folder (bytecode
+    # caches): a second pass removes what the first raced with.
+    rm = f"rm -rf {shlex.quote(folder)}"
     try:
-        _exec(client, f"rm -rf {shlex.quote(folder)}", timeout=60)
-    except Exception as err:  # noqa: BLE001 - cleanup must not mask the real outcome
-        logger.warning(f"--ssh {dest}: could not remove {folder} on the device ({type(err).__name__}: {err})")
+        code, _, err = _exec(client, f"{rm} 2>/dev/null || (sleep 1; {rm})", timeout=60)
+    except Exception as exc:  # noqa: BLE001 - cleanup must not mask the real outcome
+        code, err = None, f"{type(exc).__name__}: {exc}"
+    if code != 0:
+        logger.warning(f"--ssh {dest}: could not remove {folder} on the device ({str(err).strip()[:200]})")
 
 
 def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None = None,
