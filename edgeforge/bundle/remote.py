@@ -6,11 +6,14 @@ The device needs Python 3 with the bundle's requirements.txt installed. The remo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
 import shlex
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from ..errors import EdgeforgeError
@@ -123,6 +126,25 @@ def _upload_and_run(client, dest: str, bundle: Path, remote: str, python: str,
     return code, out, err
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGTERM and Ctrl-C arriving inside the block are acted on when it ends, with the handlers that
+    were in place (main thread only; the block is bounded: the removal has its own timeout)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught[:1]:
+            signal.raise_signal(signum)
+
+
 def _remove_remote(client, dest: str, folder: str) -> None:
     """Remove the device's temp folder; a broken connection is reported, never raised over the
     error that is already on its way out."""
@@ -155,6 +177,7 @@ def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None
                                    smoke_args)
         finally:  # every exit: success, FAIL, an upload error, a missing Python, Ctrl-C, SIGTERM
             if not keep:
-                _remove_remote(client, dest, folder)
+                with _signals_deferred():  # a SIGTERM now must not cut the removal short
+                    _remove_remote(client, dest, folder)
     finally:
         client.close()
