@@ -11,7 +11,7 @@ from ..runtime.smoke import terminal_text
 logger = logging.getLogger(__name__)
 
 
-def _echo(text: str) -> None:
+def echo_model_text(text: str) -> None:
     """Model text to the terminal: its control characters (terminal escapes) never printed raw."""
     click.echo(terminal_text(text), nl=False)
 
@@ -27,7 +27,7 @@ def answer_json(session, prompt: str, chat: bool, max_tokens=128, temperature=0.
 def stream_answer(session, prompt, max_tokens=128, temperature=0.0, top_p=1.0, seed=0):
     """prompt: a string (plain) or a list of chat messages. Prints the answer as it comes; returns it
     (a session.Completion)."""
-    done = session.generate(session.encode(prompt), max_tokens, temperature, top_p, seed, on_text=_echo)
+    done = session.generate(session.encode(prompt), max_tokens, temperature, top_p, seed, on_text=echo_model_text)
     click.echo()
     result = done.result
     logger.info(f"[{len(done.ids)} tokens, prefill {result.prefill_tokens_per_second:.1f} tok/s, "

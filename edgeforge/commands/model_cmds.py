@@ -5,13 +5,12 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
 
 from ..errors import EdgeforgeError
-from .bundle_cmds import TEMPERATURE, TOP_P
+from .bundle_cmds import TEMPERATURE, TOP_P, open_verified
 
 
 logger = logging.getLogger(__name__)
@@ -50,8 +49,6 @@ def open_engine_for(path: Path, device: str | None = None, trust: Path | None = 
 def open_bundle(bundle: Path, device: str | None = None, trust: Path | None = None):
     """A bundle's engine and tokenizer, opened (verified first, the signature too with `trust`) the way
     every bundle command opens them."""
-    from .bundle_cmds import open_verified
-
     session = open_verified(bundle, trust=trust, device=device)
     manifest = session.manifest
     model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
@@ -244,6 +241,7 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
       edgeforge generate ./qdir-q4f16 -p "Once upon a time" -n 32 -t 0.8 --top-p 0.95 --seed 1 --json
       edgeforge generate dist/smollm2-135m-q4f16-x86-cpu-onnx -p "Hello" --trust release.pub.pem
     """
+    from ..bundle.chat import echo_model_text
     from ..runtime.bundle_errors import BundleError
     from ..runtime.session import Session
 
@@ -254,7 +252,7 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
         ids = session.encode(messages if chat else prompt)
     except BundleError as err:
         raise EdgeforgeError(f"{model}: {err}") from None
-    done = session.generate(ids, max_tokens, temperature, top_p, seed, on_text=None if as_json else _write)
+    done = session.generate(ids, max_tokens, temperature, top_p, seed, on_text=None if as_json else echo_model_text)
     result = done.result
     if as_json:
         click.echo(json.dumps({
@@ -262,18 +260,10 @@ def generate(model, prompt, chat, system, max_tokens, temperature, top_p, seed, 
             "stopped": result.stopped, "timings": result.timings(), "device": engine.device, **info,
         }))
     else:
-        _write("\n")
+        click.echo()
         logger.info(f"[{len(ids)} prompt tokens, {len(done.ids)} generated; prefill "
                     f"{result.prefill_tokens_per_second:.1f} tok/s, decode {result.decode_tokens_per_second:.1f} tok/s "
                     f"on {engine.device}]")
-
-
-def _write(text: str) -> None:
-    """Model text to stdout: its control characters (terminal escapes) never printed raw."""
-    from ..runtime.smoke import terminal_text
-
-    sys.stdout.write(terminal_text(text))
-    sys.stdout.flush()
 
 
 def _prompt_text(ctx, param, value):
