@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -301,10 +302,25 @@ def _toml(v) -> str:
 
 # ---------------------------------------------------------------------------- prepare (here)
 
+# What the GPU run proves and times: (label, shape, scheme, kind). A "bundle" is complete (golden
+# outputs from the numpy reference here, smoke-tested there); an "artifact" is the compiled module
+# only (the 8B reference would need 32 GB here), timed there. Every one gets its weights regenerated
+# on the GPU machine from the seed, so a call carries code and manifests, not gigabytes.
+PLAN = [
+    ("smollm2-q4f16", "smollm2", "q4f16", "bundle"),
+    ("smollm2-q4f16_m", "smollm2", "q4f16_m", "bundle"),
+    ("llama32-1b-q4f16", "llama32-1b", "q4f16", "bundle"),
+    ("llama3-8b-q4f16", "llama3-8b", "q4f16", "artifact"),
+    ("llama3-8b-q4f16_m", "llama3-8b", "q4f16_m", "artifact"),
+]
+# ONNX bundles are built on the GPU machine itself (the builder needs only onnx and numpy, and the
+# .onnx data file is the weights: too large to carry): (label, shape, scheme, target preset).
+ONNX_PLAN = [("smollm2-q4f16-vulkan", "smollm2", "q4f16", "vulkan"),
+             ("smollm2-q4f16-onnx-cuda", "smollm2", "q4f16", "cuda")]
+
 
 def prepare(args) -> int:
-    """Build every bundle and module the GPU run needs; the large weights are left out (regenerated
-    there), SmolLM2's real weights go to `--weights-out` split in parts that fit one transfer each."""
+    """Build every bundle and module the GPU run needs, weights left out (regenerated there)."""
     from edgeforge.bundle.golden import make_golden
     from edgeforge.bundle.pack import make_bundle
     from edgeforge.targets import get_target
@@ -312,53 +328,26 @@ def prepare(args) -> int:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    targets = work / "targets"
-    t_graph_off = _target_file(targets, "cuda-nograph", cuda_graph=False)
-    t_sm80 = _target_file(targets, "cuda-sm80", arches=["sm_80"])
     plan = {}
-
-    # SmolLM2: the real model through `edgeforge build`, then the same QDIR compiled without graphs.
-    smol = out / "smollm2-135m-q4f16-cuda-tvm"
-    if not smol.exists():
-        edgeforge("build", "smollm2-135m", "--quant", "q4f16", "--target", "cuda", "--backend", "tvm",
-                  "-o", work / "dist")
-        shutil.move(str(work / "dist" / smol.name), smol)
-    parts = Path(args.weights_out)
-    parts.mkdir(parents=True, exist_ok=True)
-    for shard in sorted((smol / "weights").glob("*.safetensors")):
-        _split(shard, parts, args.part_mb << 20)
-        shard.unlink()
-    qdir_smol = work / "qdir-smollm2"
-    if not qdir_smol.exists():
-        edgeforge("quantize", "smollm2-135m", "--quant", "q4f16", "-o", qdir_smol)
-    nograph = out / "smollm2-nograph-artifact"
-    if not nograph.exists():
-        edgeforge("compile", qdir_smol, "--target", t_graph_off, "--backend", "tvm", "-o", nograph)
-    plan["smollm2"] = {"bundle": smol.name, "nograph_artifact": nograph.name}
-
-    # Llama-3.2-1B-shaped: random weights, a full bundle (golden from the reference here).
-    q1b = synth_qdir(work / "qdir-llama32-1b", "llama32-1b")
-    b1b = out / "llama32-1b-q4f16-cuda-tvm"
-    if not b1b.exists():
-        golden = make_golden(q1b, max_tokens=8)
-        make_bundle(b1b, q1b, get_target("cuda"), "tvm", golden)
-    for shard in (b1b / "weights").glob("*.safetensors"):
-        shard.unlink()
-    plan["llama32-1b"] = {"bundle": b1b.name, "regenerate": {"shape": "llama32-1b", "scheme": "q4f16", "seed": 0}}
-
-    # Llama-3-8B-shaped: the module only (no golden: the reference would need 32 GB here).
-    q8b = synth_qdir(work / "qdir-llama3-8b", "llama3-8b")
-    a8b = out / "llama3-8b-q4f16-cuda-artifact"
-    if not a8b.exists():
-        edgeforge("compile", q8b, "--target", "cuda", "--backend", "tvm", "-o", a8b)
-    plan["llama3-8b"] = {"artifact": a8b.name, "regenerate": {"shape": "llama3-8b", "scheme": "q4f16", "seed": 0}}
+    for label, shape, scheme, kind in PLAN:
+        q = synth_qdir(work / f"qdir-{shape}-{scheme}", shape, scheme)
+        dest = out / label
+        if not dest.exists():
+            if kind == "bundle":
+                make_bundle(dest, q, get_target("cuda"), "tvm", make_golden(q, max_tokens=8))
+            else:
+                edgeforge("compile", q, "--target", "cuda", "--backend", "tvm", "-o", dest)
+        for shard in dest.rglob("*.safetensors"):
+            shard.unlink()
+        plan[label] = {"kind": kind, "shape": shape, "scheme": scheme, "seed": 0}
 
     # A bundle with sm_80 code only: a Hopper GPU must refuse it by name.
-    tiny = out / "tiny-q4f16-cuda-sm80-tvm"
+    tiny = out / "tiny-q4f16-cuda-sm80"
     if not tiny.exists():
         qt = synth_qdir(work / "qdir-tiny", "tiny")
+        t_sm80 = _target_file(work / "targets", "cuda-sm80", arches=["sm_80"])
         make_bundle(tiny, qt, get_target(str(t_sm80)), "tvm", make_golden(qt, max_tokens=4))
-    plan["tiny-sm80"] = {"bundle": tiny.name}
+    plan["tiny-sm80"] = {"kind": "refusal"}
     (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     for p in sorted(out.iterdir()):
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
@@ -366,30 +355,15 @@ def prepare(args) -> int:
     return 0
 
 
-def _split(path: Path, folder: Path, part: int) -> None:
-    with open(path, "rb") as f:
-        i = 0
-        while chunk := f.read(part):
-            (folder / f"{path.name}.part{i}").write_bytes(chunk)
-            i += 1
-
-
-def _join(name: str, folders: list[Path], dest: Path) -> bool:
-    parts = sorted((p for folder in folders for p in folder.glob(f"{name}.part*")),
-                   key=lambda p: int(p.name.rsplit("part", 1)[1]))
-    if not parts:
-        return False
-    with open(dest, "wb") as f:
-        for p in parts:
-            f.write(p.read_bytes())
-    return True
-
-
 # ---------------------------------------------------------------------------- device (GPU)
 
 
 def device(args) -> int:
-    """On the GPU machine: regenerate weights, smoke, bench, compare; results into --out."""
+    """On the GPU machine: regenerate weights, smoke, bench, profile, compare; results into --out."""
+    from edgeforge.bundle.golden import make_golden
+    from edgeforge.bundle.pack import make_bundle
+    from edgeforge.targets import get_target
+
     bundles, out, work = Path(args.bundles), Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -397,10 +371,11 @@ def device(args) -> int:
     name = gpu_name()
     bandwidth = peak_bandwidth(name, args.bandwidth_gbs)
     res = {"gpu": name, "peak_bandwidth_gbs": bandwidth, "steps": {}, "command": " ".join(sys.argv)}
-    only = set(args.only.split(",")) if args.only else None
+    only = args.only.split(",") if args.only else None
+    result_file = out / (args.result_name or "gpu-device.json")
 
     def step(key, fn):
-        if only and key not in only:
+        if only and not any(key.startswith(o) for o in only):
             return
         t0 = time.monotonic()
         try:
@@ -409,38 +384,33 @@ def device(args) -> int:
             res["steps"][key] = {"error": f"{type(err).__name__}: {err}"[-1500:],
                                  "seconds": round(time.monotonic() - t0, 1)}
         print(f"[{key}] {json.dumps(res['steps'][key])[:1500]}", flush=True)
-        (out / "gpu-device.json").write_text(json.dumps(res, indent=1) + "\n")
+        result_file.write_text(json.dumps(res, indent=1) + "\n")
 
-    smol = bundles / plan["smollm2"]["bundle"]
-    b1b = bundles / plan["llama32-1b"]["bundle"]
+    def qdir(entry):
+        return synth_qdir(work / f"qdir-{entry['shape']}-{entry['scheme']}", entry["shape"], entry["scheme"],
+                          entry["seed"])
 
-    def smol_weights():
-        folders = [Path(p) for p in args.weights_parts]
-        for rel in json.loads((smol / "manifest.json").read_text())["files"]:
-            if rel.startswith("weights/") and rel.endswith(".safetensors") and not (smol / rel).exists():
-                if not _join(Path(rel).name, folders, smol / rel):
-                    raise RuntimeError(f"no parts for {rel} in {folders}")
-        return {"bytes": weight_bytes(smol / "weights")}
+    def regen(label):
+        entry, dest = plan[label], bundles / label
+        q = qdir(entry)
+        weights = dest / "weights" if entry["kind"] == "bundle" else q
+        if entry["kind"] == "bundle":
+            for shard in q.glob("*.safetensors"):
+                shutil.copyfile(shard, weights / shard.name)
+        return {"bytes": weight_bytes(weights)}
 
-    def regen_1b():
-        r = plan["llama32-1b"]["regenerate"]
-        q = synth_qdir(work / "qdir-1b", r["shape"], r["scheme"], r["seed"])
-        for shard in q.glob("*.safetensors"):
-            shutil.copyfile(shard, b1b / "weights" / shard.name)
-        return {"bytes": weight_bytes(b1b / "weights")}
-
-    def smoke(bundle):
-        proc = edgeforge("smoke", bundle, "--json", check=False)
+    def smoke(bundle, *extra, env=None):
+        proc = edgeforge("smoke", bundle, "--json", *extra, check=False, env=env)
         try:
             rec = json.loads(proc.stdout)
         except ValueError:
             rec = {"stdout": proc.stdout[-800:]}
         return dict(rec, exit_code=proc.returncode, stderr=proc.stderr.strip()[-600:])
 
-    def bench(bundle):
+    def bench(bundle, env=None):
         recs = json.loads(edgeforge("bench", bundle, "-p", args.n_prompt, "-n", args.n_gen, "-r", args.reps,
-                                    "--json").stdout)
-        return _speed_row(recs, weight_bytes(bundle / "weights"), bandwidth)
+                                    "--json", env=env).stdout)
+        return _speed_row(recs, _model_bytes(bundle), bandwidth)
 
     def engine_bench(artifact, weights, label):
         from edgeforge.bundle.bench import run_bench
@@ -448,45 +418,69 @@ def device(args) -> int:
 
         engine = open_engine(artifact, weights, max_length=args.n_prompt + args.n_gen + 8)
         cfg = json.loads((Path(weights) / "config.json").read_text())
-        manifest = {"name": label, "backend": "tvm", "target": {"name": "cuda"}, "scheme": "q4f16",
+        manifest = {"name": label, "backend": "tvm", "target": {"name": "cuda"}, "scheme": plan.get(label, {}).get("scheme"),
                     "config": {"vocab_size": cfg["vocab_size"], "context_length": cfg["context_length"]}}
         recs = run_bench(engine, manifest, args.n_prompt, args.n_gen, args.reps)
         return _speed_row(recs, weight_bytes(weights), bandwidth)
 
-    step("smollm2-weights", smol_weights)
-    step("llama32-1b-weights", regen_1b)
-    step("smoke-smollm2", lambda: smoke(smol))
-    step("smoke-llama32-1b", lambda: smoke(b1b))
-    step("refuse-sm80", lambda: smoke(bundles / plan["tiny-sm80"]["bundle"]))
-    step("bench-smollm2", lambda: bench(smol))
-    step("bench-smollm2-nograph", lambda: engine_bench(bundles / plan["smollm2"]["nograph_artifact"],
-                                                       smol / "weights", "smollm2-nograph"))
-    step("bench-llama32-1b", lambda: bench(b1b))
-
-    def bench_8b():
-        r = plan["llama3-8b"]["regenerate"]
-        q = synth_qdir(work / "qdir-8b", r["shape"], r["scheme"], r["seed"])
-        return engine_bench(bundles / plan["llama3-8b"]["artifact"], q, "llama3-8b")
-
-    step("bench-llama3-8b", bench_8b)
-
-    def profile(artifact, weights, label):
+    def profile(label):
         from edgeforge.runtime.loader import open_engine
 
+        entry, dest = plan[label], bundles / label
+        artifact = dest / "artifact" if entry["kind"] == "bundle" else dest
+        weights = dest / "weights" if entry["kind"] == "bundle" else qdir(entry)
         return dict(profile_decode(open_engine(artifact, weights, max_length=256)), model=label)
 
-    def profile_smol():  # SmolLM2's shapes and bytes with random weights: its real weights need two transfers
-        q = synth_qdir(work / "qdir-smollm2-shape", "smollm2")
-        return profile(smol / "artifact", q, "smollm2-shape")
+    def llama(shape):
+        if args.llama_bench:
+            step(f"llama.cpp-{shape}", lambda: llama_cpp(args, shape, work, bandwidth))
 
-    step("profile-smollm2", profile_smol)
-    step("bench-smollm2-shape", lambda: engine_bench(smol / "artifact", synth_qdir(work / "qdir-smollm2-shape", "smollm2"),
-                                                     "smollm2-shape"))
-    step("profile-llama3-8b", lambda: profile(bundles / plan["llama3-8b"]["artifact"], work / "qdir-8b", "llama3-8b"))
-    if args.llama_bench:
-        for shape in ("smollm2", "llama32-1b", "llama3-8b"):
-            step(f"llama.cpp-{shape}", lambda shape=shape: llama_cpp(args, shape, work, bandwidth))
+    # In the order of what matters most, should the call's time run out: TVM CUDA smoke of the complete
+    # bundles, speed next to llama.cpp's, the ONNX bundles (Vulkan on the NVIDIA driver, the CUDA EP),
+    # the 8B shapes, the decode profiles.
+    bundle_labels = [label for label, e in plan.items() if e["kind"] == "bundle"]
+    for label in bundle_labels:
+        step(f"weights-{label}", lambda label=label: regen(label))
+    for label in bundle_labels:
+        step(f"smoke-{label}", lambda label=label: smoke(bundles / label))
+    step("refuse-sm80", lambda: smoke(bundles / "tiny-q4f16-cuda-sm80"))
+    for label in bundle_labels:
+        step(f"bench-{label}", lambda label=label: bench(bundles / label))
+    llama("smollm2")
+    llama("llama32-1b")
+
+    for label, shape, scheme, preset in ONNX_PLAN:  # built here: the builder needs only onnx and numpy
+        shape = args.onnx_shape or shape
+        site = {"vulkan": args.ort_webgpu, "cuda": args.ort_cuda}[preset]
+        dest = work / "onnx" / label
+        if not site:
+            res["steps"][f"onnx-{label}"] = {"skipped": f"no onnxruntime for the {preset} preset was carried"}
+            continue
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, os.environ.get("PYTHONPATH", "")]),
+                   EDGEFORGE_VULKAN="system")
+
+        def build(dest=dest, shape=shape, scheme=scheme, preset=preset):
+            q = synth_qdir(work / f"qdir-{shape}-{scheme}", shape, scheme)
+            if not dest.exists():
+                make_bundle(dest, q, get_target(preset), "onnx", make_golden(q, max_tokens=8))
+            return {"bytes": _model_bytes(dest)}
+
+        step(f"onnx-build-{label}", build)
+        step(f"onnx-smoke-{label}", lambda dest=dest, env=env: smoke(dest, env=env))
+        step(f"onnx-bench-{label}", lambda dest=dest, env=env: bench(dest, env=env))
+
+    for label, entry in plan.items():
+        if entry["kind"] == "artifact":
+            step(f"bench-{label}", lambda label=label: engine_bench(bundles / label, qdir(plan[label]), label))
+    llama("llama3-8b")
+    step("profile-smollm2-q4f16", lambda: profile("smollm2-q4f16"))
+    step("profile-llama3-8b-q4f16", lambda: profile("llama3-8b-q4f16"))
     return 0 if not any("error" in s for s in res["steps"].values()) else 1
+
+
+def _model_bytes(bundle: Path) -> int:
+    """The bytes a decode step reads at most: a TVM bundle's weights, an ONNX bundle's data file."""
+    return weight_bytes(bundle / "weights") or sum(p.stat().st_size for p in (bundle / "artifact").glob("*.data"))
 
 
 def profile_decode(engine, steps: int = 32) -> dict:
@@ -634,10 +628,11 @@ def main(argv=None) -> int:
     runp.add_argument("--build-only", action="store_true")
     runp.add_argument("--json-out", default=str(BENCH / "results" / "gpu.json"))
     prep.add_argument("--out", required=True, help="folder of bundles to carry to the GPU machine")
-    prep.add_argument("--weights-out", required=True, help="folder for SmolLM2's weights, split in parts")
-    prep.add_argument("--part-mb", type=int, default=40)
     dev.add_argument("--bundles", required=True)
-    dev.add_argument("--weights-parts", nargs="*", default=[], help="folders holding SmolLM2's weight parts")
+    dev.add_argument("--ort-webgpu", default=None, help="a folder holding onnxruntime-webgpu (for the vulkan preset)")
+    dev.add_argument("--ort-cuda", default=None, help="a folder holding onnxruntime-gpu (the ONNX cuda preset)")
+    dev.add_argument("--onnx-shape", default=None, help="shape of the ONNX bundles (default: each plan's; tiny for a dry run)")
+    dev.add_argument("--result-name", default=None, help="file name of the JSON result in --out")
     dev.add_argument("--out", required=True)
     dev.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench built with CUDA")
     dev.add_argument("--only", default=None, help="comma list of step names")

@@ -132,6 +132,7 @@ def main(argv=None):
     `--debug` (anywhere on the line, or EDGEFORGE_DEBUG=1) adds the Python traceback."""
     import signal
 
+    argv_is_main = argv is None  # in-process callers (tests) get SystemExit, never os._exit
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("EDGEFORGE_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
@@ -180,7 +181,26 @@ def main(argv=None):
             os.environ.pop("EDGEFORGE_DEBUG", None)
         else:
             os.environ["EDGEFORGE_DEBUG"] = previous_debug
+    if argv_is_main and _webgpu_opened():
+        _exit_without_teardown(code)
     sys.exit(code)
+
+
+def _webgpu_opened() -> bool:
+    engine = sys.modules.get("edgeforge.runtime.onnx_engine")
+    return bool(engine and engine.WEBGPU_SESSIONS)
+
+
+def _exit_without_teardown(code: int):
+    """Leave after a WebGPU session: Dawn can crash while the interpreter tears its objects down, which
+    would turn a finished command's exit code into 139. The exit handlers (our temporary copies) run
+    first; then nothing else."""
+    import atexit
+
+    atexit._run_exitfuncs()  # noqa: SLF001 - the documented handlers, run before os._exit skips them
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def internal_message(err: BaseException) -> str:

@@ -81,6 +81,27 @@ def test_vulkan_smoke_passes_on_lavapipe(dist, capsys):
     assert result["status"] == "PASS" and result["device"].startswith("webgpu")
 
 
+@pytest.mark.vulkan
+def test_vulkan_bench_exits_zero_after_its_webgpu_session(dist):
+    """Dawn on lavapipe crashes when a WebGPU session is destroyed: `edgeforge bench` exited 139 after
+    printing its numbers. It must exit 0 and leave no verified copy behind."""
+    import glob
+    import tempfile
+
+    from edgeforge import toolchains
+
+    python, env = toolchains.vulkan_env(ensure=True)
+    site = next(Path(python).parent.parent.glob("lib/python3*/site-packages"))  # onnxruntime-webgpu
+    env = dict(env, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), ".edgeforge-verified*")))
+    proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "bench", str(dist / name("vulkan", "onnx")),
+                           "-p", "8", "-n", "4", "-r", "1", "--json"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads(proc.stdout)
+    assert [r["test"] for r in records] == ["pp8", "tg4"] and records[0]["device"].startswith("webgpu")
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), ".edgeforge-verified*"))) <= before
+
+
 @pytest.mark.parametrize("target,words", [("cuda", "cannot run here: no CUDA device"),
                                           ("jetson-orin", "cannot run here: target 'jetson-orin' needs an aarch64 CPU with an NVIDIA GPU"),
                                           ("metal-macos", "cannot run here: target 'metal-macos' needs macOS")])

@@ -167,3 +167,34 @@ def test_build_json_gives_ci_checksums(host_bundle):
     assert b["archive_sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
     assert b["archive_bytes"] == archive.stat().st_size
     assert b["manifest_sha256"] == json.loads((bundle / "manifest.json").read_text())["manifest_sha256"]
+
+
+VULKAN_MANIFEST = {"target": {"name": "vulkan", "run": "vulkan", "os": "linux", "arch": "x86_64"},
+                   "device": "webgpu (vulkan)"}
+
+
+@pytest.mark.parametrize("value, words", [
+    ("nvidia", "$EDGEFORGE_VULKAN='nvidia': expected 'system'"),
+    ("system", None),  # this venv's onnxruntime is the CPU build, or no Vulkan device: named either way
+])
+def test_system_vulkan_is_checked_before_the_smoke(monkeypatch, value, words):
+    """EDGEFORGE_VULKAN=system runs a vulkan bundle on the machine's own driver, with this Python: it must
+    be refused by name when this Python cannot (no WebGPU EP, no Vulkan device), never run elsewhere."""
+    import platform
+
+    from edgeforge.bundle import smoke_run
+    from edgeforge.errors import EdgeforgeError
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the manifest names an x86_64 target")
+    monkeypatch.setenv("EDGEFORGE_VULKAN", value)
+    try:
+        import onnxruntime
+        has_webgpu = "WebGpuExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        has_webgpu = False
+    if value == "system" and has_webgpu:
+        pytest.skip("this Python has onnxruntime-webgpu: the system path may legitimately run")
+    with pytest.raises(EdgeforgeError) as err:
+        smoke_run.python_for(VULKAN_MANIFEST, emulate=False)
+    assert (words or "EDGEFORGE_VULKAN=system: ") in str(err.value)

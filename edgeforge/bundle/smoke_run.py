@@ -26,6 +26,11 @@ from ..runtime.hostcheck import check_can_run
 from ..runtime.manifest_check import clean_stale_temps, owned_temp_dir, verified_copy
 from . import archive
 
+# Which Vulkan a vulkan bundle's smoke test runs on: "lavapipe" (default: Mesa's software driver, built
+# by scripts/setup-vulkan.sh, the same everywhere) or "system" (this machine's own driver, e.g. a GPU's,
+# through this Python's onnxruntime-webgpu).
+VULKAN_ENV = "EDGEFORGE_VULKAN"
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,9 +76,34 @@ def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
     except BundleError as err:
         raise EdgeforgeError(str(err)) from None
     if run == "vulkan" or manifest.get("device", "").startswith(("webgpu", "vulkan")):
+        if _vulkan_choice() == "system":
+            _check_system_webgpu()
+            return [sys.executable], dict(os.environ)  # the machine's own Vulkan driver: a real GPU
         python, env = toolchains.ensure_vulkan()  # onnxruntime-webgpu venv + Mesa lavapipe
         return [str(python)], env
     return [sys.executable], dict(os.environ)
+
+
+def _vulkan_choice() -> str:
+    value = os.environ.get(VULKAN_ENV, "lavapipe")
+    if value not in ("system", "lavapipe"):
+        raise EdgeforgeError(f"${VULKAN_ENV}={value!r}: expected 'system' (this machine's Vulkan driver) or 'lavapipe'")
+    return value
+
+
+def _check_system_webgpu() -> None:
+    """$EDGEFORGE_VULKAN=system runs smoke.py with this Python: its onnxruntime must have the WebGPU EP
+    and the machine a Vulkan device, else the verdict would be about another device or none."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EdgeforgeError(f"${VULKAN_ENV}=system: this Python has no onnxruntime: pip install onnxruntime-webgpu") from None
+    if "WebGpuExecutionProvider" not in onnxruntime.get_available_providers():
+        raise EdgeforgeError(f"${VULKAN_ENV}=system: this Python's onnxruntime {onnxruntime.__version__} has no "
+                             "WebGPU execution provider: pip install onnxruntime-webgpu (in place of onnxruntime)")
+    if not toolchains.vulkan_devices():
+        raise EdgeforgeError(f"${VULKAN_ENV}=system: no Vulkan device on this machine (no loader libvulkan.so.1, "
+                             "or no driver); unset it to run on Mesa lavapipe")
 
 
 def parse_result(code: int, out: str, err: str, where: str) -> tuple[int, dict]:

@@ -25,6 +25,10 @@ DEVICE_PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "webgpu": "WebG
                     "vulkan": "WebGpuExecutionProvider", "coreml": "CoreMLExecutionProvider"}
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 THREADS_ENV = "EDGEFORGE_THREADS"
+# WebGPU sessions this process opened, kept referenced until it ends: Dawn on Mesa lavapipe crashes
+# (SIGSEGV) when a WebGPU session is destroyed, so none is, and a process that opened one leaves with
+# os._exit once its output is written (cli.main; smoke.py keeps its engines the same way).
+WEBGPU_SESSIONS: list = []
 # shared: past and present bound to one max-length buffer that GroupQueryAttention appends to in
 # place (CPU, CUDA: the buffers live where the op runs). copy: past holds exactly the previous rows
 # and ONNX Runtime allocates a new present each step (the classic layout); used where the KV cache
@@ -117,6 +121,8 @@ class OnnxEngine:
                                                provider_options=options)
         except Exception as err:  # onnxruntime raises its own exception types
             raise BundleError(f"{model}: onnxruntime could not load it: {str(err).splitlines()[0]}") from err
+        if self.provider == "WebGpuExecutionProvider":
+            WEBGPU_SESSIONS.append(session)
         # ONNX Runtime silently drops a provider it cannot initialise (no GPU, adapter refused).
         if session.get_providers()[0] != self.provider:
             raise CannotRunHere(
