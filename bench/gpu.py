@@ -1,10 +1,12 @@
 """GPU benchmark and proof: edgeforge cuda bundles on a real GPU, next to llama.cpp's CUDA build.
 
-Three modes:
+Modes:
 
     python bench/gpu.py run                      # a CUDA machine with the full install: build + bench
-    python bench/gpu.py prepare --out .gpu/b     # here, no GPU: build every bundle the GPU run needs
-    python bench/gpu.py device --bundles .gpu/b --out results/   # on the GPU, runtime-only TVM
+    python bench/gpu.py prepare --out DIR        # here, no GPU: build every bundle the GPU run needs
+    python bench/gpu.py pack [--llama-cuda] [--ort-gpu]   # prepare + everything a GPU call carries, in .gpu/
+    bash bench/gpu_run.sh LIMIT_S [device options]        # on the GPU machine: unpack .gpu/, then `device`
+    python bench/gpu.py device --bundles DIR --out results/   # on the GPU, runtime-only TVM
 
 `prepare` + `device` exist because a GPU machine is lent for minutes with small transfers: the
 bundles (code, golden outputs, manifests) are built here, and the large random weights are
@@ -355,6 +357,119 @@ def prepare(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- pack (here)
+
+# What a GPU call carries besides the working tree, pinned: wheels for the GPU machine's Python 3.12
+# (its image lacks these), the Vulkan loader packages (the device README's list), onnxruntime-gpu.
+DEVICE_WHEELS = ["apache-tvm-ffi==0.1.15.post2", "gguf==0.19.0", "onnxruntime-webgpu==1.27.0"]
+GL_PACKAGES = ["libvulkan1", "libegl1", "libglvnd0", "libopengl0", "libgl1", "libglx0", "libgles2"]
+ORT_GPU_WHEEL = "onnxruntime-gpu==1.31.1"  # CUDA 13
+WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
+                   "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+TRANSFER_LIMIT = 64 << 20  # one call carries at most this much (the working tree included)
+
+
+def pack(args) -> int:
+    """Everything a GPU session needs, in .gpu/ (one call) and .gpu-ort/ (a call before it):
+    the bundles of `prepare`, the wheels, the Vulkan loader, llama-bench (CUDA) and onnxruntime-gpu
+    with only the kernels of the GPU's arch (its 284 MB CUDA provider would need 4 transfers)."""
+    carry, ort = ROOT / ".gpu", ROOT / ".gpu-ort"
+    for folder in (carry / "whl", carry / "gl", ort):
+        folder.mkdir(parents=True, exist_ok=True)
+    args.out = str(Path(args.work) / "bundles")
+    prepare(args)
+    subprocess.run(f"tar -C {args.out} -cf - . | xz -T0 -6 > {carry / 'b.tar.xz'}", shell=True, check=True)
+    _download_wheels(DEVICE_WHEELS, carry / "whl")
+    _download_debs(carry / "gl")
+    import peers
+
+    if args.llama_cuda:
+        peers.install_llama_cuda(jobs=args.jobs)
+    if bench := peers.llama_cuda_bench():
+        subprocess.run(f"xz -T0 -6 -c {bench} > {carry / 'llama-bench.xz'}", shell=True, check=True)
+    else:
+        print("no llama-bench (CUDA): run with --llama-cuda (a ~1 h build on 2 cores) to compare with llama.cpp")
+    if args.ort_gpu:
+        _pack_ort_gpu(ort / "onnxruntime-gpu.tar.zst", Path(args.work) / "ort-gpu", args.sm)
+    tree = sum(f.stat().st_size for f in ROOT.rglob("*") if f.is_file() and ".git" not in f.parts
+               and not {".venv", ".gpu", ".gpu-ort", "edgeforge.egg-info"} & set(f.parts))
+    for folder in (carry, ort):
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        flag = "" if size + tree < TRANSFER_LIMIT else "  OVER ONE TRANSFER"
+        print(f"{folder.name}: {size / 2**20:.1f} MiB (+ {tree / 2**20:.1f} MiB working tree){flag}")
+    print("GPU calls (device tool `run`), back to back while the machine is warm:\n"
+          "  1. carry ['.gpu-ort']: bash bench/gpu_run.sh 1\n"
+          "  2. carry ['.gpu']:     bash bench/gpu_run.sh 480 --ort-webgpu /tmp/ortw --ort-cuda /tmp/ortcuda "
+          "--llama-bench /tmp/llama-bench")
+    return 0
+
+
+def _download_wheels(specs: list[str], dest: Path) -> None:
+    plats = [x for plat in WHEEL_PLATFORMS for x in ("--platform", plat)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", *plats, "-d", str(dest), *specs], check=True)
+
+
+def _download_debs(dest: Path) -> None:
+    lists = Path("/tmp/edgeforge-amd64-lists")
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    opts = ["-oAPT::Architecture=amd64", "-oAPT::Architectures=amd64", f"-oDir::State::Lists={lists}"]
+    subprocess.run(["apt-get", *opts, "update", "-qq"], check=True)
+    subprocess.run(["apt-get", *opts, "download", *GL_PACKAGES], cwd=dest, check=True)
+
+
+def _pack_ort_gpu(dest: Path, work: Path, sm: int) -> None:
+    """onnxruntime-gpu's Python package, CUDA provider kept for one SM: the other archs' kernels are
+    zeroed in place (headers kept), so the library compresses to a quarter and loads as it was."""
+    import zipfile
+
+    work.mkdir(parents=True, exist_ok=True)
+    _download_wheels([ORT_GPU_WHEEL], work)
+    tree = work / "site"
+    shutil.rmtree(tree, ignore_errors=True)
+    with zipfile.ZipFile(next(work.glob("onnxruntime_gpu-*.whl"))) as whl:
+        whl.extractall(tree)
+    capi = tree / "onnxruntime" / "capi"
+    for unused in [*capi.glob("libonnxruntime.so.*"), *capi.glob("libonnxruntime_providers_tensorrt.so")]:
+        unused.unlink()  # the C API library and TensorRT: Python's CUDA EP needs neither
+    kept, zeroed = keep_one_sm(capi / "libonnxruntime_providers_cuda.so", sm)
+    print(f"onnxruntime-gpu CUDA provider: sm_{sm} kernels kept ({kept >> 20} MiB), others zeroed ({zeroed >> 20} MiB)")
+    subprocess.run(f"tar -C {tree} -cf - . | zstd -q -19 -T0 --long=27 -f -o {dest}", shell=True, check=True)
+
+
+FATBIN_MAGIC = 0xBA55ED50
+
+
+def keep_one_sm(path: Path, sm: int) -> tuple[int, int]:
+    """Zero the payload of every fatbin entry of `path` that is not SASS/PTX for `sm` (e.g. 90).
+    A fatbin is a 16-byte header (magic, version, header size, size) and entries, each a header
+    (kind u16, version u16, header size u32, payload size u64, ..., arch u32 at byte 28) and payload.
+    Returns (bytes kept, bytes zeroed)."""
+    import mmap
+    import struct
+
+    kept = zeroed = 0
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        pos, magic = 0, struct.pack("<I", FATBIN_MAGIC)
+        while (i := m.find(magic, pos)) >= 0:
+            _, _, head, size = struct.unpack_from("<IHHQ", m, i)
+            if head != 16:
+                pos = i + 4
+                continue
+            p, end = i + 16, i + 16 + size
+            while p < end:
+                _, _, ehead, payload = struct.unpack_from("<HHIQ", m, p)
+                arch = struct.unpack_from("<I", m, p + 28)[0]
+                if arch == sm:
+                    kept += payload
+                else:
+                    m[p + ehead:p + ehead + payload] = bytes(payload)
+                    zeroed += payload
+                p += ehead + payload
+            pos = end
+    return kept, zeroed
+
+
 # ---------------------------------------------------------------------------- device (GPU)
 
 
@@ -453,8 +568,8 @@ def device(args) -> int:
         shape = args.onnx_shape or shape
         site = {"vulkan": args.ort_webgpu, "cuda": args.ort_cuda}[preset]
         dest = work / "onnx" / label
-        if not site:
-            res["steps"][f"onnx-{label}"] = {"skipped": f"no onnxruntime for the {preset} preset was carried"}
+        if not site or not Path(site, "onnxruntime").is_dir():
+            res["steps"][f"onnx-{label}"] = {"skipped": f"no onnxruntime for the {preset} preset in {site}"}
             continue
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, os.environ.get("PYTHONPATH", "")]),
                    EDGEFORGE_VULKAN="system")
@@ -615,14 +730,18 @@ def run(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
-    for mode in ("run", "prepare", "device"):
+    for mode in ("run", "prepare", "pack", "device"):
         p = sub.add_parser(mode)
         p.add_argument("--work", default="/tmp/edgeforge-gpu-bench")
         p.add_argument("--n-prompt", type=int, default=512)
         p.add_argument("--n-gen", type=int, default=128)
         p.add_argument("--reps", type=int, default=5)
         p.add_argument("--bandwidth-gbs", type=float, default=None, help="peak HBM GB/s (default: by GPU name)")
-    runp, prep, dev = sub.choices["run"], sub.choices["prepare"], sub.choices["device"]
+    runp, prep, dev, pck = sub.choices["run"], sub.choices["prepare"], sub.choices["device"], sub.choices["pack"]
+    pck.add_argument("--llama-cuda", action="store_true", help="build llama-bench with CUDA if not cached (~1 h)")
+    pck.add_argument("--ort-gpu", action="store_true", help="pack onnxruntime-gpu (for a call before the main one)")
+    pck.add_argument("--sm", type=int, default=90, help="the GPU's SM for onnxruntime-gpu's kernels (default 90)")
+    pck.add_argument("--jobs", type=int, default=2)
     runp.add_argument("--models", default="smollm2,llama32-1b,llama3-8b")
     runp.add_argument("--quant", action="append", help="schemes (repeat; default q4f16)")
     runp.add_argument("--build-only", action="store_true")
@@ -640,7 +759,7 @@ def main(argv=None) -> int:
     from edgeforge.progress import configure
 
     configure()  # edgeforge's progress (golden, compile) on stderr, as the CLI shows it
-    return {"run": run, "prepare": prepare, "device": device}[args.mode](args)
+    return {"run": run, "prepare": prepare, "pack": pack, "device": device}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,27 @@ def test_random_qdir_is_reproducible_and_loads(tmp_path):
     codes = np.round(w / step).astype(int)
     assert set(np.unique(codes)) <= set(range(-7, 8)) and abs(codes.mean()) < 0.1  # symmetric: no bias
     assert abs(w.std() - gpu.WEIGHT_STD) < 0.2 * gpu.WEIGHT_STD
+
+
+def test_keep_one_sm_zeroes_only_the_other_archs_kernels(tmp_path):
+    """bench/gpu.py packs onnxruntime-gpu for one GPU by zeroing the other archs' fatbin payloads: the
+    headers and the kept arch's bytes must stay exactly as they were, and the file keeps its size."""
+    import struct
+
+    import gpu
+
+    def entry(arch: int, payload: bytes) -> bytes:
+        head = struct.pack("<HHIQII", 2, 0x101, 64, len(payload), 0, len(payload)) + struct.pack("<II", 0, arch)
+        return head + bytes(64 - len(head)) + payload
+
+    payloads = {80: b"\x11" * 40, 90: b"\x22" * 24, 120: b"\x33" * 16}
+    body = b"".join(entry(a, p) for a, p in payloads.items())
+    blob = b"host code" + struct.pack("<IHHQ", gpu.FATBIN_MAGIC, 1, 16, len(body)) + body + b"tail"
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(blob)
+    kept, zeroed = gpu.keep_one_sm(lib, 90)
+    out = lib.read_bytes()
+    assert (kept, zeroed) == (24, 56) and len(out) == len(blob)
+    assert b"\x22" * 24 in out and b"\x11" not in out and b"\x33" not in out
+    assert out.startswith(b"host code") and out.endswith(b"tail")
+    assert out.count(struct.pack("<I", gpu.FATBIN_MAGIC)) == 1  # the fatbin header itself is kept

@@ -37,6 +37,15 @@ def test_auto_backend_and_refusal():
         get_target("vulkan").pick_backend("tvm")
 
 
+def test_cpu_presets_say_why_auto_picks_onnx():
+    """Issue 24: which backend to use on CPUs, and why, is stated where users look (`edgeforge targets`)."""
+    from edgeforge.bundle.doctor import target_row
+
+    for name in ("x86-cpu", "rpi4", "rpi5", "arm64-linux"):
+        row = target_row(get_target(name))
+        assert row["auto_backend"] == "onnx" and "faster" in row["auto_why"] and "BENCHMARKS.md" in row["auto_why"]
+
+
 def test_user_target_from_env_dir(tmp_path, monkeypatch):
     (tmp_path / "my-board.toml").write_text(
         'name = "my-board"\nbackends = ["onnx"]\nrun = "qemu"\nos = "linux"\narch = "aarch64"\n'
@@ -57,6 +66,8 @@ def test_user_target_from_env_dir(tmp_path, monkeypatch):
      '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "unknown key\\(s\\) 'descripton'"),
     ('name = "b"\nbackends = ["onnx"]\nrun = "host"\nos = "linux"\narch = "x86_64"\n'
      '[onnx]\nexecution_provider = "CPUExecutionProvider"\n[tvn]\nhost = "llvm"\n', "unknown key\\(s\\) 'tvn'"),
+    ('name = "b"\nbackends = ["onnx"]\nbackend_why = 3\nrun = "host"\nos = "linux"\narch = "x86_64"\n'
+     '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "'backend_why' must be a string"),
 ])
 def test_bad_target_file_names_itself(tmp_path, monkeypatch, body, message):
     bad = tmp_path / "bad.toml"

@@ -376,7 +376,8 @@ def targets(as_json):
 def _target_text(r: dict) -> str:
     build = ", ".join(f"{b}:{'yes' if ok else 'no'}" for b, ok in r["can_build"].items())
     return (f"{r['name']:<15} {r['run']:<7} build [{build}] run: {'yes' if r['can_run'] else 'no'}"
-            + (f"  (missing: {'; '.join(r['missing'])})" if r["missing"] else "") + f"\n{'':<15} {r['description']}")
+            + (f"  (missing: {'; '.join(r['missing'])})" if r["missing"] else "") + f"\n{'':<15} {r['description']}"
+            + (f"\n{'':<15} --backend auto: {r['auto_backend']}: {r['auto_why']}" if r["auto_why"] else ""))
 
 
 @click.command()
