@@ -390,9 +390,8 @@ def pack(args) -> int:
     else:
         print("no llama-bench (CUDA): run with --llama-cuda (a ~1 h build on 2 cores) to compare with llama.cpp")
     if args.ort_gpu:
-        _pack_ort_gpu(ort / "onnxruntime-gpu.tar.zst", Path(args.work) / "ort-gpu", args.sm)
-    tree = sum(f.stat().st_size for f in ROOT.rglob("*") if f.is_file() and ".git" not in f.parts
-               and not {".venv", ".gpu", ".gpu-ort", "edgeforge.egg-info"} & set(f.parts))
+        _pack_ort_gpu(ort / "onnxruntime-gpu.tar.xz", Path(args.work) / "ort-gpu", args.sm)
+    tree = _working_tree_bytes()
     for folder in (carry, ort):
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         flag = "" if size + tree < TRANSFER_LIMIT else "  OVER ONE TRANSFER"
@@ -402,6 +401,13 @@ def pack(args) -> int:
           "  2. carry ['.gpu']:     bash bench/gpu_run.sh 480 --ort-webgpu /tmp/ortw --ort-cuda /tmp/ortcuda "
           "--llama-bench /tmp/llama-bench")
     return 0
+
+
+def _working_tree_bytes() -> int:
+    """What every call sends besides the carried folders: tracked and untracked, not ignored, files."""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.split(b"\0")
+    return sum((ROOT / n.decode()).stat().st_size for n in names if n and (ROOT / n.decode()).is_file())
 
 
 def _download_wheels(specs: list[str], dest: Path) -> None:
@@ -434,7 +440,8 @@ def _pack_ort_gpu(dest: Path, work: Path, sm: int) -> None:
         unused.unlink()  # the C API library and TensorRT: Python's CUDA EP needs neither
     kept, zeroed = keep_one_sm(capi / "libonnxruntime_providers_cuda.so", sm)
     print(f"onnxruntime-gpu CUDA provider: sm_{sm} kernels kept ({kept >> 20} MiB), others zeroed ({zeroed >> 20} MiB)")
-    subprocess.run(f"tar -C {tree} -cf - . | zstd -q -19 -T0 --long=27 -f -o {dest}", shell=True, check=True)
+    # xz, not zstd: the GPU machine unpacks with Python's lzma (its image may lack a zstd binary)
+    subprocess.run(f"tar -C {tree} -cf - . | xz -9e -T0 > {dest}", shell=True, check=True)
 
 
 FATBIN_MAGIC = 0xBA55ED50

@@ -8,8 +8,9 @@ export PYTHONUNBUFFERED=1
 limit=$1; shift
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 echo "== $(date -u +%T) start"
-if [ -f .gpu-ort/onnxruntime-gpu.tar.zst ] && [ ! -d /tmp/ortcuda/onnxruntime ]; then
-  mkdir -p /tmp/ortcuda && zstd -dc .gpu-ort/onnxruntime-gpu.tar.zst | tar -xf - -C /tmp/ortcuda && echo "onnxruntime-gpu unpacked"
+untar() { python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" "$1" "$2"; }
+if [ -f .gpu-ort/onnxruntime-gpu.tar.xz ] && [ ! -d /tmp/ortcuda/onnxruntime ]; then
+  mkdir -p /tmp/ortcuda && untar .gpu-ort/onnxruntime-gpu.tar.xz /tmp/ortcuda && echo "onnxruntime-gpu unpacked"
 fi
 [ -d .gpu ] || { echo "no .gpu/ carried: only onnxruntime-gpu was unpacked"; exit 0; }
 for f in .gpu/gl/*.deb; do dpkg -x "$f" /; done 2>/dev/null; ldconfig
@@ -28,8 +29,11 @@ if ! python3 edgeforge/vulkan_probe.py | grep -q '"name"'; then  # the device RE
   export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 fi
 python3 edgeforge/vulkan_probe.py | tee -a "$OUT/machine.txt"
-rm -rf /tmp/b && mkdir -p /tmp/b && tar -xJf .gpu/b.tar.xz -C /tmp/b
-if [ -f .gpu/llama-bench.xz ]; then xz -dc .gpu/llama-bench.xz > /tmp/llama-bench && chmod +x /tmp/llama-bench; fi
+rm -rf /tmp/b && mkdir -p /tmp/b && untar .gpu/b.tar.xz /tmp/b
+if [ -f .gpu/llama-bench.xz ]; then
+  python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.open(sys.argv[1]).read())" .gpu/llama-bench.xz /tmp/llama-bench
+  chmod +x /tmp/llama-bench
+fi
 # libcudart/libcublas 13 for llama-bench and TVM's CUDA runtime: the image's CUDA wheels (PyTorch's)
 CUDALIB=$(python3 -c "import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], 'lib'))" 2>/dev/null)
 [ -n "$CUDALIB" ] && export LD_LIBRARY_PATH=$CUDALIB:$LD_LIBRARY_PATH
