@@ -370,11 +370,11 @@ TRANSFER_LIMIT = 64 << 20  # one call carries at most this much (the working tre
 
 
 def pack(args) -> int:
-    """Everything a GPU session needs, in .gpu/ (one call) and .gpu-ort/ (a call before it):
+    """Everything a GPU session needs, in .gpu/ (the main call), .gpu-ort/ and .gpu-llama/ (calls before it):
     the bundles of `prepare`, the wheels, the Vulkan loader, llama-bench (CUDA) and onnxruntime-gpu
     with only the kernels of the GPU's arch (its 284 MB CUDA provider would need 4 transfers)."""
-    carry, ort = ROOT / ".gpu", ROOT / ".gpu-ort"
-    for folder in (carry / "whl", carry / "gl", ort):
+    carry, ort, llama = ROOT / ".gpu", ROOT / ".gpu-ort", ROOT / ".gpu-llama"
+    for folder in (carry / "whl", carry / "gl", ort, llama):
         folder.mkdir(parents=True, exist_ok=True)
     args.out = str(Path(args.work) / "bundles")
     prepare(args)
@@ -386,19 +386,20 @@ def pack(args) -> int:
     if args.llama_cuda:
         peers.install_llama_cuda(jobs=args.jobs)
     if bench := peers.llama_cuda_bench():
-        subprocess.run(f"xz -T0 -6 -c {bench} > {carry / 'llama-bench.xz'}", shell=True, check=True)
+        subprocess.run(f"xz -T0 -6 -c {bench} > {llama / 'llama-bench.xz'}", shell=True, check=True)
     else:
         print("no llama-bench (CUDA): run with --llama-cuda (a ~1 h build on 2 cores) to compare with llama.cpp")
     if args.ort_gpu:
         _pack_ort_gpu(ort / "onnxruntime-gpu.tar.xz", Path(args.work) / "ort-gpu", args.sm)
     tree = _working_tree_bytes()
-    for folder in (carry, ort):
+    for folder in (carry, ort, llama):
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         flag = "" if size + tree < TRANSFER_LIMIT else "  OVER ONE TRANSFER"
         print(f"{folder.name}: {size / 2**20:.1f} MiB (+ {tree / 2**20:.1f} MiB working tree){flag}")
     print("GPU calls (device tool `run`), back to back while the machine is warm:\n"
-          "  1. carry ['.gpu-ort']: bash bench/gpu_run.sh 1\n"
-          "  2. carry ['.gpu']:     bash bench/gpu_run.sh 480 --ort-webgpu /tmp/ortw --ort-cuda /tmp/ortcuda "
+          "  1. carry ['.gpu-ort']:   bash bench/gpu_run.sh 1\n"
+          "  2. carry ['.gpu-llama']: bash bench/gpu_run.sh 1\n"
+          "  3. carry ['.gpu']:       bash bench/gpu_run.sh 480 --ort-webgpu /tmp/ortw --ort-cuda /tmp/ortcuda "
           "--llama-bench /tmp/llama-bench")
     return 0
 
@@ -554,7 +555,9 @@ def device(args) -> int:
         return dict(profile_decode(open_engine(artifact, weights, max_length=256)), model=label)
 
     def llama(shape):
-        if args.llama_bench:
+        if args.llama_bench and not Path(args.llama_bench).exists():
+            res["steps"][f"llama.cpp-{shape}"] = {"skipped": f"{args.llama_bench} not present (not carried)"}
+        elif args.llama_bench:
             step(f"llama.cpp-{shape}", lambda: llama_cpp(args, shape, work, bandwidth))
 
     # In the order of what matters most, should the call's time run out: TVM CUDA smoke of the complete

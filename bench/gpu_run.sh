@@ -2,8 +2,9 @@
 # The GPU machine's side of bench/gpu.py: unpack what `python bench/gpu.py pack` put in .gpu/ (carried),
 # check the machine, run `bench/gpu.py device`; everything it writes lands in $OUT.
 #   bash bench/gpu_run.sh LIMIT_S [device options...]
-# A preceding call may carry .gpu-ort/ (onnxruntime-gpu, too large to share one transfer): it is
-# unpacked to /tmp/ortcuda, where a later call on the same (warm) machine finds it.
+# Preceding calls may carry .gpu-ort/ (onnxruntime-gpu) and .gpu-llama/ (llama-bench with CUDA), too
+# large to share one transfer: unpacked to /tmp/ortcuda and /tmp/llama-bench, where a later call on
+# the same (warm) machine finds them.
 export PYTHONUNBUFFERED=1
 limit=$1; shift
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -12,7 +13,11 @@ untar() { python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(
 if [ -f .gpu-ort/onnxruntime-gpu.tar.xz ] && [ ! -d /tmp/ortcuda/onnxruntime ]; then
   mkdir -p /tmp/ortcuda && untar .gpu-ort/onnxruntime-gpu.tar.xz /tmp/ortcuda && echo "onnxruntime-gpu unpacked"
 fi
-[ -d .gpu ] || { echo "no .gpu/ carried: only onnxruntime-gpu was unpacked"; exit 0; }
+if [ -f .gpu-llama/llama-bench.xz ] && [ ! -x /tmp/llama-bench ]; then
+  python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.open(sys.argv[1]).read())" .gpu-llama/llama-bench.xz /tmp/llama-bench
+  chmod +x /tmp/llama-bench && echo "llama-bench unpacked"
+fi
+[ -d .gpu ] || { echo "no .gpu/ carried: unpacked what was carried, for the next call"; exit 0; }
 for f in .gpu/gl/*.deb; do dpkg -x "$f" /; done 2>/dev/null; ldconfig
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
   .gpu/whl/apache_tvm_ffi*.whl .gpu/whl/gguf*.whl 2>&1 | tail -2
@@ -30,10 +35,6 @@ if ! python3 edgeforge/vulkan_probe.py | grep -q '"name"'; then  # the device RE
 fi
 python3 edgeforge/vulkan_probe.py | tee -a "$OUT/machine.txt"
 rm -rf /tmp/b && mkdir -p /tmp/b && untar .gpu/b.tar.xz /tmp/b
-if [ -f .gpu/llama-bench.xz ]; then
-  python3 -c "import lzma, sys; open(sys.argv[2], 'wb').write(lzma.open(sys.argv[1]).read())" .gpu/llama-bench.xz /tmp/llama-bench
-  chmod +x /tmp/llama-bench
-fi
 # libcudart/libcublas 13 for llama-bench and TVM's CUDA runtime: the image's CUDA wheels (PyTorch's)
 CUDALIB=$(python3 -c "import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], 'lib'))" 2>/dev/null)
 [ -n "$CUDALIB" ] && export LD_LIBRARY_PATH=$CUDALIB:$LD_LIBRARY_PATH
