@@ -462,3 +462,51 @@ def test_run_chat_with_an_endless_template_is_bounded(endless_template_bundle):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "chat template did not finish rendering" in proc.stderr and "Traceback" not in proc.stderr
     assert time.monotonic() - start < 60
+
+
+# ---- issue 21 (session 9): TVM's KV cache is checked against memory before it is reserved ----
+
+@pytest.fixture(scope="module")
+def tvm_bundle(tiny_model, tmp_path_factory):
+    pytest.importorskip("tvm", reason="the tvm extra (apache-tvm) is not installed")
+    out = tmp_path_factory.mktemp("tvm-dist")
+    proc = _edf("build", tiny_model("llama32"), "--quant", "q4f32", "--target", "x86-cpu", "--backend", "tvm",
+                "-o", out, "--no-smoke", "--no-quality", "kv test", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (bundle,) = [p for p in out.iterdir() if p.is_dir()]
+    return bundle
+
+
+def test_tvm_kv_cache_that_cannot_fit_is_refused_by_name(tvm_bundle, tmp_path):
+    """A model whose context is 2**30 tokens (its config, re-checksummed): the KV cache would be 512 GiB.
+    Opening it at the default context is refused naming --ctx and the bytes, before TVM reserves
+    anything; the same bundle runs with a --ctx that fits."""
+    from bundle_helpers import copy_bundle, resign
+
+    from edgeforge.runtime.memory import kv_cache_bytes, mem_available
+
+    bundle = copy_bundle(tvm_bundle, tmp_path / "huge-context")
+    config_path = bundle / "weights" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["context_length"] = 1 << 30
+    config_path.write_text(json.dumps(config))
+    resign(bundle)
+    needed = kv_cache_bytes(config, 1 << 30, 4, 16)
+    assert needed > 4 * (mem_available() or 0)
+    proc = _edf("run", bundle, "-p", "Hello", "-n", "2")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "--ctx" in line and f"({needed} bytes needed" in line, line
+    assert "Traceback" not in proc.stderr
+    fits = _edf("run", bundle, "-p", "Hello", "-n", "2", "--ctx", "64")
+    assert fits.returncode == 0, fits.stderr[-2000:]
+
+
+def test_kv_cache_bytes_is_the_paged_layout():
+    """Llama-3.2-1B at its default context, fp16, pages of 16: 16 layers x K and V x 8 KV heads x 64 x
+    131072 x 2 bytes = 4 GiB; a context one token past a page boundary reserves the whole next page."""
+    from edgeforge.runtime.memory import kv_cache_bytes
+
+    llama32_1b = {"num_layers": 16, "num_kv_heads": 8, "head_dim": 64}
+    assert kv_cache_bytes(llama32_1b, 131072, 2, 16) == 4 << 30
+    assert kv_cache_bytes(llama32_1b, 131073, 2, 16) == (4 << 30) + 16 * 16 * 2 * 8 * 64 * 2
