@@ -3,32 +3,15 @@ a stage that cannot fit says so before it starts (needed vs available), instead 
 
 from __future__ import annotations
 
-import logging
-
 from .errors import EdgeforgeError
+from .runtime.memory import mem_available, memory_refusal
 
-logger = logging.getLogger(__name__)
-
-
-def mem_available() -> int | None:
-    """MemAvailable (bytes) from /proc/meminfo; None where there is none (not Linux)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
+__all__ = ["check_memory", "mem_available"]
 
 
 def check_memory(stage: str, needed: int, advice: str = "close other programs, build fewer targets at once, "
                  "skip the smoke test (--no-smoke), or use a machine with more memory") -> None:
     """Raise EdgeforgeError naming `stage` when `needed` bytes exceed what is available."""
-    avail = mem_available()
-    if avail is None:
-        return
-    logger.info(f"[memory] {stage}: needs about {needed / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
-    if needed > avail:
-        raise EdgeforgeError(f"{stage} needs about {needed / 2**30:.1f} GiB of memory and {avail / 2**30:.1f} GiB "
-                             f"is available: {advice}")
+    message = memory_refusal(stage, needed, mem_available(), advice)
+    if message:
+        raise EdgeforgeError(message)

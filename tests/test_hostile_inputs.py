@@ -350,3 +350,163 @@ def test_target_values_tvm_or_onnx_would_ignore_are_refused(tiny_qdir, tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-1500:]
     assert needle in proc.stderr and "target 'mine'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- issue 21 (session 9): the chat template's bounds hold in any thread (a server renders in workers) ----
+
+THREAD_HOSTILE_TEMPLATES = {
+    **HOSTILE_TEMPLATES,
+    "loops over a long text": "{% set s = 'x' * 4000000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+    "macro looping forever": "{% macro f(n) %}{% for i in range(100000) %}{% endfor %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+    "width in %": "{{ '%0999999999d' % 1 }}",
+    "width from arguments": "{{ '%*d' % (999999999, 1) }}",
+    "width in format": "{{ '{:>999999999}'.format(1)|length }}",
+    "width in the format filter": "{{ '%0999999999d'|format(1)|length }}",
+    "center": "{{ 'x'|center(999999999)|length }}",
+    "indent": "{{ 'a\nb'|indent(999999999)|length }}",
+    "ljust": "{{ 'x'.ljust(999999999)|length }}",
+    "replace multiplies": "{{ ('x' * 4000000)|replace('', 'yyyy')|length }}",
+    "replace method multiplies": "{{ ('x' * 4000000).replace('', 'yyyy')|length }}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(THREAD_HOSTILE_TEMPLATES))
+def test_hostile_chat_template_is_bounded_in_a_worker_thread(tiny_model, name, monkeypatch):
+    """Rendered off the main thread (no signal reaches it): refused by name within the time bound,
+    and without building the gigabyte the template asks for."""
+    import threading
+    import time
+
+    from edgeforge.runtime import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "TEMPLATE_SECONDS", 1.0)
+    base = tokenizer_module.Tokenizer.load(tiny_model("llama32"))
+    tok = tokenizer_module.Tokenizer(base.tok, chat_template=THREAD_HOSTILE_TEMPLATES[name])
+    outcome = {}
+
+    def render():
+        start = time.monotonic()
+        try:
+            outcome["text"] = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+        except tokenizer_module.TokenizerError as err:
+            outcome["error"] = str(err)
+        outcome["seconds"] = time.monotonic() - start
+
+    worker = threading.Thread(target=render, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the render in a worker thread is still running after 30 s"
+    assert "chat template" in outcome.get("error", ""), outcome
+    assert outcome["seconds"] < 3, outcome
+
+
+def test_ordinary_templates_still_render_in_threads(tiny_model):
+    """The bounds change nothing for a real template: loops with loop.last, a variable named like
+    the loop helper, and the same text from eight threads at once."""
+    import concurrent.futures
+
+    from edgeforge.runtime.tokenizer import Tokenizer
+
+    base = Tokenizer.load(tiny_model("llama32"))
+    tok = Tokenizer(base.tok, chat_template="{% set bounded_iter = 5 %}{% for m in messages %}<{{ m['role'] }}>"
+                                            "{{ m['content'] }}{% if loop.last %}.{% endif %}{% endfor %}")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(lambda _: tok.apply_chat_template(msgs), range(64))) == {"<user>hi<assistant>yo."}
+
+
+@pytest.fixture(scope="module")
+def endless_template_bundle(host_bundle, tmp_path_factory):  # noqa: F811
+    """The tiny host bundle with a chat template that never ends, re-checksummed (as its author would)."""
+    from bundle_helpers import copy_bundle, resign
+
+    bundle = copy_bundle(host_bundle[0], tmp_path_factory.mktemp("endless") / "endless-template")
+    cfg_path = bundle / "tokenizer" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = HOSTILE_TEMPLATES["nested loops"]
+    cfg_path.write_text(json.dumps(cfg))
+    resign(bundle)
+    return bundle
+
+
+def test_server_answers_an_endless_template_with_a_400_and_serves_on(endless_template_bundle):
+    """The real server (worker threads) and the real openai client over loopback: the chat request is
+    refused within the bound, by name, and the server still answers the next requests."""
+    import time
+
+    openai = pytest.importorskip("openai", reason="the openai client (dev extra) is not installed")
+    pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn) is not installed")
+    from serve_helpers import LiveServer, client
+
+    from edgeforge.runtime.tokenizer import TEMPLATE_SECONDS
+
+    with LiveServer(endless_template_bundle, "--parallel", "1") as live:
+        api = client(live, timeout=60)
+        for _ in range(2):  # the second time too: the first left nothing stuck
+            start = time.monotonic()
+            with pytest.raises(openai.BadRequestError) as refused:
+                api.chat.completions.create(model=endless_template_bundle.name, max_tokens=2,
+                                            messages=[{"role": "user", "content": "hi"}])
+            assert time.monotonic() - start < TEMPLATE_SECONDS + 10
+            assert "chat template did not finish rendering" in str(refused.value)
+        answer = api.completions.create(model=endless_template_bundle.name, prompt="Hello", max_tokens=3)
+        assert answer.choices[0].text and answer.usage.completion_tokens >= 1
+        assert live.get("/health")[0] == 200
+
+
+def test_run_chat_with_an_endless_template_is_bounded(endless_template_bundle):
+    import time
+
+    start = time.monotonic()
+    proc = _edf("run", endless_template_bundle, "--chat", "-p", "hi", "-n", "1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "chat template did not finish rendering" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 60
+
+
+# ---- issue 21 (session 9): TVM's KV cache is checked against memory before it is reserved ----
+
+@pytest.fixture(scope="module")
+def tvm_bundle(tiny_model, tmp_path_factory):
+    pytest.importorskip("tvm", reason="the tvm extra (apache-tvm) is not installed")
+    out = tmp_path_factory.mktemp("tvm-dist")
+    proc = _edf("build", tiny_model("llama32"), "--quant", "q4f32", "--target", "x86-cpu", "--backend", "tvm",
+                "-o", out, "--no-smoke", "--no-quality", "kv test", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (bundle,) = [p for p in out.iterdir() if p.is_dir()]
+    return bundle
+
+
+def test_tvm_kv_cache_that_cannot_fit_is_refused_by_name(tvm_bundle, tmp_path):
+    """A model whose context is 2**30 tokens (its config, re-checksummed): the KV cache would be 512 GiB.
+    Opening it at the default context is refused naming --ctx and the bytes, before TVM reserves
+    anything; the same bundle runs with a --ctx that fits."""
+    from bundle_helpers import copy_bundle, resign
+
+    from edgeforge.runtime.memory import kv_cache_bytes, mem_available
+
+    bundle = copy_bundle(tvm_bundle, tmp_path / "huge-context")
+    config_path = bundle / "weights" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["context_length"] = 1 << 30
+    config_path.write_text(json.dumps(config))
+    resign(bundle)
+    needed = kv_cache_bytes(config, 1 << 30, 4, 16)
+    assert needed > 4 * (mem_available() or 0)
+    proc = _edf("run", bundle, "-p", "Hello", "-n", "2")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "--ctx" in line and f"({needed} bytes needed" in line, line
+    assert "Traceback" not in proc.stderr
+    fits = _edf("run", bundle, "-p", "Hello", "-n", "2", "--ctx", "64")
+    assert fits.returncode == 0, fits.stderr[-2000:]
+
+
+def test_kv_cache_bytes_is_the_paged_layout():
+    """Llama-3.2-1B at its default context, fp16, pages of 16: 16 layers x K and V x 8 KV heads x 64 x
+    131072 x 2 bytes = 4 GiB; a context one token past a page boundary reserves the whole next page."""
+    from edgeforge.runtime.memory import kv_cache_bytes
+
+    llama32_1b = {"num_layers": 16, "num_kv_heads": 8, "head_dim": 64}
+    assert kv_cache_bytes(llama32_1b, 131072, 2, 16) == 4 << 30
+    assert kv_cache_bytes(llama32_1b, 131073, 2, 16) == (4 << 30) + 16 * 16 * 2 * 8 * 64 * 2

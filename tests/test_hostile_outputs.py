@@ -279,3 +279,37 @@ def test_sigterm_stops_jobs_workers_and_renames_nothing(tiny_model, tmp_path):
     assert "Traceback" not in err
     assert _wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), timeout=30), "a worker survived"
     assert list(dist.iterdir()) == [], f"left behind: {list(dist.iterdir())}"
+
+
+# issue 21 (session 9): SIGTERM inside each build step. The build is stopped (SIGSTOP) as soon as a
+# line from inside the step arrives, sent SIGTERM, then continued: the signal is acted on in that step.
+BUILD_STEPS = {
+    "quantize": "[quantize] 2/",
+    "golden": "[golden] 3/",
+    "quality": "[quality] KL and perplexity",
+    "compile": "onnx: building",
+}
+
+
+@pytest.mark.parametrize("step", sorted(BUILD_STEPS))
+def test_sigterm_inside_each_build_step(tiny_model, tmp_path, step):
+    dist = tmp_path / "dist"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant",
+                             "q4f32", "--target", "x86-cpu", "--backend", "onnx", "--archive", "-o", str(dist)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if BUILD_STEPS[step] in line:
+            proc.send_signal(signal.SIGSTOP)
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
+            break
+    else:
+        pytest.fail(f"the build never reached its {step} step:\n{''.join(seen)[-2000:]}")
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, rest[-2000:]
+    assert "Traceback" not in rest
+    left = list(dist.iterdir()) if dist.exists() else []
+    assert left == [], f"left in -o after SIGTERM in {step}: {left}"

@@ -157,7 +157,7 @@ def test_remote_python_cannot_become_a_second_command(host_bundle, sshd, tmp_pat
 
 
 def _remote_folders() -> set:
-    return set(Path("/tmp").glob("edgeforge-smoke.*"))  # the device is this machine (sshd on loopback)
+    return set(Path("/tmp").glob(".edgeforge-smoke.*"))  # the device is this machine (sshd on loopback)
 
 
 def test_ssh_removes_its_upload_when_the_remote_python_is_missing(host_bundle, sshd, capsys):
@@ -211,3 +211,48 @@ def test_a_sigterm_during_the_device_cleanup_waits_for_it():
         assert signal.getsignal(signal.SIGTERM) is _terminate  # the handler is back
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigkilled_smoke_upload_is_removed_by_the_next_smoke(host_bundle, sshd, tmp_path, capsys):
+    """SIGKILL leaves the device's folder behind (nothing local can act); the next `smoke --ssh` to that
+    device removes it, and only it: not a look-alike without edgeforge's marker, not a marked folder
+    whose lock a live run holds."""
+    import fcntl
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    from edgeforge.runtime.manifest_check import LOCK_SUFFIX, MARKER
+
+    before = _remote_folders()
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "smoke", str(host_bundle[0]),
+                             *map(str, ssh_args(sshd))], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not [p for p in _remote_folders() - before if p.is_dir()]:
+        time.sleep(0.02)
+    time.sleep(0.5)  # uploading or running there
+    proc.kill()
+    proc.communicate(timeout=60)
+    (stale,) = [p for p in _remote_folders() - before if p.is_dir()]
+    look_alike = Path(tempfile.mkdtemp(prefix=".edgeforge-smoke.tmp-1-", dir="/tmp"))
+    Path(str(look_alike) + LOCK_SUFFIX).write_text("not edgeforge's marker\n")
+    in_use = Path(tempfile.mkdtemp(prefix=".edgeforge-smoke.tmp-2-", dir="/tmp"))
+    lock = os.open(str(in_use) + LOCK_SUFFIX, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(lock, MARKER)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        # the holder on the device exits once sshd sees the connection gone
+        code, _, err = cli(capsys, "smoke", host_bundle[0], *ssh_args(sshd))
+        if stale.exists():  # the dropped connection was noticed after that smoke's look: once more
+            time.sleep(2)
+            code, _, err = cli(capsys, "smoke", host_bundle[0], *ssh_args(sshd))
+        assert code == 0, err
+        assert not stale.exists() and not Path(str(stale) + LOCK_SUFFIX).exists()
+        assert look_alike.is_dir() and in_use.is_dir()
+    finally:
+        os.close(lock)
+        for folder in (look_alike, in_use):
+            shutil.rmtree(folder, ignore_errors=True)
+            Path(str(folder) + LOCK_SUFFIX).unlink(missing_ok=True)

@@ -119,6 +119,7 @@ def _upload_and_run(client, dest: str, bundle: Path, remote: str, python: str,
     finally:
         sftp.close()
     logger.info(f"copied {n} files to {dest}:{remote}")
+    _clean_stale_uploads(client, dest, remote, python)
     cmd = " ".join([f"cd {shlex.quote(remote)} && {remote_command(python)} smoke.py --json", *map(shlex.quote, smoke_args)])
     code, out, err = _exec(client, cmd)
     if code == 127:
@@ -146,17 +147,64 @@ def _signals_deferred():
 
 
 def _remove_remote(client, dest: str, folder: str) -> None:
-    """Remove the device's temp folder; a broken connection is reported, never raised over the
-    error that is already on its way out."""
+    """Remove the device's temp folder and its lock file; a broken connection is reported, never
+    raised over the error that is already on its way out."""
+    from ..runtime.manifest_check import LOCK_SUFFIX
+
     # smoke.py may still be running there (we were interrupted) and writing into the folder (bytecode
     # caches): a second pass removes what the first raced with.
-    rm = f"rm -rf {shlex.quote(folder)}"
+    rm = f"rm -rf {shlex.quote(folder)} {shlex.quote(folder + LOCK_SUFFIX)}"
     try:
         code, _, err = _exec(client, f"{rm} 2>/dev/null || (sleep 1; {rm})", timeout=60)
     except Exception as exc:  # noqa: BLE001 - cleanup must not mask the real outcome
         code, err = None, f"{type(exc).__name__}: {exc}"
     if code != 0:
         logger.warning(f"--ssh {dest}: could not remove {folder} on the device ({str(err).strip()[:200]})")
+
+
+# The device's folder is an edgeforge temporary folder like the host's (runtime/manifest_check.py:
+# `.edgeforge-smoke.tmp-PID-XXXX` and its marker lock file), locked by a holder process for as long as
+# this connection lives: a local SIGKILL drops the connection, the holder sees its stdin end and exits,
+# the lock is free, and the next `smoke --ssh` to that device removes the folder (and nothing else:
+# not a folder without the marker, not one whose lock is held by another run in progress).
+_HOLDER = """
+import fcntl, os, sys, tempfile
+folder = tempfile.mkdtemp(prefix=".edgeforge-smoke.tmp-%d-" % os.getpid(), dir="/tmp")
+fd = os.open(folder + {lock_suffix!r}, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, {marker!r})
+print(folder, flush=True)
+sys.stdin.read()
+"""
+_CLEANER = ("import sys; sys.dont_write_bytecode = True; sys.path.insert(0, 'runtime'); "  # no caches in the bundle
+            "from edgeforge_runtime.manifest_check import clean_stale_temps; "
+            "print(len(clean_stale_temps('/tmp')))")
+
+
+def _hold_remote_folder(client, dest: str, python: str):
+    """(folder, channel): a new marked folder on the device, locked until the channel closes."""
+    from ..runtime.manifest_check import LOCK_SUFFIX, MARKER
+
+    script = _HOLDER.format(lock_suffix=LOCK_SUFFIX, marker=MARKER)
+    stdin, stdout, stderr = client.exec_command(f"{remote_command(python)} -c {shlex.quote(script)}")
+    folder = stdout.readline().strip()
+    if not folder.startswith("/tmp/.edgeforge-smoke.tmp-"):
+        if stdout.channel.recv_exit_status() == 127:
+            raise EdgeforgeError(f"--ssh {dest}: '{python}' not found on the device")
+        raise EdgeforgeError(f"--ssh {dest}: cannot make a temp folder on the device: "
+                             f"{stderr.read().decode(errors='replace').strip()[-300:]}")
+    return folder, stdin
+
+
+def _clean_stale_uploads(client, dest: str, remote: str, python: str) -> None:
+    """Remove what earlier smokes killed with SIGKILL left on the device, with the uploaded runtime's
+    own clean_stale_temps (the code that cleans the host's temporary folders)."""
+    code, out, err = _exec(client, f"cd {shlex.quote(remote)} && {remote_command(python)} -c {shlex.quote(_CLEANER)}",
+                           timeout=120)
+    if code == 0 and out.strip() not in ("", "0"):
+        logger.info(f"--ssh {dest}: removed {out.strip()} stale upload(s) of earlier smokes")
+    elif code != 0:
+        logger.warning(f"--ssh {dest}: could not look for stale uploads ({err.strip()[-200:]})")
 
 
 def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None = None,
@@ -168,16 +216,14 @@ def smoke_over_ssh(bundle: Path, dest: str, port: int = 22, identity: str | None
     """
     client = connect(dest, port, identity, known_hosts)
     try:
-        code, out, err = _exec(client, "mktemp -d /tmp/edgeforge-smoke.XXXXXX")
-        if code != 0 or not out.strip():
-            raise EdgeforgeError(f"--ssh {dest}: cannot make a temp folder on the device: {err.strip()}")
-        folder = out.strip()
+        folder, holder = _hold_remote_folder(client, dest, python)
         try:
-            return _upload_and_run(client, dest, Path(bundle), posixpath.join(folder, Path(bundle).name), python,
-                                   smoke_args)
+            remote = posixpath.join(folder, Path(bundle).name)
+            return _upload_and_run(client, dest, Path(bundle), remote, python, smoke_args)
         finally:  # every exit: success, FAIL, an upload error, a missing Python, Ctrl-C, SIGTERM
             if not keep:
                 with _signals_deferred():  # a SIGTERM now must not cut the removal short
                     _remove_remote(client, dest, folder)
+            holder.close()
     finally:
         client.close()

@@ -11,10 +11,12 @@ Copied into bundles: imports only the standard library, tokenizers and jinja2.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
-import signal
+import re
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -208,27 +210,39 @@ def _render_bounded(template, **context) -> str:
             if size > TEMPLATE_MAX_CHARS:
                 raise TokenizerError(f"chat template output is larger than {TEMPLATE_MAX_CHARS} characters; refused")
             out.append(chunk)
+            _check_deadline()
     return "".join(out)
+
+
+# The time bound is checked from inside the render (every loop step, call, operator, attribute and
+# output chunk), so it holds in any thread: a server renders in worker threads, where a signal cannot
+# reach. Per thread, because threads render the same compiled template at once.
+_render_state = threading.local()
 
 
 @contextlib.contextmanager
 def _deadline(seconds: float):
-    """TokenizerError when the block runs longer than `seconds` (SIGALRM, so in the main thread
-    only: elsewhere the size bounds still hold)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def expire(_signum, _frame):
-        raise TokenizerError(f"chat template did not finish rendering within {seconds:g} s; refused")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    """TokenizerError from _check_deadline once the block has run longer than `seconds`."""
+    outer = getattr(_render_state, "deadline", None)
+    _render_state.deadline = time.monotonic() + seconds
+    _render_state.seconds = seconds
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        _render_state.deadline = outer
+
+
+def _check_deadline() -> None:
+    deadline = getattr(_render_state, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise TokenizerError(f"chat template did not finish rendering within {_render_state.seconds:g} s; refused")
+
+
+def _bounded_iter(iterable):
+    """What every `{% for %}` of a chat template iterates: the items, with the deadline checked."""
+    for item in iterable:
+        _check_deadline()
+        yield item
 
 
 def _bounded_binop(left, right, operator: str):
@@ -250,22 +264,95 @@ def _bounded_value(value) -> None:
         raise TokenizerError(f"chat template builds a sequence of {len(value)} items; refused")
 
 
+def _bounded_arguments(args, format_text=None) -> None:
+    """Refuse what sizes an output past the bound before it is built (one C call can take seconds and
+    gigabytes, out of reach of the deadline): a number past it (center(10**9), indent, ljust, "%*d"),
+    a width in a format string ("%0999999999d", "{:>999999999}"), a sequence past it."""
+    for value in args:
+        for item in (value if isinstance(value, tuple) else (value,)):
+            _bounded_value(item)
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > TEMPLATE_MAX_CHARS:
+                raise TokenizerError(f"chat template asks for a size of {item}; refused")
+    if isinstance(format_text, str) and any(len(d) > 6 and int(d) > TEMPLATE_MAX_CHARS
+                                            for d in re.findall(r"\d+", format_text)):
+        raise TokenizerError("chat template formats with a width past the output bound; refused")
+
+
+def _bounded_replace(text=None, old=None, new=None) -> None:
+    """str.replace("", big) multiplies: refuse a result past the bound before it is built."""
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
+        count = len(text) + 1 if old == "" else text.count(old)
+        if len(text) + count * (len(new) - len(old)) > TEMPLATE_MAX_CHARS:
+            raise TokenizerError("chat template replaces into a text past the output bound; refused")
+
+
+def _checked_call(function, args, kwargs) -> None:
+    """The bounds for a filter, a method or a global about to be called."""
+    _check_deadline()
+    _bounded_arguments((*args, *kwargs.values()))
+    if isinstance(getattr(function, "__self__", None), str) and getattr(function, "__name__", "") == "replace":
+        _bounded_replace(function.__self__, *args[:2])
+
+
+def _bounded_filter(name, function):
+    """A filter with the call bounds; its value (after the context jinja passes to some filters) is
+    format's text, replace's text."""
+    from jinja2.utils import _PassArg
+
+    def bounded(*args, **kwargs):
+        _checked_call(function, args, kwargs)
+        value_and_args = args[1:] if _PassArg.from_obj(function) else args
+        if name == "format" and value_and_args:
+            _bounded_arguments((), value_and_args[0])
+        if name == "replace":
+            _bounded_replace(*value_and_args[:3])
+        return function(*args, **kwargs)
+
+    functools.update_wrapper(bounded, function)  # keeps pass_context/pass_environment marks
+    return bounded
+
+
 def _compile_template(source: str):
     """A jinja2 template in a sandbox, with the helpers transformers' chat templates rely on."""
+    from jinja2 import nodes
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from jinja2.utils import Namespace
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "+"])
+        intercepted_binops = frozenset(["*", "+", "%"])  # intercepted: not folded at compile time either
+        bounded_iter = staticmethod(_bounded_iter)
+
+        def _parse(self, source, name, filename):
+            """Every loop iterates through bounded_iter: an attribute of the environment, which no
+            template variable can shadow."""
+            tree = super()._parse(source, name, filename)
+            for loop in tree.find_all(nodes.For):
+                loop.iter = nodes.Call(nodes.EnvironmentAttribute("bounded_iter"), [loop.iter], [], None, None)
+            return tree
 
         def call_binop(self, context, operator, left, right):
+            _check_deadline()
             _bounded_binop(left, right, operator)
+            if operator == "%":
+                _bounded_arguments((right,), left)
             return super().call_binop(context, operator, left, right)
 
         def call(self, context, obj, *args, **kwargs):  # a macro recursing on a doubled string
-            for value in (*args, *kwargs.values()):
-                _bounded_value(value)
+            _checked_call(obj, args, kwargs)
             return super().call(context, obj, *args, **kwargs)
+
+        def wrap_str_format(self, value):  # "{:>999999999}".format(1): the width is in the text
+            if getattr(value, "__name__", "") in ("format", "format_map"):
+                _bounded_arguments((), getattr(value, "__self__", None))
+            return super().wrap_str_format(value)
+
+        def getattr(self, obj, attribute):
+            _check_deadline()
+            return super().getattr(obj, attribute)
+
+        def getitem(self, obj, argument):
+            _check_deadline()
+            return super().getitem(obj, argument)
 
     class BoundedNamespace(Namespace):  # `{% set ns.s = ns.s ~ ns.s %}` in a loop
         def __setitem__(self, name, value):
@@ -280,6 +367,7 @@ def _compile_template(source: str):
 
     env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
+    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = raise_exception
     env.globals["namespace"] = BoundedNamespace
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

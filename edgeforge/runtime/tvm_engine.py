@@ -27,13 +27,14 @@ from pathlib import Path
 from .bundle_errors import BundleError, CannotRunHere
 from .files import read_json
 from .loader import checked_max_length
+from .memory import check_memory, kv_cache_bytes, mem_available
 from .weights import QdirWeights
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill call: bounds the activations' memory
 PAGE_SIZE = 16
 POOLED_ALLOCATOR = 2  # relax VM allocator kinds: 1 naive, 2 pooled
 DEVICE_TYPES = {"cpu": 1, "llvm": 1, "cuda": 2, "vulkan": 7, "metal": 8, "rocm": 10, "opencl": 4}
-ATTR_EXIST, ATTR_NAME = 0, 5  # runtime.GetDeviceAttr kinds
+ATTR_EXIST, ATTR_NAME, ATTR_AVAILABLE_MEMORY = 0, 5, 15  # runtime.GetDeviceAttr kinds
 _LOADED: dict = {}  # library name -> (ctypes handle, path): loaded once a process
 LIB_SUFFIXES = (".so", ".dylib")  # bundles carry Linux .so; a developer's apache-tvm on macOS has .dylib
 try:  # logits as numpy arrays where numpy is installed (callers index and compare them); else array('f')
@@ -196,6 +197,7 @@ class TvmEngine:
             name: self._ffi.get_global_func(f"vm.builtin.kv_state_{name}")
             for name in ("clear", "add_sequence", "begin_forward", "end_forward")
         }
+        self._check_kv_memory(weights.config)
         self.kv = self.vm["create_paged_kv_cache"](
             self._shape(1), self._shape(self.max_seq_len), self._shape(PREFILL_CHUNK), self._shape(PAGE_SIZE),
             self._shape(0),
@@ -274,6 +276,24 @@ class TvmEngine:
         if kind not in ("cpu", "llvm") and not self._fn["GetDeviceAttr"](DEVICE_TYPES[kind], 0, ATTR_EXIST):
             raise BundleError(f"this module needs a {kind} device and none is present")
         return dev
+
+    def _check_kv_memory(self, config: dict) -> None:
+        """The paged KV cache is reserved whole when the engine opens (a model's default context can be
+        131072 tokens): refused by name before TVM allocates it when it cannot fit."""
+        dtype_bytes = 2 if self.artifact.get("model_dtype") == "float16" else 4
+        needed = kv_cache_bytes(config, self.max_seq_len, dtype_bytes, PAGE_SIZE)
+        check_memory(f"the KV cache for a context of {self.max_seq_len} tokens (--ctx; default the model's "
+                     f"context length) on {self.device}", needed, "open the bundle with a smaller --ctx",
+                     self._free_memory())
+
+    def _free_memory(self) -> int | None:
+        """Bytes free where the KV cache lives: this machine's memory, or the GPU's (None: unknown)."""
+        if self.dev.dlpack_device_type() == DEVICE_TYPES["cpu"]:
+            return mem_available()
+        try:
+            return int(self._fn["GetDeviceAttr"](self.dev.dlpack_device_type(), 0, ATTR_AVAILABLE_MEMORY)) or None
+        except Exception:  # noqa: BLE001 - not every device API reports it
+            return None
 
     def _device_name(self) -> str | None:
         try:
