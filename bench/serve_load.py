@@ -164,12 +164,12 @@ def _quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q * 100) - 1))]
 
 
-def edgeforge_server(bundle: Path, slots: int, threads: int, ctx: int) -> ServerProcess:
+def edgeforge_server(bundle: Path, slots: int, threads: int, ctx: int, batch: bool = True) -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "edgeforge.cli", "serve", str(bundle), "--port", str(port), "--parallel", str(slots),
-           "--ctx", str(ctx), "--queue", "1000", "-q"]
+           "--ctx", str(ctx), "--queue", "1000", "-q", "--batch" if batch else "--no-batch"]
     env = dict(os.environ, EDGEFORGE_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    return ServerProcess("edgeforge", cmd, port, bundle.name, env)
+    return ServerProcess("edgeforge" if batch else "edgeforge-unbatched", cmd, port, bundle.name, env)
 
 
 def llama_server(gguf: Path, slots: int, threads: int, ctx: int) -> ServerProcess:
@@ -195,8 +195,10 @@ def run(args) -> dict:
     if "llama-server" in args.servers:
         gguf = Path(args.gguf) if args.gguf else default_gguf()
     makers = {"edgeforge": lambda: edgeforge_server(bundle, args.slots, args.threads, args.ctx),
+              "edgeforge-unbatched": lambda: edgeforge_server(bundle, args.slots, args.threads, args.ctx, batch=False),
               "llama-server": lambda: llama_server(gguf, args.slots, args.threads, args.ctx)}
-    weights = {"edgeforge": weight_bytes(bundle), "llama-server": gguf.stat().st_size if gguf else 0}
+    weights = {"edgeforge": weight_bytes(bundle), "edgeforge-unbatched": weight_bytes(bundle),
+               "llama-server": gguf.stat().st_size if gguf else 0}
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": shlex.join(sys.argv),
            "max_tokens": args.max_tokens, "slots": args.slots, "threads": args.threads, "ctx": args.ctx,
            "load_average": os.getloadavg()[0], "servers": {}}
@@ -218,7 +220,7 @@ def run(args) -> dict:
         for server in servers.values():
             server.stop()
     for name, server in servers.items():
-        out["servers"][name] = {"model": str(bundle if name == "edgeforge" else gguf), "weights_bytes": weights[name],
+        out["servers"][name] = {"model": str(gguf if name == "llama-server" else bundle), "weights_bytes": weights[name],
                                 "peak_rss_bytes": server.peak_rss, "levels": levels[name]}
     out["load_average_end"] = os.getloadavg()[0]
     return out
@@ -228,7 +230,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", help="an edgeforge bundle folder (x86-cpu ONNX)")
     ap.add_argument("--gguf", default=None, help="llama.cpp's model (default: SmolLM2 Q4_0 made by bench/prep.py)")
-    ap.add_argument("--servers", nargs="+", default=["edgeforge", "llama-server"], choices=["edgeforge", "llama-server"])
+    ap.add_argument("--servers", nargs="+", default=["edgeforge", "llama-server"],
+                    choices=["edgeforge", "edgeforge-unbatched", "llama-server"],
+                    help="edgeforge-unbatched: edgeforge serve --no-batch (one decode call per request)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--min-requests", type=int, default=6)

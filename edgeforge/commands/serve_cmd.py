@@ -23,6 +23,9 @@ from .bundle_cmds import TRUST_OPTION, is_web_bundle, open_verified, verified_we
               help="Read the API key from the first line of FILE.")
 @click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Engines opened, each with its own KV cache: requests answered at once.")
+@click.option("--batch/--no-batch", default=True, show_default=True,
+              help="Decode the --parallel requests together, one call a step for all of them (ONNX bundles "
+                   "built since batched decoding; others decode one call per request either way).")
 @click.option("--queue", "queue_limit", type=click.IntRange(0, 100_000), default=16, show_default=True,
               help="Requests that may wait for an engine; the next one gets 429 with Retry-After.")
 @click.option("--ctx", type=click.IntRange(2), default=None,
@@ -36,7 +39,7 @@ from .bundle_cmds import TRUST_OPTION, is_web_bundle, open_verified, verified_we
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Web bundles: the certificate's private key.")
 @TRUST_OPTION
-def serve(bundle, host, port, api_key, api_key_file, parallel, queue_limit, ctx, drain, certfile, keyfile, trust):
+def serve(bundle, host, port, api_key, api_key_file, parallel, batch, queue_limit, ctx, drain, certfile, keyfile, trust):
     """Serve a bundle over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models,
     /health and /metrics (Prometheus). The bundle is verified before anything of it is loaded.
 
@@ -49,6 +52,7 @@ def serve(bundle, host, port, api_key, api_key_file, parallel, queue_limit, ctx,
     \b
     Examples:
       edgeforge serve dist/smollm2-135m-q4f16-x86-cpu-onnx
+      edgeforge serve dist/smollm2-135m-q4f16-x86-cpu-onnx --parallel 4     # 4 requests decoded in one batch
       edgeforge serve dist/smollm2-135m-q4f16-web-onnx --host 0.0.0.0 --port 8443 --certfile cert.pem --keyfile key.pem
       edgeforge serve dist/smollm2-135m-q4f16-rpi5-tvm --host 0.0.0.0 --api-key-file key.txt --parallel 2
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -73,7 +77,8 @@ def serve(bundle, host, port, api_key, api_key_file, parallel, queue_limit, ctx,
         raise EdgeforgeError(str(err)) from None
     sock = _bind(host, port)
     first = open_verified(bundle, max_length=ctx, trust=trust)
-    serve_session(first, sock, key, parallel, queue_limit, drain, lambda message: click.echo(message, err=True))
+    serve_session(first, sock, key, parallel, queue_limit, drain, lambda message: click.echo(message, err=True),
+                  batch=batch)
 
 
 def _serve_web(bundle: Path, host: str, port: int, certfile, keyfile, trust) -> None:

@@ -6,6 +6,12 @@ engines (N KV caches). A request waits, first come first served, for a free engi
 the event loop; between tokens the worker asks whether its client is gone, so a disconnect frees the
 engine after at most one more token.
 
+Batched decoding: where the graph allows it (ONNX bundles built with onnx.batch_decode), the N engines
+are members of one BatchDecoder (runtime/onnx_batch.py): each request's prefill runs on its own, then
+its sequence joins the batch, and one call decodes every active sequence (the weights are read once
+for all of them). A finished or cancelled request leaves the batch at once. The worker threads, the
+queue and the streams are the same either way.
+
 Copied into bundles: needs starlette and uvicorn (`pip install edgeforge[serve]` on a host) only when
 serving; nothing else in the runtime imports this module.
 """
@@ -104,7 +110,7 @@ class Metrics:
             self.decode_seconds += done.result.decode_seconds
             self.decode_tokens += max(len(done.ids) - 1, 0)
 
-    def text(self, slots: Slots) -> str:
+    def text(self, slots: Slots, decoder=None) -> str:
         errors = sum(n for (_, status), n in self.requests.items() if status >= 400)
         rate = lambda n, s: n / s if s > 0 else 0.0  # noqa: E731
         lines = ["# HELP edgeforge_requests_total HTTP requests answered, by route and status.",
@@ -125,6 +131,11 @@ class Metrics:
             ("slots_busy", "gauge", "Engines generating now.", slots.busy),
             ("slots_total", "gauge", "Engines (--parallel).", len(slots.all)),
         ]
+        if decoder is not None:
+            series += [("decode_steps_total", "counter", "Batched decode calls (one step of every active sequence).",
+                        decoder.steps),
+                       ("decode_batch_size_mean", "gauge", "Sequences per batched decode call, on average.",
+                        round(rate(decoder.stepped_rows, decoder.steps), 3))]
         for name, kind, help_text, value in series:
             lines += [f"# HELP edgeforge_{name} {help_text}", f"# TYPE edgeforge_{name} {kind}", f"edgeforge_{name} {value}"]
         return "\n".join(lines) + "\n"
@@ -164,6 +175,7 @@ class Server:
         self.jobs: set[Job] = set()
         self.slots: Slots | None = None
         self.executor = ThreadPoolExecutor(max_workers=len(sessions), thread_name_prefix="engine")
+        self.decoder = getattr(sessions[0].engine, "decoder", None)  # the BatchDecoder, when batched
         self.started = time.time()
 
     # ---- routes ----------------------------------------------------------------------------------
@@ -174,7 +186,7 @@ class Server:
     async def metrics_text(self, request):
         from starlette.responses import PlainTextResponse
 
-        return PlainTextResponse(self.metrics.text(self.slots), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(self.metrics.text(self.slots, self.decoder), media_type="text/plain; version=0.0.4")
 
     async def models(self, request):
         self._authorize(request)
@@ -411,13 +423,17 @@ def run_server(server: Server, sock: socket.socket, drain_seconds: float) -> Non
 
 
 def serve_session(first, sock: socket.socket, api_key: str | None, parallel: int, queue_limit: int,
-                  drain_seconds: float, announce) -> None:
-    """Open the other engines next to `first` (an opened Session), say where it listens, serve."""
-    sessions = [first] + [first.sibling() for _ in range(parallel - 1)]
+                  drain_seconds: float, announce, batch: bool = True) -> None:
+    """Open the other engines next to `first` (an opened Session), say where it listens, serve. With
+    `batch` and more than one engine, engines that can decode together do (Session.batched)."""
+    sessions = first.batched(parallel) if batch and parallel > 1 else None
+    batched = sessions is not None
+    sessions = sessions or [first] + [first.sibling() for _ in range(parallel - 1)]
     server = Server(sessions, api_key=api_key, queue_limit=queue_limit)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    announce(f"serving {server.model_id} on http://{shown}:{port} ({parallel} engine(s), queue {queue_limit}, "
+    engines = f"{parallel} engine(s){', decoded in batches' if batched else ''}"
+    announce(f"serving {server.model_id} on http://{shown}:{port} ({engines}, queue {queue_limit}, "
              f"context {first.context_length or '?'} tokens, {'API key required' if api_key else 'no API key'})")
     if host not in ("127.0.0.1", "::1") and not api_key:
         announce(f"warning: listening on {host} without an API key: anyone who can reach this port can use it")
@@ -461,6 +477,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=None)
     ap.add_argument("--drain", type=float, default=10.0)
     ap.add_argument("--trust", default=None, metavar="PUBKEY.pem")
+    ap.add_argument("--no-batch", action="store_true", help="decode concurrent requests one call each")
     args = ap.parse_args(argv)
     announce = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -472,7 +489,7 @@ def main(argv=None) -> int:
                else check_api_key(env_key, "$EDGEFORGE_API_KEY") if env_key is not None else None)
         sock = bind(args.host, args.port)
         first = open_session(args.bundle, max_length=args.ctx, trust=args.trust)
-        serve_session(first, sock, key, args.parallel, args.queue, args.drain, announce)
+        serve_session(first, sock, key, args.parallel, args.queue, args.drain, announce, batch=not args.no_batch)
     except BundleError as err:
         announce(f"error: {err}")
         return err.exit_code

@@ -77,6 +77,16 @@ class Session:
         engine = twin() if twin is not None else self.open_engine()
         return Session(self.bundle, self.manifest, self.tokenizer, engine, self._max_length, self._device, self.files)
 
+    def batched(self, n: int) -> "list[Session] | None":
+        """n sessions whose engines decode together, one call a step for all active sequences
+        (runtime/onnx_batch.py), where this engine's graph allows it; None where it does not."""
+        from .onnx_batch import BatchDecoder, can_batch
+
+        if not can_batch(self.engine):
+            return None
+        return [Session(self.bundle, self.manifest, self.tokenizer, member, self._max_length, self._device, self.files)
+                for member in BatchDecoder(self.engine).members(n)]
+
     @property
     def context_length(self) -> int | None:
         return getattr(self.engine, "context_length", None)
@@ -116,8 +126,13 @@ class Session:
                 return True
             return False
 
-        result = generate(self.engine, prompt_ids, max_tokens, Sampler(temperature, top_p, seed),
-                          stop_ids=self.tokenizer.eos_token_ids, on_token=on_token)
+        try:
+            result = generate(self.engine, prompt_ids, max_tokens, Sampler(temperature, top_p, seed),
+                              stop_ids=self.tokenizer.eos_token_ids, on_token=on_token)
+        finally:
+            finish = getattr(self.engine, "finish", None)  # a batched engine frees its row for the others
+            if finish is not None:
+                finish()
         tail = stream.finish()
         if tail and on_text is not None:
             on_text(tail)

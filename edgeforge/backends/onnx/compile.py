@@ -124,5 +124,7 @@ def _artifact(weights: QdirWeights, target, ep: str, level: int, compute: str, e
             "vocab_size": cfg["vocab_size"], "context_length": cfg["context_length"],
             "compute_dtype": compute, "kv_dtype": compute, "hidden_size": cfg["hidden_size"],
             "input": "inputs_embeds", "embedding": embedding,
+            # the batch dimension is free: a server decodes many sequences in one call (runtime/onnx_batch.py)
+            "batch_decode": True,
         },
     }

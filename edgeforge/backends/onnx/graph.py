@@ -1,10 +1,15 @@
 """Build the ONNX graph of a Llama decoder from a QDIR, with ONNX Runtime's contrib ops.
 
-One graph serves prefill and decode (batch 1):
+One graph serves prefill and decode:
 
-  inputs   inputs_embeds float32 [1, S, hidden], seqlens_k int32 [1] (= total length - 1),
-           total_sequence_length int32 [] , past_key_values.{i}.key/.value T [1, kv_heads, P, head_dim]
-  outputs  logits float32 [1, 1, vocab] (last position only), present.{i}.key/.value
+  inputs   inputs_embeds float32 [B, S, hidden], seqlens_k int32 [B] (= each sequence's total length - 1),
+           total_sequence_length int32 [] (the longest), past_key_values.{i}.key/.value T [B, kv_heads, P, head_dim]
+  outputs  logits float32 [B, 1, vocab] (last position only), present.{i}.key/.value
+
+B (batch_size) is 1 for a prefill and for one sequence's decode; a server decodes its active
+sequences in one call with B of them (S = 1, each with its own length in seqlens_k: GroupQueryAttention
+appends each row's new key at its own position and attends to its own first seqlens_k + 1 rows; see
+runtime/onnx_batch.py). Artifacts say so with onnx.batch_decode = true (older graphs fixed B at 1).
 
 The engine binds past and present to the *same* buffer (max length P): GroupQueryAttention then
 appends the new keys in place and reads only the first `total_sequence_length` rows.
@@ -49,6 +54,7 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
             f"present.{layer}.key", f"present.{layer}.value")
 
 
+BATCH = "batch_size"  # the graph's symbolic batch dimension (see the module doc)
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside model.onnx
 PAGE = 4096  # large tensors start on a page: ONNX Runtime can map them instead of copying
 HEAD_CHUNK_BYTES = 32 << 20  # the output head is split into MatMulNBits of at most this (head_chunks)
@@ -347,11 +353,11 @@ class LlamaOnnxBuilder:
 
     def _model(self) -> onnx.ModelProto:
         c, t = self.cfg, ONNX_DTYPE[self.dtype]
-        kv_shape = lambda dim: [1, c.num_kv_heads, dim, c.head_dim]  # noqa: E731
-        inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [1, "sequence_length", c.hidden_size]),
-                  helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+        kv_shape = lambda dim: [BATCH, c.num_kv_heads, dim, c.head_dim]  # noqa: E731
+        inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [BATCH, "sequence_length", c.hidden_size]),
+                  helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [BATCH]),
                   helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, c.vocab_size])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [BATCH, 1, c.vocab_size])]
         for i in range(c.num_layers):
             pk, pv, ck, cv = kv_names(i)
             inputs += [helper.make_tensor_value_info(n, t, kv_shape("past_sequence_length")) for n in (pk, pv)]
