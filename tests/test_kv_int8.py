@@ -222,3 +222,14 @@ def test_tvm_and_float16_graphs_refuse_int8_by_name(tiny_model, tiny_qdir, tmp_p
     assert code == 2 and "needs the CPU execution provider with float32 compute" in err and "float16" in err
     with pytest.raises(Exception, match="kv_cache must be float or int8"):
         compile_onnx(qdir, tmp_path / "b", kv_cache="int4")
+
+
+def test_run_generates_from_the_int8_bundle(kv_bundles, capsys):
+    """`edgeforge run` (like serve and smoke) opens the bundle through runtime/session.py: the same
+    engine, int8 buffers included; greedy tokens equal the float bundle's on this short prompt."""
+    outs = []
+    for bundle in kv_bundles:
+        code, out, err = cli(capsys, "run", bundle, "--prompt", "The sea", "-n", "6", "--json")
+        assert code == 0, err
+        outs.append(json.loads(out))
+    assert outs[0]["tokens"] == outs[1]["tokens"] and len(outs[1]["tokens"]) > 0
