@@ -395,7 +395,7 @@ def _kv_dtype(info: dict, session, artifact_dir: Path):
     """The KV buffers' dtype: artifact.json's kv_dtype, which must be what the graph's past inputs are
     (an artifact that claims an int8 cache for a float graph, or the reverse, is refused by name)."""
     name = info.get("kv_dtype")
-    if name not in KV_DTYPES:
+    if not isinstance(name, str) or name not in KV_DTYPES:
         raise BundleError(f"{artifact_dir / 'artifact.json'}: kv_dtype {name!r} is not one of {', '.join(KV_DTYPES)}")
     past = {i.name: i.type for i in session.get_inputs()}.get("past_key_values.0.key")
     if past != ORT_TYPES[name]:
