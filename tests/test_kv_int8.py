@@ -156,6 +156,8 @@ def test_int8_bundle_passes_smoke_and_records_its_cache(kv_bundles, capsys):
     assert artifact["onnx"]["kv_dtype"] == "int8"
     assert golden["arithmetic"] == "int8-activations+int8-kv"
     assert json.loads((float_bundle / "manifest.json").read_text())["kv_cache"] == {"dtype": "float32"}
+    assert "KV cache: **int8**" in (int8_bundle / "README.md").read_text()
+    assert "KV cache" not in (float_bundle / "README.md").read_text()
     code, out, err = cli(capsys, "smoke", int8_bundle, "--json")
     assert code == 0, err
     result = json.loads(out)
