@@ -9,7 +9,7 @@ from pathlib import Path
 
 def render(r: dict) -> str:
     parts = [_header(r), _goals(r), _speed(r), _behind(r), _quality(r), _quality_plausible(), _quant_cost(), _memory(r), _serving(), _gpu(),
-             _schemes(), _scaling(), _scaling_peers(), _commands(r), _notes(r)]
+             _schemes(), _scaling(), _scaling_peers(), _kv_cache(), _commands(r), _notes(r)]
     return "\n\n".join(p for p in parts if p).rstrip() + "\n"
 
 
@@ -409,6 +409,51 @@ def _scaling_peers():
             worst = max(row["ratio"] for row in ours)
             out += ["", f"- Goal: edgeforge decode peak RSS <= 1.3 x (weights + KV cache) on both backends: worst "
                         f"{worst:.2f}: **{'met' if worst <= 1.3 else 'NOT met'}**."]
+        out.append("")
+    return "\n".join(out)
+
+
+def _kv_cache():
+    """The int8 KV cache next to the float cache, from bench/results/kv-cache.json (bench/kv_cache.py)."""
+    path = GPU_RESULTS / "kv-cache.json"
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    out = ["## int8 KV cache (`--kv-cache int8`, ONNX on CPU)", ""]
+    if "quality" in r:
+        q = r["quality"]
+        out += [f"KL(float cache || int8 cache) per position, teacher-forced on {q['tokens']} tokens of text "
+                f"({', '.join(q['text'])}; not the calibration text), each window's prefix prefilled, then decoded "
+                f"one token at a time. Command: `{q['command']}`.", "",
+                "| positions | mean KL | p99 KL | max KL | top-1 agreement |", "|---|---:|---:|---:|---:|"]
+        out += [f"| {w['positions'][0]}-{w['positions'][1]} | {w['kl_mean']:.5f} | {w['kl_p99']:.5f} | {w['kl_max']:.4f} | "
+                f"{100 * w['top1_agree']:.1f}% |" for w in q["windows"]]
+        last = q["windows"][-1]
+        out += ["", f"- Goal: KL <= 0.002 at 8k tokens: {last['kl_mean']:.5f} at positions {last['positions'][0]}-"
+                    f"{last['positions'][1]}: **{'met' if last['kl_mean'] <= 0.002 else 'NOT met'}**.", ""]
+    if "speed" in r:
+        sp = r["speed"]
+        out += [f"Decode at a context of {sp['context']} tokens ({sp['steps']} steps, {sp['rounds']} interleaved rounds, "
+                f"threads {sp['threads']}; load average after the run {sp['loadavg_after']} on {sp['cpus']} CPUs: "
+                f"a shared machine). Command: `{sp['command']}`.", "",
+                "| KV cache | tok/s (median) | rounds |", "|---|---:|---|"]
+        out += [f"| {kv} | {sp['median'][kv]} | {', '.join(map(str, sp['tok_s'][kv]))} |" for kv in sp["median"]]
+        out.append("")
+    if "memory" in r:
+        m = r["memory"]
+        out += [f"KV cache bytes (computed: 2 x layers x KV heads x head_dim x tokens x bytes; int8 adds float32 "
+                f"scales). Command: `{m['command']}`.", "",
+                "| shape | tokens | float32 MiB | float16 MiB | int8 MiB |", "|---|---:|---:|---:|---:|"]
+        for shape, rows in m["computed_bytes"].items():
+            out += [f"| {shape} | {n} | {_mib(b['float32'])} | {_mib(b['float16'])} | {_mib(b['int8'])} |" for n, b in rows.items()]
+        if "measured_1b" in m:
+            out += ["", "Measured on a random Llama-3.2-1B-shaped q4f16 ONNX artifact (x86: float32 compute, so its "
+                        "float cache is float32), one process each: prefill, then 16 decode steps.", "",
+                    "| KV cache | context | weights MiB | KV buffer MiB | peak RSS MiB | peak / (weights + KV) | decode tok/s at that context |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]
+            for kv, row in m["measured_1b"].items():
+                out.append(f"| {kv} | {row['capacity']} | {_mib(row['weights_bytes'])} | {_mib(row['kv_buffer_bytes'])} | "
+                           f"{_mib(row['end']['VmHWM'])} | {row['peak_over_weights_plus_kv']} | {row['decode_tok_s_at_context']} |")
         out.append("")
     return "\n".join(out)
 

@@ -7,6 +7,7 @@ them installed can still use the other.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -38,13 +39,34 @@ def is_artifact(path: Path) -> bool:
     return is_json_of_format(Path(path) / "artifact.json", "edgeforge-artifact")
 
 
-def compile_qdir(qdir: Path, target_name: str, backend: str, out: Path) -> dict:
-    """Compile a QDIR for a target into `out` (written atomically). Returns artifact.json's content."""
+KV_CACHES = ("float", "int8")
+
+
+def with_kv_cache(target, backend: str, kv_cache: str | None):
+    """`target` with `--kv-cache` applied ([onnx] kv_cache); None leaves the target file's choice.
+    TVM refuses int8 by name: its paged KV cache (tvm.relax.frontend.nn.llm TIRPagedKVCache) stores
+    K/V in the model's dtype and its attention kernels read that dtype (docs/notes/kv-cache.md)."""
+    if kv_cache is None:
+        return target
+    if kv_cache not in KV_CACHES:
+        raise EdgeforgeError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+    if backend != "onnx":
+        if kv_cache == "int8":
+            raise EdgeforgeError(f"--kv-cache int8: the {backend} backend (target '{target.name}') has no int8 KV "
+                                 "cache (TVM's paged KV cache stores the model's dtype); use --backend onnx")
+        return target
+    return dataclasses.replace(target, onnx={**(target.onnx or {}), "kv_cache": kv_cache})
+
+
+def compile_qdir(qdir: Path, target_name: str, backend: str, out: Path, kv_cache: str | None = None) -> dict:
+    """Compile a QDIR for a target into `out` (written atomically). Returns artifact.json's content.
+    `kv_cache`: "float" or "int8" (`--kv-cache`; with_kv_cache), None: the target file's choice."""
     qdir = Path(qdir)
     if not (qdir / "quantization.json").is_file():
         raise EdgeforgeError(f"{qdir}: not a quantized model folder (no quantization.json); run `edgeforge quantize` first")
     target = get_target(target_name)
     backend = target.pick_backend(backend)
+    target = with_kv_cache(target, backend, kv_cache)
     module = get_backend(backend)
     start = time.time()
     logger.debug("compile: %s for %s with %s -> %s", qdir, target.name, backend, out)

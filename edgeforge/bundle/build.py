@@ -39,12 +39,13 @@ def model_slug(spec: str) -> str:
 
 def _one(args) -> dict:
     """One (target, backend): compile and bundle. Runs in a worker process when --jobs > 1."""
-    dest, qdir, target, backend, golden, make_archive, sign_key, quality = args
+    dest, qdir, target, backend, golden, make_archive, sign_key, quality, kv_cache = args
     # In a worker process (--jobs > 1) logging is not configured: only warnings reach stderr.
     start = time.perf_counter()
     try:
         with prefixed(f"  [{target.name}/{backend}] "):
-            manifest = make_bundle(dest, qdir, target, backend, golden, sign_key=sign_key, quality=quality)
+            manifest = make_bundle(dest, qdir, target, backend, golden, sign_key=sign_key, quality=quality,
+                                   kv_cache=kv_cache)
     except EdgeforgeError as err:
         return {"target": target.name, "backend": backend, "ok": False, "error": str(err)}
     except Exception as err:  # noqa: BLE001 - one broken backend must not stop the other targets
@@ -90,7 +91,7 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False) -> dic
                   for a in sorted({planned_arithmetic(t, b) for t, b in plan.jobs})}
         quality = _quality(model, qdir, plan)
         tasks = [(plan.output / bundle_name(slug, plan.quant, t.name, b), qdir, t, b, golden, make_archive, plan.sign_key,
-                  quality) for t, b in plan.jobs]
+                  quality, plan.kv_cache) for t, b in plan.jobs]
         results = _run_tasks(tasks, jobs)
     if plan.smoke:
         for result in results:

@@ -44,6 +44,7 @@ class BuildPlan:
     sign_key: Path | None = None  # ed25519 private key (PEM): every bundle gets a manifest.sig
     quality_tokens: int = QUALITY_TOKENS  # tokens of the built-in text the quality report scores
     quality_skip: str | None = None  # why the quality report is not measured (recorded in quality.json)
+    kv_cache: str | None = None  # --kv-cache: "float" | "int8" | None (each target file's choice)
 
 
 def is_config(arg: str) -> bool:

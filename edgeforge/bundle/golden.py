@@ -13,7 +13,8 @@ import numpy as np
 
 from ..progress import progress
 from ..runtime.golden_check import GOLDEN_FORMAT, step_summary
-from ..runtime.manifest_check import FLOAT32, INT8_ACTIVATIONS, TOLERANCES, compute_path
+from ..errors import EdgeforgeError
+from ..runtime.manifest_check import FLOAT32, INT8_ACTIVATIONS, INT8_KV, TOLERANCES, compute_path
 from ..runtime.smoke import encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -56,17 +57,23 @@ def planned_arithmetic(target, backend: str) -> str:
     return golden_arithmetic({"backend": backend, "onnx": onnx}, target.arch)
 
 
-def golden_of(goldens: dict, qdir: Path, artifact: dict, arch: str) -> dict:
+def golden_of(goldens: dict, qdir: Path, artifact: dict, arch: str, artifact_dir: Path | None = None) -> dict:
     """The golden data for a compiled artifact: from `goldens` ({arithmetic: golden}, or one golden),
-    computed here for the same prompts when none has the artifact's arithmetic."""
+    computed here for the same prompts when none has the artifact's arithmetic (an int8 KV cache's
+    always is: it rounds by the scales in the compiled graph at `artifact_dir`)."""
     arithmetic = golden_arithmetic(artifact, arch)
     if goldens.get("format") == GOLDEN_FORMAT:
         goldens = {goldens.get("arithmetic", FLOAT32): goldens}
     if arithmetic in goldens:
         return goldens[arithmetic]
     any_golden = next(iter(goldens.values()))
+    kv_scales = None
+    if arithmetic.endswith(INT8_KV):
+        from ..backends.onnx.compile import kv_scales_of
+
+        kv_scales = kv_scales_of(Path(artifact_dir))
     return make_golden(qdir, [p["text"] for p in any_golden["prompts"]],
-                       any_golden.get("max_tokens", DEFAULT_TOKENS), arithmetic=arithmetic)
+                       any_golden.get("max_tokens", DEFAULT_TOKENS), arithmetic=arithmetic, kv_scales=kv_scales)
 
 
 def greedy(engine, prompt_ids: list[int], max_tokens: int, stop_ids=(), top_k: int = TOP_K,
@@ -88,20 +95,29 @@ def greedy(engine, prompt_ids: list[int], max_tokens: int, stop_ids=(), top_k: i
     return tokens, steps
 
 
-def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_TOKENS, arithmetic: str = FLOAT32) -> dict:
+def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_TOKENS, arithmetic: str = FLOAT32,
+                kv_scales=None) -> dict:
     """Run the numpy reference on the QDIR for each prompt (chat template when the model has one).
 
     arithmetic: FLOAT32, or INT8_ACTIVATIONS for artifacts whose quantized matmuls round their
     inputs to int8 blocks (ONNX Runtime's CPU kernels at accuracy_level 4): the reference then
     rounds the same inputs the same way, so the golden data follows the engine's arithmetic.
+    Either with the INT8_KV suffix: keys and values are also rounded as an int8 KV cache with
+    `kv_scales` (per layer (key, value) [kv_heads, head_dim]) stores them (model/kv_int8.py).
 
     Progress: a "[golden]" bar over every prompt's tokens (a large model's reference takes seconds
     per token) and one DEBUG record per prompt with its tokens."""
     from ..model.loader import load_model
     from ..model.reference import ReferenceModel
 
+    from ..model.kv_int8 import KvInt8Hook
+
+    base, int8_kv = arithmetic.removesuffix(INT8_KV), arithmetic.endswith(INT8_KV)
+    if int8_kv and kv_scales is None:
+        raise EdgeforgeError(f"golden data in {arithmetic!r} arithmetic needs the int8 KV cache's scales")
     model = load_model(Path(qdir))
-    engine = ReferenceModel(model, int8_inputs=_block_quantized(model) if arithmetic == INT8_ACTIVATIONS else ())
+    engine = ReferenceModel(model, int8_inputs=_block_quantized(model) if base == INT8_ACTIVATIONS else (),
+                            kv_hook=KvInt8Hook(kv_scales) if int8_kv else None)
     dtype = model.source.get("model_dtype") or _model_dtype(qdir)
     chat = bool(getattr(model.tokenizer, "chat_template", None))
     encoded = [(text, encode_prompt(model.tokenizer, text, chat)) for text in prompts]
@@ -123,7 +139,8 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
             "max_tokens": max_tokens,
             "tolerance": None,  # set per bundle from its compute path (tolerance_for)
             "reference": "edgeforge numpy reference (float32 on the dequantized QDIR weights"
-                         + (", int8-rounded inputs of the quantized matmuls" if arithmetic == INT8_ACTIVATIONS else "")
+                         + (", int8-rounded inputs of the quantized matmuls" if base == INT8_ACTIVATIONS else "")
+                         + (", keys and values rounded as the int8 KV cache stores them" if int8_kv else "")
                          + "), teacher-forced",
             "prompts": out}
 

@@ -14,6 +14,13 @@ from ..runtime.files import read_json
 from ..runtime.manifest_check import read_manifest, verify_bundle, write_manifest  # noqa: F401  (re-exported)
 
 
+def kv_cache(artifact: dict) -> dict:
+    """What the bundle keeps its KV cache in: {"dtype"} (the compute dtype), or for an int8 cache
+    also how its scales were made (artifact.json's onnx.kv_cache)."""
+    onnx = artifact.get("onnx") or {}
+    return onnx.get("kv_cache") or {"dtype": onnx.get("kv_dtype") or artifact.get("model_dtype")}
+
+
 def manifest_data(name: str, qdir: Path, target, artifact: dict, requirements: dict, has_weights: bool) -> dict:
     quant = read_json(qdir / "quantization.json")
     config = {k: v for k, v in read_json(qdir / "config.json").items() if k not in ("format", "version")}
@@ -32,6 +39,7 @@ def manifest_data(name: str, qdir: Path, target, artifact: dict, requirements: d
                    "arch": target.arch, "run": target.run},
         "backend": artifact["backend"],
         "device": artifact.get("device", "cpu"),
+        "kv_cache": kv_cache(artifact),
         "has_weights": has_weights,
         "runtime_requirements": requirements,
         "toolchain": dict(sorted({**(artifact.get("toolchain") or {}), "edgeforge": __version__,

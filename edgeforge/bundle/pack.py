@@ -31,10 +31,11 @@ def is_bundle(path: Path) -> bool:
 
 
 def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, sign_key: Path | None = None,
-                quality: dict | None = None) -> dict:
+                quality: dict | None = None, kv_cache: str | None = None) -> dict:
     """Build the bundle at `dest` for (target, backend); returns its manifest. `golden`: one golden
     data set or {arithmetic: golden} (the one in the artifact's arithmetic is used; golden.golden_of).
-    `quality`: quality.json's content (edgeforge.quant.quality), summarized in the manifest too."""
+    `quality`: quality.json's content (edgeforge.quant.quality), summarized in the manifest too.
+    `kv_cache`: --kv-cache (backends.with_kv_cache)."""
     dest = Path(dest)
     with atomic_output_dir(dest, is_bundle, "bundle") as tmp:
         web = target.run == "browser"
@@ -42,13 +43,14 @@ def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, sign
             from ..web import layout as web_layout
 
             web_layout.check_fits(qdir, target.name)
-        compile_qdir(qdir, str(target.path) if target.path else target.name, backend, tmp / "artifact")
+        compile_qdir(qdir, str(target.path) if target.path else target.name, backend, tmp / "artifact", kv_cache=kv_cache)
         artifact = read_artifact(tmp / "artifact")
         has_weights = bool(artifact.get("needs_weights"))
         if has_weights:
             layout.copy_weights(qdir, tmp)
         layout.copy_tokenizer(qdir, tmp)
-        golden = dict(golden_of(golden, qdir, artifact, target.arch), tolerance=tolerance_for(artifact, target.arch))
+        golden = dict(golden_of(golden, qdir, artifact, target.arch, tmp / "artifact"),
+                      tolerance=tolerance_for(artifact, target.arch))
         (tmp / "golden.json").write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
         if web:  # a static site: the page and the pinned npm files instead of the Python runtime
             reqs = web_layout.add_site(tmp)

@@ -13,6 +13,7 @@ import click
 from ..errors import CheckFailed, EdgeforgeError, InternalError
 from ..quant.schemes import SCHEMES
 from ..runtime.backends import backend_names
+from .compile_cmd import KV_CACHE_OPTION
 
 
 def _echo_json(data) -> None:
@@ -83,8 +84,9 @@ TOP_P = FiniteFloatRange(0, 1, min_open=True)
                    "source, recorded in every bundle's quality.json) [default: 128].")
 @click.option("--no-quality", "no_quality", default=None, metavar="REASON",
               help="Skip the quality report; REASON is recorded in quality.json (e.g. \"CI speed\").")
+@KV_CACHE_OPTION
 def build(model, quant, targets, backend, output, jobs, make_archive, as_json, no_smoke, sign_key, quality_tokens,
-          no_quality):
+          no_quality, kv_cache):
     """Build deployment bundles: quantize once, compile and bundle for each target.
 
     MODEL is a model name, an HF folder, a .gguf file, or a build config (.toml).
@@ -96,11 +98,16 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json, n
       edgeforge build examples/smollm2.toml --target rpi5   # one CI job
       edgeforge build smollm2-135m --target rpi5 --sign release.pem   # smoke --trust release.pub.pem
       edgeforge build ./llama-3-8b --target x86-cpu --no-quality "measured in the release job"
+      edgeforge build ./llama-3.2-1b --quant q4f16 --target x86-cpu --backend onnx --kv-cache int8 -o dist
     """
+    from ..backends import with_kv_cache
     from ..bundle.build import run_build
     from ..bundle.config import make_plan
 
     plan = make_plan(model, quant, tuple(targets), backend, output)
+    for target, job_backend in plan.jobs:  # refused before the model loads
+        with_kv_cache(target, job_backend, kv_cache)
+    plan.kv_cache = kv_cache
     plan.smoke = not no_smoke
     if quality_tokens is not None:
         plan.quality_tokens = quality_tokens

@@ -10,6 +10,12 @@ import click
 from ..backends import compile_qdir, is_artifact  # noqa: F401 - re-exported (older import path)
 from ..runtime.backends import backend_names
 
+KV_CACHE_OPTION = click.option(
+    "--kv-cache", "kv_cache", type=click.Choice(["float", "int8"]), default=None,
+    help="KV cache storage: float (the compute dtype) or int8 (ONNX on CPU with float32 compute: half the "
+         "KV bytes of fp16, a quarter of fp32; static per-channel scales calibrated at compile time; tvm "
+         "refuses it). Default: the target file's [onnx] kv_cache, else float.")
+
 
 @click.command("compile")
 @click.argument("qdir", type=click.Path(path_type=Path))
@@ -18,15 +24,17 @@ from ..runtime.backends import backend_names
               help="Compiler backend; auto picks the target file's first backend.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (replaced atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print artifact.json's content as JSON.")
-def compile_cmd(qdir, target_name, backend, out, as_json):
+@KV_CACHE_OPTION
+def compile_cmd(qdir, target_name, backend, out, as_json, kv_cache):
     """Compile a quantized model folder (QDIR) for one target.
 
     \b
     Example:
       edgeforge quantize smollm2-135m --quant q4f16 -o out/q4f16
       edgeforge compile out/q4f16 --target rpi5 --backend tvm -o out/rpi5-tvm
+      edgeforge compile out/q4f16 --target x86-cpu --backend onnx --kv-cache int8 -o out/x86-kv8
     """
-    artifact = compile_qdir(qdir, target_name, backend, out)
+    artifact = compile_qdir(qdir, target_name, backend, out, kv_cache=kv_cache)
     if as_json:
         click.echo(json.dumps(artifact, indent=1, sort_keys=True))
     else:

@@ -69,6 +69,15 @@ def int8_blocks(x: np.ndarray, block: int = INT8_BLOCK) -> np.ndarray:
     return (np.rint(runs / safe) * scale).astype(np.float32).reshape(shape)
 
 
+def int8_kv(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """x ([kv_heads, T, head_dim]) as an int8 KV cache holds it: the nearest multiple of its channel's
+    static scale ([kv_heads, head_dim]), at most 127 and at least -128 steps (ONNX Runtime 1.32's CPU
+    GroupQueryAttention with k/v_quant_type PER_CHANNEL: x / scale rounded half to even, saturated;
+    its attention then reads these values, the new rows included; docs/notes/kv-cache.md)."""
+    s = scale[:, None, :].astype(np.float32)
+    return (np.clip(np.rint(x / s), -128, 127) * s).astype(np.float32)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1) + np.exp(-x))
 
@@ -155,12 +164,16 @@ class ReferenceModel:
     device = "cpu (numpy reference)"
 
     def __init__(self, model=None, *, config: LlamaConfig | None = None, tensors=None, cache_bytes: int | None = None,
-                 observe=None, int8_inputs=frozenset(), chunk: int | None = PREFILL_CHUNK):
+                 observe=None, int8_inputs=frozenset(), chunk: int | None = PREFILL_CHUNK, kv_hook=None):
         """`int8_inputs`: weight names whose matmul input is rounded like ONNX Runtime's int8 kernels
         round it (int8_blocks): the golden data of a bundle that computes that way (bundle/golden.py).
         `chunk`: prompts are processed this many tokens at a time (None: all at once, for GPTQ,
-        whose observe() must see a matrix's whole input in one call)."""
+        whose observe() must see a matrix's whole input in one call).
+        `kv_hook(layer, k, v) -> (k, v)`: sees each step's new keys (after RoPE) and values
+        ([kv_heads, T, head_dim]) before they enter the cache, and returns what is stored: the
+        int8 KV cache's calibration records them, its golden data rounds them (KvInt8Hook)."""
         self.chunk = chunk
+        self.kv_hook = kv_hook
         self.config = config if config is not None else model.config
         tensors = tensors if tensors is not None else model.tensors
         self.w = Weights(tensors, self.config.tensor_shapes(),
@@ -237,6 +250,8 @@ class ReferenceModel:
         k = self.w.matmul_t(h, p + "self_attn.k_proj.weight").reshape(t, c.num_kv_heads, hd).transpose(1, 0, 2)
         v = self.w.matmul_t(h, p + "self_attn.v_proj.weight").reshape(t, c.num_kv_heads, hd).transpose(1, 0, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_hook is not None:
+            k, v = self.kv_hook(layer, k, v)
         keys, values = cache.append(layer, k, v)  # [kv_heads, S, hd]
         # GQA: query heads g*group .. g*group+group-1 share KV head g.
         qg = q.reshape(c.num_kv_heads, c.kv_group * t, hd)

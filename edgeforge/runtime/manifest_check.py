@@ -288,6 +288,7 @@ def _remove_if_abandoned(folder: Path | None, lock: Path) -> bool:
 # refuses golden data computed for another arithmetic than the artifact's.
 FLOAT32 = "float32"  # golden arithmetic: the numpy reference in float32 on the dequantized weights
 INT8_ACTIVATIONS = "int8-activations"  # ... with every quantized matmul's input rounded to int8 blocks
+INT8_KV = "+int8-kv"  # ... and keys/values rounded as the int8 KV cache stores them (artifact kv_dtype int8)
 TOLERANCES = {  # compute path -> (golden arithmetic, largest rel a bundle may claim)
     "float32": (FLOAT32, 1e-3),
     "float16": (FLOAT32, 2e-2),
@@ -297,12 +298,26 @@ TOLERANCES = {  # compute path -> (golden arithmetic, largest rel a bundle may c
     # web bundles: float32 graph, MatMulNBits accuracy_level 0; measured ~1e-6 of the range on WASM
     # (SmolLM2 q4f16) and on WebGPU (SwiftShader, tiny models): docs/notes/web.md
     "browser-float32": (FLOAT32, 1e-3),
+    # int8 KV cache (ONNX CPU, float32 compute): the golden data rounds K/V the same way
+    # (model/kv_int8.py), so the bound is that of the same path with a float cache
+    "float32" + INT8_KV: (FLOAT32 + INT8_KV, 1e-3),
+    "int8-activations-x86_64" + INT8_KV: (INT8_ACTIVATIONS + INT8_KV, 3e-2),
+    "int8-activations-aarch64" + INT8_KV: (FLOAT32 + INT8_KV, 1.2e-1),
 }
 
 
 def compute_path(artifact: dict, arch: str) -> str:
     """Which row of TOLERANCES an artifact computes by (artifact.json, the target's arch)."""
     onnx = artifact.get("onnx") if isinstance(artifact.get("onnx"), dict) else {}
+    if onnx.get("kv_dtype") == "int8":
+        path = _float_kv_path(artifact, onnx, arch) + INT8_KV
+        if path not in TOLERANCES:  # compile.py builds int8 caches only on float32 CPU graphs
+            raise BundleError(f"artifact.json: an int8 KV cache with the {path[: -len(INT8_KV)]} compute path is not supported")
+        return path
+    return _float_kv_path(artifact, onnx, arch)
+
+
+def _float_kv_path(artifact: dict, onnx: dict, arch: str) -> str:
     dtype = onnx.get("compute_dtype") or artifact.get("model_dtype") or FLOAT32
     if artifact.get("device") == "browser":
         return "browser-float32" if dtype == FLOAT32 else "float16"
@@ -325,6 +340,10 @@ def check_tolerance(root: Path, manifest: dict) -> None:
     target = manifest.get("target")
     if not isinstance(target, dict) or not isinstance(artifact, dict) or not isinstance(golden, dict):
         raise BundleError(f"{root / MANIFEST}: malformed target, golden.json or artifact.json (expected JSON objects)")
+    onnx = artifact.get("onnx") if isinstance(artifact.get("onnx"), dict) else {}
+    claimed = manifest.get("kv_cache", {}).get("dtype") if isinstance(manifest.get("kv_cache"), dict) else None
+    if onnx and claimed is not None and claimed != onnx.get("kv_dtype"):
+        raise BundleError(f"{root / MANIFEST}: kv_cache dtype {claimed!r}, but artifact.json's is {onnx.get('kv_dtype')!r}")
     path = compute_path(artifact, str(target.get("arch", "")))
     arithmetic, cap = TOLERANCES[path]
     if golden.get("arithmetic", FLOAT32) != arithmetic:

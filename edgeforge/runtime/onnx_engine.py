@@ -23,7 +23,10 @@ from .loader import checked_max_length
 CPU = "CPUExecutionProvider"
 DEVICE_PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "webgpu": "WebGpuExecutionProvider",
                     "vulkan": "WebGpuExecutionProvider", "coreml": "CoreMLExecutionProvider"}
-KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+# artifact.json kv_dtype -> the KV buffers' numpy dtype and ONNX Runtime's name of the graph's past type
+# (int8: the int8 KV cache, whose static scales are initializers of the graph; model/kv_int8.py)
+KV_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
 THREADS_ENV = "EDGEFORGE_THREADS"
 # WebGPU sessions this process opened, kept referenced until it ends: Dawn on Mesa lavapipe crashes
 # (SIGSEGV) when a WebGPU session is destroyed, so none is, and a process that opened one leaves with
@@ -67,7 +70,7 @@ class OnnxEngine:
         self.device = _device_name(self.provider, self.device_id)
         self.max_length = checked_max_length(max_length, self.info["context_length"])
         self.context_length = self.max_length
-        self.kv_dtype = KV_DTYPES[self.info["kv_dtype"]]
+        self.kv_dtype = _kv_dtype(self.info, self.session, self.artifact_dir)
         self.kv_mode = kv_mode or KV_MODES.get(self.provider, "copy")
         if self.kv_mode not in ("shared", "copy"):
             raise BundleError(f"kv_mode must be 'shared' or 'copy', got {self.kv_mode!r}")
@@ -386,6 +389,19 @@ def _read_artifact(artifact_dir: Path) -> dict:
     if meta.get("backend") != "onnx" or "onnx" not in meta:
         raise BundleError(f"{path}: not an ONNX artifact (backend {meta.get('backend')!r})")
     return meta["onnx"]
+
+
+def _kv_dtype(info: dict, session, artifact_dir: Path):
+    """The KV buffers' dtype: artifact.json's kv_dtype, which must be what the graph's past inputs are
+    (an artifact that claims an int8 cache for a float graph, or the reverse, is refused by name)."""
+    name = info.get("kv_dtype")
+    if not isinstance(name, str) or name not in KV_DTYPES:
+        raise BundleError(f"{artifact_dir / 'artifact.json'}: kv_dtype {name!r} is not one of {', '.join(KV_DTYPES)}")
+    past = {i.name: i.type for i in session.get_inputs()}.get("past_key_values.0.key")
+    if past != ORT_TYPES[name]:
+        raise BundleError(f"{artifact_dir / 'artifact.json'}: kv_dtype {name!r}, but the graph's KV cache "
+                          f"(past_key_values.0.key) is {past}: the artifact does not describe its graph")
+    return KV_DTYPES[name]
 
 
 def _pick_provider(info: dict, device: str | None) -> tuple[str, int]:

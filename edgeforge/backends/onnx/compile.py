@@ -34,12 +34,15 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
     ep, level = _target_settings(target)
     weights = QdirWeights(Path(qdir))
     compute = compute_dtype(target, ep, weights.model_dtype_name)
-    logger.info(f"onnx: building {weights.scheme} graph ({compute} compute, MatMulNBits accuracy_level {level}) for {ep}")
+    kv_cache = kv_cache_setting(target, ep, compute)
+    kv_scales, kv_info = _kv_scales(qdir) if kv_cache == "int8" else (None, None)
+    logger.info(f"onnx: building {weights.scheme} graph ({compute} compute, {kv_cache} KV cache, "
+                f"MatMulNBits accuracy_level {level}) for {ep}")
     out = Path(out)
     # External data: one file next to the graph, every tensor of >= 1 KiB written into it as it is
     # made (memory stays at one tensor), the .onnx keeps the graph and references.
     with open(out / DATA_FILE, "wb") as data:
-        model, embedding = build_model(weights, level, compute, (data, DATA_FILE))
+        model, embedding = build_model(weights, level, compute, (data, DATA_FILE), kv_scales)
     logger.debug(f"onnx: built {len(model.graph.node)} nodes; saving and checking {out / MODEL_FILE}")
     onnx.save_model(model, out / MODEL_FILE)
     try:
@@ -47,13 +50,56 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
     except onnx.checker.ValidationError as err:  # a builder bug, not bad input, but say where
         raise EdgeforgeError(f"{out / MODEL_FILE}: onnx.checker rejected the graph: {str(err).splitlines()[0]}") from err
     artifact = _artifact(weights, target, ep, level, compute, embedding)
+    if kv_scales is not None:
+        artifact["onnx"].update(kv_dtype="int8", kv_cache=kv_info)
     (out / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))
     size = (out / DATA_FILE).stat().st_size if (out / DATA_FILE).exists() else 0
     logger.info(f"onnx: wrote {MODEL_FILE} ({len(model.graph.node)} nodes) and {DATA_FILE} ({size / 2**20:.1f} MiB)")
     return artifact
 
 
-ONNX_KEYS = {"execution_provider", "accuracy_level", "compute_dtype"}
+ONNX_KEYS = {"execution_provider", "accuracy_level", "compute_dtype", "kv_cache"}
+KV_CACHE_CHOICES = ("float", "int8")
+
+
+def kv_cache_setting(target, ep: str, compute: str) -> str:
+    """[onnx] kv_cache = "float" (default: the compute dtype) | "int8" (`--kv-cache int8`).
+
+    int8 needs ONNX Runtime's CPU GroupQueryAttention with float32 Q/K/V (its kernel takes an int8
+    cache only then; other providers were not tried): refused by name elsewhere."""
+    setting = (getattr(target, "onnx", None) or {}).get("kv_cache", "float")
+    where = f"target '{target.name}'"
+    if setting not in KV_CACHE_CHOICES:
+        raise EdgeforgeError(f"{where}: [onnx] kv_cache must be float or int8, got {setting!r}")
+    if setting == "int8" and (ep != "CPUExecutionProvider" or compute != "float32"):
+        raise EdgeforgeError(f"{where}: --kv-cache int8 needs the CPU execution provider with float32 compute "
+                             f"(this target: {ep}, {compute} compute; set [onnx] compute_dtype = \"float32\" on ARM CPUs)")
+    return setting
+
+
+def _kv_scales(qdir: Path) -> tuple[list, dict]:
+    """The int8 KV cache's static scales, calibrated on the QDIR's reference (model/kv_int8.py)."""
+    from ...model import kv_int8
+    from ...model.loader import load_model
+
+    scales, info = kv_int8.calibrate(load_model(Path(qdir)))
+    return scales, {"dtype": "int8", "scales": "static, per KV head and channel", "calibration": info}
+
+
+def kv_scales_of(artifact_dir: Path) -> list[tuple]:
+    """The per-layer (key, value) scales [kv_heads, head_dim] in a compiled int8-KV graph (what its
+    golden data must round by: the graph is their one copy)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    model = onnx.load(str(Path(artifact_dir) / MODEL_FILE), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer if t.name.endswith(("k_scale", "v_scale"))}
+    out = []
+    for i in range(len(inits) // 2):
+        pair = [numpy_helper.to_array(inits[f"model.layers.{i}.self_attn.{kind}_scale"], str(artifact_dir))
+                for kind in ("k", "v")]
+        out.append(tuple(np.asarray(a, np.float32)[0, :, 0, :] for a in pair))
+    return out
 
 
 def compute_dtype(target, ep: str, model_dtype: str) -> str:

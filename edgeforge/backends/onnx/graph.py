@@ -26,6 +26,11 @@ into one, gate/up fused into one), GroupQueryAttention with rotary from cos/sin 
 LlamaConfig.rope_inv_freq(), SkipSimplifiedLayerNormalization between blocks. T (activations,
 KV cache) is the compute dtype chosen by compile.py: the scheme's model dtype, except float32 on
 x86 CPUs (see compile.py). The residual stream, the norms and the head are float32 always.
+
+With `kv_scales` (the int8 KV cache, compile.py's [onnx] kv_cache = "int8"), past/present are int8
+and every GroupQueryAttention gets its layer's static per-channel scales as initializers
+(k_scale/v_scale [1, kv_heads, 1, head_dim], model/kv_int8.py); ONNX Runtime's CPU kernel takes an
+int8 cache only with float32 Q/K/V, so compile.py allows it with float32 compute only.
 """
 
 from __future__ import annotations
@@ -126,7 +131,7 @@ class _Graph:
 
 
 class LlamaOnnxBuilder:
-    def __init__(self, weights: QdirWeights, accuracy_level: int, compute_dtype=None, data=None):
+    def __init__(self, weights: QdirWeights, accuracy_level: int, compute_dtype=None, data=None, kv_scales=None):
         self.w = weights
         self.cfg = LlamaConfig.from_dict(weights.config, source=str(weights.qdir / "config.json"))
         if self.cfg.head_dim % 16:  # refused at run time otherwise ("head_size shall be a multiple of 16")
@@ -135,6 +140,7 @@ class LlamaOnnxBuilder:
         # Activations, scales and KV cache; widening float16 scales/weights to float32 is exact.
         self.dtype = np.dtype(compute_dtype or weights.model_dtype).type
         self.accuracy_level = int(accuracy_level)
+        self.kv_scales = kv_scales  # per layer (key scale, value scale) [kv_heads, head_dim], or None: float cache
         self.g = _Graph(data)
         self.embedding: dict | None = None  # where the engine finds the embedding rows (build())
         self.tied_head: tuple | None = None  # (chunk initializers, K, bits) of a tied quantized head
@@ -316,11 +322,17 @@ class LlamaOnnxBuilder:
         c, p = self.cfg, f"model.layers.{i}.self_attn"
         qkv = self.linear(x, [f"{p}.{n}_proj.weight" for n in "qkv"], f"{p}.qkv_proj")
         past_k, past_v, present_k, present_v = kv_names(i)
-        attn, _, _ = self.g.op("GroupQueryAttention",
-                         [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin],
+        inputs = [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin]
+        quant = {}
+        if self.kv_scales is not None:  # after position_ids, attention_bias, head_sink (absent)
+            shape = (1, c.num_kv_heads, 1, c.head_dim)
+            inputs += ["", "", ""] + [self.g.init(f"{p}.{kind}_scale", scale.reshape(shape).astype(np.float32))
+                                      for kind, scale in zip(("k", "v"), self.kv_scales[i])]
+            quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+        attn, _, _ = self.g.op("GroupQueryAttention", inputs,
                          f"{p}.attn", outputs=[f"{p}.attn/out", present_k, present_v], domain=MS,
                          num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-                         scale=float(1.0 / np.sqrt(c.head_dim)), local_window_size=-1)
+                         scale=float(1.0 / np.sqrt(c.head_dim)), local_window_size=-1, **quant)
         return self.linear(attn, [f"{p}.o_proj.weight"], f"{p}.o_proj")
 
     def mlp(self, x: str, i: int) -> str:
@@ -352,7 +364,8 @@ class LlamaOnnxBuilder:
         return self._model()
 
     def _model(self) -> onnx.ModelProto:
-        c, t = self.cfg, ONNX_DTYPE[self.dtype]
+        c = self.cfg
+        t = TensorProto.INT8 if self.kv_scales is not None else ONNX_DTYPE[self.dtype]
         kv_shape = lambda dim: [BATCH, c.num_kv_heads, dim, c.head_dim]  # noqa: E731
         inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [BATCH, "sequence_length", c.hidden_size]),
                   helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [BATCH]),
@@ -368,8 +381,8 @@ class LlamaOnnxBuilder:
         return model
 
 
-def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype, data) -> tuple[onnx.ModelProto, dict]:
+def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype, data, kv_scales=None) -> tuple[onnx.ModelProto, dict]:
     """(the graph, where its embedding table is); `data` = (binary file, its name): large
-    initializers and the embedding table are streamed into it."""
-    builder = LlamaOnnxBuilder(weights, accuracy_level, compute_dtype, data)
+    initializers and the embedding table are streamed into it. `kv_scales`: an int8 KV cache."""
+    builder = LlamaOnnxBuilder(weights, accuracy_level, compute_dtype, data, kv_scales)
     return builder.build(), builder.embedding

@@ -1,0 +1,234 @@
+"""The int8 KV cache (issue 24): quality, decode speed and memory next to the float cache.
+
+    python bench/kv_cache.py quality --float A --int8 B [--tokens 8192] [--window 512]
+    python bench/kv_cache.py speed --float A --int8 B [--context 8192] [--steps 64] [--rounds 3]
+    python bench/kv_cache.py memory [--measure-1b DIR] [--context 8192]
+    python bench/kv_cache.py clip QDIR ARTIFACT [--tokens 8192]
+
+A and B are compiled ONNX artifacts (`edgeforge compile QDIR --target x86-cpu --backend onnx
+--kv-cache float|int8 -o A|B`) of the same QDIR. Results are JSON on stdout.
+
+quality: KL(float cache || int8 cache) per position, teacher-forced on TEXT (bench/data's eval
+texts, then this repository's docs, until --tokens; the calibration text is not used), in windows:
+each window's prefix is prefilled in one call (the graph returns the last position's logits), then
+its --window positions are decoded one token at a time and scored.
+speed: decode tok/s at a context of --context tokens, float and int8 interleaved for --rounds.
+memory: KV bytes at 2k, 8k and 32k tokens for the 1B and 8B shapes (computed), and with
+--measure-1b the peak RSS of one process per cache that opens a random 1B-shaped bundle's engine,
+prefills --context - 16 tokens and decodes 16 (bench/gpu.py synth_qdir makes the QDIR).
+clip: how often the eval text's keys and values fall outside the calibrated range (the numpy
+reference with the artifact's scales; what saturation costs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+
+TEXT_FILES = [BENCH / "data" / "eval-long.txt", BENCH / "data" / "eval-second.txt", ROOT / "README.md",
+              ROOT / "docs" / "INTERNALS.md", ROOT / "docs" / "BUNDLES.md", ROOT / "BENCHMARKS.md"]
+# KV shapes (layers, kv heads, head_dim) of the models people deploy
+KV_SHAPES = {"llama32-1b": (16, 8, 64), "llama3-8b": (32, 8, 128)}
+CONTEXTS = (2048, 8192, 32768)
+KV_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+
+
+def eval_ids(tokenizer, tokens: int) -> list[int]:
+    ids: list[int] = []
+    for path in TEXT_FILES:
+        ids += tokenizer.encode(path.read_text())
+        if len(ids) >= tokens:
+            return ids[:tokens]
+    raise SystemExit(f"only {len(ids)} tokens of text; asked for {tokens}")
+
+
+def _tokenizer(artifact: Path, qdir: Path | None):
+    from edgeforge.runtime.tokenizer import Tokenizer
+
+    folder = qdir if qdir is not None else artifact.parent / "tokenizer"
+    return Tokenizer.load(folder)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def quality(args) -> dict:
+    from edgeforge.runtime.onnx_engine import OnnxEngine
+
+    engines = {kv: OnnxEngine(path, max_length=args.tokens) for kv, path in (("float", args.float), ("int8", args.int8))}
+    ids = eval_ids(_tokenizer(args.float, args.qdir), args.tokens)
+    starts = sorted({0, *[s for s in (2048 - args.window, 4096 - args.window, args.tokens - args.window) if s > 0]})
+    windows = []
+    for start in starts:
+        logps = {}
+        for kv, engine in engines.items():
+            engine.reset()
+            t0 = time.perf_counter()
+            rows = [engine.prefill(ids[: start + 1])]
+            rows += [engine.decode(t) for t in ids[start + 1 : start + args.window]]
+            logps[kv] = np.array([log_softmax(r) for r in rows])
+            print(f"window {start}: {kv} {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        p = np.exp(logps["float"])
+        kl = (p * (logps["float"] - logps["int8"])).sum(axis=1)
+        same = (logps["float"].argmax(1) == logps["int8"].argmax(1)).mean()
+        windows.append({"positions": [start, start + args.window - 1], "kl_mean": float(kl.mean()),
+                        "kl_p99": float(np.quantile(kl, 0.99)), "kl_max": float(kl.max()), "top1_agree": float(same)})
+    return {"tokens": len(ids), "text": [str(p.relative_to(ROOT)) for p in TEXT_FILES], "windows": windows}
+
+
+def speed(args) -> dict:
+    from edgeforge.runtime.onnx_engine import OnnxEngine
+
+    engines = {kv: OnnxEngine(path, max_length=args.context) for kv, path in (("float", args.float), ("int8", args.int8))}
+    ids = eval_ids(_tokenizer(args.float, args.qdir), args.context)
+    prompt = ids[: args.context - args.steps]
+    for engine in engines.values():  # one prefill each; every round decodes the same positions again
+        engine.reset()
+        engine.prefill(prompt)
+    rates: dict[str, list[float]] = {kv: [] for kv in engines}
+    for _ in range(args.rounds):
+        for kv, engine in engines.items():
+            engine.length = len(prompt)  # rewind: the cache keeps the prompt's rows
+            t0 = time.perf_counter()
+            for t in ids[len(prompt) :]:
+                engine.decode(t)
+            rates[kv].append(args.steps / (time.perf_counter() - t0))
+    load = os.getloadavg()
+    return {"context": args.context, "steps": args.steps, "rounds": args.rounds,
+            "tok_s": {kv: [round(r, 1) for r in v] for kv, v in rates.items()},
+            "median": {kv: round(float(np.median(v)), 1) for kv, v in rates.items()},
+            "threads": os.environ.get("EDGEFORGE_THREADS", "0 (onnxruntime default)"),
+            "loadavg_after": [round(x, 2) for x in load], "cpus": os.cpu_count()}
+
+
+def kv_bytes(shape: tuple[int, int, int], tokens: int, dtype: str) -> int:
+    layers, heads, dim = shape
+    scales = 2 * layers * heads * dim * 4 if dtype == "int8" else 0  # float32 k/v scales per layer
+    return 2 * layers * heads * dim * tokens * KV_BYTES[dtype] + scales
+
+
+def memory(args) -> dict:
+    table = {name: {str(n): {dt: kv_bytes(shape, n, dt) for dt in KV_BYTES} for n in CONTEXTS}
+             for name, shape in KV_SHAPES.items()}
+    out = {"computed_bytes": table}
+    if args.measure_1b:
+        out["measured_1b"] = {kv: _measure_rss(Path(args.measure_1b) / f"1b-{kv}", args.context) for kv in ("float", "int8")}
+    return out
+
+
+RSS_CHILD = r"""
+import json, os, sys, time, resource
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+from edgeforge.runtime.onnx_engine import OnnxEngine
+art, n = sys.argv[1], int(sys.argv[2])
+e = OnnxEngine(art, max_length=n)
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmHWM", "VmRSS")):
+            yield line.split()[0].rstrip(":"), int(line.split()[1]) * 1024
+load = dict(hwm())
+t0 = time.perf_counter(); e.prefill([1 + (i * 7919) % 250 for i in range(n - 16)]); prefill = time.perf_counter() - t0
+t0 = time.perf_counter()
+for i in range(16): e.decode(3 + i)
+decode = 16 / (time.perf_counter() - t0)
+end = dict(hwm())
+kv = sum(b.nbytes for b in e._kv)
+print(json.dumps({"after_load": load, "end": end, "kv_buffer_bytes": kv, "capacity": e.capacity,
+                  "prefill_s": round(prefill, 1), "decode_tok_s_at_context": round(decode, 2)}))
+"""
+
+
+def _measure_rss(artifact: Path, context: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(artifact), str(context)], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=3600)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-2000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    data = artifact / "model.onnx.data"
+    result["weights_bytes"] = data.stat().st_size
+    result["peak_over_weights_plus_kv"] = round(result["end"]["VmHWM"] / (result["weights_bytes"] + result["kv_buffer_bytes"]), 3)
+    return result
+
+
+def clip(args) -> dict:
+    """Fraction of key pair norms / value magnitudes beyond the calibrated range (headroom 1) and
+    beyond the stored range (the artifact's scales x 127: what saturates)."""
+    from edgeforge.backends.onnx.compile import kv_scales_of
+    from edgeforge.model.kv_int8 import HEADROOM
+    from edgeforge.model.loader import load_model
+    from edgeforge.model.reference import ReferenceModel
+
+    scales = kv_scales_of(args.artifact)
+    counts = {"values": 0, "k_over_calibrated": 0, "k_saturated": 0, "v_over_calibrated": 0, "v_saturated": 0}
+
+    def hook(layer, k, v):
+        ks, vs = scales[layer]
+        half = k.shape[-1] // 2
+        pair = np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2)
+        kmax, vmax = 127 * ks[:, None, :half], 127 * vs[:, None]
+        counts["values"] += v.size
+        counts["k_over_calibrated"] += 2 * int((pair > kmax / HEADROOM).sum())
+        counts["k_saturated"] += int((np.abs(k) > 127.5 * ks[:, None]).sum())
+        counts["v_over_calibrated"] += int((np.abs(v) > vmax / HEADROOM).sum())
+        counts["v_saturated"] += int((np.abs(v) > 127.5 * vs[:, None]).sum())
+        return k, v
+
+    model = load_model(Path(args.qdir))
+    ref = ReferenceModel(model, kv_hook=hook)
+    ids = eval_ids(model.tokenizer, args.tokens)
+    for start in range(0, len(ids), 512):
+        ref.prefill(ids[start : start + 512])
+    return {"tokens": len(ids), **counts,
+            **{f"{k}_fraction": counts[k] / counts["values"] for k in counts if k != "values"}}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    for name in ("quality", "speed"):
+        p = sub.add_parser(name)
+        p.add_argument("--float", type=Path, required=True)
+        p.add_argument("--int8", type=Path, required=True)
+        p.add_argument("--qdir", type=Path, default=None, help="tokenizer folder when the artifacts are not in bundles")
+    sub.choices["quality"].add_argument("--tokens", type=int, default=8192)
+    sub.choices["quality"].add_argument("--window", type=int, default=512)
+    sub.choices["speed"].add_argument("--context", type=int, default=8192)
+    sub.choices["speed"].add_argument("--steps", type=int, default=64)
+    sub.choices["speed"].add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("memory")
+    p.add_argument("--measure-1b", default=None, metavar="DIR", help="DIR/1b-float and DIR/1b-int8: compiled artifacts")
+    p.add_argument("--context", type=int, default=8192)
+    p = sub.add_parser("clip")
+    p.add_argument("qdir", type=Path)
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--tokens", type=int, default=8192)
+    for p in sub.choices.values():
+        p.add_argument("-o", "--output", type=Path, default=None,
+                       help="merge the result into this JSON file under the mode's name (bench/results/kv-cache.json)")
+    args = ap.parse_args(argv)
+    result = {"quality": quality, "speed": speed, "memory": memory, "clip": clip}[args.mode](args)
+    result["command"] = "python bench/kv_cache.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(json.dumps(result, indent=1))
+    if args.output:
+        merged = json.loads(args.output.read_text()) if args.output.exists() else {}
+        merged[args.mode] = result
+        args.output.write_text(json.dumps(merged, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
