@@ -161,3 +161,28 @@ def test_older_graphs_are_not_batched(host_bundle, tmp_path):  # noqa: F811
     assert not can_batch(engine)
     with pytest.raises(Exception, match="cannot decode a batch"):
         BatchDecoder(engine)
+
+
+def test_an_int8_kv_cache_is_batched_too(tiny_model, tmp_path):
+    """An int8-KV bundle (`--kv-cache int8`) keeps its rows in int8 buffers: one batched step still
+    gives each sequence what it gets alone, bit for bit in the logits' argmax and within 1e-4."""
+    from edgeforge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build", str(tiny_model("llama32")), "--quant", "q4f32", "--target", "x86-cpu", "--backend", "onnx",
+              "--kv-cache", "int8", "-o", str(tmp_path), "-q", "--no-quality", "test speed", "--no-smoke"])
+    assert exit_info.value.code == 0
+    (bundle,) = [p for p in tmp_path.iterdir() if (p / "manifest.json").is_file()]
+    engine = open_session(bundle, max_length=256).engine
+    assert engine.kv_dtype == np.int8 and can_batch(engine)
+    expected = [alone(engine, p, forced_tokens(k)[:8]) for k, p in enumerate(PROMPTS)]
+    decoder = BatchDecoder(engine)
+    members = decoder.members(len(PROMPTS))
+    got = [[m.prefill(p)] for m, p in zip(members, PROMPTS)]
+    for j in range(8):
+        rows = list(decoder.rows)
+        for m, logits in zip(rows, decoder._decode_rows(rows, [forced_tokens(members.index(m))[j] for m in rows])):
+            got[members.index(m)].append(logits)
+    assert decoder.kv and all(buf.dtype == np.int8 for buf in decoder.kv)  # the rows stay int8
+    for e, g in zip(expected, got):
+        assert_same(e, g)
