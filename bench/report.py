@@ -268,10 +268,20 @@ def _serving():
         f"`{r['command']}` on {r['date']}: streamed chat completions on loopback, greedy, max_tokens "
         f"{r['max_tokens']}, {r['slots']} slots (`--parallel` / `-np`) and {r['threads']} thread(s) for each server, "
         f"the servers interleaved level by level. Load average {r['load_average']:.1f} at the start and "
-        f"{r.get('load_average_end', 0):.1f} at the end: this 2-core machine was shared, so absolute numbers are "
-        "low and noisy; compare the rows of this run. TTFT includes the time a request waits for a slot.", "",
+        f"{r.get('load_average_end', 0):.1f} at the end ({_load_words(r)}). TTFT includes the time a request "
+        "waits for a slot.", "",
         *rows, "", *_serving_goal(r), "", *mem, "",
         "Why one thread each, what batching would give, and what is left: docs/notes/serve.md."]).rstrip()
+
+
+def _load_words(r) -> str:
+    """How far a run's numbers can be trusted: llama.cpp's spinning thread pool collapses when other work
+    shares the 2 cores (docs/notes/serve.md), so a loaded run flatters edgeforge."""
+    worst = max(r.get("load_average", 0), r.get("load_average_end", 0))
+    if worst < 2.5:  # this 2-core machine with nothing else running: each server's own 2 threads
+        return "nothing else ran: a quiet machine"
+    return ("the 2-core machine was shared: absolute numbers are low and noisy, and llama.cpp suffers most "
+            "from the load; compare the rows of this run only")
 
 
 def _serving_goal(r):

@@ -29,7 +29,7 @@ COMMANDS = {
     "inspect": [["--json"]],
     "quantize": [["--quant", "G"], ["-o", "OUT"], ["--embed-bits", "G"]],
     "compile": [["--target", "G"], ["--backend", "G"], ["-o", "OUT"]],
-    "build": [["--quant", "G"], ["--target", "G"], ["-o", "OUT"], ["--jobs", "G"], ["--sign", "G"]],
+    "build": [["--quant", "G"], ["--target", "G"], ["-o", "OUT"], ["--jobs", "G"], ["--sign", "G"], ["--embed-bits", "G"]],
     "smoke": [["--json"], ["--prompts", "G"], ["--port", "G"], ["--trust", "G"], ["--known-hosts", "G"]],
     "run": [["--prompt", "G"], ["-n", "G"], ["--temperature", "G"], ["--top-p", "G"], ["--ctx", "G"]],
     "bench": [["-p", "G"], ["-n", "G"], ["-r", "G"], ["--trust", "G"]],

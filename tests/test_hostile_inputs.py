@@ -81,6 +81,20 @@ def test_embed_bits_in_a_build_config_is_honoured(tiny_model, tmp_path, capsys):
     assert json.loads((bundle / "manifest.json").read_text())["embed_format"].startswith("q8")
 
 
+def test_embed_bits_flag_of_build_wins_over_the_config(tiny_model, tmp_path, capsys):
+    """`build --embed-bits 4` (as `quantize --embed-bits`): the config says 8, the flag says 4; 3 is refused
+    by name before the model loads."""
+    cfg = tmp_path / "build.toml"
+    cfg.write_text(f'model = "{tiny_model("llama32")}"\nquant = "q4f32"\ntargets = {{"x86-cpu" = "onnx"}}\n'
+                   f'output = "{tmp_path / "dist"}"\nembed_bits = 8\n')
+    code, _, err = cli(capsys, "build", cfg, "--embed-bits", "4", "--no-smoke", "--no-quality", "test speed")
+    assert code == 0, err
+    (bundle,) = (tmp_path / "dist").iterdir()
+    assert json.loads((bundle / "manifest.json").read_text())["embed_format"].startswith("q4")
+    code, _, err = cli(capsys, "build", cfg, "--embed-bits", "3")
+    assert code == 2 and "--embed-bits" in err and "Traceback" not in err
+
+
 def test_build_smokes_its_bundle_and_reports_it(tiny_model, tmp_path, capsys):
     code, out, err = cli(capsys, "build", tiny_model("llama32"), "--quant", "q4f32", "--target", "x86-cpu",
                          "--backend", "onnx", "-o", tmp_path / "dist", "--json")

@@ -14,6 +14,7 @@ from ..errors import CheckFailed, EdgeforgeError, InternalError
 from ..quant.schemes import SCHEMES
 from ..runtime.backends import backend_names
 from .compile_cmd import KV_CACHE_OPTION
+from .quant_cmds import EMBED_BITS_OPTION
 
 
 def _echo_json(data) -> None:
@@ -84,9 +85,10 @@ TOP_P = FiniteFloatRange(0, 1, min_open=True)
                    "source, recorded in every bundle's quality.json) [default: 128].")
 @click.option("--no-quality", "no_quality", default=None, metavar="REASON",
               help="Skip the quality report; REASON is recorded in quality.json (e.g. \"CI speed\").")
+@EMBED_BITS_OPTION
 @KV_CACHE_OPTION
 def build(model, quant, targets, backend, output, jobs, make_archive, as_json, no_smoke, sign_key, quality_tokens,
-          no_quality, kv_cache):
+          no_quality, embed_bits, kv_cache):
     """Build deployment bundles: quantize once, compile and bundle for each target.
 
     MODEL is a model name, an HF folder, a .gguf file, or a build config (.toml).
@@ -99,6 +101,7 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json, n
       edgeforge build smollm2-135m --target rpi5 --sign release.pem   # smoke --trust release.pub.pem
       edgeforge build ./llama-3-8b --target x86-cpu --no-quality "measured in the release job"
       edgeforge build ./llama-3.2-1b --quant q4f16 --target x86-cpu --backend onnx --kv-cache int8 -o dist
+      edgeforge build smollm2-135m --quant q4f16 --embed-bits 4 --target rpi5   # smaller, faster, a little worse
     """
     from ..backends import with_kv_cache
     from ..bundle.build import run_build
@@ -108,6 +111,8 @@ def build(model, quant, targets, backend, output, jobs, make_archive, as_json, n
     for target, job_backend in plan.jobs:  # refused before the model loads
         with_kv_cache(target, job_backend, kv_cache)
     plan.kv_cache = kv_cache
+    if embed_bits is not None:  # the flag wins over a config file's embed_bits
+        plan.embed_bits = embed_bits
     plan.smoke = not no_smoke
     if quality_tokens is not None:
         plan.quality_tokens = quality_tokens

@@ -21,11 +21,17 @@ def _load(spec: str):
     return load_model(fetch_model(spec))
 
 
+# Shared by quantize and build: the storage of embed_tokens / lm_head, over the scheme's own choice.
+EMBED_BITS_OPTION = click.option(
+    "--embed-bits", type=click.Choice(["4", "8"]), default=None, callback=lambda c, p, v: int(v) if v else None,
+    help="Store embed_tokens/lm_head as q4 or q8 whatever the scheme says (q4 is what ORT GenAI's int4 and "
+         "llama.cpp's Q4_0 ship for the embedding; BENCHMARKS.md weighs bytes against quality).")
+
+
 @click.command("quantize", epilog=scheme_help())
 @click.argument("model")
 @click.option("--quant", "scheme", required=True, metavar="SCHEME", help=SCHEME_HELP)
-@click.option("--embed-bits", type=click.Choice(["4", "8"]), default=None, callback=lambda c, p, v: int(v) if v else None,
-              help="store embed_tokens/lm_head as q4 or q8 whatever the scheme says")
+@EMBED_BITS_OPTION
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="QDIR folder to write")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary on stdout (progress goes to stderr)")
 def quantize(model, scheme, embed_bits, output, as_json):
