@@ -288,13 +288,21 @@ def _remove_if_abandoned(folder: Path | None, lock: Path) -> bool:
 # refuses golden data computed for another arithmetic than the artifact's.
 FLOAT32 = "float32"  # golden arithmetic: the numpy reference in float32 on the dequantized weights
 INT8_ACTIVATIONS = "int8-activations"  # ... with every quantized matmul's input rounded to int8 blocks
+INT8_ACTIVATIONS_ARM = "int8-activations-arm"  # ... as ONNX Runtime's aarch64 kernels round them (below)
 INT8_KV = "+int8-kv"  # ... and keys/values rounded as the int8 KV cache stores them (artifact kv_dtype int8)
 TOLERANCES = {  # compute path -> (golden arithmetic, largest rel a bundle may claim)
     "float32": (FLOAT32, 1e-3),
     "float16": (FLOAT32, 2e-2),
     "webgpu-float16": (FLOAT32, 4e-2),
     "int8-activations-x86_64": (INT8_ACTIVATIONS, 3e-2),
-    "int8-activations-aarch64": (FLOAT32, 1.2e-1),
+    # aarch64 with the dot-product extension (what `smoke --emulate` runs: qemu cortex-a76): 4-bit
+    # symmetric weights go through KleidiAI (input: one asymmetric int8 scale per row; weight scales
+    # cut to bfloat16), 4-bit with zero points and 8-bit through MLAS's int8 blocks (like x86);
+    # docs/notes/bundle.md, Session 10. In float32 compute the bound covers float rounding (an input
+    # on a rounding boundary); in float16 compute (rpi5's default) also the graph's float16
+    # activations, which no golden arithmetic here follows: that bound is still the measured one
+    "int8-activations-aarch64": (INT8_ACTIVATIONS_ARM, 3e-2),
+    "int8-activations-aarch64-float16": (INT8_ACTIVATIONS_ARM, 1.2e-1),
     # web bundles: float32 graph, MatMulNBits accuracy_level 0; measured ~1e-6 of the range on WASM
     # (SmolLM2 q4f16) and on WebGPU (SwiftShader, tiny models): docs/notes/web.md
     "browser-float32": (FLOAT32, 1e-3),
@@ -302,7 +310,7 @@ TOLERANCES = {  # compute path -> (golden arithmetic, largest rel a bundle may c
     # (model/kv_int8.py), so the bound is that of the same path with a float cache
     "float32" + INT8_KV: (FLOAT32 + INT8_KV, 1e-3),
     "int8-activations-x86_64" + INT8_KV: (INT8_ACTIVATIONS + INT8_KV, 3e-2),
-    "int8-activations-aarch64" + INT8_KV: (FLOAT32 + INT8_KV, 1.2e-1),
+    "int8-activations-aarch64" + INT8_KV: (INT8_ACTIVATIONS_ARM + INT8_KV, 3e-2),
 }
 
 
@@ -322,7 +330,9 @@ def _float_kv_path(artifact: dict, onnx: dict, arch: str) -> str:
     if artifact.get("device") == "browser":
         return "browser-float32" if dtype == FLOAT32 else "float16"
     if onnx.get("accuracy_level") == 4 and onnx.get("execution_provider", "CPUExecutionProvider") == "CPUExecutionProvider":
-        return "int8-activations-x86_64" if arch == "x86_64" else "int8-activations-aarch64"
+        if arch == "x86_64":
+            return "int8-activations-x86_64"
+        return "int8-activations-aarch64" if dtype == FLOAT32 else "int8-activations-aarch64-float16"
     if str(artifact.get("device", "")).startswith("webgpu") and dtype == "float16":
         return "webgpu-float16"
     return FLOAT32 if dtype == FLOAT32 else "float16"
