@@ -296,13 +296,12 @@ TOLERANCES = {  # compute path -> (golden arithmetic, largest rel a bundle may c
     "webgpu-float16": (FLOAT32, 4e-2),
     "int8-activations-x86_64": (INT8_ACTIVATIONS, 3e-2),
     # aarch64 with the dot-product extension (what `smoke --emulate` runs: qemu cortex-a76): 4-bit
-    # symmetric weights go through KleidiAI (input: one asymmetric int8 scale per row; weight scales
-    # cut to bfloat16), 4-bit with zero points and 8-bit through MLAS's int8 blocks (like x86);
-    # docs/notes/bundle.md, Session 10. In float32 compute the bound covers float rounding (an input
-    # on a rounding boundary); in float16 compute (rpi5's default) also the graph's float16
-    # activations, which no golden arithmetic here follows: that bound is still the measured one
-    "int8-activations-aarch64": (INT8_ACTIVATIONS_ARM, 3e-2),
-    "int8-activations-aarch64-float16": (INT8_ACTIVATIONS_ARM, 1.2e-1),
+    # weights without zero points go through KleidiAI (input: one asymmetric int8 grid per row;
+    # weight scales cut to bfloat16), 4-bit with zero points and 8-bit through MLAS's int8 blocks
+    # (like x86). The golden data follows that to 4e-8 per matmul, but an input on a rounding
+    # boundary still flips a code, and a row's grid is coarse where one channel is an outlier:
+    # measured up to 1.1e-1 of the range on unseen outlier models (docs/notes/bundle.md, Session 10)
+    "int8-activations-aarch64": (INT8_ACTIVATIONS_ARM, 1.2e-1),
     # web bundles: float32 graph, MatMulNBits accuracy_level 0; measured ~1e-6 of the range on WASM
     # (SmolLM2 q4f16) and on WebGPU (SwiftShader, tiny models): docs/notes/web.md
     "browser-float32": (FLOAT32, 1e-3),
@@ -310,7 +309,7 @@ TOLERANCES = {  # compute path -> (golden arithmetic, largest rel a bundle may c
     # (model/kv_int8.py), so the bound is that of the same path with a float cache
     "float32" + INT8_KV: (FLOAT32 + INT8_KV, 1e-3),
     "int8-activations-x86_64" + INT8_KV: (INT8_ACTIVATIONS + INT8_KV, 3e-2),
-    "int8-activations-aarch64" + INT8_KV: (INT8_ACTIVATIONS_ARM + INT8_KV, 3e-2),
+    "int8-activations-aarch64" + INT8_KV: (INT8_ACTIVATIONS_ARM + INT8_KV, 1.2e-1),
 }
 
 
@@ -330,9 +329,7 @@ def _float_kv_path(artifact: dict, onnx: dict, arch: str) -> str:
     if artifact.get("device") == "browser":
         return "browser-float32" if dtype == FLOAT32 else "float16"
     if onnx.get("accuracy_level") == 4 and onnx.get("execution_provider", "CPUExecutionProvider") == "CPUExecutionProvider":
-        if arch == "x86_64":
-            return "int8-activations-x86_64"
-        return "int8-activations-aarch64" if dtype == FLOAT32 else "int8-activations-aarch64-float16"
+        return "int8-activations-x86_64" if arch == "x86_64" else "int8-activations-aarch64"
     if str(artifact.get("device", "")).startswith("webgpu") and dtype == "float16":
         return "webgpu-float16"
     return FLOAT32 if dtype == FLOAT32 else "float16"
