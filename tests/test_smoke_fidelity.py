@@ -11,6 +11,7 @@ Counts are printed (CI logs show them).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -294,3 +295,37 @@ def test_check_tolerance_refuses_garbage_by_name(tmp_path, target, artifact, gol
     (tmp_path / "golden.json").write_text(json.dumps(golden))
     with pytest.raises(BundleError, match=r"golden\.json|manifest\.json"):
         check_tolerance(tmp_path, {"target": target})
+
+
+@pytest.mark.parametrize("compute", ["float32", "float16"])
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_old_aarch64_golden_data_is_refused(tmp_path, compute, kv):
+    """An aarch64 ONNX CPU bundle at accuracy_level 4 built before Session 10 carries float32 golden
+    data: the verifier refuses it (rebuild), and accepts the same bundle with golden data in the
+    aarch64 int8 arithmetic within the cap."""
+    from edgeforge.runtime.bundle_errors import BundleError
+    from edgeforge.runtime.manifest_check import INT8_ACTIVATIONS_ARM, INT8_KV, TOLERANCES, check_tolerance
+
+    onnx = {"execution_provider": "CPUExecutionProvider", "accuracy_level": 4, "compute_dtype": compute,
+            "kv_dtype": "int8" if kv == "int8" else compute}
+    if kv == "int8" and compute == "float16":
+        pytest.skip("int8 KV caches are built on float32 graphs only")
+    suffix = INT8_KV if kv == "int8" else ""
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "artifact.json").write_text(json.dumps({"backend": "onnx", "device": "cpu", "onnx": onnx}))
+    manifest = {"target": {"name": "rpi5", "arch": "aarch64"}}
+    if kv == "int8":
+        manifest["kv_cache"] = {"dtype": "int8"}
+    cap = TOLERANCES["int8-activations-aarch64" + suffix][1]
+    for arithmetic, ok in (("float32" + suffix, False), ("int8-activations" + suffix, False),
+                           (INT8_ACTIVATIONS_ARM + suffix, True)):
+        (tmp_path / "golden.json").write_text(json.dumps({"arithmetic": arithmetic, "tolerance": {"rel": cap}}))
+        if ok:
+            check_tolerance(tmp_path, manifest)
+        else:
+            with pytest.raises(BundleError, match=re.escape(f"needs '{INT8_ACTIVATIONS_ARM + suffix}' golden data")):
+                check_tolerance(tmp_path, manifest)
+    (tmp_path / "golden.json").write_text(json.dumps({"arithmetic": INT8_ACTIVATIONS_ARM + suffix,
+                                                      "tolerance": {"rel": cap * 1.01}}))
+    with pytest.raises(BundleError, match="tolerance"):
+        check_tolerance(tmp_path, manifest)
