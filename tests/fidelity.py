@@ -69,6 +69,82 @@ def verdict(qdir: Path, artifact_dir: Path, golden: dict, arch: str = "x86_64") 
             "agree": sum(r["agree"] for r in results), "steps": sum(r["steps"] for r in results)}
 
 
+def verdicts_under_qemu(cases: list, work: Path, timeout: float = 900) -> list[dict]:
+    """verdict() of each (QDIR-less ONNX artifact folder, golden, arch) case, run by the arm64 root's
+    onnxruntime under qemu (as `smoke --emulate` runs a bundle: qemu's default cortex-a76), all in one
+    emulated process (tests/arm_verdicts.py)."""
+    import json
+    import sys
+
+    from edgeforge.runtime.loader import read_artifact
+    from edgeforge.testing import copy_runtime, run_under_qemu
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    runtime = work / "runtime"
+    if not runtime.exists():
+        copy_runtime(runtime)
+    spec = []
+    for i, (artifact_dir, golden, arch) in enumerate(cases):
+        rel = tolerance_for(read_artifact(artifact_dir), arch)["rel"]
+        (work / f"golden{i}.json").write_text(json.dumps(golden))
+        spec.append({"artifact": str(artifact_dir), "golden": str(work / f"golden{i}.json"), "rel": rel})
+    (work / "cases.json").write_text(json.dumps(spec))
+    proc = run_under_qemu([Path(__file__).with_name("arm_verdicts.py"), work / "cases.json"], extra_pythonpath=[runtime],
+                          timeout=timeout)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"arm_verdicts.py under qemu exited {proc.returncode}")
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [{"ok": r["ok"], "rel_err": r["ratio"] * s["rel"], "rel_tol": s["rel"], "agree": r["agree"], "steps": r["steps"]}
+            for r, s in zip(results, spec)]
+
+
+HERE = Path(__file__).parent
+
+
+def matmul_nbits_models(folder: Path, k: int = 256, n: int = 64) -> dict:
+    """One-node MatMulNBits graphs (block 32, accuracy_level 4) in `folder` for arm_matmul_nbits.py:
+    4-bit without zero points, 4-bit with zero points, 8-bit; float32 and float16. Returns
+    {name: (float32 weight [n, k], the same with its scales cut to bfloat16, runs on KleidiAI, dtype)}."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeforge.model.reference import bf16_truncate
+
+    rng = np.random.default_rng(5)
+    out = {}
+    for bits, zp, dtype in ((4, False, "float32"), (4, True, "float32"), (8, False, "float32"),
+                            (4, False, "float16"), (4, True, "float16"), (8, False, "float16")):
+        levels = 16 if bits == 4 else 256
+        q = rng.integers(0, levels, (n, k)).astype(np.uint8)
+        blob = (q[:, 0::2] | (q[:, 1::2] << 4)) if bits == 4 else q
+        scales = (rng.random((n, k // 32)) * 0.05 + 0.01).astype(dtype)
+        inits = [numpy_helper.from_array(blob.reshape(n, k // 32, -1), "B"), numpy_helper.from_array(scales, "S")]
+        zeros = np.full((n, k // 32), levels // 2)
+        if zp:
+            zeros = rng.integers(0, 16, (n, k // 32))
+            inits.append(numpy_helper.from_array((zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8), "Z"))
+        elem = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
+        node = helper.make_node("MatMulNBits", ["A", "B", "S"] + (["Z"] if zp else []), ["Y"], domain="com.microsoft",
+                                K=k, N=n, bits=bits, block_size=32, accuracy_level=4)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", elem, ["M", k])],
+                                  [helper.make_tensor_value_info("Y", elem, ["M", n])], initializer=inits)
+        name = f"b{bits}{'z' if zp else ''}_{dtype}"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                          helper.make_opsetid("com.microsoft", 1)]), folder / f"{name}.onnx")
+
+        def weight(s):
+            return ((q.astype(np.float32).reshape(n, -1, 32) - zeros[:, :, None]) * s[:, :, None]).reshape(n, k)
+
+        s32 = scales.astype(np.float32)
+        out[name] = (weight(s32), weight(bf16_truncate(s32)), bits == 4 and not zp, dtype)
+    (folder / "cases.json").write_text(json.dumps({name: v[3] for name, v in out.items()}))
+    return out
+
+
 def golden_for(qdir: Path, arithmetic: str = "float32", tokens: int = 8) -> dict:
     return make_golden(qdir, DEFAULT_PROMPTS, tokens, arithmetic=arithmetic)
 

@@ -11,6 +11,7 @@ Counts are printed (CI logs show them).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 import fidelity as F
 from bundle_helpers import cli, host_bundle, resign  # noqa: F401 - host_bundle is a fixture
 from edgeforge.bundle.golden import golden_arithmetic
-from edgeforge.model.reference import int8_blocks
+from edgeforge.model.reference import bf16_truncate, int8_blocks, int8_rows
 from edgeforge.runtime.loader import read_artifact
 
 SCHEMES = ("q4f16", "q4f32", "q8f16")
@@ -88,6 +89,102 @@ def test_int8_blocks_is_onnx_runtimes_rounding():
         emulated = np.abs(engine - int8_blocks(a) @ w.T).max()
         assert emulated < 1e-4 * np.abs(engine).max(), (bits, emulated)
         assert exact > 100 * emulated, (bits, exact, emulated)
+
+
+def test_int8_rows_and_bf16_truncate():
+    """The aarch64 emulation's pieces (ONNX Runtime's KleidiAI path; Session 10 of docs/notes/bundle.md):
+    one asymmetric int8 grid per row spanning [min(0, min), max(0, max)] in 255 steps, the row's
+    extremes kept to float rounding; scales cut (not rounded) to bfloat16."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((4, 96)) * 3).astype(np.float32)
+    x[1] = np.abs(x[1])  # all positive: the grid starts at 0
+    x[2, 7] = 80.0  # an outlier sets the step of its whole row, not of one block of 32
+    y = int8_rows(x)
+    lo, hi = np.minimum(0, x.min(-1)), np.maximum(0, x.max(-1))
+    step = (hi - lo) / 255
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert np.all(np.abs(y - x) <= step[:, None] * 0.5001)
+    for row, s in zip(y, step):
+        assert len(np.unique(np.rint((row - row.min()) / s))) <= 256
+    assert np.all(np.abs(int8_rows(np.zeros((2, 32), np.float32))) == 0)
+    s = np.array([1.0, 0.1, 3.14159, -0.0123, 65504.0], np.float32)
+    cut = bf16_truncate(s)
+    assert np.all(cut.view(np.uint32) & 0xFFFF == 0) and np.all(np.abs(cut) <= np.abs(s))
+    assert np.all(np.abs(s - cut) < np.abs(s) * 2.0 ** -7) and cut[0] == 1.0
+
+
+@pytest.mark.arm
+def test_int8_emulation_is_aarch64_onnx_runtimes_rounding(tmp_path):
+    """One MatMulNBits node per weight kind (4-bit without and with zero points, 8-bit; float32 and
+    float16), run by the arm64 root's onnxruntime under qemu (cortex-a76, as smoke --emulate): the
+    golden arithmetic of aarch64 bundles (reference.int8_rows + bf16_truncate for 4-bit without zero
+    points, int8_blocks for the others) matches it to float rounding (float16: to its output's
+    rounding), where float32 differs by ~1e-2 of the output."""
+    pytest.importorskip("onnx")
+    from edgeforge import toolchains
+    from edgeforge.testing import run_under_qemu
+
+    if toolchains.arm64_root() is None:
+        pytest.skip("the arm64 root is not built (scripts/setup-arm64.sh)")
+    weights = F.matmul_nbits_models(tmp_path, k=256, n=64)
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal((5, 256)) * 2).astype(np.float32)
+    a[:, 5], a[2, 40] = 30.0, -25.0
+    np.save(tmp_path / "a.npy", a)
+    proc = run_under_qemu([F.HERE / "arm_matmul_nbits.py", tmp_path], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    for name, (w_float, w_cut, kleidi, dtype) in weights.items():
+        x = a.astype(dtype).astype(np.float32)
+        emulated = int8_rows(x) @ w_cut.T if kleidi else int8_blocks(x) @ w_float.T
+        for m in ("M5", "M1"):
+            y = out[f"{name}_{m}"]
+            scale = np.abs(y).max()
+            err, plain = np.abs(y - emulated).max() / scale, np.abs(y - x @ w_float.T).max() / scale
+            print(f"{name} {m}: emulation {err:.1e}, float32 {plain:.1e}")
+            assert err < (1e-5 if dtype == "float32" else 1e-3), (name, m, err)
+            assert plain > 10 * err, (name, m, plain, err)
+
+
+ARM_MODELS = ((211, 1, 1, 0.08), (212, 8, 10, 0.08))  # seeds no other test uses
+
+
+@pytest.mark.slow  # under qemu (about 30 s here: 8 compiles, 8 golden sets, one emulated process)
+@pytest.mark.arm
+def test_sweep_and_mutations_aarch64_onnx(sweep, capsys):
+    """rpi5 ONNX bundles under qemu, golden data in the aarch64 int8 arithmetic: no false FAIL on
+    unseen models (float32 and float16 compute), and mutated weights still FAIL."""
+    from edgeforge import toolchains
+
+    if toolchains.arm64_root() is None:
+        pytest.skip("the arm64 root is not built (scripts/setup-arm64.sh)")
+    get, root = sweep
+    cases, labels = [], []
+    for spec in ARM_MODELS:
+        for scheme in ("q4f32", "q4f16"):
+            base, goldens = get(spec, scheme)
+            variants = [(base, None)]
+            if spec == ARM_MODELS[1]:
+                variants += [(F.mutated(base, m, root / f"armmut{i}-{scheme}"), m)
+                             for i, m in enumerate(("sign-flipped v_proj", "scaled o_proj (x1.5)"))]
+            for qdir, mutation in variants:
+                out = root / f"arm-{qdir.name}"
+                if not out.exists():
+                    F.compiled(qdir, "rpi5", "onnx", out)
+                arithmetic = golden_arithmetic(read_artifact(out), "aarch64")
+                if arithmetic not in goldens:
+                    goldens[arithmetic] = F.golden_for(base, arithmetic)
+                cases.append((out, goldens[arithmetic], "aarch64"))
+                labels.append((spec, scheme, mutation))
+    results = F.verdicts_under_qemu(cases, root / "arm-run")
+    sweep_ok = ["PASS" if r["ok"] else "false FAIL" for r, l in zip(results, labels) if l[2] is None]
+    caught = ["caught" if not r["ok"] else "MISSED" for r, l in zip(results, labels) if l[2] is not None]
+    _report(capsys, "fidelity sweep (onnx, aarch64 under qemu)", sweep_ok)
+    _report(capsys, "mutation suite (onnx, aarch64 under qemu)", caught)
+    with capsys.disabled():
+        for r, l in zip(results, labels):
+            print(f"  {l}: {r['rel_err']:.2e} of the range (bound {r['rel_tol']})")
+    assert sweep_ok == ["PASS"] * 4 and caught == ["caught"] * 4
 
 
 def test_sweep_onnx_no_false_fail(sweep, capsys):
@@ -198,3 +295,37 @@ def test_check_tolerance_refuses_garbage_by_name(tmp_path, target, artifact, gol
     (tmp_path / "golden.json").write_text(json.dumps(golden))
     with pytest.raises(BundleError, match=r"golden\.json|manifest\.json"):
         check_tolerance(tmp_path, {"target": target})
+
+
+@pytest.mark.parametrize("compute", ["float32", "float16"])
+@pytest.mark.parametrize("kv", ["float", "int8"])
+def test_old_aarch64_golden_data_is_refused(tmp_path, compute, kv):
+    """An aarch64 ONNX CPU bundle at accuracy_level 4 built before Session 10 carries float32 golden
+    data: the verifier refuses it (rebuild), and accepts the same bundle with golden data in the
+    aarch64 int8 arithmetic within the cap."""
+    from edgeforge.runtime.bundle_errors import BundleError
+    from edgeforge.runtime.manifest_check import INT8_ACTIVATIONS_ARM, INT8_KV, TOLERANCES, check_tolerance
+
+    onnx = {"execution_provider": "CPUExecutionProvider", "accuracy_level": 4, "compute_dtype": compute,
+            "kv_dtype": "int8" if kv == "int8" else compute}
+    if kv == "int8" and compute == "float16":
+        pytest.skip("int8 KV caches are built on float32 graphs only")
+    suffix = INT8_KV if kv == "int8" else ""
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "artifact.json").write_text(json.dumps({"backend": "onnx", "device": "cpu", "onnx": onnx}))
+    manifest = {"target": {"name": "rpi5", "arch": "aarch64"}}
+    if kv == "int8":
+        manifest["kv_cache"] = {"dtype": "int8"}
+    cap = TOLERANCES["int8-activations-aarch64" + suffix][1]
+    for arithmetic, ok in (("float32" + suffix, False), ("int8-activations" + suffix, False),
+                           (INT8_ACTIVATIONS_ARM + suffix, True)):
+        (tmp_path / "golden.json").write_text(json.dumps({"arithmetic": arithmetic, "tolerance": {"rel": cap}}))
+        if ok:
+            check_tolerance(tmp_path, manifest)
+        else:
+            with pytest.raises(BundleError, match=re.escape(f"needs '{INT8_ACTIVATIONS_ARM + suffix}' golden data")):
+                check_tolerance(tmp_path, manifest)
+    (tmp_path / "golden.json").write_text(json.dumps({"arithmetic": INT8_ACTIVATIONS_ARM + suffix,
+                                                      "tolerance": {"rel": cap * 1.01}}))
+    with pytest.raises(BundleError, match="tolerance"):
+        check_tolerance(tmp_path, manifest)

@@ -14,7 +14,7 @@ import numpy as np
 from ..progress import progress
 from ..runtime.golden_check import GOLDEN_FORMAT, step_summary
 from ..errors import EdgeforgeError
-from ..runtime.manifest_check import FLOAT32, INT8_ACTIVATIONS, INT8_KV, TOLERANCES, compute_path
+from ..runtime.manifest_check import FLOAT32, INT8_ACTIVATIONS, INT8_ACTIVATIONS_ARM, INT8_KV, TOLERANCES, compute_path
 from ..runtime.smoke import encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ def tolerance_for(artifact: dict, arch: str = "x86_64") -> dict:
 
 
 def golden_arithmetic(artifact: dict, arch: str) -> str:
-    """The arithmetic the golden data of this artifact must follow (FLOAT32 or INT8_ACTIVATIONS)."""
+    """The arithmetic the golden data of this artifact must follow (FLOAT32, INT8_ACTIVATIONS or
+    INT8_ACTIVATIONS_ARM, each possibly with INT8_KV)."""
     return TOLERANCES[compute_path(artifact, arch)][0]
 
 
@@ -116,7 +117,12 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
     if int8_kv and kv_scales is None:
         raise EdgeforgeError(f"golden data in {arithmetic!r} arithmetic needs the int8 KV cache's scales")
     model = load_model(Path(qdir))
-    engine = ReferenceModel(model, int8_inputs=_block_quantized(model) if base == INT8_ACTIVATIONS else (),
+    tensors, int8_inputs = model.tensors, {}
+    if base == INT8_ACTIVATIONS:
+        int8_inputs = _block_quantized(model)
+    elif base == INT8_ACTIVATIONS_ARM:
+        tensors, int8_inputs = _arm_int8(model)
+    engine = ReferenceModel(model, tensors=tensors, int8_inputs=int8_inputs,
                             kv_hook=KvInt8Hook(kv_scales) if int8_kv else None)
     dtype = model.source.get("model_dtype") or _model_dtype(qdir)
     chat = bool(getattr(model.tokenizer, "chat_template", None))
@@ -140,6 +146,9 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
             "tolerance": None,  # set per bundle from its compute path (tolerance_for)
             "reference": "edgeforge numpy reference (float32 on the dequantized QDIR weights"
                          + (", int8-rounded inputs of the quantized matmuls" if base == INT8_ACTIVATIONS else "")
+                         + (", inputs of the quantized matmuls rounded as ONNX Runtime's aarch64 int8 kernels do "
+                            "(4-bit symmetric: int8 per row, bfloat16 weight scales; others: int8 blocks)"
+                            if base == INT8_ACTIVATIONS_ARM else "")
                          + (", keys and values rounded as the int8 KV cache stores them" if int8_kv else "")
                          + "), teacher-forced",
             "prompts": out}
@@ -149,6 +158,47 @@ def _block_quantized(model) -> set[str]:
     """The QDIR's block-quantized weights (q4, q4a, q8): what ONNX Runtime runs as MatMulNBits."""
     weights = model.tensors.weights
     return {name for name in weights.names() if weights.info(name)["format"] in ("q4", "q4a", "q8")}
+
+
+def _arm_int8(model):
+    """(tensors, int8_inputs) of the INT8_ACTIVATIONS_ARM arithmetic (ONNX Runtime 1.32 on aarch64 with
+    the dot-product extension, MatMulNBits accuracy_level 4; docs/notes/bundle.md, Session 10): a
+    4-bit weight without zero points (q4) runs on KleidiAI, which rounds its input to int8 per row
+    (reference.int8_rows) and keeps its scales as bfloat16 cut from float32 (reference.bf16_truncate);
+    4-bit with zero points (q4a) and 8-bit (q8) run on MLAS's int8 blocks, as on x86 (int8_blocks)."""
+    from ..model.reference import int8_blocks, int8_rows
+
+    weights = model.tensors.weights
+    kleidi = {name for name in _block_quantized(model) if weights.info(name)["format"] == "q4"}
+    rounding = {name: int8_rows if name in kleidi else int8_blocks for name in _block_quantized(model)}
+    return Bf16Scales(model.tensors, kleidi), rounding
+
+
+class Bf16Scales:
+    """A QDIR TensorSource whose `names` dequantize with their scales cut to bfloat16 (what KleidiAI
+    multiplies by); every other tensor and attribute is the source's."""
+
+    def __init__(self, tensors, names):
+        self.tensors, self.cut = tensors, frozenset(names)
+
+    def __getattr__(self, attr):
+        return getattr(self.tensors, attr)
+
+    def _arrays(self, name, arrays):
+        from ..model.reference import bf16_truncate
+
+        return {**arrays, "scales": bf16_truncate(np.asarray(arrays["scales"]).astype(np.float32))}
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.cut:
+            return self.tensors.get(name)
+        return self.tensors.format(name).dequantize(self._arrays(name, self.tensors.arrays(name)))
+
+    def rows(self, name: str, index) -> np.ndarray:
+        if name not in self.cut:
+            return self.tensors.rows(name, index)
+        arrays = {role: np.asarray(a[index]) if a.ndim == 2 else a for role, a in self.tensors.arrays(name).items()}
+        return self.tensors.format(name).dequantize(self._arrays(name, arrays))
 
 
 def _model_dtype(qdir: Path) -> str:

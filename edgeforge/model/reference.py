@@ -69,6 +69,33 @@ def int8_blocks(x: np.ndarray, block: int = INT8_BLOCK) -> np.ndarray:
     return (np.rint(runs / safe) * scale).astype(np.float32).reshape(shape)
 
 
+def int8_rows(x: np.ndarray) -> np.ndarray:
+    """x rounded as ONNX Runtime 1.32's KleidiAI kernels on aarch64 CPUs with the dot-product
+    extension round the input of a symmetric 4-bit MatMulNBits at accuracy_level 4
+    (kai_lhs_quant_pack_qai8dxp_f32: one asymmetric int8 scale and zero point per row, over the
+    whole row, the range widened to include 0): scale = 255 / (max - min), zero point from the end
+    with the smaller error, q = clip(rint(x * scale) + zp, -128, 127), read back as (q - zp) / scale.
+    Measured against onnxruntime 1.32 under qemu (cortex-a76), with bf16_truncate on the weight
+    scales: 3.6e-8 of the output (docs/notes/bundle.md, Session 10)."""
+    f = np.float32
+    lo = np.minimum(f(0), x.min(axis=-1, keepdims=True)).astype(f)
+    hi = np.maximum(f(0), x.max(axis=-1, keepdims=True)).astype(f)
+    scale = np.where(hi == lo, f(1), f(255) / np.where(hi == lo, f(1), hi - lo)).astype(f)
+    recip = (f(1) / scale).astype(f)
+    dlo, dhi = (lo * scale).astype(f), (hi * scale).astype(f)
+    zp = np.where((f(-128) + dlo) + (f(127) + dhi) > 0, f(-128) - dlo, f(127) - dhi)
+    zp = np.rint(np.clip(zp, -128, 127)).astype(f)
+    q = np.clip(np.rint((x * scale).astype(f)) + zp, -128, 127)
+    return ((q - zp) * recip).astype(f)
+
+
+def bf16_truncate(x: np.ndarray) -> np.ndarray:
+    """float32 values cut to bfloat16 by dropping the low 16 bits (toward zero): how ONNX Runtime
+    1.32's KleidiAI path stores a 4-bit MatMulNBits' scales (qnbitgemm_kleidiai.cpp, `bits >> 16`)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32)
+
+
 def int8_kv(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """x ([kv_heads, T, head_dim]) as an int8 KV cache holds it: the nearest multiple of its channel's
     static scale ([kv_heads, head_dim]), at most 127 and at least -128 steps (ONNX Runtime 1.32's CPU
@@ -104,7 +131,8 @@ class Weights:
                  int8_inputs=frozenset()):
         self.tensors, self.shapes, self.kept, self.budget, self.used = tensors, shapes, {}, budget, 0
         self.observe = observe  # observe(name, x) before each x @ W.T (calibration statistics)
-        self.int8_inputs = frozenset(int8_inputs)  # weights whose input is rounded first (int8_blocks)
+        # weights whose input is rounded first: a set of names (int8_blocks) or {name: rounding function}
+        self.int8_inputs = dict(int8_inputs) if isinstance(int8_inputs, dict) else dict.fromkeys(int8_inputs, int8_blocks)
         # x @ W.T over a weight larger than this goes in row blocks, so the working set stays one
         # block (the tied 128k-vocab head is 2 GB in float32); each output is the same dot product.
         self.block_bytes = block_bytes or int(float(os.environ.get("EDGEFORGE_REFERENCE_BLOCK_MB", "64")) * (1 << 20))
@@ -139,8 +167,9 @@ class Weights:
         """x @ W.T, W [out, in], in row blocks when W is large and not kept."""
         if self.observe is not None:
             self.observe(name, x)
-        if name in self.int8_inputs:
-            x = int8_blocks(x)
+        rounding = self.int8_inputs.get(name)
+        if rounding is not None:
+            x = rounding(x)
         out_f, in_f = self.shapes[name]
         size = out_f * in_f * 4
         if name in self.kept or size <= self.block_bytes or self.used + size <= self.budget:
@@ -166,7 +195,8 @@ class ReferenceModel:
     def __init__(self, model=None, *, config: LlamaConfig | None = None, tensors=None, cache_bytes: int | None = None,
                  observe=None, int8_inputs=frozenset(), chunk: int | None = PREFILL_CHUNK, kv_hook=None):
         """`int8_inputs`: weight names whose matmul input is rounded like ONNX Runtime's int8 kernels
-        round it (int8_blocks): the golden data of a bundle that computes that way (bundle/golden.py).
+        round it (int8_blocks), or {name: rounding function} (int8_rows on aarch64): the golden data
+        of a bundle that computes that way (bundle/golden.py).
         `chunk`: prompts are processed this many tokens at a time (None: all at once, for GPTQ,
         whose observe() must see a matrix's whole input in one call).
         `kv_hook(layer, k, v) -> (k, v)`: sees each step's new keys (after RoPE) and values

@@ -288,13 +288,20 @@ def _remove_if_abandoned(folder: Path | None, lock: Path) -> bool:
 # refuses golden data computed for another arithmetic than the artifact's.
 FLOAT32 = "float32"  # golden arithmetic: the numpy reference in float32 on the dequantized weights
 INT8_ACTIVATIONS = "int8-activations"  # ... with every quantized matmul's input rounded to int8 blocks
+INT8_ACTIVATIONS_ARM = "int8-activations-arm"  # ... as ONNX Runtime's aarch64 kernels round them (below)
 INT8_KV = "+int8-kv"  # ... and keys/values rounded as the int8 KV cache stores them (artifact kv_dtype int8)
 TOLERANCES = {  # compute path -> (golden arithmetic, largest rel a bundle may claim)
     "float32": (FLOAT32, 1e-3),
     "float16": (FLOAT32, 2e-2),
     "webgpu-float16": (FLOAT32, 4e-2),
     "int8-activations-x86_64": (INT8_ACTIVATIONS, 3e-2),
-    "int8-activations-aarch64": (FLOAT32, 1.2e-1),
+    # aarch64 with the dot-product extension (what `smoke --emulate` runs: qemu cortex-a76): 4-bit
+    # weights without zero points go through KleidiAI (input: one asymmetric int8 grid per row;
+    # weight scales cut to bfloat16), 4-bit with zero points and 8-bit through MLAS's int8 blocks
+    # (like x86). The golden data follows that to 4e-8 per matmul, but an input on a rounding
+    # boundary still flips a code, and a row's grid is coarse where one channel is an outlier:
+    # measured up to 1.1e-1 of the range on unseen outlier models (docs/notes/bundle.md, Session 10)
+    "int8-activations-aarch64": (INT8_ACTIVATIONS_ARM, 1.2e-1),
     # web bundles: float32 graph, MatMulNBits accuracy_level 0; measured ~1e-6 of the range on WASM
     # (SmolLM2 q4f16) and on WebGPU (SwiftShader, tiny models): docs/notes/web.md
     "browser-float32": (FLOAT32, 1e-3),
@@ -302,7 +309,7 @@ TOLERANCES = {  # compute path -> (golden arithmetic, largest rel a bundle may c
     # (model/kv_int8.py), so the bound is that of the same path with a float cache
     "float32" + INT8_KV: (FLOAT32 + INT8_KV, 1e-3),
     "int8-activations-x86_64" + INT8_KV: (INT8_ACTIVATIONS + INT8_KV, 3e-2),
-    "int8-activations-aarch64" + INT8_KV: (FLOAT32 + INT8_KV, 1.2e-1),
+    "int8-activations-aarch64" + INT8_KV: (INT8_ACTIVATIONS_ARM + INT8_KV, 1.2e-1),
 }
 
 
