@@ -40,6 +40,7 @@ class Target:
     onnx: dict = field(default_factory=dict)
     path: Path | None = None
     backend_why: str = ""  # why `backends` lists its first (what --backend auto takes) first
+    cpu: str = ""  # the device's CPU core (qemu's name); `smoke --emulate` runs as that core
     raw: dict = field(default_factory=dict)
 
     def pick_backend(self, backend: str) -> str:
@@ -75,7 +76,7 @@ def load_target_file(path: Path) -> Target:
         raw = tomllib.loads(read_text(path, 1 << 20, "target file"))
     except (BundleError, tomllib.TOMLDecodeError) as err:
         raise EdgeforgeError(f"target file {path}: {err}") from None
-    known = ("name", "description", "backends", "backend_why", "run", "os", "arch", *BACKENDS)
+    known = ("name", "description", "backends", "backend_why", "run", "os", "arch", "cpu", *BACKENDS)
     unknown = sorted(k for k in raw if k not in known)
     if unknown:  # a typo (`bakends`, `[tvn]`) would otherwise be ignored silently
         raise EdgeforgeError(f"target file {path}: unknown key(s) {', '.join(map(repr, unknown))}; "
@@ -83,7 +84,7 @@ def load_target_file(path: Path) -> Target:
     for key in ("name", "backends", "run", "os", "arch"):
         if key not in raw:
             raise EdgeforgeError(f"target file {path}: missing key '{key}'")
-    for key in ("name", "run", "os", "arch", "description", "backend_why"):
+    for key in ("name", "run", "os", "arch", "description", "backend_why", "cpu"):
         if key in raw and not isinstance(raw[key], str):
             raise EdgeforgeError(f"target file {path}: '{key}' must be a string, got {type(raw[key]).__name__}")
     if not NAME_RE.match(raw["name"]) or ".." in raw["name"]:
@@ -106,7 +107,7 @@ def load_target_file(path: Path) -> Target:
     return Target(
         name=raw["name"], description=raw.get("description", ""), backends=backends, run=raw["run"],
         os=raw["os"], arch=raw["arch"], tvm=raw.get("tvm", {}), onnx=raw.get("onnx", {}), path=path, raw=raw,
-        backend_why=raw.get("backend_why", ""),
+        backend_why=raw.get("backend_why", ""), cpu=raw.get("cpu", ""),
     )
 
 

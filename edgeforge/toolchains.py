@@ -93,8 +93,9 @@ def qemu_python_command(
         raise EdgeforgeError("the arm64 root is not built: run scripts/setup-arm64.sh (as root) or `edgeforge doctor`")
     if shutil.which(QEMU) is None:
         raise EdgeforgeError(f"{QEMU} not found: apt-get install qemu-user-static (or run scripts/setup-arm64.sh)")
-    _sync_cpuinfo(root)
-    cmd = [QEMU, "-cpu", cpu or DEFAULT_QEMU_CPU, "-L", str(root), str(root / ARM64_PYTHON), *map(str, script_args)]
+    cpu = cpu or DEFAULT_QEMU_CPU
+    prefix = _cpu_view(root, cpu)
+    cmd = [QEMU, "-cpu", cpu, "-L", str(prefix), str(root / ARM64_PYTHON), *map(str, script_args)]
     env = _clean_env()
     paths = [str(Path(p).absolute()) for p in extra_pythonpath] + [str(root / ARM64_SITE)]
     env.update(
@@ -194,8 +195,52 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("QEMU_")}
 
 
-def _sync_cpuinfo(root: Path) -> None:
-    """Keep ROOT/proc/cpuinfo at one (ARM) entry per host CPU.
+# What /proc/cpuinfo says for each core we emulate: onnxruntime picks its kernels from these
+# Features (asimddp: int8 dot products, so accuracy_level 4's int8 path; fphp/asimdhp: float16
+# arithmetic), so the emulated program must see the core qemu runs, not the A76 it was built on.
+# (Features, CPU variant, CPU part, CPU revision), from the cores' Linux /proc/cpuinfo.
+_A76 = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp",
+        "0x4", "0xd0b", "1")
+CPUINFO = {
+    "cortex-a76": _A76,
+    "cortex-a72": ("fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid", "0x0", "0xd08", "3"),
+    "cortex-a53": ("fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid", "0x0", "0xd03", "4"),
+}
+
+
+# Real (empty) folders in a CPU view, not links: the guest resolves links itself (os.path.realpath),
+# and a link at /root or /tmp would turn host paths under them (bundles, temp copies) into paths
+# inside the root that do not exist. Empty, they pass such paths through to the host, as the root does.
+OWN_IN_VIEW = ("root", "tmp", "home")
+
+
+def _cpu_view(root: Path, cpu: str) -> Path:
+    """The folder qemu -L serves for `cpu`: the root itself for the default core; for another, a
+    folder of links to the root's top-level entries with its own proc/cpuinfo for that core (made
+    once, next to the root). A core with no entry in CPUINFO (`max`) sees the A76's."""
+    if cpu not in CPUINFO or cpu == DEFAULT_QEMU_CPU:
+        _sync_cpuinfo(root)
+        return root
+    view = root.parent / f"{root.name}-view-{cpu}"
+    if not (view / "proc").is_dir():
+        tmp = root.parent / f".{view.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "proc").mkdir(parents=True)
+        for entry in root.iterdir():
+            if entry.name in OWN_IN_VIEW:
+                (tmp / entry.name).mkdir()
+            elif entry.name != "proc":
+                (tmp / entry.name).symlink_to(entry)
+        try:
+            os.replace(tmp, view)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    _sync_cpuinfo(view, cpu)
+    return view
+
+
+def _sync_cpuinfo(root: Path, cpu: str = DEFAULT_QEMU_CPU) -> None:
+    """Keep ROOT/proc/cpuinfo at one (ARM) entry per host CPU, describing `cpu`.
 
     qemu 7.2 shows aarch64 programs the host's x86 /proc/cpuinfo, on which onnxruntime's cpuinfo
     library segfaults; qemu -L serves ROOT/proc/cpuinfo instead. The CPU topology under /sys is the
@@ -203,20 +248,23 @@ def _sync_cpuinfo(root: Path) -> None:
     """
     path = root / "proc" / "cpuinfo"
     count = os.cpu_count() or 1
+    features, variant, part, revision = CPUINFO.get(cpu, _A76)
+    entry = (
+        "processor\t: {i}\nBogoMIPS\t: 108.00\n"
+        f"Features\t: {features}\n"
+        f"CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: {variant}\nCPU part\t: {part}\n"
+        f"CPU revision\t: {revision}\n\n"
+    )
+    text = "".join(entry.format(i=i) for i in range(count))
     try:
-        if path.read_text().count("processor\t:") == count:
+        if path.read_text() == text:
             return
     except OSError:
         pass
-    entry = (
-        "processor\t: {i}\nBogoMIPS\t: 108.00\n"
-        "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\n"
-        "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n"
-    )
     tmp = path.with_name(f".cpuinfo.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("".join(entry.format(i=i) for i in range(count)))
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError:
         # A root built by another user (read-only here): any ARM entries avoid the crash; the

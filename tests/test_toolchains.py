@@ -74,6 +74,24 @@ def test_cpuinfo_follows_host_cpu_count(tmp_path):
     assert "CPU implementer\t: 0x41" in text  # an ARM entry, which onnxruntime's cpuinfo can parse
 
 
+def test_a_cpu_view_describes_its_core_and_passes_host_paths_through(tmp_path):
+    """Another core than the root's A76 gets a view: links to the root's entries, its own cpuinfo
+    (a Cortex-A72 has no int8 dot product or float16 arithmetic, so none in its Features), and real
+    folders at /root, /tmp and /home so that host paths under them resolve in the guest."""
+    root = tmp_path / "arm64-root"
+    for name in ("usr", "lib", "root", "tmp", "proc"):
+        (root / name).mkdir(parents=True)
+    view = toolchains._cpu_view(root, "cortex-a72")
+    info = (view / "proc" / "cpuinfo").read_text()
+    assert "CPU part\t: 0xd08" in info and "asimddp" not in info and "fphp" not in info
+    assert info.count("processor\t:") == os.cpu_count()
+    assert (view / "usr").is_symlink() and (view / "usr").resolve() == (root / "usr").resolve()
+    assert all((view / d).is_dir() and not (view / d).is_symlink() for d in ("root", "tmp"))
+    assert toolchains._cpu_view(root, "cortex-a72") == view  # made once
+    assert toolchains._cpu_view(root, "cortex-a76") == root and "asimddp" in (root / "proc" / "cpuinfo").read_text()
+    assert toolchains._cpu_view(root, "max") == root  # no cpuinfo of its own: the A76's
+
+
 @pytest.mark.skipif(not toolchains.shutil.which(toolchains.QEMU), reason="qemu-user-static not installed")
 def test_qemu_cpu_for_target_mcpu():
     assert toolchains.qemu_cpu_for(None) == "cortex-a76"
@@ -320,3 +338,38 @@ def test_webgpu_check_fails_loudly_without_an_adapter(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "WebGPU EP" in proc.stderr
+
+
+@pytest.mark.arm
+def test_smoke_emulates_the_targets_own_core(tiny_model, tmp_path, monkeypatch, capsys):
+    """rpi4's bundle runs as a Cortex-A72 (float32 graph: PASS, to float32's bound). The same model with
+    a float16 graph, as rpi4 used to build it, dies with SIGILL on that core: smoke says so (exit 2),
+    where emulating an A76 for every bundle had passed it."""
+    from edgeforge.cli import main
+
+    _arm64_root()
+    user_targets = tmp_path / "targets"
+    user_targets.mkdir()
+    text = (REPO / "targets" / "rpi4.toml").read_text()
+    (user_targets / "rpi4-f16.toml").write_text(
+        text.replace('name = "rpi4"', 'name = "rpi4-f16"').replace("accuracy_level = 1", "accuracy_level = 4")
+        .replace('compute_dtype = "float32"', 'compute_dtype = "float16"'))
+    monkeypatch.setenv("EDGEFORGE_TARGETS", str(user_targets))
+    dist = tmp_path / "dist"
+
+    def cli(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    code, _, err = cli("build", tiny_model("llama32"), "--quant", "q4f16", "--target", "rpi4", "--target", "rpi4-f16",
+                       "--backend", "onnx", "-o", dist, "--no-quality", "test speed")
+    assert code == 0, err
+    good, bad = dist / "tiny-llama320-q4f16-rpi4-onnx", dist / "tiny-llama320-q4f16-rpi4-f16-onnx"
+    assert json.loads((good / "manifest.json").read_text())["target"]["cpu"] == "cortex-a72"
+    code, out, err = cli("smoke", good, "--emulate", "--json")
+    assert code == 0, err
+    assert "emulating a cortex-a72" in err and json.loads(out)["status"] == "PASS"
+    code, out, err = cli("smoke", bad, "--emulate", "--json")
+    assert code == 2 and "SIGILL" in err and "PASS" not in out, (code, out, err)

@@ -36,7 +36,7 @@ def manifest_data(name: str, qdir: Path, target, artifact: dict, requirements: d
         "embed_format": quant.get("embed_format"),
         "model_dtype": quant.get("model_dtype", artifact.get("model_dtype")),
         "target": {"name": target.name, "description": target.description, "os": target.os,
-                   "arch": target.arch, "run": target.run},
+                   "arch": target.arch, "run": target.run, **({"cpu": target.cpu} if target.cpu else {})},
         "backend": artifact["backend"],
         "device": artifact.get("device", "cpu"),
         "kv_cache": kv_cache(artifact),

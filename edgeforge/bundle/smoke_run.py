@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,17 @@ def verified(bundle: Path, trust=None):
         shutil.rmtree(copy, ignore_errors=True)
 
 
+def _target_cpu(manifest: dict) -> str | None:
+    """The manifest's target core, if it is a plain core name (a bundle's manifest is checksummed, not
+    trusted: the name goes on qemu's command line)."""
+    cpu = manifest["target"].get("cpu")
+    if cpu is None:
+        return None  # bundles from before targets named their core: the default (cortex-a76)
+    if not isinstance(cpu, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,40}", cpu):
+        raise EdgeforgeError(f"manifest.json: target cpu {str(cpu)[:60]!r} is not a CPU core name")
+    return cpu
+
+
 def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
     """The command prefix and environment of a Python that can run this bundle on this machine."""
     run = manifest["target"].get("run", "host")
@@ -70,7 +82,11 @@ def python_for(manifest: dict, emulate: bool) -> tuple[list[str], dict]:
         if manifest["target"].get("arch") != "aarch64" or manifest["target"].get("os") != "linux":
             raise EdgeforgeError(f"--emulate: bundle target '{manifest['target']['name']}' is not aarch64 Linux")
         root = toolchains.ensure_arm64()  # builds the arm64 root the first time (minutes)
-        return toolchains.qemu_python_command([], root=root)
+        # as the device's own core: onnxruntime picks different kernels (or none: float16 on a
+        # Cortex-A72 is SIGILL) by what the CPU has
+        cpu = toolchains.qemu_cpu_for(_target_cpu(manifest))
+        logger.info(f"emulating a {cpu} (qemu-aarch64)")
+        return toolchains.qemu_python_command([], root=root, cpu=cpu)
     try:
         check_can_run(manifest)
     except BundleError as err:
