@@ -153,7 +153,8 @@ def target_row(target) -> dict:
         can_run = not lacking
         missing += [f"run: {check(n)[1]}" for n in lacking]
     return {"name": target.name, "description": target.description, "backends": list(target.backends),
-            "auto_backend": target.backends[0], "auto_why": target.backend_why, "run": target.run, "os": target.os, "arch": target.arch, "can_build": can_build,
+            "auto_backend": target.backends[0], "auto_why": target.backend_why, "run": target.run, "os": target.os, "arch": target.arch,
+            "cpu": target.cpu or None, "can_build": can_build,
             "can_run": can_run, "missing": missing, "path": str(target.path)}
 
 
