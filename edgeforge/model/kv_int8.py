@@ -20,7 +20,7 @@ docs/notes/kv-cache.md, Session 10).
 Values get one scale per KV head (the head's largest magnitude, in every channel of the head):
 per-channel maxima of 512 calibration tokens are exceeded up to 2.6x on other text, and saturating
 a value costs far more than a coarser step (Session 10: per head halves the cache's own KL at
-positions 0-511, 0.0054 -> 0.0026).
+positions 0-511, 0.0054 -> 0.0028).
 """
 
 from __future__ import annotations
