@@ -4,6 +4,8 @@
     python bench/kv_cache.py speed --float A --int8 B [--context 8192] [--steps 64] [--rounds 3]
     python bench/kv_cache.py memory [--measure-1b DIR] [--context 8192]
     python bench/kv_cache.py clip QDIR ARTIFACT [--tokens 8192]
+    python bench/kv_cache.py floor --float A [--tokens 8192] [--window 512] [--eps 1e-6]
+    python bench/kv_cache.py reference QDIR ARTIFACT [--tokens 8192] [--window 512]
 
 A and B are compiled ONNX artifacts (`edgeforge compile QDIR --target x86-cpu --backend onnx
 --kv-cache float|int8 -o A|B`) of the same QDIR. Results are JSON on stdout.
@@ -16,6 +18,14 @@ speed: decode tok/s at a context of --context tokens, float and int8 interleaved
 memory: KV bytes at 2k, 8k and 32k tokens for the 1B and 8B shapes (computed), and with
 --measure-1b the peak RSS of one process per cache that opens a random 1B-shaped bundle's engine,
 prefills --context - 16 tokens and decodes 16 (bench/gpu.py synth_qdir makes the QDIR).
+floor: quality's KL between A and a copy of A whose RoPE tables are scaled by 1 + --eps (a
+perturbation far below any cache's rounding): what any change costs on that graph. With
+accuracy_level 4 (int8 activations, x86-cpu's default) a tiny change flips some activation
+roundings and the flips grow through the layers, so this floor bounds from below what quality can
+show for any cache (docs/notes/kv-cache.md, Session 10).
+reference: the cache's own KL, without int8 activations: the numpy reference of QDIR in float32
+against the same with keys and values rounded by ARTIFACT's scales (reference.int8_kv: ONNX
+Runtime's arithmetic, exact), over the same windows (each window's positions scored in one pass).
 clip: how often the eval text's keys and values fall outside the calibrated range (the numpy
 reference with the artifact's scales; what saturation costs).
 """
@@ -72,7 +82,7 @@ def quality(args) -> dict:
 
     engines = {kv: OnnxEngine(path, max_length=args.tokens) for kv, path in (("float", args.float), ("int8", args.int8))}
     ids = eval_ids(_tokenizer(args.float, args.qdir), args.tokens)
-    starts = sorted({0, *[s for s in (2048 - args.window, 4096 - args.window, args.tokens - args.window) if s > 0]})
+    starts = windows_of(args.tokens, args.window)
     windows = []
     for start in starts:
         logps = {}
@@ -114,6 +124,61 @@ def speed(args) -> dict:
             "median": {kv: round(float(np.median(v)), 1) for kv, v in rates.items()},
             "threads": os.environ.get("EDGEFORGE_THREADS", "0 (onnxruntime default)"),
             "loadavg_after": [round(x, 2) for x in load], "cpus": os.cpu_count()}
+
+
+def floor(args) -> dict:
+    import shutil
+    import tempfile
+
+    import onnx
+    from onnx import numpy_helper
+
+    with tempfile.TemporaryDirectory(prefix="kv-floor-") as tmp:
+        copy = Path(tmp) / "artifact"
+        shutil.copytree(args.float, copy)
+        model = onnx.load(str(copy / "model.onnx"))
+        for t in model.graph.initializer:
+            if t.name in ("cos_cache", "sin_cache"):
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1 + args.eps), t.name))
+        (copy / "model.onnx.data").unlink()
+        onnx.save(model, str(copy / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+        args.int8, args.qdir = copy, args.qdir or (args.float.parent / "tokenizer")
+        result = quality(args)
+    return {"eps": args.eps, **result}
+
+
+def windows_of(tokens: int, window: int) -> list[int]:
+    return sorted({0, *[s for s in (2048 - window, 4096 - window, tokens - window) if s > 0]})
+
+
+def reference(args) -> dict:
+    from edgeforge.backends.onnx.compile import kv_scales_of
+    from edgeforge.model.kv_int8 import KvInt8Hook
+    from edgeforge.model.loader import load_model
+    from edgeforge.model.reference import KVCache, ReferenceModel
+
+    model = load_model(Path(args.qdir))
+    ids = eval_ids(model.tokenizer, args.tokens)
+    starts = windows_of(len(ids), args.window)
+    scored = np.concatenate([np.arange(s, s + args.window) for s in starts])
+    last = int(scored.max()) + 1
+
+    def logps(ref):  # log-softmax rows of the scored positions, 128 positions per step
+        cache, out = KVCache(model.config), []
+        for start in range(0, last, 128):
+            logits = ref._step(ids[start : min(start + 128, last)], cache)
+            rows = scored[(scored >= start) & (scored < start + 128)] - start
+            out += [log_softmax(r) for r in logits[rows]]
+        return np.array(out)
+
+    t0 = time.perf_counter()
+    want = logps(ReferenceModel(model, chunk=128))
+    got = logps(ReferenceModel(model, chunk=128, kv_hook=KvInt8Hook(kv_scales_of(args.artifact))))
+    kl = (np.exp(want) * (want - got)).sum(axis=1)
+    same = want.argmax(1) == got.argmax(1)
+    windows = [{"positions": [s, s + args.window - 1], "kl_mean": float(kl[i * args.window : (i + 1) * args.window].mean()),
+                "top1_agree": float(same[i * args.window : (i + 1) * args.window].mean())} for i, s in enumerate(starts)]
+    return {"tokens": len(ids), "seconds": round(time.perf_counter() - t0), "windows": windows}
 
 
 def kv_bytes(shape: tuple[int, int, int], tokens: int, dtype: str) -> int:
@@ -166,8 +231,9 @@ def _measure_rss(artifact: Path, context: int) -> dict:
 
 
 def clip(args) -> dict:
-    """Fraction of key pair norms / value magnitudes beyond the calibrated range (headroom 1) and
-    beyond the stored range (the artifact's scales x 127: what saturates)."""
+    """Fraction of keys / values beyond the calibrated range (the scale x 127 / HEADROOM) and beyond
+    the stored range (the artifact's scales x 127: what saturates), and per layer the largest
+    magnitude over the stored range."""
     from edgeforge.backends.onnx.compile import kv_scales_of
     from edgeforge.model.kv_int8 import HEADROOM
     from edgeforge.model.loader import load_model
@@ -175,17 +241,15 @@ def clip(args) -> dict:
 
     scales = kv_scales_of(args.artifact)
     counts = {"values": 0, "k_over_calibrated": 0, "k_saturated": 0, "v_over_calibrated": 0, "v_saturated": 0}
+    worst = {"k": [0.0] * len(scales), "v": [0.0] * len(scales)}
 
     def hook(layer, k, v):
-        ks, vs = scales[layer]
-        half = k.shape[-1] // 2
-        pair = np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2)
-        kmax, vmax = 127 * ks[:, None, :half], 127 * vs[:, None]
+        for name, x, scale in (("k", k, scales[layer][0]), ("v", v, scales[layer][1])):
+            ratio = np.abs(x) / (127 * scale[:, None])  # 1: the largest stored magnitude
+            counts[f"{name}_over_calibrated"] += int((ratio > 1 / HEADROOM).sum())
+            counts[f"{name}_saturated"] += int((np.abs(x) > 127.5 * scale[:, None]).sum())
+            worst[name][layer] = max(worst[name][layer], float(ratio.max()))
         counts["values"] += v.size
-        counts["k_over_calibrated"] += 2 * int((pair > kmax / HEADROOM).sum())
-        counts["k_saturated"] += int((np.abs(k) > 127.5 * ks[:, None]).sum())
-        counts["v_over_calibrated"] += int((np.abs(v) > vmax / HEADROOM).sum())
-        counts["v_saturated"] += int((np.abs(v) > 127.5 * vs[:, None]).sum())
         return k, v
 
     model = load_model(Path(args.qdir))
@@ -194,7 +258,8 @@ def clip(args) -> dict:
     for start in range(0, len(ids), 512):
         ref.prefill(ids[start : start + 512])
     return {"tokens": len(ids), **counts,
-            **{f"{k}_fraction": counts[k] / counts["values"] for k in counts if k != "values"}}
+            **{f"{k}_fraction": counts[k] / counts["values"] for k in counts if k != "values"},
+            "largest_over_stored_range_per_layer": {n: [round(r, 2) for r in w] for n, w in worst.items()}}
 
 
 def main(argv=None) -> None:
@@ -213,6 +278,16 @@ def main(argv=None) -> None:
     p = sub.add_parser("memory")
     p.add_argument("--measure-1b", default=None, metavar="DIR", help="DIR/1b-float and DIR/1b-int8: compiled artifacts")
     p.add_argument("--context", type=int, default=8192)
+    p = sub.add_parser("floor")
+    p.add_argument("--float", type=Path, required=True)
+    p.add_argument("--qdir", type=Path, default=None, help="tokenizer folder when the artifact is not in a bundle")
+    p.add_argument("--eps", type=float, default=1e-6)
+    p = sub.add_parser("reference")
+    p.add_argument("qdir", type=Path)
+    p.add_argument("artifact", type=Path)
+    for name in ("floor", "reference"):
+        sub.choices[name].add_argument("--tokens", type=int, default=8192)
+        sub.choices[name].add_argument("--window", type=int, default=512)
     p = sub.add_parser("clip")
     p.add_argument("qdir", type=Path)
     p.add_argument("artifact", type=Path)
@@ -221,7 +296,8 @@ def main(argv=None) -> None:
         p.add_argument("-o", "--output", type=Path, default=None,
                        help="merge the result into this JSON file under the mode's name (bench/results/kv-cache.json)")
     args = ap.parse_args(argv)
-    result = {"quality": quality, "speed": speed, "memory": memory, "clip": clip}[args.mode](args)
+    result = {"quality": quality, "speed": speed, "memory": memory, "clip": clip, "floor": floor,
+              "reference": reference}[args.mode](args)
     result["command"] = "python bench/kv_cache.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(json.dumps(result, indent=1))
     if args.output:

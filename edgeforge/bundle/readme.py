@@ -75,7 +75,7 @@ def render(m: dict) -> str:
         install_size=_sentence(device_install.summary(m.get("device_install"))) + (
             " The TVM runtime (without its compiler) is in `runtime/tvm/`, for this CPU and of the TVM version "
             "that compiled the model." if m.get("device_install", {}) and m["device_install"]["bundled_runtime_bytes"] else ""),
-        kv_line=" KV cache: **int8** (static per-channel scales, calibrated at compile time)."
+        kv_line=" KV cache: **int8** (static scales, keys per channel and values per KV head, calibrated at compile time)."
         if (m.get("kv_cache") or {}).get("dtype") == "int8" else "",
         weights_arg=', "weights"' if m.get("has_weights") else "",
         weights_row="| weights/ | quantized weights (QDIR layout) read by the TVM module |\n" if m.get("has_weights") else "",

@@ -83,7 +83,7 @@ def _kv_scales(qdir: Path) -> tuple[list, dict]:
     from ...model.loader import load_model
 
     scales, info = kv_int8.calibrate(load_model(Path(qdir)))
-    return scales, {"dtype": "int8", "scales": "static, per KV head and channel", "calibration": info}
+    return scales, {"dtype": "int8", "scales": "static: keys per KV head and channel, values per KV head", "calibration": info}
 
 
 def kv_scales_of(artifact_dir: Path) -> list[tuple]:
