@@ -414,13 +414,30 @@ def _scaling_peers():
             out.append(f"| {row['engine']} | {_fmt(row['pp_ts'])} | {_fmt(row['tg_ts'])} | "
                        f"{_mib(mm.get('weight_bytes'))} | {_mib(mm.get('peak_rss'))} | {_mib(need)} | "
                        f"{_fmt(mm.get('ratio'), 2)} |")
+        out += _scaling_speed_goal(r["speed"])
         ours = [row for row in r["memory"] if row["engine"].startswith("edgeforge") and row.get("ratio")]
         if ours:
             worst = max(row["ratio"] for row in ours)
-            out += ["", f"- Goal: edgeforge decode peak RSS <= 1.3 x (weights + KV cache) on both backends: worst "
-                        f"{worst:.2f}: **{'met' if worst <= 1.3 else 'NOT met'}**."]
+            out += [f"- Goal: edgeforge decode peak RSS <= 1.3 x (weights + KV cache) on both backends: worst "
+                    f"{worst:.2f}: **{'met' if worst <= 1.3 else 'NOT met'}**."]
         out.append("")
     return "\n".join(out)
+
+
+def _scaling_speed_goal(speed: list[dict]) -> list[str]:
+    """Issue 24's goal per edgeforge row: pp512 >= 1.1x and tg128 >= 1.0x of the best peer."""
+    peers = [row for row in speed if not row["engine"].startswith("edgeforge") and row.get("pp_ts") and row.get("tg_ts")]
+    if not peers:
+        return [""]
+    best_pp = max(peers, key=lambda row: row["pp_ts"])
+    best_tg = max(peers, key=lambda row: row["tg_ts"])
+    out = [""]
+    for row in speed:
+        if row["engine"].startswith("edgeforge") and row.get("pp_ts") and row.get("tg_ts"):
+            pp, tg = row["pp_ts"] / best_pp["pp_ts"], row["tg_ts"] / best_tg["tg_ts"]
+            out.append(f"- Goal for {row['engine']}: pp512 >= 1.1x the best peer ({best_pp['engine']}): {pp:.2f}x, "
+                       f"tg128 >= 1.0x ({best_tg['engine']}): {tg:.2f}x: **{'met' if pp >= 1.1 and tg >= 1.0 else 'NOT met'}**.")
+    return out
 
 
 def _kv_cache():

@@ -210,7 +210,7 @@ def compare_peers(model: Path, dist: Path, work: Path, reps: int = 3, threads: i
         # a q4 embedding (build --embed-bits 4: the peers' size) is its own row next to the scheme's q8 one
         embed = " embed-q4" if str(manifest.get("embed_format", "")).startswith("q4") else ""
         e = run.EdgeforgeEngine(f"edgeforge {manifest['backend']} {manifest['scheme']}{embed}",
-                                f"edgeforge-{manifest['backend']}", bundle, model.name)
+                                f"edgeforge-{manifest['backend']}{embed.replace(' ', '-')}", bundle, model.name)
         engines.append(e)
         kv_bytes[e.name] = 2 if "16" in str(manifest.get("model_dtype")) else 4
     engines.append(run.LlamaCppEngine("llama.cpp Q4_0", "llama.cpp-Q4_0", files["llama.cpp Q4_0"], model.name))
