@@ -69,6 +69,7 @@ def _search_dirs() -> list[Path]:
 
 # Target names become parts of bundle folder names: letters, digits, '.', '_' and '-' only.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CPU_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,40}")  # the same check smoke makes of a manifest's target cpu
 
 
 def load_target_file(path: Path) -> Target:
@@ -87,6 +88,9 @@ def load_target_file(path: Path) -> Target:
     for key in ("name", "run", "os", "arch", "description", "backend_why", "cpu"):
         if key in raw and not isinstance(raw[key], str):
             raise EdgeforgeError(f"target file {path}: '{key}' must be a string, got {type(raw[key]).__name__}")
+    if "cpu" in raw and not CPU_RE.fullmatch(raw["cpu"]):  # it goes on qemu's command line (smoke --emulate)
+        raise EdgeforgeError(f"target file {path}: cpu {raw['cpu'][:60]!r} must be a CPU core name such as "
+                             "'cortex-a72' (lowercase letters, digits, '.' and '-')")
     if not NAME_RE.match(raw["name"]) or ".." in raw["name"]:
         raise EdgeforgeError(f"target file {path}: name {raw['name']!r} must be 1-64 letters, digits, '.', '_' "
                              "or '-' (it becomes part of the bundle's folder name)")

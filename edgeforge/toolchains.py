@@ -224,13 +224,18 @@ def _cpu_view(root: Path, cpu: str) -> Path:
     view = root.parent / f"{root.name}-view-{cpu}"
     if not (view / "proc").is_dir():
         tmp = root.parent / f".{view.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "proc").mkdir(parents=True)
-        for entry in root.iterdir():
-            if entry.name in OWN_IN_VIEW:
-                (tmp / entry.name).mkdir()
-            elif entry.name != "proc":
-                (tmp / entry.name).symlink_to(entry)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "proc").mkdir(parents=True)
+            for entry in root.iterdir():
+                if entry.name in OWN_IN_VIEW:
+                    (tmp / entry.name).mkdir()
+                elif entry.name != "proc":
+                    (tmp / entry.name).symlink_to(entry)
+        except OSError as err:  # never run as another core than asked: say why instead
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise EdgeforgeError(f"cannot make the {cpu} view of the arm64 root at {view} ({err.strerror}): "
+                                 "the emulated program must see that core's /proc/cpuinfo") from None
         try:
             os.replace(tmp, view)
         except OSError:  # another process made it first

@@ -68,6 +68,11 @@ def test_user_target_from_env_dir(tmp_path, monkeypatch):
      '[onnx]\nexecution_provider = "CPUExecutionProvider"\n[tvn]\nhost = "llvm"\n', "unknown key\\(s\\) 'tvn'"),
     ('name = "b"\nbackends = ["onnx"]\nbackend_why = 3\nrun = "host"\nos = "linux"\narch = "x86_64"\n'
      '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "'backend_why' must be a string"),
+    # the core goes on qemu's command line (smoke --emulate): a plain core name only
+    ('name = "b"\nbackends = ["onnx"]\nrun = "qemu"\nos = "linux"\narch = "aarch64"\ncpu = "cortex-a72 -d in_asm"\n'
+     '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "cpu 'cortex-a72 -d in_asm' must be a CPU core name"),
+    ('name = "b"\nbackends = ["onnx"]\nrun = "qemu"\nos = "linux"\narch = "aarch64"\ncpu = 72\n'
+     '[onnx]\nexecution_provider = "CPUExecutionProvider"\n', "'cpu' must be a string"),
 ])
 def test_bad_target_file_names_itself(tmp_path, monkeypatch, body, message):
     bad = tmp_path / "bad.toml"

@@ -92,6 +92,19 @@ def test_a_cpu_view_describes_its_core_and_passes_host_paths_through(tmp_path):
     assert toolchains._cpu_view(root, "max") == root  # no cpuinfo of its own: the A76's
 
 
+def test_a_cpu_view_that_cannot_be_made_is_an_error_not_another_core(tmp_path, monkeypatch):
+    """Another user's read-only cache: emulating the A76 instead would be a wrong verdict; say why."""
+    root = tmp_path / "arm64-root"
+    (root / "usr").mkdir(parents=True)
+
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(EdgeforgeError, match="cannot make the cortex-a53 view .*Permission denied"):
+        toolchains._cpu_view(root, "cortex-a53")
+
+
 @pytest.mark.skipif(not toolchains.shutil.which(toolchains.QEMU), reason="qemu-user-static not installed")
 def test_qemu_cpu_for_target_mcpu():
     assert toolchains.qemu_cpu_for(None) == "cortex-a76"

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from ..errors import EdgeforgeError
 from ..runtime.bundle_errors import BundleError
 from ..runtime.hostcheck import check_can_run
 from ..runtime.manifest_check import clean_stale_temps, owned_temp_dir, verified_copy
+from ..targets import CPU_RE
 from . import archive
 
 # Which Vulkan a vulkan bundle's smoke test runs on: "lavapipe" (default: Mesa's software driver, built
@@ -70,7 +70,7 @@ def _target_cpu(manifest: dict) -> str | None:
     cpu = manifest["target"].get("cpu")
     if cpu is None:
         return None  # bundles from before targets named their core: the default (cortex-a76)
-    if not isinstance(cpu, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,40}", cpu):
+    if not isinstance(cpu, str) or not CPU_RE.fullmatch(cpu):
         raise EdgeforgeError(f"manifest.json: target cpu {str(cpu)[:60]!r} is not a CPU core name")
     return cpu
 
