@@ -524,3 +524,23 @@ def test_kv_cache_bytes_is_the_paged_layout():
     llama32_1b = {"num_layers": 16, "num_kv_heads": 8, "head_dim": 64}
     assert kv_cache_bytes(llama32_1b, 131072, 2, 16) == 4 << 30
     assert kv_cache_bytes(llama32_1b, 131073, 2, 16) == (4 << 30) + 16 * 16 * 2 * 8 * 64 * 2
+
+
+def test_onnx_kv_cache_that_cannot_grow_is_refused_by_name(host_bundle, monkeypatch):  # noqa: F811
+    """The ONNX engine's host KV buffers double as a conversation grows: a growth that does not fit in
+    memory is a BundleError naming the cache and --ctx (exit 2 from the CLI), not a MemoryError or a
+    machine pushed into swap. The same growth runs when memory allows it."""
+    from edgeforge.runtime import memory
+    from edgeforge.runtime.bundle_errors import BundleError
+    from edgeforge.runtime.session import open_session
+
+    engine = open_session(host_bundle[0]).engine
+    first = engine.capacity
+    prompt = list(range(3, 3 + first + 10))  # past the first buffers: they must grow
+    monkeypatch.setattr(memory, "mem_available", lambda: 4096)
+    engine.reset()
+    with pytest.raises(BundleError, match=r"the KV cache for \d+ positions needs .* --ctx"):
+        engine.prefill(prompt)
+    monkeypatch.undo()
+    engine.reset()
+    assert engine.prefill(prompt).shape == (engine.vocab_size,) and engine.capacity > first
