@@ -5,6 +5,7 @@ before it allocates, instead of being killed. Copied into bundles: standard libr
 from __future__ import annotations
 
 import logging
+import math
 
 from .bundle_errors import BundleError
 
@@ -49,3 +50,8 @@ def kv_cache_bytes(config: dict, tokens: int, dtype_bytes: int, page_size: int =
     pages = -(-int(tokens) // page_size)
     return (int(config["num_layers"]) * 2 * int(config["num_kv_heads"]) * int(config["head_dim"])
             * pages * page_size * dtype_bytes)
+
+
+def check_kv_buffers(stage: str, shape: tuple[int, ...], num_layers: int, itemsize: int, advice: str) -> None:
+    """check_memory for ONNX-style KV buffers: a key and a value buffer of `shape` per layer."""
+    check_memory(stage, 2 * num_layers * math.prod(int(d) for d in shape) * int(itemsize), advice)

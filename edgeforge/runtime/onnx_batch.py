@@ -28,7 +28,7 @@ import threading
 import numpy as np
 
 from .bundle_errors import BundleError
-from .memory import check_memory, kv_cache_bytes
+from .memory import check_kv_buffers
 
 
 def can_batch(engine) -> bool:
@@ -187,10 +187,9 @@ class BatchDecoder:
         capacity = min(capacity, limit)
         info = self.engine.info
         shape = (row_capacity, int(info["num_kv_heads"]), capacity, int(info["head_dim"]))
-        layout = {"num_layers": self.engine.num_layers, "num_kv_heads": shape[1], "head_dim": shape[3]}
-        check_memory(f"the KV cache for {row_capacity} sequences of {capacity} positions",
-                     row_capacity * kv_cache_bytes(layout, capacity, np.dtype(self.engine.kv_dtype).itemsize),
-                     "serve fewer sequences at once (--parallel) or a smaller --ctx")
+        check_kv_buffers(f"the KV cache for {row_capacity} sequences of {capacity} positions", shape,
+                         self.engine.num_layers, np.dtype(self.engine.kv_dtype).itemsize,
+                         "serve fewer sequences at once (--parallel) or a smaller --ctx")
         used = max((m.length for m in self.rows), default=0)
         old, self.kv = self.kv, []
         for buf in old or [None] * (2 * self.engine.num_layers):

@@ -19,7 +19,7 @@ from .bundle_errors import BundleError, CannotRunHere
 from .embedding import EmbeddingTable
 from .files import read_json
 from .loader import checked_max_length
-from .memory import check_memory, kv_cache_bytes
+from .memory import check_kv_buffers
 
 CPU = "CPUExecutionProvider"
 DEVICE_PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "webgpu": "WebGpuExecutionProvider",
@@ -158,9 +158,8 @@ class OnnxEngine:
         """(Re)bind every layer's shared past/present buffer with room for `capacity` positions."""
         shape = (1, int(self.info["num_kv_heads"]), capacity, int(self.info["head_dim"]))
         if self.kv_on_cpu:  # host buffers grow with the conversation: refuse by name what cannot fit
-            layout = {"num_layers": self.num_layers, "num_kv_heads": shape[1], "head_dim": shape[3]}
-            check_memory(f"the KV cache for {capacity} positions", kv_cache_bytes(layout, capacity, np.dtype(self.kv_dtype).itemsize),
-                         "use a shorter conversation, or open the bundle with a smaller --ctx")
+            check_kv_buffers(f"the KV cache for {capacity} positions", shape, self.num_layers,
+                             np.dtype(self.kv_dtype).itemsize, "use a shorter conversation, or open the bundle with a smaller --ctx")
         old = getattr(self, "_kv", None)
         self._kv, self._kv_ov = [], []
         for i in range(self.num_layers):
