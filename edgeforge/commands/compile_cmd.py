@@ -13,7 +13,7 @@ from ..runtime.backends import backend_names
 KV_CACHE_OPTION = click.option(
     "--kv-cache", "kv_cache", type=click.Choice(["float", "int8"]), default=None,
     help="KV cache storage: float (the compute dtype) or int8 (ONNX on CPU with float32 compute: half the "
-         "KV bytes of fp16, a quarter of fp32; static per-channel scales calibrated at compile time; tvm "
+         "KV bytes of fp16, a quarter of fp32; static scales calibrated at compile time: keys per channel, values per KV head; tvm "
          "refuses it). Default: the target file's [onnx] kv_cache, else float.")
 
 
