@@ -4,8 +4,8 @@ qemu): a helper tests/fidelity.py starts in a subprocess.
     python arm_verdicts.py CASES.json
 
 CASES.json: [{"artifact": DIR, "golden": FILE, "rel": float}, ...]. `edgeforge_runtime` (a copy of
-edgeforge/runtime, as in a bundle) must be importable. Prints one JSON line: a list of
-{"ok", "ratio" (largest error / tolerance over the prompts), "agree", "steps"}.
+edgeforge/runtime, as in a bundle) must be importable. Prints one JSON line: for each case, the
+list of golden_check.run_prompt results of its prompts.
 """
 
 import json
@@ -20,9 +20,7 @@ def main():
     for case in json.load(open(sys.argv[1])):
         engine = OnnxEngine(case["artifact"], threads=1)
         golden = json.load(open(case["golden"]))
-        results = [run_prompt(engine, p, case["rel"]) for p in golden["prompts"]]
-        out.append({"ok": all(r["ok"] for r in results), "ratio": max(r["max_err"] / r["tol"] for r in results),
-                    "agree": sum(r["agree"] for r in results), "steps": sum(r["steps"] for r in results)})
+        out.append([run_prompt(engine, p, case["rel"]) for p in golden["prompts"]])
         del engine
     print(json.dumps(out), flush=True)
 

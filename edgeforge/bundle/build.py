@@ -70,7 +70,7 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False) -> dic
     from ..model.loader import load_model
     from ..models import resolve_model_path
     from ..quant.qdir import write_qdir
-    from .golden import make_golden, planned_arithmetic
+    from .golden import model_dtype_of, make_golden, planned_kind
 
     t0 = time.perf_counter()
     slug = model_slug(plan.model)
@@ -86,9 +86,12 @@ def run_build(plan: BuildPlan, jobs: int = 1, make_archive: bool = False) -> dic
         logger.info(f"[quantize] {summary['tensors']} tensors, {summary['bytes'] / 1e6:.1f} MB in {summary['seconds']} s")
         check_memory("golden, compile and smoke", memory_needed(summary["bytes"], model.config, plan))
         logger.info(f"[golden] {len(plan.prompts)} prompts x {plan.golden_tokens} tokens on the numpy reference")
-        # once per arithmetic the bundles compute in (ONNX Runtime's x86 int8 kernels: their own)
-        golden = {a: make_golden(qdir, plan.prompts, plan.golden_tokens, arithmetic=a)
-                  for a in sorted({planned_arithmetic(t, b) for t, b in plan.jobs})}
+        # once per arithmetic the bundles compute in (ONNX Runtime's x86 int8 kernels: their own) and
+        # dither their spreads are measured with
+        dtype = model_dtype_of(qdir)
+        kinds = {planned_kind(t, b, dtype) for t, b in plan.jobs}
+        golden = {(a, d): make_golden(qdir, plan.prompts, plan.golden_tokens, arithmetic=a, dither=d)
+                  for a, d in sorted(kinds, key=repr)}
         quality = _quality(model, qdir, plan)
         tasks = [(plan.output / bundle_name(slug, plan.quant, t.name, b), qdir, t, b, golden, make_archive, plan.sign_key,
                   quality, plan.kv_cache) for t, b in plan.jobs]

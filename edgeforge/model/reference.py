@@ -106,7 +106,8 @@ def int8_kv(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1) + np.exp(-x))
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -88: x / inf is the right -0
+        return x / (np.float32(1) + np.exp(-x))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -249,22 +250,34 @@ class ReferenceModel:
 
     # ---- the model ---------------------------------------------------------------------------------
     def _step(self, ids: list[int], cache: KVCache, last_only: bool = False) -> np.ndarray:
-        c = self.config
+        return self._steps(ids, [cache], last_only)
+
+    def _steps(self, ids: list[int], caches: list, last_only: bool = False) -> np.ndarray:
+        """`ids` appended to each of len(caches) sequences that hold the same tokens (they differ only
+        by how their matmul inputs were rounded: Runs). Their rows go through each matmul together, so
+        the weights are read once for all. Logits [n x len(ids) (1 if last_only), vocab], sequence-major."""
+        c, n = self.config, len(caches)
         if not ids:
             raise ValueError("no tokens to process")
         if min(ids) < 0 or max(ids) >= c.vocab_size:
             raise ValueError(f"token id out of range [0, {c.vocab_size})")
-        positions = np.arange(cache.length, cache.length + len(ids))
+        positions = np.arange(caches[0].length, caches[0].length + len(ids))
         cos, sin = self._rope_tables(positions)
         x = self.w.rows("model.embed_tokens.weight", np.asarray(ids))
+        if n > 1:
+            x = np.tile(x, (n, 1))
         for layer in range(c.num_layers):
-            x = x + self._attention(layer, x, cos, sin, cache, positions)
+            x = x + self._attention(layer, x, cos, sin, caches, positions)
             x = x + self._mlp(layer, x)
-        cache.length += len(ids)
+        for cache in caches:
+            cache.length += len(ids)
         if last_only:
-            x = x[-1:]
+            x = x.reshape(n, len(ids), -1)[:, -1]
         x = rms_norm(x, self.w["model.norm.weight"], c.rms_norm_eps)
         return self.w.matmul_t(x, self.head)
+
+    def runs(self, n: int) -> "Runs":
+        return Runs(self, n)
 
     def _rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # float32 products like transformers (inv_freq @ positions in float32), then cat(freqs, freqs)
@@ -272,13 +285,21 @@ class ReferenceModel:
         emb = np.concatenate([freqs, freqs], axis=-1)
         return np.cos(emb), np.sin(emb)
 
-    def _attention(self, layer, x, cos, sin, cache: KVCache, positions) -> np.ndarray:
+    def _attention(self, layer, x, cos, sin, caches: list, positions) -> np.ndarray:
+        """Self-attention of the rows of len(caches) sequences (x: [n x T, hidden]); projections for
+        all rows at once, scores per sequence against its own cache."""
         c, p = self.config, f"model.layers.{layer}."
-        t, hd = x.shape[0], c.head_dim
+        t, hd = len(positions), c.head_dim
         h = rms_norm(x, self.w[p + "input_layernorm.weight"], c.rms_norm_eps)
-        q = self.w.matmul_t(h, p + "self_attn.q_proj.weight").reshape(t, c.num_heads, hd).transpose(1, 0, 2)
-        k = self.w.matmul_t(h, p + "self_attn.k_proj.weight").reshape(t, c.num_kv_heads, hd).transpose(1, 0, 2)
-        v = self.w.matmul_t(h, p + "self_attn.v_proj.weight").reshape(t, c.num_kv_heads, hd).transpose(1, 0, 2)
+        q = self.w.matmul_t(h, p + "self_attn.q_proj.weight").reshape(-1, t, c.num_heads, hd).transpose(0, 2, 1, 3)
+        k = self.w.matmul_t(h, p + "self_attn.k_proj.weight").reshape(-1, t, c.num_kv_heads, hd).transpose(0, 2, 1, 3)
+        v = self.w.matmul_t(h, p + "self_attn.v_proj.weight").reshape(-1, t, c.num_kv_heads, hd).transpose(0, 2, 1, 3)
+        out = [self._attend(layer, q[i], k[i], v[i], cos, sin, cache, positions) for i, cache in enumerate(caches)]
+        return self.w.matmul_t(out[0] if len(out) == 1 else np.concatenate(out), p + "self_attn.o_proj.weight")
+
+    def _attend(self, layer, q, k, v, cos, sin, cache: KVCache, positions) -> np.ndarray:
+        """q [heads, T, hd], k and v [kv_heads, T, hd] of one sequence -> its attention output [T, heads x hd]."""
+        c, t, hd = self.config, len(positions), self.config.head_dim
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_hook is not None:
             k, v = self.kv_hook(layer, k, v)
@@ -290,8 +311,7 @@ class ReferenceModel:
         causal = np.arange(keys.shape[1])[None, :] > positions[:, None]  # key after query: masked
         scores = np.where(causal, np.float32(-np.inf), scores)
         out = softmax(scores).reshape(c.num_kv_heads, c.kv_group * t, -1) @ values  # [kv, group*T, hd]
-        out = out.reshape(c.num_heads, t, hd).transpose(1, 0, 2).reshape(t, c.num_heads * hd)
-        return self.w.matmul_t(out, p + "self_attn.o_proj.weight")
+        return out.reshape(c.num_heads, t, hd).transpose(1, 0, 2).reshape(t, c.num_heads * hd)
 
     def _mlp(self, layer, x) -> np.ndarray:
         c, p = self.config, f"model.layers.{layer}."
@@ -299,3 +319,25 @@ class ReferenceModel:
         gate = self.w.matmul_t(h, p + "mlp.gate_proj.weight")
         up = self.w.matmul_t(h, p + "mlp.up_proj.weight")
         return self.w.matmul_t(silu(gate) * up, p + "mlp.down_proj.weight")
+
+
+class Runs:
+    """n sequences of the same tokens on one ReferenceModel, in step: each matmul takes all n rows at
+    once (the weights are read once, which is what a large model's reference spends its time on).
+    They differ only where a rounding function draws noise (golden.json's spreads: bundle/golden.py).
+    prefill and decode return logits [n, vocab]."""
+
+    def __init__(self, model: ReferenceModel, n: int):
+        self.model, self.n = model, n
+        self.reset()
+
+    def reset(self) -> None:
+        self.caches = [KVCache(self.model.config) for _ in range(self.n)]
+
+    def prefill(self, ids) -> np.ndarray:
+        for part in self.model._chunks(list(ids)):
+            logits = self.model._steps(part, self.caches, last_only=True)
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.model._steps([int(token)], self.caches)

@@ -162,8 +162,13 @@ def describe(result: dict) -> str:
         return "n/a" if x is None else f"{x:.1f}"
 
     mem = result.get("peak_rss_mb")
+    widened = result.get("steps_widened")
+    worst = result.get("worst_ratio")
     return (f"{result['status']} {result['bundle']} on {result['device']}: "
-            f"max logit err {result['max_logit_err']:.4g} (tol {result['tolerance']:.4g}), "
+            f"max logit err {result['max_logit_err']:.4g} (tol {result['tolerance']:.4g}"
+            + (f"; worst step {worst:.2f} of its tolerance" if worst is not None else "")
+            + (f", {widened} of {result['tokens_total']} steps widened by the model's measured sensitivity" if widened else "")
+            + "), "
             f"tokens {result['tokens_agree']}/{result['tokens_total']} agree, "
             f"prefill {rate(result['prefill_tok_s'])} tok/s, decode {rate(result['decode_tok_s'])} tok/s, "
             f"peak mem {'n/a' if mem is None else f'{mem:.0f} MB'}")
