@@ -5,6 +5,7 @@ path (Session.batched, one thread each) give the single answers while actually s
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 import threading
@@ -15,6 +16,7 @@ import pytest
 from bundle_helpers import host_bundle  # noqa: F401 - fixture
 from edgeforge.runtime.onnx_batch import BatchDecoder, can_batch
 from edgeforge.runtime.onnx_engine import OnnxEngine
+from edgeforge.runtime.sampling import Sampler
 from edgeforge.runtime.session import open_session
 
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 70, 9)]  # different lengths: different rows of the cache
@@ -130,31 +132,173 @@ def test_concurrent_generations_share_steps_and_give_the_single_answers(session)
     assert decoder.rows == []  # every finished generation gave its row back
 
 
+class _PastTheVocabulary(Sampler):
+    """Greedy until both members are decoding, then a token outside the vocabulary: the next step's
+    embedding lookup fails, for both rows."""
+
+    def __init__(self, decoder, members):
+        super().__init__(temperature=1.0)
+        self.decoder, self.members = decoder, members
+
+    def sample(self, logits) -> int:
+        if all(m in self.decoder.rows for m in self.members):
+            return self.decoder.engine.vocab_size + 5
+        return int(np.argmax(logits))
+
+
 def test_a_failed_step_reaches_every_waiting_member_and_frees_the_rows(session):
     decoder = BatchDecoder(session.engine)
     members = decoder.members(2)
-    for m, p in zip(members, PROMPTS):
-        m.prefill(p)
+    samplers = [Sampler(0.0), _PastTheVocabulary(decoder, members)]
     errors: dict[int, str] = {}
+    made: dict[int, int] = {0: 0, 1: 0}
 
-    def decode(k: int, token: int) -> None:
-        try:
-            members[k].decode(token)
+    def read(k: int) -> None:
+        try:  # no stop ids and room for 200 tokens: only the failed step ends these streams
+            for _ in members[k].stream(PROMPTS[k], 200, samplers[k], set()):
+                made[k] += 1
         except Exception as err:  # noqa: BLE001 - the test looks at it
             errors[k] = str(err)
-        finally:
-            members[k].finish()
 
-    # a token id past the vocabulary makes the step's embedding lookup fail: one row poisons the call
-    threads = [threading.Thread(target=decode, args=(0, 7)),
-               threading.Thread(target=decode, args=(1, session.engine.vocab_size + 5))]
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert not any(t.is_alive() for t in threads), "a member hung after a failed step"
     assert set(errors) == {0, 1} and all("outside the vocabulary" in e for e in errors.values()), errors
-    assert decoder.rows == [] and not decoder.busy
+    assert made[0] >= 1 and made[1] >= 1
+    assert decoder.rows == [] and decoder.filling is None and not decoder.busy
+
+
+# ---- the decoder thread samples; readers only take tokens (Session 11) ------------------------------
+
+SETTINGS = [  # (prompt, max_tokens, sampler settings, stop ids): every kind of request at once
+    (PROMPTS[0], 30, dict(temperature=0.0), ()),
+    (PROMPTS[1], 24, dict(temperature=0.8, seed=1), ()),
+    (PROMPTS[2], 12, dict(temperature=1.0, top_p=0.9, seed=2), ()),
+    (list(range(20, 110)), 20, dict(temperature=0.6, top_p=0.5, seed=3), ()),  # past the 64-position capacity
+    (PROMPTS[3], 30, dict(temperature=1.0, seed=4), "a stop id"),
+    (PROMPTS[1], 18, dict(temperature=0.9, seed=1), ()),  # same seed, other settings: its own generator
+]
+
+
+def _runs_alone(engine):
+    from edgeforge.runtime.generate import generate
+
+    runs = []
+    for prompt, n, params, stop in SETTINGS:
+        if stop:  # a token that the answer alone makes first at index 3 or later becomes a stop id
+            answer = generate(engine.sibling(), prompt, n, Sampler(**params)).tokens
+            stop = [next(t for i, t in enumerate(answer) if i >= 3 and t not in answer[:i])]
+        runs.append((stop, generate(engine.sibling(), prompt, n, Sampler(**params), stop_ids=stop, keep_logits=True)))
+    return runs
+
+
+@pytest.mark.parametrize("budget", [128, 8])  # 8: every prompt prefilled in chunks between decode steps
+def test_sampled_requests_get_what_they_get_alone_bit_for_bit(session, budget):
+    """Greedy, seeded temperature and top-p requests decoded together, starting together and ending at
+    different steps: each gets the tokens and the logits it gets decoded alone (float equality), and
+    ends at its stop id or max_tokens."""
+    from edgeforge.runtime.generate import generate
+
+    alone = _runs_alone(session.engine)
+    decoder = BatchDecoder(session.engine, prefill_budget=budget)
+    members = decoder.members(len(SETTINGS))
+    start, got = threading.Barrier(len(SETTINGS)), {}
+
+    def run(k: int) -> None:
+        prompt, n, params, _ = SETTINGS[k]
+        start.wait()
+        got[k] = generate(members[k], prompt, n, Sampler(**params), stop_ids=alone[k][0], keep_logits=True)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(SETTINGS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(got) == list(range(len(SETTINGS)))
+    for k, (_, expected) in enumerate(alone):
+        assert got[k].tokens == expected.tokens, k
+        assert got[k].stopped == expected.stopped, k
+        for step, (a, b) in enumerate(zip(expected.logits, got[k].logits)):
+            np.testing.assert_array_equal(b, a, err_msg=f"request {k}, step {step}")
+    assert alone[4][1].stopped == "stop" and 4 <= len(alone[4][1].tokens) < 30  # the stop id ended it
+    assert [len(r.tokens) for _, r in alone[:4]] == [30, 24, 12, 20]  # max_tokens ended the others
+    assert decoder.stepped_rows > decoder.steps  # steps were shared
+    assert decoder.rows == [] and decoder.filling is None
+
+
+def test_stop_strings_and_cancelling_under_batching(session):
+    """Session.generate on batched sessions, side by side: stop strings cut the text where they cut it
+    alone (the decoder may have made a token or two more, which the answer does not count), and a
+    cancelled request ends at once without holding up the others."""
+    prompt = session.encode("Once upon a time")
+    full = session.generate(prompt, 24)
+    stop = next(ch for ch in full.text[len(full.text) // 2:] if ch != "\ufffd")
+    expected = session.generate(prompt, 24, stop=[stop])
+    sampled = session.generate(prompt, 16, temperature=1.0, top_p=0.9, seed=5, stop=[stop])
+    sessions = session.batched(3)
+    flags = {"n": 0}
+
+    def cancelled() -> bool:
+        flags["n"] += 1
+        return flags["n"] > 3
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        jobs = [pool.submit(sessions[0].generate, prompt, 24, stop=[stop]),
+                pool.submit(sessions[1].generate, prompt, 16, 1.0, 0.9, 5, stop=[stop]),
+                pool.submit(sessions[2].generate, prompt, 200, cancelled=cancelled)]
+        got = [j.result(timeout=120) for j in jobs]
+    assert (got[0].text, got[0].ids, got[0].finish_reason) == (expected.text, expected.ids, "stop")
+    assert expected.text == full.text[:full.text.index(stop)]
+    assert (got[1].text, got[1].ids, got[1].finish_reason) == (sampled.text, sampled.ids, sampled.finish_reason)
+    assert got[2].finish_reason == "cancelled" and len(got[2].ids) == 4
+    assert sessions[0].engine.decoder.rows == []
+
+
+def test_a_reader_that_stops_reading_holds_nobody_up(session):
+    """The old decoder's step waited for every member's next token: one stalled reader stopped them
+    all. Now a reader that takes one token and pauses lets the others finish; closing its stream frees
+    its row, and the member then serves a new request as if alone."""
+    from edgeforge.runtime.generate import generate
+
+    expected = generate(session.engine.sibling(), PROMPTS[1], 20, Sampler(0.0)).tokens
+    decoder = BatchDecoder(session.engine)
+    stalled, other = decoder.members(2)
+    paused = stalled.stream(PROMPTS[0], 200, Sampler(0.0), set())
+    next(paused)  # its first token, then nobody reads this stream
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(r=generate(other, PROMPTS[1], 20, Sampler(0.0))))
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "a paused reader held up the batch"
+    assert done["r"].tokens == expected
+    paused.close()
+    assert decoder.rows == [] and decoder.filling is None
+    assert generate(stalled, PROMPTS[1], 20, Sampler(0.0)).tokens == expected
+
+
+def test_sample_rows_is_sampler_sample_row_by_row():
+    """The decoder's sampling over a batch gives, row by row, what each row's own Sampler gives alone:
+    greedy rows (ties, -inf, one NaN row) in one argmax, seeded rows from their own generators."""
+    from edgeforge.runtime.sampling import sample_rows
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((7, 300)).astype(np.float32) * 4
+    logits[1, [5, 9]] = logits[1].max() + 1  # a tie: the first maximum
+    logits[2, :150] = -np.inf
+    logits[3, 17] = np.nan
+    logits[6] = logits[4]  # the same seed and settings on the same logits: the same token
+    params = [dict(temperature=0.0)] * 4 + [dict(temperature=0.7, seed=1), dict(temperature=1.0, top_p=0.8, seed=2),
+                                            dict(temperature=0.7, seed=1)]
+    for _ in range(3):  # the generators advance identically
+        batch = sample_rows([Sampler(**p) for p in params], logits)
+        alone = [Sampler(**p).sample(row) for p, row in zip(params, logits)]
+        assert batch == alone
+    assert batch[1] == 5 and batch[4] == batch[6]
+    nan = sample_rows([Sampler(0.0), Sampler(1.0, seed=3)], np.full((2, 4), np.nan, np.float32))
+    assert nan[0] == 0 and isinstance(nan[1], ValueError)  # one request's NaN logits fail that request only
 
 
 def test_older_graphs_are_not_batched(host_bundle, tmp_path):  # noqa: F811
@@ -190,5 +334,10 @@ def test_an_int8_kv_cache_is_batched_too(tiny_model, tmp_path):
         for m, logits in zip(rows, decoder._decode_rows(rows, [forced_tokens(members.index(m))[j] for m in rows])):
             got[members.index(m)].append(logits)
     assert decoder.kv and all(buf.dtype == np.int8 for buf in decoder.kv)  # the rows stay int8
+    whole, chunked = BatchDecoder(engine).members(2)
+    expected_prefill = whole.prefill(PROMPTS[2])
+    for k in range(0, len(PROMPTS[2]), 10):  # in chunks, as serve's prefill budget cuts a long prompt
+        got_prefill = chunked.prefill(PROMPTS[2][k: k + 10])
+    np.testing.assert_array_equal(got_prefill, expected_prefill)
     for e, g in zip(expected, got):
         assert_same(e, g)

@@ -351,6 +351,37 @@ def test_eight_concurrent_streams_give_the_single_answer(server, bundle):
     assert together == single
 
 
+def test_sixteen_mixed_streams_get_their_answers_alone(bundle):
+    """16 clients streaming at once into 8 batched slots: greedy, seeded top-p, stop strings and
+    max_tokens side by side. The decoder samples every row itself and may run a token past a stop
+    string; each stream must still be, text, finish reason and usage, what the request gets alone."""
+    with LiveServer(bundle, "--parallel", "8", "--queue", "64") as live:
+        c = client(live)
+        requests = []
+        for i in range(16):
+            kw = dict(model=model_id(bundle), prompt=f"Story number {i}:", max_tokens=6 + i)
+            kw.update(temperature=1.0, top_p=0.9, seed=i) if i % 3 == 1 else kw.update(temperature=0)
+            if i % 3 == 2:  # a stop string: a character from the second half of its answer alone
+                text = c.completions.create(**kw).choices[0].text
+                kw["stop"] = [next(ch for ch in text[len(text) // 2:] if ch != "\ufffd")]
+            requests.append(kw)
+        alone = [c.completions.create(**kw) for kw in requests]
+
+        def streamed(kw):
+            chunks = list(c.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+            text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+            return text, [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1], chunks[-1].usage
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(streamed, requests))
+        for kw, one, (text, reason, usage) in zip(requests, alone, together):
+            assert (text, reason) == (one.choices[0].text, one.choices[0].finish_reason), kw
+            assert usage.completion_tokens == one.usage.completion_tokens <= kw["max_tokens"], kw
+        assert any(one.choices[0].finish_reason == "stop" for one in alone[2::3])  # a stop string cut one
+        assert live.metric("decode_batch_size_mean") > 1  # the streams shared decode steps
+        assert live.metric("slots_busy") == 0
+
+
 def test_full_queue_answers_429_with_retry_after(bundle):
     with LiveServer(bundle, "--parallel", "1", "--queue", "1") as live:
         body = {"model": model_id(bundle), "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}

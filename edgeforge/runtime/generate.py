@@ -1,8 +1,10 @@
 """The generation loop shared by every engine (numpy reference, TVM, ONNX).
 
 An engine has reset(), prefill(ids) -> logits[vocab], decode(token) -> logits[vocab] and a
-`device` string (INTERNALS "Engine"). Sampling happens here, on the host, so every engine
-samples identically.
+`device` string (INTERNALS "Engine"). Sampling happens on the host with the same Sampler, so every
+engine samples identically. An engine that decodes many sequences together (runtime/onnx_batch.py)
+instead has stream(...): it makes the tokens itself, with the same Sampler and the same stops, in a
+thread of its own, and this loop only takes them (so a slow reader never holds up the other sequences).
 """
 
 from __future__ import annotations
@@ -62,26 +64,36 @@ def generate(engine, prompt_ids, max_tokens: int, sampler: Sampler | None = None
     sampler = sampler or Sampler()
     stop = {int(s) for s in stop_ids}
     tokens, kept = [], [] if keep_logits else None
-    engine.reset()
-    t0 = time.perf_counter()
-    logits = engine.prefill(prompt_ids)
-    prefill_seconds = time.perf_counter() - t0
-    stopped = "length"
-    t1 = time.perf_counter()
-    while len(tokens) < max_tokens:
-        if kept is not None:
-            kept.append(np.array(logits, dtype=np.float32))
-        token = sampler.sample(logits)
-        tokens.append(token)
-        if on_token is not None and on_token(token):
-            stopped = "stop"
-            break
-        if token in stop:
-            stopped = "stop"
-            break
-        if len(tokens) == max_tokens:
-            break
-        logits = engine.decode(token)
+    stream = getattr(engine, "stream", None) or (lambda *args: engine_tokens(engine, *args))
+    source = stream(prompt_ids, max_tokens, sampler, stop)
+    stopped, prefill_seconds = "length", 0.0
+    t0 = t1 = time.perf_counter()
+    try:
+        for token, logits in source:
+            if not tokens:  # the first token comes from the prefill
+                t1 = time.perf_counter()
+                prefill_seconds = t1 - t0
+            if kept is not None:
+                kept.append(np.array(logits, dtype=np.float32))
+            tokens.append(token)
+            if (on_token is not None and on_token(token)) or token in stop:
+                stopped = "stop"
+                break
+    finally:
+        source.close()  # a batched sequence gives its row back now
     return GenerateResult(tokens=tokens, prefill_seconds=prefill_seconds,
                           decode_seconds=time.perf_counter() - t1, prompt_tokens=len(prompt_ids),
                           stopped=stopped, logits=kept)
+
+
+def engine_tokens(engine, prompt_ids: list[int], max_tokens: int, sampler: Sampler, stop: set[int]):
+    """(token, logits it was sampled from) of one sequence on its own engine: a prefill, then a decode step
+    per token, until a stop id or max_tokens."""
+    engine.reset()
+    logits = engine.prefill(prompt_ids)
+    for made in range(1, max_tokens + 1):
+        token = sampler.sample(logits)
+        yield token, logits
+        if token in stop or made == max_tokens:
+            return
+        logits = engine.decode(token)

@@ -3,17 +3,31 @@
 A decode step of a small model on a CPU is dominated by reading the weights; a step over B sequences
 reads them once (MatMulNBits with B rows), so B sequences decoded together cost little more than one
 (docs/notes/serve.md, Session 9). `BatchDecoder` holds the KV cache of every sequence as rows of one
-buffer per layer and kind, [rows, kv_heads, capacity, head_dim]; each sequence (`BatchMember`, an
-engine with reset/prefill/decode like OnnxEngine) owns one row while it is active:
+buffer per layer and kind, [rows, kv_heads, capacity, head_dim]; each sequence (`BatchMember`) owns one
+row while it is active.
 
-- prefill runs alone (batch 1) on the member's row: the buffer's row is contiguous, so a view of it is
-  bound as that layer's past and present, exactly as OnnxEngine binds its own buffer;
-- decode waits until every active member has asked for its next token, then one call decodes them
-  all (batch B = active members, rows 0..B-1, each with its own length in seqlens_k; the graph's
-  GroupQueryAttention appends each row's key at that row's own position). The member whose request
-  completes the set runs the step; the others wait for their logits;
-- a member that finishes (or resets) gives its row back, and the last row moves into it, so the active
-  rows are always 0..B-1 and a step never computes a row nobody waits for.
+One thread of the decoder's own makes every token (docs/notes/serve.md, Session 11): a member's
+stream() hands it a prompt, a Sampler, the stop ids and max_tokens, then only takes the tokens as they
+come. The decoder thread loops:
+
+- prefill: a newcomer's prompt runs alone (batch 1) on its row, in chunks of at most `prefill_budget`
+  tokens, and between two decode steps at most that many prompt tokens run, so a long prompt holds the
+  running sequences up for one chunk at a time, not for its whole length (a chunked prefill gives the
+  logits of a whole one bit for bit: the graph attends to the cached positions the same way);
+- decode: one call for every sequence past its prefill (rows 0..B-1, each with its own length in
+  seqlens_k; the graph's GroupQueryAttention appends each row's key at that row's own position), then
+  the decoder samples every row itself (sampling.sample_rows: greedy rows in one argmax), hands each
+  member its token and starts the next step. The members' threads turn tokens into text meanwhile: no
+  step waits for a reader (Session 10 measured 2-3 ms a step at 16 rows while they took turns);
+- a sequence that ends (a stop id, max_tokens, an error, or its reader closing the stream) gives its
+  row back and the last row moves into it, so the decoding rows are always 0..B-1 and a step never
+  computes a row nobody waits for. A row still in its prefill sits right after them.
+
+A failed call fails the sequences it computed (their readers raise), never the thread. The thread ends
+when no sequence is left, and the next stream starts another.
+
+The direct calls, `BatchMember.prefill`/`finish` and `BatchDecoder._decode_rows`, are for tests and
+bench/serve_batch_step.py, on a decoder with no stream running.
 
 Used by the server (runtime/server.py) for graphs with onnx.batch_decode (backends/onnx/graph.py);
 greedy answers are those of the sequence decoded alone (tests/test_onnx_batch.py checks the logits).
@@ -23,12 +37,15 @@ Copied into bundles: imports only numpy and this package.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import deque
 
 import numpy as np
 
 from .bundle_errors import BundleError
 from .memory import check_kv_buffers
+from .sampling import sample_rows
 
 
 def can_batch(engine) -> bool:
@@ -39,20 +56,27 @@ def can_batch(engine) -> bool:
             and getattr(engine, "kv_mode", None) == "shared" and getattr(engine, "kv_on_cpu", False) is True)
 
 
+PREFILL_BUDGET = 128  # prompt tokens between two decode steps (~75 ms for SmolLM2-135M on 2 cores)
+
+
 class BatchDecoder:
     """The rows of one loaded model (an OnnxEngine's session and embedding table; the engine's own
     sequence state is not used)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, prefill_budget: int = PREFILL_BUDGET):
         if not can_batch(engine):
             raise BundleError(f"{engine.artifact_dir}: this graph cannot decode a batch (rebuild the bundle)")
         self.engine = engine
         self.io = engine.session.io_binding()
-        self.cond = threading.Condition()
-        self.rows: list[BatchMember] = []      # row i's sequence
-        self.pending: dict[BatchMember, int] = {}  # members waiting for a decode step -> their token
-        self.results: dict[BatchMember, object] = {}  # logits (or the step's exception) not yet collected
+        self.prefill_budget = prefill_budget
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)  # a call on the buffers ended (busy is False, or rows changed)
+        self.rows: list[BatchMember] = []      # row i's sequence: past its prefill, decoded every step
+        self.filling: BatchMember | None = None  # the sequence in its prefill, on row len(rows)
+        self.waiting: deque[BatchMember] = deque()  # streams not yet begun, first come first served
         self.busy = False                       # a call on the buffers is running (outside the lock)
+        self.thread: threading.Thread | None = None  # the decoder thread, while there is work
+        self.prefilled = 0                      # prompt tokens run since the last decode step
         self.kv: list[np.ndarray] = []          # per layer: key, value
         self.capacity = self.row_capacity = 0
         self.steps = self.stepped_rows = 0      # decode steps run and rows they decoded (mean batch size)
@@ -60,92 +84,189 @@ class BatchDecoder:
     def members(self, n: int) -> list["BatchMember"]:
         return [BatchMember(self) for _ in range(n)]
 
-    # ---- called by members ------------------------------------------------------------------------
+    # ---- called by members' threads -------------------------------------------------------------
+    def start(self, member: "BatchMember", gen: "_Generation") -> None:
+        with self.lock:
+            if member.row is not None or member in self.waiting:
+                raise BundleError("a batch member runs one sequence at a time")
+            member.gen = gen
+            self.waiting.append(member)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="batch-decoder", daemon=True)
+                self.thread.start()
+
+    def take(self, gen: "_Generation"):
+        """The next (token, logits) of `gen`, waiting for it; None when it has ended."""
+        with self.lock:
+            while not gen.out and not gen.over:
+                gen.ready.wait()
+            if not gen.out:
+                return None
+            item = gen.out.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def leave(self, member: "BatchMember") -> None:
+        """Give the member's row back now (its reader is done with it)."""
+        with self.lock:
+            if member.gen is not None:
+                member.gen.leaving = True  # the decoder thread frees it between two calls
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(member)
+            while self.busy and member.row is not None:
+                self.cond.wait()
+            self._release(member)
+            member.gen = None
+
     def prefill(self, member: "BatchMember", ids: list[int]) -> np.ndarray:
-        with self.cond:
+        """Direct call (no stream running): the member's prompt, or more of it, on its row; its logits."""
+        with self.lock:
             while self.busy:
                 self.cond.wait()
             self.busy = True
-            if member.row is None:  # a new sequence takes the next row; a prefill after a prefill continues it
+            if member.row is None:
                 member.row = len(self.rows)
                 self.rows.append(member)
         try:
-            embeds = self.engine.embeddings.rows(ids)[None]
-            logits = self._run(member.row, embeds, [member.length + len(ids)])
-            member.length += len(ids)
-            return logits[0]
+            return self._prefill(member, ids)[0]
         except BaseException:
-            with self.cond:
-                self.busy = False
-                self._leave(member)
+            with self.lock:
+                self._release(member)
             raise
         finally:
-            with self.cond:
+            with self.lock:
                 self.busy = False
                 self.cond.notify_all()
 
-    def decode(self, member: "BatchMember", token: int) -> np.ndarray:
-        if member.row is None:
-            raise BundleError("decode before prefill")
-        with self.cond:
-            self.pending[member] = int(token)
-            self.cond.notify_all()
-            while member not in self.results and not self._ready():
-                self.cond.wait()
-            if member in self.results:
-                return self._collect(member)
-            batch = list(self.rows)  # rows 0..B-1 in order, all pending (_ready)
-            tokens = [self.pending.pop(m) for m in batch]
-            self.busy = True
-        try:
-            out = self._decode_rows(batch, tokens)
-        except BaseException as err:  # every waiting member gets the error, not a hang
-            out = [err] * len(batch)
-        with self.cond:
-            self.busy = False
-            self.results.update(zip(batch, out))
-            self.cond.notify_all()
-            return self._collect(member)
+    # ---- the decoder thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        made = None
+        while True:
+            with self.lock:
+                self.busy = False
+                try:
+                    if made is not None:
+                        self._deliver(*made)
+                    work = self._plan()
+                except Exception as err:  # noqa: BLE001 - a bug here must reach the readers, not hang them
+                    self._fail_all(err)
+                    work = None
+                self.busy = work is not None
+                self.cond.notify_all()
+                if work is None:
+                    self.thread = None  # nothing left: the next stream starts a new thread
+                    return
+            made = self._call(*work)
 
-    def leave(self, member: "BatchMember") -> None:
-        with self.cond:
-            while self.busy:
-                self.cond.wait()
-            self._leave(member)
-            self.cond.notify_all()  # the others may all be pending now
+    def _plan(self):
+        """The next call (under the lock): a prefill chunk while the budget between two decode steps
+        allows, else a decode step of every row; None when no sequence is left."""
+        for member in [*self.rows, self.filling]:
+            if member is not None and member.gen.leaving:
+                self._release(member)
+        while self.filling is None and self.waiting:
+            member = self.waiting.popleft()
+            member.row, member.length, self.filling = len(self.rows), 0, member
+        if self.filling is not None and (not self.rows or self.prefilled < self.prefill_budget):
+            gen = self.filling.gen
+            room = self.prefill_budget - self.prefilled if self.rows else self.prefill_budget
+            ids = gen.prompt[gen.fed: gen.fed + _chunk(len(gen.prompt) - gen.fed, room)]
+            self.prefilled += len(ids)
+            return [self.filling], ids
+        if self.rows:
+            self.prefilled = 0
+            return list(self.rows), [m.gen.token for m in self.rows]
+        return None
+
+    def _call(self, batch: list["BatchMember"], ids: list[int]):
+        """Run one planned call (outside the lock) and sample what it finished: (batch, tokens or
+        exceptions, logits); tokens None for a prefill chunk that is not the prompt's last."""
+        try:
+            if len(batch) == 1 and batch[0] is self.filling:
+                gen = batch[0].gen
+                logits = self._prefill(batch[0], ids)
+                gen.fed += len(ids)
+                if gen.fed < len(gen.prompt):
+                    return batch, None, None
+            else:
+                logits = self._decode_rows(batch, ids)
+        except Exception as err:  # noqa: BLE001 - the sequences of this call fail, the others go on
+            return batch, [err] * len(batch), None
+        return batch, sample_rows([m.gen.sampler for m in batch], logits), logits
+
+    def _deliver(self, batch: list["BatchMember"], tokens, logits) -> None:
+        """Hand each sequence its token (under the lock); an ended sequence gives its row back."""
+        if tokens is None:
+            return
+        if batch[0] is self.filling:  # the prompt is in: the sequence decodes from the next step on
+            self.rows.append(batch[0])
+            self.filling = None
+        for k, (member, token) in enumerate(zip(batch, tokens)):
+            gen = member.gen
+            if isinstance(token, BaseException):
+                gen.out.append(token)
+                gen.over = True
+            else:
+                gen.out.append((token, logits[k]))
+                gen.token, gen.left = token, gen.left - 1
+                gen.over = token in gen.stop or gen.left <= 0
+            if gen.over or gen.leaving:
+                self._release(member)
+            gen.ready.notify()
 
     # ---- under the lock -------------------------------------------------------------------------
-    def _ready(self) -> bool:
-        return not self.busy and bool(self.rows) and all(m in self.pending for m in self.rows)
+    def _fail_all(self, err: Exception) -> None:
+        """Every sequence ends with `err` and every row is free."""
+        for member in [*self.rows, self.filling, *self.waiting]:
+            if member is not None:
+                member.gen.out.append(err)
+                member.row, member.length = None, 0
+                member.gen.over = True
+                member.gen.ready.notify()
+        self.rows, self.filling = [], None
+        self.waiting.clear()
 
-    def _collect(self, member: "BatchMember") -> np.ndarray:
-        out = self.results.pop(member)
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
-    def _leave(self, member: "BatchMember") -> None:
-        """Give the member's row back: the last row moves into it (the caller is the only one on the buffers)."""
-        self.pending.pop(member, None)
-        row = member.row
-        member.row, member.length = None, 0
+    def _release(self, member: "BatchMember") -> None:
+        """Give the member's row back (nobody else is on the buffers): the last row moves into it, and a
+        sequence in its prefill moves along to stay right after the decoding rows."""
+        row, member.row, member.length = member.row, None, 0
+        if member.gen is not None and not member.gen.over:
+            member.gen.over = True
+            member.gen.ready.notify()
         if row is None:
+            return
+        if member is self.filling:
+            self.filling = None
             return
         last = self.rows.pop()
         if last is not member:
-            for buf in self.kv:
-                buf[row, :, : last.length] = buf[last.row, :, : last.length]
-            self.rows[row], last.row = last, row
+            self._move(last, row)
+            self.rows[row] = last
+        if self.filling is not None:
+            self._move(self.filling, len(self.rows))
+
+    def _move(self, member: "BatchMember", row: int) -> None:
+        for buf in self.kv:
+            buf[row, :, : member.length] = buf[member.row, :, : member.length]
+        member.row = row
 
     # ---- the calls (busy, outside the lock) -----------------------------------------------------
-    def _decode_rows(self, batch: list["BatchMember"], tokens: list[int]) -> list[np.ndarray]:
+    def _prefill(self, member: "BatchMember", ids: list[int]) -> np.ndarray:
+        embeds = self.engine.embeddings.rows(ids)[None]
+        logits = self._run(member.row, embeds, [member.length + len(ids)])
+        member.length += len(ids)
+        return logits
+
+    def _decode_rows(self, batch: list["BatchMember"], tokens: list[int]) -> np.ndarray:
+        """One decode step of rows 0..len(batch)-1; their logits [rows, vocab]."""
         embeds = self.engine.embeddings.rows(tokens)[:, None, :]
         logits = self._run(0, embeds, [m.length + 1 for m in batch])
         for m in batch:
             m.length += 1
         self.steps += 1
         self.stepped_rows += len(batch)
-        return list(logits)
+        return logits
 
     def _run(self, first_row: int, embeds: np.ndarray, totals: list[int]) -> np.ndarray:
         """One call on rows first_row.. (one per entry of totals: each row's length after the call);
@@ -190,19 +311,42 @@ class BatchDecoder:
         check_kv_buffers(f"the KV cache for {row_capacity} sequences of {capacity} positions", shape,
                          self.engine.num_layers, np.dtype(self.engine.kv_dtype).itemsize,
                          "serve fewer sequences at once (--parallel) or a smaller --ctx")
-        used = max((m.length for m in self.rows), default=0)
+        held = self.rows + [self.filling] * (self.filling is not None)
+        used = max((m.length for m in held), default=0)
         old, self.kv = self.kv, []
         for buf in old or [None] * (2 * self.engine.num_layers):
             new = np.zeros(shape, self.engine.kv_dtype)
             if buf is not None:  # the rows that hold sequences (a newcomer's row may be past the old buffer)
-                rows_held = min(len(self.rows), buf.shape[0])
+                rows_held = min(len(held), buf.shape[0])
                 new[:rows_held, :, :used] = buf[:rows_held, :, :used]
             self.kv.append(new)
         self.row_capacity, self.capacity = row_capacity, capacity
 
 
+def _chunk(left: int, room: int) -> int:
+    """How many of a prompt's `left` tokens to prefill now, with `room` left in the budget: never one token
+    after the first chunk, as one token on top of a cache takes the graph's decode path, whose logits are
+    not those of the same token inside a longer prefill (Session 11: 0.7 apart on SmolLM2; two tokens and
+    more give a whole prefill's logits bit for bit)."""
+    n = min(left, max(room, 2))
+    return left if left - n == 1 else n
+
+
+class _Generation:
+    """What one stream asked for, and the tokens made for it that its reader has not taken yet."""
+
+    def __init__(self, lock, prompt: list[int], max_tokens: int, sampler, stop):
+        self.prompt, self.left, self.sampler, self.stop = prompt, max_tokens, sampler, stop
+        self.fed = 0            # prompt tokens prefilled so far
+        self.token = None       # the last token made: the next decode step's input
+        self.out: deque = deque()  # (token, logits) or an exception, in order
+        self.over = False       # no more tokens will be made
+        self.leaving = False    # the reader is gone: free the row between two calls
+        self.ready = threading.Condition(lock)  # out grew or over was set
+
+
 class BatchMember:
-    """One sequence of a BatchDecoder, with the Engine interface (reset / prefill / decode) and finish()."""
+    """One sequence at a time of a BatchDecoder: stream() is generate()'s token source."""
 
     def __init__(self, decoder: BatchDecoder):
         self.decoder = decoder  # shared by the members (the server reads its step counts)
@@ -211,9 +355,23 @@ class BatchMember:
         self.max_length = self.context_length = engine.max_length
         self.row: int | None = None
         self.length = 0
+        self.gen: _Generation | None = None
 
-    def reset(self) -> None:
-        self.decoder.leave(self)
+    def stream(self, prompt_ids: list[int], max_tokens: int, sampler, stop: set[int]):
+        """(token, logits it was sampled from), made by the decoder thread, until a stop id or max_tokens
+        (runtime/generate.py's engine_tokens, batched). Closing it ends the sequence."""
+        if max_tokens <= 0:
+            return
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise BundleError("prefill needs at least one token")
+        gen = _Generation(self.decoder.lock, ids, max_tokens, sampler, stop)
+        self.decoder.start(self, gen)
+        try:
+            while (item := self.decoder.take(gen)) is not None:
+                yield item
+        finally:
+            self.decoder.leave(self)
 
     def prefill(self, ids) -> np.ndarray:
         ids = [int(i) for i in ids]
@@ -221,9 +379,6 @@ class BatchMember:
             raise BundleError("prefill needs at least one token")
         return self.decoder.prefill(self, ids)
 
-    def decode(self, token: int) -> np.ndarray:
-        return self.decoder.decode(self, int(token))
-
     def finish(self) -> None:
-        """The generation ended: free the row now (the others stop waiting for this sequence)."""
+        """Free the row now (the others stop waiting for this sequence)."""
         self.decoder.leave(self)

@@ -44,3 +44,26 @@ def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
     out = np.zeros_like(probs)
     out[keep] = probs[keep]
     return out / out.sum()
+
+
+def sample_rows(samplers, logits: np.ndarray) -> list:
+    """The next token of each row of `logits` [rows, vocab], row i by samplers[i], as Sampler.sample picks
+    it; where a sampler raised, the exception instead (it belongs to that row's request alone).
+
+    The greedy rows take one argmax over the batch (float32 to float64 is exact, so the first maximum is
+    the one Sampler.sample finds). The other rows go through their own Sampler one by one: each draws
+    from its own seeded generator, so a request gets the tokens it gets when it is decoded alone.
+    """
+    out: list = [None] * len(samplers)
+    greedy = [i for i, s in enumerate(samplers) if s.greedy]
+    if greedy:
+        rows = logits if len(greedy) == len(samplers) else logits[greedy]
+        for i, token in zip(greedy, np.argmax(rows, axis=1).tolist()):
+            out[i] = token
+    for i, sampler in enumerate(samplers):
+        if not sampler.greedy:
+            try:
+                out[i] = sampler.sample(logits[i])
+            except Exception as err:  # noqa: BLE001 - e.g. NaN logits: that request fails, not the batch
+                out[i] = err
+    return out

@@ -7,10 +7,11 @@ the event loop; between tokens the worker asks whether its client is gone, so a 
 engine after at most one more token.
 
 Batched decoding: where the graph allows it (ONNX bundles built with onnx.batch_decode), the N engines
-are members of one BatchDecoder (runtime/onnx_batch.py): each request's prefill runs on its own, then
-its sequence joins the batch, and one call decodes every active sequence (the weights are read once
-for all of them). A finished or cancelled request leaves the batch at once. The worker threads, the
-queue and the streams are the same either way.
+are members of one BatchDecoder (runtime/onnx_batch.py): its own thread prefills each request (in
+chunks between decode steps), decodes every active sequence in one call (the weights are read once
+for all of them) and samples every row; the worker threads only turn tokens into text and stop
+strings, so no step waits for them. A finished or cancelled request leaves the batch at once. The
+worker threads, the queue and the streams are the same either way.
 
 Copied into bundles: needs starlette and uvicorn (`pip install edgeforge[serve]` on a host) only when
 serving; nothing else in the runtime imports this module.

@@ -126,13 +126,8 @@ class Session:
                 return True
             return False
 
-        try:
-            result = generate(self.engine, prompt_ids, max_tokens, Sampler(temperature, top_p, seed),
-                              stop_ids=self.tokenizer.eos_token_ids, on_token=on_token)
-        finally:
-            finish = getattr(self.engine, "finish", None)  # a batched engine frees its row for the others
-            if finish is not None:
-                finish()
+        result = generate(self.engine, prompt_ids, max_tokens, Sampler(temperature, top_p, seed),
+                          stop_ids=self.tokenizer.eos_token_ids, on_token=on_token)
         tail = stream.finish()
         if tail and on_text is not None:
             on_text(tail)
