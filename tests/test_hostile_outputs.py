@@ -314,3 +314,29 @@ def test_sigterm_inside_each_build_step(tiny_model, tmp_path, step):
     assert "Traceback" not in rest
     left = list(dist.iterdir()) if dist.exists() else []
     assert left == [], f"left in -o after SIGTERM in {step}: {left}"
+
+
+def test_sigterm_while_archiving_leaves_the_bundle_and_no_partial_archive(tiny_model, tmp_path):
+    """SIGTERM in the archive step (after the bundle was renamed into -o): exit 143, no traceback, the
+    finished bundle stays, and neither a .tar.gz nor its temporary file is left."""
+    dist = tmp_path / "dist"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant",
+                             "q4f32", "--target", "x86-cpu", "--backend", "onnx", "--archive", "--no-smoke",
+                             "--no-quality", "test", "-o", str(dist)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "[archive]" in line:
+            proc.send_signal(signal.SIGSTOP)
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
+            break
+    else:
+        pytest.fail(f"the build never reached its archive step:\n{''.join(seen)[-2000:]}")
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, rest[-2000:]
+    assert "Traceback" not in rest
+    left = sorted(p.name for p in dist.iterdir())
+    assert left == ["tiny-llama320-q4f32-x86-cpu-onnx"], left

@@ -60,6 +60,8 @@ def _one(args) -> dict:
     if make_archive:
         from ..runtime.files import sha256_file
 
+        with prefixed(f"  [{target.name}/{backend}] "):
+            logger.info(f"[archive] {dest.name}{archive.SUFFIX}")
         packed = archive.pack(dest)
         result.update(archive=str(packed), archive_bytes=packed.stat().st_size, archive_sha256=sha256_file(packed))
     return result
