@@ -292,16 +292,13 @@ BUILD_STEPS = {  # the first line of each step's progress (regular expressions)
 }
 
 
-@pytest.mark.parametrize("step", sorted(BUILD_STEPS))
-def test_sigterm_inside_each_build_step(tiny_model, tmp_path, step):
-    dist = tmp_path / "dist"
-    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant",
-                             "q4f32", "--target", "x86-cpu", "--backend", "onnx", "--archive", "-o", str(dist)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _sigterm_at(proc, pattern: str, step: str) -> None:
+    """Stop the build (SIGSTOP) at its first stderr line matching `pattern`, send SIGTERM, continue
+    it: the signal is acted on inside that step. Then: exit 143 and no traceback."""
     seen = []
     for line in proc.stderr:
         seen.append(line)
-        if re.search(BUILD_STEPS[step], line):
+        if re.search(pattern, line):
             proc.send_signal(signal.SIGSTOP)
             proc.send_signal(signal.SIGTERM)
             proc.send_signal(signal.SIGCONT)
@@ -312,6 +309,15 @@ def test_sigterm_inside_each_build_step(tiny_model, tmp_path, step):
     proc.wait(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, rest[-2000:]
     assert "Traceback" not in rest
+
+
+@pytest.mark.parametrize("step", sorted(BUILD_STEPS))
+def test_sigterm_inside_each_build_step(tiny_model, tmp_path, step):
+    dist = tmp_path / "dist"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant",
+                             "q4f32", "--target", "x86-cpu", "--backend", "onnx", "--archive", "-o", str(dist)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _sigterm_at(proc, BUILD_STEPS[step], step)
     left = list(dist.iterdir()) if dist.exists() else []
     assert left == [], f"left in -o after SIGTERM in {step}: {left}"
 
@@ -324,19 +330,6 @@ def test_sigterm_while_archiving_leaves_the_bundle_and_no_partial_archive(tiny_m
                              "q4f32", "--target", "x86-cpu", "--backend", "onnx", "--archive", "--no-smoke",
                              "--no-quality", "test", "-o", str(dist)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "[archive]" in line:
-            proc.send_signal(signal.SIGSTOP)
-            proc.send_signal(signal.SIGTERM)
-            proc.send_signal(signal.SIGCONT)
-            break
-    else:
-        pytest.fail(f"the build never reached its archive step:\n{''.join(seen)[-2000:]}")
-    rest = proc.stderr.read()
-    proc.wait(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, rest[-2000:]
-    assert "Traceback" not in rest
+    _sigterm_at(proc, r"\[archive\]", "archive")
     left = sorted(p.name for p in dist.iterdir())
     assert left == ["tiny-llama320-q4f32-x86-cpu-onnx"], left
