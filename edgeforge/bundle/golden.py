@@ -18,7 +18,7 @@ from ..progress import progress
 from ..runtime.golden_check import GOLDEN_FORMAT, step_summary
 from ..errors import EdgeforgeError
 from ..runtime.manifest_check import (FLOAT32, INT8_ACTIVATIONS, INT8_ACTIVATIONS_ARM, INT8_KV, MAX_WIDENED_SHARE, SPREAD_FACTOR,
-                                      TOLERANCES, WIDEST, check_spreads, compute_path)
+                                      TOLERANCES, WIDEST, compute_path)
 from ..runtime.smoke import encode_prompt
 
 logger = logging.getLogger(__name__)

@@ -369,7 +369,7 @@ def check_tolerance(root: Path, manifest: dict) -> None:
     try:
         artifact = json.loads((root / "artifact" / "artifact.json").read_bytes())
         golden = json.loads((root / "golden.json").read_bytes())
-        rel = golden["tolerance"]["rel"]
+        golden["tolerance"]["rel"]  # noqa: B018 - present, or refused below as unreadable
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise BundleError(f"{root / 'golden.json'}: unreadable tolerance or artifact.json ({err})") from None
     target = manifest.get("target")
@@ -379,23 +379,30 @@ def check_tolerance(root: Path, manifest: dict) -> None:
     claimed = manifest.get("kv_cache", {}).get("dtype") if isinstance(manifest.get("kv_cache"), dict) else None
     if onnx and claimed is not None and claimed != onnx.get("kv_dtype"):
         raise BundleError(f"{root / MANIFEST}: kv_cache dtype {claimed!r}, but artifact.json's is {onnx.get('kv_dtype')!r}")
-    path = compute_path(artifact, str(target.get("arch", "")))
+    check_golden(root / "golden.json", golden, compute_path(artifact, str(target.get("arch", ""))))
+
+
+def check_golden(where, golden: dict, path: str) -> None:
+    """Golden data (`where` names it in errors) must be what compute path `path` allows: its
+    arithmetic, a tolerance within the path's cap, and per-step spreads within _check_spreads' bounds.
+    `build` runs this too, before writing a bundle the verifier would refuse."""
     arithmetic, cap, dither = TOLERANCES[path]
     if golden.get("arithmetic", FLOAT32) != arithmetic:
-        raise BundleError(f"{root / 'golden.json'}: computed with {golden.get('arithmetic', FLOAT32)!r} arithmetic, but "
+        raise BundleError(f"{where}: computed with {golden.get('arithmetic', FLOAT32)!r} arithmetic, but "
                           f"the artifact computes by {path!r}, which needs {arithmetic!r} golden data (rebuild the bundle)")
+    rel = golden["tolerance"]["rel"]
     per_ep = golden["tolerance"].get("per_ep", {})  # web bundles: one bound per execution provider
     if not isinstance(per_ep, dict):
-        raise BundleError(f"{root / 'golden.json'}: tolerance per_ep must be an object")
+        raise BundleError(f"{where}: tolerance per_ep must be an object")
     for value in [rel, *per_ep.values()]:
-        _check_claimed(root, value, cap, path)
-    check_spreads(root / "golden.json", golden, rel, dither, path)
+        _check_claimed(where, value, cap, path)
+    _check_spreads(where, golden, rel, dither, path)
 
 
-def check_spreads(where, golden: dict, rel: float, dither, path: str) -> None:
-    """golden.json's per-step spreads (see TOLERANCES): numbers >= 0, measured with the path's own
-    dither, and widening at most MAX_WIDENED_SHARE of the steps. `build` runs this too, so that it
-    never writes a bundle whose model hides a wrong artifact behind its own sensitivity."""
+def _check_spreads(where, golden: dict, rel: float, dither, path: str) -> None:
+    """Per-step spreads (see TOLERANCES): numbers >= 0, measured with the path's own dither, and
+    widening at most MAX_WIDENED_SHARE of the steps, so that no model hides a wrong artifact
+    behind its own sensitivity."""
     prompts = golden.get("prompts")
     if not isinstance(prompts, list) or not all(isinstance(p, dict) and isinstance(p.get("steps"), list) for p in prompts):
         raise BundleError(f"{where}: malformed prompts (expected a list of objects with steps)")
@@ -421,9 +428,9 @@ def check_spreads(where, golden: dict, rel: float, dither, path: str) -> None:
             "([onnx] accuracy_level = 1 in a target file) or use another quantization scheme")
 
 
-def _check_claimed(root: Path, rel, cap: float, path: str) -> None:
+def _check_claimed(where, rel, cap: float, path: str) -> None:
     if isinstance(rel, bool) or not isinstance(rel, (int, float)) or not 0 < rel <= cap:
-        raise BundleError(f"{root / 'golden.json'}: tolerance {rel!r} is not in (0, {cap}], the most a {path} "
+        raise BundleError(f"{where}: tolerance {rel!r} is not in (0, {cap}], the most a {path} "
                           "bundle may claim (docs/BUNDLES.md, Tolerances)")
 
 
