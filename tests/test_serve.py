@@ -303,6 +303,7 @@ def test_api_key_is_enforced_on_every_v1_route(bundle, tmp_path):
     (["--api-key-file", "/nonexistent/key"], "--api-key-file /nonexistent/key"),
     (["--port", "70000"], "--port"),
     (["--parallel", "0"], "--parallel"),
+    (["--prompt-cache", "-1"], "--prompt-cache"),
     (["--host", "no-such-host.invalid"], "--host no-such-host.invalid"),
 ])
 def test_bad_options_are_one_line_exit_2(bundle, args, words):
@@ -332,6 +333,41 @@ def test_tampered_bundle_is_refused_before_serving(bundle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgeforge.cli", "serve", str(broken), "--port", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "tokenizer_config.json" in proc.stderr and "serving" not in proc.stderr
+
+
+# ---- prompt prefix reuse (runtime/prefix.py) ------------------------------------------------------
+
+SYSTEM = {"role": "system", "content": "You are a terse assistant who answers every question about the sea."}
+
+
+def chat_twice(live, bundle):
+    """Two questions under one system prompt; the answers and the second's usage."""
+    c = client(live)
+    answers = []
+    for question in ("Why is the sea salty?", "How deep is the sea?"):
+        answers.append(c.chat.completions.create(model=model_id(bundle), max_tokens=10, temperature=0,
+                                                 messages=[SYSTEM, {"role": "user", "content": question}]))
+    return answers
+
+
+@pytest.mark.parametrize("args", [("--parallel", "2"), ("--parallel", "1")], ids=["batched", "one-engine"])
+def test_a_shared_system_prompt_is_prefilled_once(bundle, expected, args):
+    """The second request reuses the first one's system prompt: usage says how many prompt tokens were
+    cached (OpenAI's prompt_tokens_details), /metrics counts them, and the answer is the one computed
+    without reuse; --prompt-cache 0 turns it off."""
+    with LiveServer(bundle, *args) as live:
+        first, second = chat_twice(live, bundle)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        assert 10 < cached < second.usage.prompt_tokens
+        assert live.metric("prompt_tokens_cached_total") == cached
+        for answer, question in zip((first, second), ("Why is the sea salty?", "How deep is the sea?")):
+            assert answer.choices[0].message.content == expected([SYSTEM, {"role": "user", "content": question}], 10)
+    with LiveServer(bundle, *args, "--prompt-cache", "0") as live:
+        off = chat_twice(live, bundle)
+        assert [a.usage.prompt_tokens_details.cached_tokens for a in off] == [0, 0]
+        assert [a.choices[0].message.content for a in off] == [first.choices[0].message.content,
+                                                               second.choices[0].message.content]
 
 
 # ---- concurrency, the queue, shutdown ------------------------------------------------------------

@@ -24,10 +24,11 @@ def answer_json(session, prompt: str, chat: bool, max_tokens=128, temperature=0.
             "device": getattr(session.engine, "device", "?"), **done.result.timings()}
 
 
-def stream_answer(session, prompt, max_tokens=128, temperature=0.0, top_p=1.0, seed=0):
+def stream_answer(session, prompt, max_tokens=128, temperature=0.0, top_p=1.0, seed=0, reuse_prefix=False):
     """prompt: a string (plain) or a list of chat messages. Prints the answer as it comes; returns it
     (a session.Completion)."""
-    done = session.generate(session.encode(prompt), max_tokens, temperature, top_p, seed, on_text=echo_model_text)
+    done = session.generate(session.encode(prompt), max_tokens, temperature, top_p, seed, on_text=echo_model_text,
+                            reuse_prefix=reuse_prefix)
     click.echo()
     result = done.result
     logger.info(f"[{len(done.ids)} tokens, prefill {result.prefill_tokens_per_second:.1f} tok/s, "
@@ -36,7 +37,8 @@ def stream_answer(session, prompt, max_tokens=128, temperature=0.0, top_p=1.0, s
 
 
 def chat_loop(session, **opts) -> None:
-    """Multi-turn chat: the whole conversation is re-encoded each turn (simple; the cache is reset)."""
+    """Multi-turn chat: the whole conversation is encoded each turn; the engine keeps the positions the
+    last turn's prompt computed, so a turn prefills the last answer and the new line (runtime/prefix.py)."""
     messages = []
     click.echo("chat with the bundle; an empty line or Ctrl-D ends it", err=True)
     while True:
@@ -47,5 +49,5 @@ def chat_loop(session, **opts) -> None:
         if not line:
             break
         messages.append({"role": "user", "content": line})
-        answer = stream_answer(session, messages, **opts)
+        answer = stream_answer(session, messages, **opts, reuse_prefix=True)
         messages.append({"role": "assistant", "content": answer.text})

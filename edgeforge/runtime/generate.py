@@ -26,6 +26,7 @@ class GenerateResult:
     prompt_tokens: int
     stopped: str                           # "stop" (a stop id was generated) or "length"
     logits: list[np.ndarray] | None = field(default=None, repr=False)  # per generated token, if kept
+    cached_tokens: int = 0                 # prompt tokens whose KV positions came from an earlier prompt
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -43,12 +44,14 @@ class GenerateResult:
 
 
 def generate(engine, prompt_ids, max_tokens: int, sampler: Sampler | None = None, stop_ids=(),
-             keep_logits: bool = False, on_token=None) -> GenerateResult:
+             keep_logits: bool = False, on_token=None, reuse_prefix: bool = False) -> GenerateResult:
     """Run `prompt_ids` through `engine` then produce up to `max_tokens` tokens.
 
     Stops after a token in `stop_ids` (which is included in `tokens`). `on_token(id)` is called
     for each token as soon as it exists (streaming); when it returns True, generation ends after
-    that token with stopped="stop" (a stop string, a cancelled request). The KV cache is reset first.
+    that token with stopped="stop" (a stop string, a cancelled request). The KV cache is reset first;
+    with `reuse_prefix`, an engine that can (runtime/prefix.py) keeps the positions an earlier prompt with
+    the same beginning computed, which changes no number, only the time to the first token.
     """
     prompt_ids = [int(i) for i in prompt_ids]
     if not prompt_ids:
@@ -65,7 +68,7 @@ def generate(engine, prompt_ids, max_tokens: int, sampler: Sampler | None = None
     stop = {int(s) for s in stop_ids}
     tokens, kept = [], [] if keep_logits else None
     stream = getattr(engine, "stream", None) or (lambda *args: engine_tokens(engine, *args))
-    source = stream(prompt_ids, max_tokens, sampler, stop)
+    source = stream(prompt_ids, max_tokens, sampler, stop, reuse_prefix)
     stopped, prefill_seconds = "length", 0.0
     t0 = t1 = time.perf_counter()
     try:
@@ -83,14 +86,18 @@ def generate(engine, prompt_ids, max_tokens: int, sampler: Sampler | None = None
         source.close()  # a batched sequence gives its row back now
     return GenerateResult(tokens=tokens, prefill_seconds=prefill_seconds,
                           decode_seconds=time.perf_counter() - t1, prompt_tokens=len(prompt_ids),
-                          stopped=stopped, logits=kept)
+                          stopped=stopped, logits=kept, cached_tokens=getattr(engine, "cached_tokens", 0))
 
 
-def engine_tokens(engine, prompt_ids: list[int], max_tokens: int, sampler: Sampler, stop: set[int]):
+def engine_tokens(engine, prompt_ids: list[int], max_tokens: int, sampler: Sampler, stop: set[int],
+                  reuse_prefix: bool = False):
     """(token, logits it was sampled from) of one sequence on its own engine: a prefill, then a decode step
-    per token, until a stop id or max_tokens."""
+    per token, until a stop id or max_tokens. Sets engine.cached_tokens: the prompt positions reused."""
     engine.reset()
-    logits = engine.prefill(prompt_ids)
+    reuse = getattr(engine, "reuse_prefix", None) if reuse_prefix else None
+    kept = reuse(prompt_ids) if reuse is not None else 0
+    engine.cached_tokens = kept
+    logits = engine.prefill(prompt_ids[kept:])
     for made in range(1, max_tokens + 1):
         token = sampler.sample(logits)
         yield token, logits

@@ -20,6 +20,7 @@ from .embedding import EmbeddingTable
 from .files import read_json
 from .loader import checked_max_length
 from .memory import check_kv_buffers
+from .prefix import MIN_TAIL, reusable
 
 CPU = "CPUExecutionProvider"
 DEVICE_PROVIDERS = {"cpu": CPU, "cuda": "CUDAExecutionProvider", "webgpu": "WebGpuExecutionProvider",
@@ -97,6 +98,9 @@ class OnnxEngine:
         self._bind_small_buffers()
         self.capacity = 0
         self.length = 0
+        # The ids whose KV positions 0..n-1 hold what a prefill of them computes (runtime/prefix.py): kept
+        # across reset() in the shared buffers, so the next prompt that begins alike prefills only the rest.
+        self.prefilled: list[int] = []
         if self.kv_mode == "shared":
             first = FIRST_CAPACITY if self.kv_on_cpu else self.max_length
             self._allocate_kv(min(first, self.max_length))
@@ -183,6 +187,18 @@ class OnnxEngine:
         self.length = 0  # shared: the buffers keep stale rows; GroupQueryAttention reads only `total` of them
         if self.kv_mode == "copy":
             self._bind_copy_kv(None)
+            self.prefilled = []
+
+    def reuse_prefix(self, prompt) -> int:
+        """Right after reset(): keep the KV positions an earlier prefill computed for the start of `prompt`
+        and return how many (the caller prefills the rest: at least prefix.MIN_TAIL tokens). CPU only: that a
+        chunked prefill gives a whole one's numbers is checked for ONNX Runtime's CPU kernels alone."""
+        if self.kv_mode != "shared" or self.length or self.provider != CPU:
+            return 0
+        n = reusable(self.prefilled, prompt)
+        del self.prefilled[n:]
+        self.length = n
+        return n
 
     def prefill(self, ids) -> np.ndarray:
         ids = np.asarray(list(ids), dtype=np.int64).reshape(1, -1)
@@ -219,6 +235,7 @@ class OnnxEngine:
         elif total > self.max_length:
             raise BundleError(f"sequence of {total} tokens exceeds max_length {self.max_length}")
         name = "input_ids" if self.embeddings is None else "inputs_embeds"
+        start, fed = self.length, None if ids is None else ids[0].tolist()
         if ids is None:
             self.io.bind_ortvalue_input(name, self._decode_in_ov)
         else:
@@ -232,11 +249,16 @@ class OnnxEngine:
         # consuming node runs elsewhere (WebGPU), so writing into a bound buffer would go unseen.
         self.io.bind_ortvalue_input("seqlens_k", self._seqlens_ov)
         self.io.bind_ortvalue_input("total_sequence_length", self._total_ov)
+        del self.prefilled[start:]  # before the call: a failed one may have written there
         self.session.run_with_iobinding(self.io)
         if self.kv_mode == "copy":
             # get_outputs() follows the binding order: logits, then present.{i}.key/.value.
             self._bind_copy_kv(self.io.get_outputs()[1:])
         self.length = total
+        # Positions start.. now hold this call's keys: a prefill's of two tokens or more (the same numbers
+        # as inside a longer prefill) extends the reusable ids; a decode step's or a lone token's ends them.
+        if fed is not None and len(fed) >= MIN_TAIL and len(self.prefilled) == start:
+            self.prefilled.extend(fed)
         return self._logits[0, 0].copy()
 
     def _ensure_capacity(self, total: int):

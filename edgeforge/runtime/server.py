@@ -37,6 +37,8 @@ logger = logging.getLogger("edgeforge.serve")
 MAX_BODY_BYTES = 1 << 20      # 1 MiB: far more than any context this runtime holds, as text
 RETRY_AFTER_SECONDS = 1
 DISCONNECT_POLL_SECONDS = 0.1
+PROMPT_CACHE_MIB = 256          # serve --prompt-cache: earlier prompts' KV kept by a batch decoder
+MAX_PROMPT_CACHE_MIB = 1 << 20
 
 
 class ClientGone(Exception):
@@ -94,7 +96,7 @@ class Metrics:
 
     def __init__(self):
         self.requests: dict[tuple[str, int], int] = {}
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
         self.prefill_seconds = self.decode_seconds = 0.0
         self.decode_tokens = 0
         self.cancelled = 0
@@ -104,6 +106,7 @@ class Metrics:
 
     def add(self, done) -> None:
         self.prompt_tokens += done.prompt_tokens
+        self.cached_tokens += done.cached_tokens
         self.completion_tokens += len(done.ids)
         self.cancelled += done.finish_reason == "cancelled"
         if done.result is not None:
@@ -120,12 +123,14 @@ class Metrics:
         series = [
             ("errors_total", "counter", "Requests answered with a 4xx or 5xx status.", errors),
             ("prompt_tokens_total", "counter", "Prompt tokens processed (tokens in).", self.prompt_tokens),
+            ("prompt_tokens_cached_total", "counter", "Prompt tokens whose KV positions an earlier prompt with the "
+             "same beginning had computed (not prefilled again).", self.cached_tokens),
             ("completion_tokens_total", "counter", "Tokens generated (tokens out).", self.completion_tokens),
             ("cancelled_total", "counter", "Generations ended early because the client went away.", self.cancelled),
             ("prefill_seconds_total", "counter", "Seconds spent in prefill.", round(self.prefill_seconds, 6)),
             ("decode_seconds_total", "counter", "Seconds spent decoding.", round(self.decode_seconds, 6)),
-            ("prefill_tokens_per_second", "gauge", "Prompt tokens a second over all requests so far.",
-             round(rate(self.prompt_tokens, self.prefill_seconds), 3)),
+            ("prefill_tokens_per_second", "gauge", "Prompt tokens prefilled a second over all requests so far "
+             "(cached ones not counted).", round(rate(self.prompt_tokens - self.cached_tokens, self.prefill_seconds), 3)),
             ("decode_tokens_per_second", "gauge", "Decoded tokens a second (per engine) over all requests so far.",
              round(rate(self.decode_tokens, self.decode_seconds), 3)),
             ("queue_length", "gauge", "Requests waiting for an engine.", slots.queued),
@@ -153,7 +158,8 @@ class Job:
         loop = asyncio.get_running_loop()
         emit = (lambda d: loop.call_soon_threadsafe(self.deltas.put_nowait, d)) if req.stream else None
         work = lambda: session.generate(ids, max_tokens, req.temperature, req.top_p, req.seed,  # noqa: E731
-                                        stop=req.stop, on_text=emit, cancelled=self.cancel.is_set)
+                                        stop=req.stop, on_text=emit, cancelled=self.cancel.is_set,
+                                        reuse_prefix=server.prompt_cache)
         self.future = asyncio.wrap_future(server.executor.submit(work))
         self.future.add_done_callback(lambda f: self._finished(server, session, f))
 
@@ -166,8 +172,10 @@ class Job:
 
 
 class Server:
-    def __init__(self, sessions, api_key: str | None = None, queue_limit: int = 16, model_ids=()):
+    def __init__(self, sessions, api_key: str | None = None, queue_limit: int = 16, model_ids=(),
+                 prompt_cache: bool = True):
         self.sessions = sessions
+        self.prompt_cache = prompt_cache  # start from an earlier prompt's KV positions where one begins alike
         self.model_id = sessions[0].model_id
         self.model_ids = {self.model_id, *model_ids}
         self.api_key = api_key
@@ -227,7 +235,8 @@ class Server:
             raise wire.ApiError(500, f"generation failed: {err}", kind="server_error") from None
         rid = wire.new_id("chatcmpl" if chunk_object.startswith("chat") else "cmpl")
         make = wire.chat_answer if chunk_object.startswith("chat") else wire.completion_answer
-        return self._json(make(rid, self.model_id, done.text, done.finish_reason, done.prompt_tokens, len(done.ids)))
+        return self._json(make(rid, self.model_id, done.text, done.finish_reason, done.prompt_tokens, len(done.ids),
+                               done.cached_tokens))
 
     async def _events(self, job: Job, req: wire.Request, prompt_tokens: int, chunk_object: str):
         """Server-sent events: OpenAI's chunks as text arrives, the finish reason, usage if asked, [DONE]."""
@@ -252,7 +261,8 @@ class Server:
                 return
             yield wire.sse(chunk("", done.finish_reason))
             if req.include_usage:
-                yield wire.sse(wire.usage_chunk(rid, self.model_id, chunk_object, prompt_tokens, len(done.ids)))
+                yield wire.sse(wire.usage_chunk(rid, self.model_id, chunk_object, prompt_tokens, len(done.ids),
+                                                done.cached_tokens))
             yield wire.sse("[DONE]")
         finally:
             job.cancel.set()  # the client left (the task is cancelled) or the stream ended: stop the engine
@@ -424,13 +434,15 @@ def run_server(server: Server, sock: socket.socket, drain_seconds: float) -> Non
 
 
 def serve_session(first, sock: socket.socket, api_key: str | None, parallel: int, queue_limit: int,
-                  drain_seconds: float, announce, batch: bool = True) -> None:
+                  drain_seconds: float, announce, batch: bool = True, prompt_cache_mib: int = PROMPT_CACHE_MIB) -> None:
     """Open the other engines next to `first` (an opened Session), say where it listens, serve. With
-    `batch` and more than one engine, engines that can decode together do (Session.batched)."""
-    sessions = first.batched(parallel) if batch and parallel > 1 else None
+    `batch` and more than one engine, engines that can decode together do (Session.batched). A request
+    whose prompt begins like an earlier one prefills only the rest (runtime/prefix.py), unless
+    prompt_cache_mib is 0; a batch decoder keeps copies of finished prompts in at most that many MiB."""
+    sessions = first.batched(parallel, prompt_cache_mib << 20) if batch and parallel > 1 else None
     batched = sessions is not None
     sessions = sessions or [first] + [first.sibling() for _ in range(parallel - 1)]
-    server = Server(sessions, api_key=api_key, queue_limit=queue_limit)
+    server = Server(sessions, api_key=api_key, queue_limit=queue_limit, prompt_cache=prompt_cache_mib > 0)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     engines = f"{parallel} engine(s){', decoded in batches' if batched else ''}"
@@ -479,18 +491,23 @@ def main(argv=None) -> int:
     ap.add_argument("--drain", type=float, default=10.0)
     ap.add_argument("--trust", default=None, metavar="PUBKEY.pem")
     ap.add_argument("--no-batch", action="store_true", help="decode concurrent requests one call each")
+    ap.add_argument("--prompt-cache", type=int, default=PROMPT_CACHE_MIB, metavar="MIB",
+                    help="MiB of earlier prompts' KV kept for prompts that begin alike; 0: none")
     args = ap.parse_args(argv)
     announce = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        if not 0 <= args.port <= 65535 or args.parallel < 1 or args.queue < 0 or (args.ctx is not None and args.ctx < 2):
-            raise BundleError("--port must be 0..65535, --parallel >= 1, --queue >= 0, --ctx >= 2")
+        if (not 0 <= args.port <= 65535 or args.parallel < 1 or args.queue < 0 or (args.ctx is not None and args.ctx < 2)
+                or not 0 <= args.prompt_cache <= MAX_PROMPT_CACHE_MIB):
+            raise BundleError(f"--port must be 0..65535, --parallel >= 1, --queue >= 0, --ctx >= 2, "
+                              f"--prompt-cache 0..{MAX_PROMPT_CACHE_MIB}")
         env_key = os.environ.get("EDGEFORGE_API_KEY")
         key = (read_api_key_file(args.api_key_file) if args.api_key_file
                else check_api_key(env_key, "$EDGEFORGE_API_KEY") if env_key is not None else None)
         sock = bind(args.host, args.port)
         first = open_session(args.bundle, max_length=args.ctx, trust=args.trust)
-        serve_session(first, sock, key, args.parallel, args.queue, args.drain, announce, batch=not args.no_batch)
+        serve_session(first, sock, key, args.parallel, args.queue, args.drain, announce, batch=not args.no_batch,
+                      prompt_cache_mib=args.prompt_cache)
     except BundleError as err:
         announce(f"error: {err}")
         return err.exit_code

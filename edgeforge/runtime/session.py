@@ -53,6 +53,11 @@ class Completion:
     prompt_tokens: int
     result: GenerateResult | None  # timings; None when cancelled before the first token
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV positions an earlier prompt computed (reuse_prefix)."""
+        return self.result.cached_tokens if self.result is not None else 0
+
 
 class Session:
     """A verified, opened bundle. One engine is one sequence at a time: a server opens more with
@@ -77,15 +82,19 @@ class Session:
         engine = twin() if twin is not None else self.open_engine()
         return Session(self.bundle, self.manifest, self.tokenizer, engine, self._max_length, self._device, self.files)
 
-    def batched(self, n: int) -> "list[Session] | None":
+    def batched(self, n: int, prompt_cache_bytes: int = 0) -> "list[Session] | None":
         """n sessions whose engines decode together, one call a step for all active sequences
-        (runtime/onnx_batch.py), where this engine's graph allows it; None where it does not."""
+        (runtime/onnx_batch.py), where this engine's graph allows it; None where it does not. With
+        prompt_cache_bytes, finished prompts' KV positions are kept (up to 2n of them, that many bytes) for
+        the requests that begin alike (generate's reuse_prefix)."""
         from .onnx_batch import BatchDecoder, can_batch
+        from .prefix import PromptCache
 
         if not can_batch(self.engine):
             return None
+        decoder = BatchDecoder(self.engine, prompt_cache=PromptCache(2 * n, prompt_cache_bytes))
         return [Session(self.bundle, self.manifest, self.tokenizer, member, self._max_length, self._device, self.files)
-                for member in BatchDecoder(self.engine).members(n)]
+                for member in decoder.members(n)]
 
     @property
     def context_length(self) -> int | None:
@@ -108,10 +117,11 @@ class Session:
             raise BundleError(str(err)) from None
 
     def generate(self, prompt_ids, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = 0, stop=(), on_text=None, cancelled=None) -> Completion:
+                 seed: int | None = 0, stop=(), on_text=None, cancelled=None, reuse_prefix: bool = False) -> Completion:
         """Generate from prompt ids. on_text(delta) gets text as soon as it is final (a character split
         across tokens, or text that may begin a stop string, waits); cancelled() is asked between tokens
-        and ends generation when it returns True."""
+        and ends generation when it returns True. reuse_prefix: start from the KV positions of an earlier
+        prompt with the same beginning where the engine can (runtime/prefix.py; the same answer, sooner)."""
         stream = TextStream(self.tokenizer, stop)
         state = {"cancelled": False}
 
@@ -127,7 +137,7 @@ class Session:
             return False
 
         result = generate(self.engine, prompt_ids, max_tokens, Sampler(temperature, top_p, seed),
-                          stop_ids=self.tokenizer.eos_token_ids, on_token=on_token)
+                          stop_ids=self.tokenizer.eos_token_ids, on_token=on_token, reuse_prefix=reuse_prefix)
         tail = stream.finish()
         if tail and on_text is not None:
             on_text(tail)
