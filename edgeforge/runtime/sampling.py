@@ -37,13 +37,84 @@ class Sampler:
 
 
 def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
-    order = np.argsort(-probs, kind="stable")
-    cumulative = np.cumsum(probs[order])
-    keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one).
+
+    The tokens in order are those of a stable sort by descending probability (ties: the lowest index
+    first), and the kept ones are the first searchsorted(cumsum, top_p) + 1. _head_nucleus finds the same
+    tokens from a sort of only the largest probabilities, where it can prove the answer is the same (else
+    the full sort below); the output is then built as before (the same array, the same sum), so a seeded
+    generator draws the same token from it, bit for bit.
+    """
+    keep = _head_nucleus(probs, top_p)
+    if keep is None:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
     out = np.zeros_like(probs)
     out[keep] = probs[keep]
     return out / out.sum()
+
+
+_HEAD = 256  # tokens in the first partial sort
+_SHIFT = 48  # second one: float64 values binned by their exponent and top 4 mantissa bits (16 per power of 2)
+_SPAN = 40 * 16  # bins from 40 powers of 2 below the first threshold up (the rest in bin 0)
+
+
+def _head_nucleus(probs: np.ndarray, top_p: float):
+    """The kept tokens of _top_p's full sort from a prefix of its order, or None where not shown equal.
+
+    For any threshold t, the tokens with p >= t come first in the stable order, and a stable sort of them
+    from ascending index puts them in that order: a prefix of the full order. So is that prefix cut inside
+    the tie at t where only the tie's lowest indices are kept. np.cumsum adds in sequence, so the prefix's
+    cumulative sums are the full one's first entries, bit for bit; with every p >= 0 both are
+    non-decreasing, so when searchsorted stops strictly inside the prefix (j < its length) the full
+    search stops at the same j.
+
+    First try: t the _HEAD-th largest probability (np.partition), the prefix cut at _HEAD tokens (whichever
+    ties of t the partition picked); enough for a peaked distribution. Else (a large nucleus) t from the
+    mass per value bin: the lowest bin edge whose bins above hold top_p with a margin. None where the
+    prefix would be over half the vocabulary (a flat distribution: the full sort is about as fast), and at
+    once for NaN, inf or negative probabilities.
+    """
+    n = probs.size
+    if probs.ndim != 1 or n <= 4 * _HEAD:
+        return None
+    if not (probs.min() >= 0 and probs.max() < np.inf):  # NaN fails both
+        return None
+    t = np.partition(probs, n - _HEAD)[n - _HEAD]  # the _HEAD-th largest value
+    head = np.flatnonzero(probs >= t)  # ascending index
+    if head.size > _HEAD:  # more ties of t than places left: the stable order takes the lowest indices
+        values = probs[head]
+        above = head[values > t]
+        head = np.concatenate((above, head[values == t][: _HEAD - above.size]))
+    keep = _prefix_nucleus(probs, head, top_p)
+    if keep is not None or t == 0 or probs.dtype != np.float64:  # t == 0: every nonzero one was in
+        return keep
+    if head.size + (top_p - float(probs[head].sum())) / float(t) > n // 2:
+        return None  # each token after the head has p <= t: the nucleus is over half the vocabulary
+    # Nonnegative float64 values order as their bits (as int64), so bin b holds values >= bin b's lower
+    # edge, and the tokens of the bins from b up are those with p >= that edge.
+    base = max(int(np.array(t).view(np.int64)) >> _SHIFT, _SPAN) - _SPAN
+    keys = (probs.view(np.int64) >> _SHIFT) - base
+    np.maximum(keys, 0, out=keys)
+    from_top = np.cumsum(np.bincount(keys, weights=probs)[::-1])  # the mass of each bin and those above
+    i = int(np.searchsorted(from_top, top_p * (1 + 1e-9)))
+    if i >= from_top.size - 1:  # not reached above bin 0 (top_p ~ the whole mass)
+        return None
+    edge = np.array((from_top.size - 1 - i + base) << _SHIFT, dtype=np.int64).view(np.float64)
+    head = np.flatnonzero(probs >= edge)
+    if head.size > n // 2:
+        return None
+    return _prefix_nucleus(probs, head, top_p)
+
+
+def _prefix_nucleus(probs, head, top_p):
+    """The kept tokens where `head` (the first tokens of the full order, each tie in ascending index)
+    holds them, else None."""
+    order = head[np.argsort(-probs[head], kind="stable")]
+    cumulative = np.cumsum(probs[order])
+    j = int(np.searchsorted(cumulative, top_p))
+    return order[: j + 1] if j < order.size else None
 
 
 def sample_rows(samplers, logits: np.ndarray) -> list:
