@@ -77,7 +77,7 @@ def assert_same(probs, top_p):
 @pytest.mark.parametrize("n", [1, 5, 300, 1025, 1100, 3000, 49152])
 def test_top_p_equals_the_full_sort(n):
     rng = np.random.default_rng(n)
-    fast = {False: 0, True: 0}  # from the first partial sort (at most _HEAD kept), the second
+    fast = 0  # answers from the partial sort
     rounds = 3 if n == 49152 else 6
     for shape in SHAPES:
         for _ in range(rounds):
@@ -94,11 +94,10 @@ def test_top_p_equals_the_full_sort(n):
                 top_p = float(top_p)
                 if 0 < top_p <= 1:
                     assert_same(probs, top_p)
-                    keep = _head_nucleus(probs, top_p)
-                    fast[keep is not None and keep.size > sampling._HEAD] += keep is not None
+                    fast += _head_nucleus(probs, top_p) is not None
             assert_same(probs.astype(np.float32), 0.9)  # another dtype: the same operations in float32
-    if n > 4 * sampling._HEAD:  # both partial sorts were taken, not only the full one
-        assert fast[False] > 0 and fast[True] > 0, fast
+    if n > 4 * sampling._HEAD:  # the partial sort was taken, not only the full one
+        assert fast > 0
 
 
 def test_top_p_ties_across_the_partition_boundary_take_the_lowest_indices():

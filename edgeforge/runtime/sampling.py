@@ -55,9 +55,7 @@ def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
     return out / out.sum()
 
 
-_HEAD = 256  # tokens in the first partial sort
-_SHIFT = 48  # second one: float64 values binned by their exponent and top 4 mantissa bits (16 per power of 2)
-_SPAN = 40 * 16  # bins from 40 powers of 2 below the first threshold up (the rest in bin 0)
+_HEAD = 256  # tokens in the partial sort: a language model's nucleus is almost always fewer
 
 
 def _head_nucleus(probs: np.ndarray, top_p: float):
@@ -68,13 +66,8 @@ def _head_nucleus(probs: np.ndarray, top_p: float):
     the tie at t where only the tie's lowest indices are kept. np.cumsum adds in sequence, so the prefix's
     cumulative sums are the full one's first entries, bit for bit; with every p >= 0 both are
     non-decreasing, so when searchsorted stops strictly inside the prefix (j < its length) the full
-    search stops at the same j.
-
-    First try: t the _HEAD-th largest probability (np.partition), the prefix cut at _HEAD tokens (whichever
-    ties of t the partition picked); enough for a peaked distribution. Else (a large nucleus) t from the
-    mass per value bin: the lowest bin edge whose bins above hold top_p with a margin. None where the
-    prefix would be over half the vocabulary (a flat distribution: the full sort is about as fast), and at
-    once for NaN, inf or negative probabilities.
+    search stops at the same j. Here t is the _HEAD-th largest probability (np.partition). None for small
+    vocabularies (the full sort is as fast) and for NaN, inf or negative probabilities.
     """
     n = probs.size
     if probs.ndim != 1 or n <= 4 * _HEAD:
@@ -87,24 +80,6 @@ def _head_nucleus(probs: np.ndarray, top_p: float):
         values = probs[head]
         above = head[values > t]
         head = np.concatenate((above, head[values == t][: _HEAD - above.size]))
-    keep = _prefix_nucleus(probs, head, top_p)
-    if keep is not None or t == 0 or probs.dtype != np.float64:  # t == 0: every nonzero one was in
-        return keep
-    if head.size + (top_p - float(probs[head].sum())) / float(t) > n // 2:
-        return None  # each token after the head has p <= t: the nucleus is over half the vocabulary
-    # Nonnegative float64 values order as their bits (as int64), so bin b holds values >= bin b's lower
-    # edge, and the tokens of the bins from b up are those with p >= that edge.
-    base = max(int(np.array(t).view(np.int64)) >> _SHIFT, _SPAN) - _SPAN
-    keys = (probs.view(np.int64) >> _SHIFT) - base
-    np.maximum(keys, 0, out=keys)
-    from_top = np.cumsum(np.bincount(keys, weights=probs)[::-1])  # the mass of each bin and those above
-    i = int(np.searchsorted(from_top, top_p * (1 + 1e-9)))
-    if i >= from_top.size - 1:  # not reached above bin 0 (top_p ~ the whole mass)
-        return None
-    edge = np.array((from_top.size - 1 - i + base) << _SHIFT, dtype=np.int64).view(np.float64)
-    head = np.flatnonzero(probs >= edge)
-    if head.size > n // 2:
-        return None
     return _prefix_nucleus(probs, head, top_p)
 
 
