@@ -37,13 +37,59 @@ class Sampler:
 
 
 def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
-    order = np.argsort(-probs, kind="stable")
-    cumulative = np.cumsum(probs[order])
-    keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one).
+
+    The tokens in order are those of a stable sort by descending probability (ties: the lowest index
+    first), and the kept ones are the first searchsorted(cumsum, top_p) + 1. _head_nucleus finds the same
+    tokens from a sort of only the largest probabilities, where it can prove the answer is the same (else
+    the full sort below); the output is then built as before (the same array, the same sum), so a seeded
+    generator draws the same token from it, bit for bit.
+    """
+    keep = _head_nucleus(probs, top_p)
+    if keep is None:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
     out = np.zeros_like(probs)
     out[keep] = probs[keep]
     return out / out.sum()
+
+
+_HEAD = 256  # tokens in the partial sort: a language model's nucleus is almost always fewer
+
+
+def _head_nucleus(probs: np.ndarray, top_p: float):
+    """The kept tokens of _top_p's full sort from a prefix of its order, or None where not shown equal.
+
+    For any threshold t, the tokens with p >= t come first in the stable order, and a stable sort of them
+    from ascending index puts them in that order: a prefix of the full order. So is that prefix cut inside
+    the tie at t where only the tie's lowest indices are kept. np.cumsum adds in sequence, so the prefix's
+    cumulative sums are the full one's first entries, bit for bit; with every p >= 0 both are
+    non-decreasing, so when searchsorted stops strictly inside the prefix (j < its length) the full
+    search stops at the same j. Here t is the _HEAD-th largest probability (np.partition). None for small
+    vocabularies (the full sort is as fast) and for NaN, inf or negative probabilities.
+    """
+    n = probs.size
+    if probs.ndim != 1 or n <= 4 * _HEAD:
+        return None
+    if not (probs.min() >= 0 and probs.max() < np.inf):  # NaN fails both
+        return None
+    t = np.partition(probs, n - _HEAD)[n - _HEAD]  # the _HEAD-th largest value
+    head = np.flatnonzero(probs >= t)  # ascending index
+    if head.size > _HEAD:  # more ties of t than places left: the stable order takes the lowest indices
+        values = probs[head]
+        above = head[values > t]
+        head = np.concatenate((above, head[values == t][: _HEAD - above.size]))
+    return _prefix_nucleus(probs, head, top_p)
+
+
+def _prefix_nucleus(probs, head, top_p):
+    """The kept tokens where `head` (the first tokens of the full order, each tie in ascending index)
+    holds them, else None."""
+    order = head[np.argsort(-probs[head], kind="stable")]
+    cumulative = np.cumsum(probs[order])
+    j = int(np.searchsorted(cumulative, top_p))
+    return order[: j + 1] if j < order.size else None
 
 
 def sample_rows(samplers, logits: np.ndarray) -> list:
