@@ -436,6 +436,7 @@ def main(argv=None) -> int:
         if not args.no_quality:
             result["quality"] = _quality(args, model, peer_src, smoke, notes)
     result["seconds"] = round(time.monotonic() - t0, 1)
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # BENCHMARKS.md's date when re-rendered
     result["command"] = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -134,7 +134,8 @@ def one_request(port: int, model: str, prompt: str, max_tokens: int, timeout: fl
         conn.close()
 
 
-def load_level(server: ServerProcess, clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
+def load_level(server: ServerProcess, clients: int, requests: int, max_tokens: int, timeout: float) -> tuple:
+    """One round of a level: (every request's result, the round's wall seconds)."""
     jobs = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
     lock, results = threading.Lock(), []
 
@@ -147,11 +148,19 @@ def load_level(server: ServerProcess, clients: int, requests: int, max_tokens: i
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
-    wall = time.perf_counter() - t0
+    return results, time.perf_counter() - t0
+
+
+def summarize(clients: int, rounds: list[tuple]) -> dict:
+    """A level over its rounds: tokens over the rounds' summed wall time, TTFT quantiles of every request."""
+    results = [r for got, _ in rounds for r in got]
+    wall = sum(w for _, w in rounds)
     ok = [r for r in results if "error" not in r]
     ttfts = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
     tokens = sum(r["tokens"] for r in ok)
-    return {"clients": clients, "requests": requests, "errors": len(results) - len(ok),
+    return {"clients": clients, "requests": len(results), "rounds": len(rounds),
+            "round_tok_s": [round(sum(r.get("tokens", 0) for r in got) / w, 1) for got, w in rounds],
+            "errors": len(results) - len(ok),
             "error_kinds": sorted({r["error"] for r in results if "error" in r}),
             "tokens": tokens, "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1) if wall else 0.0,
             "ttft_p50_ms": round(1000 * _quantile(ttfts, 0.5), 1) if ttfts else None,
@@ -164,12 +173,13 @@ def _quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q * 100) - 1))]
 
 
-def edgeforge_server(bundle: Path, slots: int, threads: int, ctx: int, batch: bool = True) -> ServerProcess:
+def edgeforge_server(bundle: Path, slots: int, threads: int, ctx: int, batch: bool = True,
+                     name: str | None = None) -> ServerProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "edgeforge.cli", "serve", str(bundle), "--port", str(port), "--parallel", str(slots),
            "--ctx", str(ctx), "--queue", "1000", "-q", "--batch" if batch else "--no-batch"]
     env = dict(os.environ, EDGEFORGE_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    return ServerProcess("edgeforge" if batch else "edgeforge-unbatched", cmd, port, bundle.name, env)
+    return ServerProcess(name or ("edgeforge" if batch else "edgeforge-unbatched"), cmd, port, bundle.name, env)
 
 
 def llama_server(gguf: Path, slots: int, threads: int, ctx: int) -> ServerProcess:
@@ -194,34 +204,46 @@ def run(args) -> dict:
     gguf = None
     if "llama-server" in args.servers:
         gguf = Path(args.gguf) if args.gguf else default_gguf()
+    models = {"edgeforge": bundle, "edgeforge-unbatched": bundle, "llama-server": gguf}
     makers = {"edgeforge": lambda: edgeforge_server(bundle, args.slots, args.threads, args.ctx),
               "edgeforge-unbatched": lambda: edgeforge_server(bundle, args.slots, args.threads, args.ctx, batch=False),
               "llama-server": lambda: llama_server(gguf, args.slots, args.threads, args.ctx)}
-    weights = {"edgeforge": weight_bytes(bundle), "edgeforge-unbatched": weight_bytes(bundle),
-               "llama-server": gguf.stat().st_size if gguf else 0}
+    names = list(args.servers)
+    for also in args.also:  # NAME=BUNDLE: another edgeforge bundle served the same way, e.g. another size
+        name, _, path = also.partition("=")
+        other = Path(path).resolve()
+        models[name], names = other, names + [name]
+        makers[name] = lambda other=other, name=name: edgeforge_server(other, args.slots, args.threads, args.ctx,
+                                                                       name=name)
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": shlex.join(sys.argv),
            "max_tokens": args.max_tokens, "slots": args.slots, "threads": args.threads, "ctx": args.ctx,
-           "load_average": os.getloadavg()[0], "servers": {}}
+           "rounds": args.rounds, "load_average": os.getloadavg()[0], "servers": {}}
     servers = {}
     try:
-        for name in args.servers:
+        for name in names:
             servers[name] = makers[name]()
             servers[name].wait_ready()
             one_request(servers[name].port, servers[name].model, PROMPTS[0], 4, args.timeout)  # warm up
         levels = {name: [] for name in servers}
-        # Interleaved (each level: every server in turn): on a shared machine, load that comes and goes
-        # then falls on both servers alike rather than on whichever happened to run at the time.
+        # Interleaved (each round of a level: every server in turn): on a shared machine, load that comes and
+        # goes then falls on every server alike rather than on whichever happened to run at the time.
         for clients in args.clients:
             requests = max(args.min_requests, args.requests_per_client * clients)
-            for name, server in servers.items():
-                levels[name].append(load_level(server, clients, requests, args.max_tokens, args.timeout))
+            rounds = {name: [] for name in servers}
+            for _ in range(args.rounds):
+                for name, server in servers.items():
+                    rounds[name].append(load_level(server, clients, requests, args.max_tokens, args.timeout))
+            for name in servers:
+                levels[name].append(summarize(clients, rounds[name]))
                 print(f"[serve_load] {name} {levels[name][-1]}", file=sys.stderr, flush=True)
     finally:
         for server in servers.values():
             server.stop()
     for name, server in servers.items():
-        out["servers"][name] = {"model": str(gguf if name == "llama-server" else bundle), "weights_bytes": weights[name],
-                                "peak_rss_bytes": server.peak_rss, "levels": levels[name]}
+        model = models[name]
+        size = model.stat().st_size if name == "llama-server" else weight_bytes(model)
+        out["servers"][name] = {"model": str(model), "weights_bytes": size, "peak_rss_bytes": server.peak_rss,
+                                "levels": levels[name]}
     out["load_average_end"] = os.getloadavg()[0]
     return out
 
@@ -233,6 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--servers", nargs="+", default=["edgeforge", "llama-server"],
                     choices=["edgeforge", "edgeforge-unbatched", "llama-server"],
                     help="edgeforge-unbatched: edgeforge serve --no-batch (one decode call per request)")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=BUNDLE",
+                    help="another edgeforge bundle served as server NAME (e.g. one of llama.cpp's file size)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of each level, the servers in turn each round")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--min-requests", type=int, default=6)
