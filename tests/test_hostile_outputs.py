@@ -3,6 +3,7 @@ files never become paths outside -o, and a killed run leaves nothing behind (or 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -261,25 +262,85 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+# A linker that waits: a target's [tvm] cross_compiler is the program that links model.so (any C++
+# driver the user names). This one hands every other call (--version) to g++, and for the link itself
+# leaves a marker and waits until the process that started it (a --jobs worker) is gone. A build using
+# it cannot finish a TVM bundle: whatever the machine's load, the workers are inside the compile step,
+# their temporary folders open, when the test acts.
+WAITING_LINKER = """#!{python}
+import os, sys, time
+if "-o" not in sys.argv[1:]:
+    os.execvp("g++", ["g++", *sys.argv[1:]])
+parent = os.getppid()
+open(os.path.join({markers!r}, f"linking-{{os.getpid()}}"), "w").close()
+deadline = time.monotonic() + 900
+while os.getppid() == parent and time.monotonic() < deadline:
+    time.sleep(0.05)
+sys.exit(1)
+"""
+
+
+def _waiting_linker_targets(folder: Path, names: tuple[str, ...]) -> tuple[list[str], Path]:
+    """Target files like x86-cpu's TVM side whose .so is linked by WAITING_LINKER; and the folder
+    where each link that started leaves its marker (linking-PID)."""
+    markers = folder / "linking"
+    markers.mkdir()
+    linker = folder / "waiting-g++"
+    linker.write_text(WAITING_LINKER.format(python=sys.executable, markers=str(markers)))
+    linker.chmod(0o755)
+    paths = []
+    for name in names:
+        path = folder / f"{name}.toml"
+        path.write_text(f'name = "{name}"\ndescription = "x86-64, linked by a linker that waits"\n'
+                        'backends = ["tvm"]\nrun = "host"\nos = "linux"\narch = "x86_64"\n\n[tvm]\n'
+                        'host = { kind = "llvm", mtriple = "x86_64-linux-gnu", mcpu = "x86-64-v3" }\n'
+                        f'export = "so"\ncross_compiler = "{linker}"\n')
+        paths.append(str(path))
+    return paths, markers
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting for its reaper has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def test_sigterm_stops_jobs_workers_and_renames_nothing(tiny_model, tmp_path):
-    """build --jobs 2: SIGTERM to the build while its workers compile: exit 143, no traceback, every
-    worker gone (not left compiling), nothing in -o, no temporary folder left."""
+    """build --jobs 2: SIGTERM to the build while both workers are inside their compile step: exit 143,
+    no traceback, every worker gone (not left compiling), nothing in -o, no temporary folder left.
+
+    Deterministic under any load: the two bundles' .so are linked by WAITING_LINKER, so neither bundle
+    can be renamed into -o before the signal (a signal sent after watching -o raced the bundle that
+    finished first); the signal goes once both links have started."""
     dist = tmp_path / "dist"
+    targets, markers = _waiting_linker_targets(tmp_path, ("link-a", "link-b"))
     proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "build", str(tiny_model("llama32")), "--quant",
-                             "q4f32", "--target", "x86-cpu", "--backend", "all", "--jobs", "2", "--no-smoke",
-                             "--no-quality", "test", "-o", str(dist)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # both workers are compiling once the two bundles' temporary folders exist
-    assert _wait_for(lambda: dist.is_dir() and len([p for p in dist.iterdir() if "-x86-cpu-" in p.name]) >= 2), \
-        proc.communicate(timeout=60)
-    workers = _children(proc.pid)
-    assert workers
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "Traceback" not in err
-    assert _wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), timeout=30), "a worker survived"
-    assert list(dist.iterdir()) == [], f"left behind: {list(dist.iterdir())}"
+                             "q4f32", "--target", targets[0], "--target", targets[1], "--backend", "tvm", "--jobs", "2",
+                             "--no-smoke", "--no-quality", "test", "-o", str(dist)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # both workers are in their compile step once both links have started (they never end by themselves)
+        assert _wait_for(lambda: len(list(markers.iterdir())) >= 2 or proc.poll() is not None, timeout=600)
+        assert proc.poll() is None, proc.communicate(timeout=60)
+        bundles = [p.name for p in dist.iterdir() if p.is_dir() and "-link-" in p.name]
+        assert len(bundles) == 2 and all(name.startswith(".") and ".tmp-" in name for name in bundles), bundles
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        linkers = [int(p.name.split("-")[1]) for p in markers.iterdir()]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "Traceback" not in err
+        assert _wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), timeout=30), "a worker survived"
+        assert _wait_for(lambda: not any(_running(pid) for pid in linkers), timeout=30), "a link survived"
+        assert list(dist.iterdir()) == [], f"left behind: {list(dist.iterdir())}"
+    finally:  # whatever is left of the build (on a failure), all in its own session: its workers and links
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.communicate(timeout=60)
 
 
 # issue 21 (session 9): SIGTERM inside each build step. The build is stopped (SIGSTOP) as soon as a

@@ -63,9 +63,8 @@ def _os_name(os_key: str) -> str:
 _CC_MAJOR, _CC_MINOR = 75, 76
 
 
-def cuda_gpus() -> tuple[list[dict], int | None, str]:
-    """The CUDA devices through the driver API (libcuda): [{index, name, sm}], the driver's CUDA
-    version (e.g. 13000), and why there are none. `sm` is the compute capability as 'sm_90'."""
+def _libcuda():
+    """(the CUDA driver library with cuInit done, None) or (None, why there is none)."""
     names = {"linux": ["libcuda.so.1", "libcuda.so"], "windows": ["nvcuda.dll"]}.get(host_os(), [])
     for lib in names:
         try:
@@ -74,9 +73,18 @@ def cuda_gpus() -> tuple[list[dict], int | None, str]:
             continue
         try:
             if cuda.cuInit(0) != 0:
-                return [], None, f"{lib} found but cuInit failed (no GPU or driver mismatch)"
+                return None, f"{lib} found but cuInit failed (no GPU or driver mismatch)"
         except AttributeError:  # not a real driver (a build-time stub, say)
-            return [], None, f"{lib} is not an NVIDIA driver (no cuInit)"
+            return None, f"{lib} is not an NVIDIA driver (no cuInit)"
+        return cuda, ""
+    return None, "no NVIDIA driver (libcuda) on this machine"
+
+
+def cuda_gpus() -> tuple[list[dict], int | None, str]:
+    """The CUDA devices through the driver API (libcuda): [{index, name, sm}], the driver's CUDA
+    version (e.g. 13000), and why there are none. `sm` is the compute capability as 'sm_90'."""
+    cuda, why = _libcuda()
+    if cuda is not None:
         driver = ctypes.c_int(0)
         cuda.cuDriverGetVersion(ctypes.byref(driver))
         count = ctypes.c_int(0)
@@ -92,7 +100,44 @@ def cuda_gpus() -> tuple[list[dict], int | None, str]:
             cuda.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, dev)
             gpus.append({"index": i, "name": name.value.decode(errors="replace"), "sm": f"sm_{major.value}{minor.value}"})
         return gpus, driver.value or None, ""
-    return [], None, "no NVIDIA driver (libcuda) on this machine"
+    return [], None, why
+
+
+def cuda_memory(index: int = 0) -> tuple[int | None, int | None]:
+    """(free, total) bytes of CUDA device `index` through the driver API, each None where unknown.
+
+    Free memory is read in the device's primary context (the one the CUDA runtime, hence ONNX Runtime's
+    CUDA EP and TVM, uses) only when that context is already active: asking never creates a context
+    (hundreds of MB of device memory) for a process that has not used the GPU yet. Without it, or
+    without a driver: total only, or nothing. Never raises."""
+    try:
+        cuda, _ = _libcuda()
+        if cuda is None:
+            return None, None
+        dev, size = ctypes.c_int(0), ctypes.c_size_t(0)
+        if cuda.cuDeviceGet(ctypes.byref(dev), int(index)) != 0:
+            return None, None
+        total = size.value if cuda.cuDeviceTotalMem_v2(ctypes.byref(size), dev) == 0 and size.value else None
+        flags, active = ctypes.c_uint(0), ctypes.c_int(0)
+        if cuda.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active)) != 0 or not active.value:
+            return None, total
+        ctx = ctypes.c_void_p()
+        if cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) != 0:
+            return None, total
+        free, whole = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        try:
+            if cuda.cuCtxPushCurrent_v2(ctx) != 0:
+                return None, total
+            try:
+                ok = cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(whole)) == 0
+            finally:
+                cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+        finally:
+            release = getattr(cuda, "cuDevicePrimaryCtxRelease_v2", None) or cuda.cuDevicePrimaryCtxRelease
+            release(dev)
+        return (free.value, whole.value or total) if ok else (None, total)
+    except (AttributeError, OSError, ValueError):  # an old or partial driver: unknown
+        return None, None
 
 
 def cuda_device_count() -> tuple[int, str]:

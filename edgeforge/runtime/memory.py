@@ -1,6 +1,9 @@
 """Memory a step needs against what this machine has free: one piece of arithmetic for the compiler's
 stages (edgeforge/hostmem.py) and the runtime's engines, so a step that cannot fit says so by name
-before it allocates, instead of being killed. Copied into bundles: standard library only."""
+before it allocates, instead of being killed. A GPU's memory is checked the same way
+(check_device_memory) before an engine puts weights or a KV cache there, from what the device
+reports (hostcheck.cuda_memory for ONNX Runtime's CUDA EP, TVM's device attributes for TVM); a device
+that reports nothing is logged and never refused. Copied into bundles: standard library only."""
 
 from __future__ import annotations
 
@@ -52,6 +55,44 @@ def kv_cache_bytes(config: dict, tokens: int, dtype_bytes: int, page_size: int =
             * pages * page_size * dtype_bytes)
 
 
+def kv_buffers_bytes(shape: tuple[int, ...], num_layers: int, itemsize: int) -> int:
+    """Bytes of ONNX-style KV buffers: a key and a value buffer of `shape` per layer."""
+    return 2 * int(num_layers) * math.prod(int(d) for d in shape) * int(itemsize)
+
+
 def check_kv_buffers(stage: str, shape: tuple[int, ...], num_layers: int, itemsize: int, advice: str) -> None:
     """check_memory for ONNX-style KV buffers: a key and a value buffer of `shape` per layer."""
-    check_memory(stage, 2 * num_layers * math.prod(int(d) for d in shape) * int(itemsize), advice)
+    check_memory(stage, kv_buffers_bytes(shape, num_layers, itemsize), advice)
+
+
+def device_memory_refusal(stage: str, needed: int, device: str, advice: str, free: int | None = None,
+                          total: int | None = None, resident: int = 0) -> str | None:
+    """The refusal message when `needed` more bytes do not fit on `device` (a GPU), else None.
+
+    free: the bytes the device reports free now; what is already there (this engine's weights, other
+    engines, other programs) is out of it, so `needed` is compared with it alone. Else total: the
+    device's whole memory, compared with `needed` plus `resident` (the bytes this engine already put
+    there, its weights; what others hold is not known). Neither known: logged, never refused."""
+    if free is None and total is None:
+        logger.info(f"[memory] {stage} on {device}: the device does not report its memory; not checked")
+        return None
+    if free is not None:
+        have, want = int(free), int(needed)
+    else:
+        have, want = int(total), int(needed) + int(resident)
+    held = f", with the {resident / GIB:.1f} GiB already there," if free is None and resident else ""
+    have_text = f"{have / GIB:.1f} GiB is free" if free is not None else f"it has {have / GIB:.1f} GiB in all"
+    logger.info(f"[memory] {stage} on {device}: needs about {want / GIB:.1f} GiB{held.rstrip(',')}; {have_text}")
+    if want <= have:
+        return None
+    return (f"{stage} on {device} needs about {want / GIB:.1f} GiB of its memory{held} and {have_text} "
+            f"({want} bytes needed, {have} available): {advice}")
+
+
+def check_device_memory(stage: str, needed: int, device: str, advice: str, free: int | None = None,
+                        total: int | None = None, resident: int = 0) -> None:
+    """BundleError naming `stage`, the bytes and `advice` when `needed` more bytes do not fit on
+    `device` (device_memory_refusal); an unknown figure is never refused."""
+    message = device_memory_refusal(stage, needed, device, advice, free, total, resident)
+    if message:
+        raise BundleError(message)

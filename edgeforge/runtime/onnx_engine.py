@@ -18,8 +18,9 @@ import numpy as np
 from .bundle_errors import BundleError, CannotRunHere
 from .embedding import EmbeddingTable
 from .files import read_json
+from .hostcheck import cuda_memory
 from .loader import checked_max_length
-from .memory import check_kv_buffers
+from .memory import GIB, check_device_memory, check_kv_buffers, kv_buffers_bytes
 from .prefix import MIN_TAIL, reusable
 
 CPU = "CPUExecutionProvider"
@@ -41,6 +42,8 @@ WEBGPU_SESSIONS: list = []
 # the whole buffer.
 KV_MODES = {CPU: "shared", "CUDAExecutionProvider": "shared"}
 FIRST_CAPACITY = 256
+GPU_ADVICE = ("open the bundle with a smaller --ctx, or serve fewer --parallel engines (each holds its own "
+              "KV cache on the GPU)")
 
 
 def _import_ort():
@@ -68,9 +71,11 @@ class OnnxEngine:
         if self.info.get("input") == "inputs_embeds":
             self.embeddings = EmbeddingTable(self.artifact_dir, self.info.get("embedding"), self.vocab_size,
                                              self.info.get("hidden_size", 0))
+        self.max_length = checked_max_length(max_length, self.info["context_length"])
+        if self.provider == "CUDAExecutionProvider":  # refused by name before anything goes to the GPU
+            self._check_gpu_memory_before_loading()
         self.session = self._open_session(threads)
         self.device = _device_name(self.provider, self.device_id)
-        self.max_length = checked_max_length(max_length, self.info["context_length"])
         self.context_length = self.max_length
         self.kv_dtype = _kv_dtype(self.info, self.session, self.artifact_dir)
         self.kv_mode = kv_mode or KV_MODES.get(self.provider, "copy")
@@ -139,6 +144,25 @@ class OnnxEngine:
         release_loaded_pages(self._data_files(model))
         return session
 
+    def _gpu_weights_bytes(self) -> int:
+        """Bytes of the graph and its external data: the initializers ONNX Runtime puts on the GPU (an
+        embedding table, runtime/embedding.py, stays in host memory)."""
+        model = self.artifact_dir / self.info["model"]
+        return sum(p.stat().st_size for p in (model, model.with_name(model.name + ".data")) if p.is_file())
+
+    def _check_gpu_memory_before_loading(self) -> None:
+        """The weights and the KV buffers (allocated at max_length up front on CUDA) against the GPU's
+        memory, before the session loads the weights there (an unknown KV dtype counts nothing here:
+        _kv_dtype refuses it by name once the session is open)."""
+        weights = self._gpu_weights_bytes()
+        shape = (1, int(self.info["num_kv_heads"]), self.max_length, int(self.info["head_dim"]))
+        dtype = KV_DTYPES.get(self.info.get("kv_dtype")) if isinstance(self.info.get("kv_dtype"), str) else None
+        kv = kv_buffers_bytes(shape, self.num_layers, np.dtype(dtype).itemsize) if dtype is not None else 0
+        free, total = cuda_memory(self.device_id)
+        check_device_memory(f"the weights ({weights / GIB:.1f} GiB) and the KV cache for {self.max_length} positions "
+                            "(--ctx; default the model's context length)", weights + kv,
+                            _device_name(self.provider, self.device_id), GPU_ADVICE, free, total)
+
     def _data_files(self, model: Path) -> list[Path]:
         """The graph's external data files: compile.py's name and the (checked) embedding table's."""
         return sorted({model.with_name(model.name + ".data"), *(self.embeddings.files if self.embeddings else ())})
@@ -164,6 +188,11 @@ class OnnxEngine:
         if self.kv_on_cpu:  # host buffers grow with the conversation: refuse by name what cannot fit
             check_kv_buffers(f"the KV cache for {capacity} positions", shape, self.num_layers,
                              np.dtype(self.kv_dtype).itemsize, "use a shorter conversation, or open the bundle with a smaller --ctx")
+        else:  # CUDA: every engine (--parallel) allocates its buffers at max_length, after the weights
+            free, total = cuda_memory(self.device_id)
+            check_device_memory(f"the KV cache for {capacity} positions (--ctx; default the model's context length)",
+                                kv_buffers_bytes(shape, self.num_layers, np.dtype(self.kv_dtype).itemsize), self.device,
+                                GPU_ADVICE, free, total, resident=self._gpu_weights_bytes())
         old = getattr(self, "_kv", None)
         self._kv, self._kv_ov = [], []
         for i in range(self.num_layers):

@@ -27,14 +27,18 @@ from pathlib import Path
 from .bundle_errors import BundleError, CannotRunHere
 from .files import read_json
 from .loader import checked_max_length
-from .memory import check_memory, kv_cache_bytes, mem_available
+from .memory import GIB, check_device_memory, check_memory, kv_cache_bytes, mem_available
 from .weights import QdirWeights
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill call: bounds the activations' memory
 PAGE_SIZE = 16
 POOLED_ALLOCATOR = 2  # relax VM allocator kinds: 1 naive, 2 pooled
 DEVICE_TYPES = {"cpu": 1, "llvm": 1, "cuda": 2, "vulkan": 7, "metal": 8, "rocm": 10, "opencl": 4}
-ATTR_EXIST, ATTR_NAME, ATTR_AVAILABLE_MEMORY = 0, 5, 15  # runtime.GetDeviceAttr kinds
+# runtime.GetDeviceAttr kinds (DeviceAttrKind, tvm/runtime/device_api.h). TVM 0.27 reports total
+# memory for CUDA, ROCm, Metal, OpenCL and Vulkan, available memory for CUDA (and ROCm) only.
+ATTR_EXIST, ATTR_NAME, ATTR_TOTAL_MEMORY, ATTR_AVAILABLE_MEMORY = 0, 5, 14, 15
+GPU_ADVICE = ("open the bundle with a smaller --ctx, or serve fewer --parallel engines (each holds its own "
+              "weights and KV cache on the GPU)")
 _LOADED: dict = {}  # library name -> (ctypes handle, path): loaded once a process
 LIB_SUFFIXES = (".so", ".dylib")  # bundles carry Linux .so; a developer's apache-tvm on macOS has .dylib
 try:  # logits as numpy arrays where numpy is installed (callers index and compare them); else array('f')
@@ -191,7 +195,9 @@ class TvmEngine:
         weights = QdirWeights(weights_dir)
         self.max_seq_len = checked_max_length(max_seq_len, weights.config.get("context_length"), 2048)
         self.context_length = self.max_seq_len
-        self.params = self._load_params(weights)
+        spec = read_json(self.artifact_dir / "params.json").get("params", [])
+        self._check_gpu_memory_before_loading(weights.config, spec)
+        self.params = self._load_params(weights, spec)
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
         self._cache_fns = {
             name: self._ffi.get_global_func(f"vm.builtin.kv_state_{name}")
@@ -277,21 +283,46 @@ class TvmEngine:
             raise BundleError(f"this module needs a {kind} device and none is present")
         return dev
 
+    @property
+    def _on_gpu(self) -> bool:
+        return self.dev.dlpack_device_type() != DEVICE_TYPES["cpu"]
+
+    def _kv_bytes(self, config: dict) -> int:
+        dtype_bytes = 2 if self.artifact.get("model_dtype") == "float16" else 4
+        return kv_cache_bytes(config, self.max_seq_len, dtype_bytes, PAGE_SIZE)
+
+    def _check_gpu_memory_before_loading(self, config: dict, spec: list) -> None:
+        """On a GPU: the weights and the whole paged KV cache against the device's memory, before the
+        weights are copied there (refused by name instead of failing half-way through the copy)."""
+        self._weight_bytes = _params_bytes(spec)
+        if not self._on_gpu:
+            return
+        free, total = self._device_memory()
+        check_device_memory(f"the weights ({(self._weight_bytes or 0) / GIB:.1f} GiB) and the KV cache for a "
+                            f"context of {self.max_seq_len} tokens (--ctx; default the model's context length)",
+                            (self._weight_bytes or 0) + self._kv_bytes(config), self.device, GPU_ADVICE, free, total)
+
     def _check_kv_memory(self, config: dict) -> None:
         """The paged KV cache is reserved whole when the engine opens (a model's default context can be
-        131072 tokens): refused by name before TVM allocates it when it cannot fit."""
-        dtype_bytes = 2 if self.artifact.get("model_dtype") == "float16" else 4
-        needed = kv_cache_bytes(config, self.max_seq_len, dtype_bytes, PAGE_SIZE)
-        check_memory(f"the KV cache for a context of {self.max_seq_len} tokens (--ctx; default the model's "
-                     f"context length) on {self.device}", needed, "open the bundle with a smaller --ctx",
-                     self._free_memory())
+        131072 tokens): refused by name before TVM allocates it when it cannot fit: in this machine's
+        memory, or on a GPU in what the device has free (the weights, copied there, are out of it) or,
+        where it reports only its total, in that total less this engine's weights."""
+        needed = self._kv_bytes(config)
+        stage = f"the KV cache for a context of {self.max_seq_len} tokens (--ctx; default the model's context length)"
+        if not self._on_gpu:
+            check_memory(f"{stage} on {self.device}", needed, "open the bundle with a smaller --ctx", mem_available())
+            return
+        free, total = self._device_memory()
+        check_device_memory(stage, needed, self.device, GPU_ADVICE, free, total, resident=self._weight_bytes or 0)
 
-    def _free_memory(self) -> int | None:
-        """Bytes free where the KV cache lives: this machine's memory, or the GPU's (None: unknown)."""
-        if self.dev.dlpack_device_type() == DEVICE_TYPES["cpu"]:
-            return mem_available()
+    def _device_memory(self) -> tuple[int | None, int | None]:
+        """(free, total) bytes of the engine's GPU as TVM's device API reports them (None: not reported)."""
+        return self._device_attr_int(ATTR_AVAILABLE_MEMORY), self._device_attr_int(ATTR_TOTAL_MEMORY)
+
+    def _device_attr_int(self, kind: int) -> int | None:
         try:
-            return int(self._fn["GetDeviceAttr"](self.dev.dlpack_device_type(), 0, ATTR_AVAILABLE_MEMORY)) or None
+            value = self._fn["GetDeviceAttr"](self.dev.dlpack_device_type(), 0, kind)
+            return int(value) if value else None
         except Exception:  # noqa: BLE001 - not every device API reports it
             return None
 
@@ -302,8 +333,7 @@ class TvmEngine:
         except Exception:  # noqa: BLE001 - not every device API reports a name
             return None
 
-    def _load_params(self, weights: QdirWeights):
-        spec = read_json(self.artifact_dir / "params.json").get("params", [])
+    def _load_params(self, weights: QdirWeights, spec: list):
         tensors = []
         for p in spec:
             tensor, role = _tensor_and_role(p["name"])
@@ -325,6 +355,21 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def _params_bytes(spec) -> int | None:
+    """Bytes of the module's parameters as params.json declares them (_load_params checks each against
+    its stored array); None where a shape or dtype cannot be read (then _load_params refuses it)."""
+    total = 0
+    try:
+        for p in spec:
+            bits = re.fullmatch(r"[a-z]+(\d+)", p["dtype"])
+            if bits is None:
+                return None
+            total += -(-_numel(p["shape"]) * int(bits.group(1)) // 8)  # whole bytes
+    except (KeyError, TypeError, ValueError):
+        return None
+    return max(total, 0)
 
 
 def _gpu_label(name: str | None, kind: str) -> str:
