@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .memory import mem_available
+
 MIN_TAIL = 2  # prompt tokens a reusing prefill still runs (never the one-token decode path)
 
 
@@ -36,8 +38,8 @@ def reusable(cached, prompt) -> int:
 
 
 class PromptCache:
-    """Copies of prompt KV positions, newest last: at most `entries` of them and `max_bytes` together.
-    An entry is (token ids, one array per KV buffer [kv_heads, positions, head_dim])."""
+    """Copies of prompt KV positions, newest last: at most `entries` of them and `max_bytes` together, and
+    none that would take over a quarter of the memory still free. An entry is (token ids, one array per KV buffer [kv_heads, positions, head_dim])."""
 
     def __init__(self, entries: int, max_bytes: int):
         self.entries, self.max_bytes = max(0, int(entries)), max(0, int(max_bytes))
@@ -78,7 +80,8 @@ class PromptCache:
                 self._drop(old)
         arrays = read()
         size = sum(a.nbytes for a in arrays)
-        if size > self.max_bytes:
+        free = mem_available()
+        if size > self.max_bytes or (free is not None and size > free // 4):  # never what the engines need
             return
         while self.items and (len(self.items) >= self.entries or self.bytes + size > self.max_bytes):
             self._drop(next(iter(self.items)))
