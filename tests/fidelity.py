@@ -48,10 +48,10 @@ def quantized(model_dir: Path, scheme: str, out: Path) -> Path:
     return out
 
 
-def compiled(qdir: Path, target: str, backend: str, out: Path) -> dict:
+def compiled(qdir: Path, target: str, backend: str, out: Path, kv_cache: str | None = None) -> dict:
     from edgeforge.backends import compile_qdir
 
-    return compile_qdir(qdir, target, backend, out)
+    return compile_qdir(qdir, target, backend, out, kv_cache=kv_cache)
 
 
 def verdict(qdir: Path, artifact_dir: Path, golden: dict, arch: str = "x86_64") -> dict:

@@ -19,7 +19,7 @@ import pytest
 
 import fidelity as F
 from bundle_helpers import cli, host_bundle, resign  # noqa: F401 - host_bundle is a fixture
-from edgeforge.bundle.golden import golden_kind
+from edgeforge.bundle.golden import golden_kind, golden_of
 from edgeforge.model.reference import bf16_truncate, int8_blocks, int8_rows
 from edgeforge.runtime.loader import read_artifact
 
@@ -167,29 +167,36 @@ def test_sweep_and_mutations_aarch64_onnx(sweep, capsys):
     for spec in ARM_MODELS:
         for scheme in ("q4f32", "q4f16"):
             base, goldens = get(spec, scheme)
-            variants = [(base, None)]
+            variants = [(base, None, None)]
+            if scheme == "q4f32":  # the int8 KV cache (float32 compute only): its own golden arithmetic
+                variants += [(base, None, "int8")]
             if spec == ARM_MODELS[0]:  # a 1.5x o_proj on a plain model passed the old 1.2e-1
-                variants += [(F.mutated(base, m, root / f"armmut{i}-{scheme}"), m)
+                variants += [(F.mutated(base, m, root / f"armmut{i}-{scheme}"), m, None)
                              for i, m in enumerate(("sign-flipped v_proj", "scaled o_proj (x1.5)"))]
-            for qdir, mutation in variants:
-                out = root / f"arm-{qdir.name}"
+                if scheme == "q4f32":
+                    variants += [(root / "armmut1-q4f32", "scaled o_proj (x1.5)", "int8")]
+            for qdir, mutation, kv in variants:
+                out = root / f"arm-{qdir.name}{'-kv8' if kv else ''}"
                 if not out.exists():
-                    F.compiled(qdir, "rpi5", "onnx", out)
+                    F.compiled(qdir, "rpi5", "onnx", out, kv_cache=kv)
+                # golden data of the unmutated model, in the artifact's arithmetic (an int8 KV cache's
+                # rounds by the scales compiled into the unmutated `out`, made after the float one)
                 kind = golden_kind(read_artifact(out), "aarch64")
                 if kind not in goldens:
-                    goldens[kind] = F.golden_for(base, kind)
+                    goldens[kind] = (golden_of(goldens, base, read_artifact(out), "aarch64", out) if kv
+                                     else F.golden_for(base, kind))
                 cases.append((out, goldens[kind], "aarch64"))
-                labels.append((spec, scheme, mutation))
+                labels.append((spec, scheme, kv, mutation))
     results = F.verdicts_under_qemu(cases, root / "arm-run")
-    sweep_ok = ["PASS" if r["ok"] else "false FAIL" for r, l in zip(results, labels) if l[2] is None]
-    caught = ["caught" if not r["ok"] else "MISSED" for r, l in zip(results, labels) if l[2] is not None]
+    sweep_ok = ["PASS" if r["ok"] else "false FAIL" for r, l in zip(results, labels) if l[3] is None]
+    caught = ["caught" if not r["ok"] else "MISSED" for r, l in zip(results, labels) if l[3] is not None]
     _report(capsys, "fidelity sweep (onnx, aarch64 under qemu)", sweep_ok)
     _report(capsys, "mutation suite (onnx, aarch64 under qemu)", caught)
     with capsys.disabled():
         for r, l in zip(results, labels):
             print(f"  {l}: worst step {r['ratio']:.2f} of its tolerance (rel {r['rel_tol']}, {r['widened']} of "
                   f"{r['steps']} steps widened)")
-    assert sweep_ok == ["PASS"] * 8 and caught == ["caught"] * 4
+    assert sweep_ok == ["PASS"] * 12 and caught == ["caught"] * 5
 
 
 def test_sweep_onnx_no_false_fail(sweep, capsys):
