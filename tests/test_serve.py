@@ -370,6 +370,20 @@ def test_a_shared_system_prompt_is_prefilled_once(bundle, expected, args):
                                                                second.choices[0].message.content]
 
 
+def test_the_bundles_own_server_takes_prompt_cache_too(bundle):
+    """python3 -m edgeforge_runtime.server (a device without edgeforge): --prompt-cache means the same."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(bundle / "runtime"))
+    own = [sys.executable, "-m", "edgeforge_runtime.server", str(bundle), "--port", "0", "--parallel", "2"]
+    with LiveServer(bundle, command=own, env=env) as live:
+        assert chat_twice(live, bundle)[1].usage.prompt_tokens_details.cached_tokens > 10
+    with LiveServer(bundle, command=own + ["--prompt-cache", "0"], env=env) as live:
+        assert chat_twice(live, bundle)[1].usage.prompt_tokens_details.cached_tokens == 0
+    proc = subprocess.run(own + ["--prompt-cache", "-1"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "--prompt-cache" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # ---- concurrency, the queue, shutdown ------------------------------------------------------------
 
 def test_eight_concurrent_streams_give_the_single_answer(server, bundle):

@@ -31,7 +31,8 @@ from .bundle_cmds import TRUST_OPTION, is_web_bundle, open_verified, verified_we
               show_default=True, metavar="MIB",
               help="A prompt that begins like an earlier one (a system prompt, a conversation's earlier turns) "
                    "prefills only the rest; batched servers keep earlier prompts' KV in at most this many MiB. "
-                   "0 turns it off. Answers are the same either way.")
+                   "0 turns it off (clients share the cache: timing tells one whether another sent the same beginning). "
+                   "Answers are the same either way.")
 @click.option("--queue", "queue_limit", type=click.IntRange(0, 100_000), default=16, show_default=True,
               help="Requests that may wait for an engine; the next one gets 429 with Retry-After.")
 @click.option("--ctx", type=click.IntRange(2), default=None,
