@@ -31,7 +31,8 @@ def stream_answer(session, prompt, max_tokens=128, temperature=0.0, top_p=1.0, s
                             reuse_prefix=reuse_prefix)
     click.echo()
     result = done.result
-    logger.info(f"[{len(done.ids)} tokens, prefill {result.prefill_tokens_per_second:.1f} tok/s, "
+    cached = f", {result.cached_tokens} prompt tokens reused" if result.cached_tokens else ""
+    logger.info(f"[{len(done.ids)} tokens, prefill {result.prefill_tokens_per_second:.1f} tok/s{cached}, "
                 f"decode {result.decode_tokens_per_second:.1f} tok/s]")
     return done
 

@@ -35,7 +35,9 @@ class GenerateResult:
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        """Prompt tokens actually prefilled a second (those reused from an earlier prompt not counted)."""
+        done = self.prompt_tokens - self.cached_tokens
+        return done / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     def timings(self) -> dict:
         return {"prefill_seconds": round(self.prefill_seconds, 6), "decode_seconds": round(self.decode_seconds, 6),
