@@ -379,6 +379,12 @@ def test_build_refuses_golden_data_that_would_widen_too_many_steps(tiny_model, t
     with pytest.raises(BundleError, match="amplifies the rounding of the int8-activations-x86_64 compute path"):
         make_bundle(tmp_path / "out", qdir, get_target("x86-cpu"), "onnx", golden)
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # through build's per-bundle path (a 3B-shaped random model met it): a refusal, exit 2, not an internal error
+    from edgeforge.bundle.build import _one
+
+    result = _one((tmp_path / "out", qdir, get_target("x86-cpu"), "onnx", golden, False, None, None, None))
+    assert not result["ok"] and not result.get("internal") and "amplifies the rounding" in result["error"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_mutated_bundle_with_valid_checksums_fails_smoke(host_bundle, tiny_model, tmp_path, capsys):

@@ -46,7 +46,7 @@ def _one(args) -> dict:
         with prefixed(f"  [{target.name}/{backend}] "):
             manifest = make_bundle(dest, qdir, target, backend, golden, sign_key=sign_key, quality=quality,
                                    kv_cache=kv_cache)
-    except EdgeforgeError as err:
+    except (EdgeforgeError, BundleError) as err:  # bad input (golden data refused, say): exit 2, not a bug
         return {"target": target.name, "backend": backend, "ok": False, "error": str(err)}
     except Exception as err:  # noqa: BLE001 - one broken backend must not stop the other targets
         if os.environ.get("EDGEFORGE_DEBUG") == "1":  # --debug (set for worker processes too)
