@@ -47,7 +47,7 @@ import numpy as np
 
 from .bundle_errors import BundleError
 from .memory import check_kv_buffers
-from .prefix import MIN_TAIL, PromptCache
+from .prefix import PromptCache
 from .sampling import sample_rows
 
 
@@ -254,14 +254,13 @@ class BatchDecoder:
         """Copy the prompt positions the member's prefill computed into the prompt cache."""
         gen, row = member.gen, member.row
         n = min(member.length, gen.fed) if gen is not None and row is not None and not gen.failed else 0
-        if n >= MIN_TAIL:  # (a one-token prompt's position came from the decode path)
+        if n:  # put() keeps nothing shorter than MIN_TAIL (a one-token prompt's position is the decode path's)
             self.prompts.put(gen.prompt[:n], lambda: [buf[row, :, :n].copy() for buf in self.kv])
 
     def _release(self, member: "BatchMember") -> None:
         """Give the member's row back (nobody else is on the buffers): the last row moves into it, and a
         sequence in its prefill moves along to stay right after the decoding rows."""
-        if self.prompts.enabled:
-            self._save(member)
+        self._save(member)  # into the prompt cache, if there is one
         row, member.row, member.length = member.row, None, 0
         if member.gen is not None and not member.gen.over:
             member.gen.over = True
