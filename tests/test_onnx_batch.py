@@ -100,6 +100,32 @@ def test_rows_freed_mid_way_keep_every_sequence_right(session):
     assert decoder.capacity >= 90 + STEPS - 10
 
 
+def test_a_row_freed_while_a_newcomer_waits_for_its_first_chunk(session):
+    """CI, Session 12: four rows decoding fill the buffers; a newcomer gets row 4 (past them: they grow at its
+    first call) and, before that call, a sequence ends. The newcomer moves to row 3 with nothing to copy
+    (it used to index row 4 and fail every stream), then prefills there, and the moved row keeps its logits."""
+    from edgeforge.runtime.onnx_batch import _Generation
+
+    engine = session.engine
+    prompts = PROMPTS + [list(range(40, 52))]
+    decoder = BatchDecoder(engine)
+    members = decoder.members(5)
+    for m, p in zip(members[:4], prompts):
+        m.prefill(p)
+    assert decoder.row_capacity == 4
+    newcomer = members[4]
+    with decoder.lock:
+        newcomer.gen = _Generation(decoder.lock, prompts[4], 4, Sampler(0.0), set())
+        newcomer.row, newcomer.length, decoder.filling = 4, 0, newcomer
+    members[0].finish()
+    assert [m.row for m in decoder.rows] == [0, 1, 2] and newcomer.row == 3
+    assert decoder.rows[0] is members[3]
+    logits = decoder._prefill(newcomer, prompts[4])[0]
+    assert_same(alone(engine, prompts[4], [])[:1], [logits])
+    out = decoder._decode_rows(list(decoder.rows), [forced_tokens(0)[0]] * 3)
+    assert_same(alone(engine, prompts[3], forced_tokens(0)[:1])[1:], [out[0]])
+
+
 def test_concurrent_generations_share_steps_and_give_the_single_answers(session):
     prompts = [session.encode(text) for text in ("Tell me about the sea.", "Hi", "One two three four five six",
                                                  "What is a tree?")]

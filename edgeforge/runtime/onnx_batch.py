@@ -278,8 +278,11 @@ class BatchDecoder:
             self._move(self.filling, len(self.rows))
 
     def _move(self, member: "BatchMember", row: int) -> None:
-        for buf in self.kv:
-            buf[row, :, : member.length] = buf[member.row, :, : member.length]
+        # A newcomer whose prefill has not run yet holds no positions, and its row may lie past the buffers
+        # (they grow at its first call): nothing to copy (CI, Session 12: an IndexError failed every stream).
+        if member.length and row != member.row:
+            for buf in self.kv:
+                buf[row, :, : member.length] = buf[member.row, :, : member.length]
         member.row = row
 
     # ---- the calls (busy, outside the lock) -----------------------------------------------------
