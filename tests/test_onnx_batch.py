@@ -367,3 +367,141 @@ def test_an_int8_kv_cache_is_batched_too(tiny_model, tmp_path):
     np.testing.assert_array_equal(got_prefill, expected_prefill)
     for e, g in zip(expected, got):
         assert_same(e, g)
+
+
+# ---- attack: random arrivals, budgets, early closes and prompt-cache hits (Sessions 13-14) ------------
+def drive(decoder: BatchDecoder):
+    """The decoder's loop by hand, one planned call at a time (no thread): returns step(), which runs the
+    next call and gives what was planned, (members, ids)."""
+    decoder.thread = threading.current_thread()  # start() must not spawn the loop: this test is the loop
+
+    def step():
+        with decoder.lock:
+            work = decoder._plan()
+        assert work is not None
+        made = decoder._call(*work)
+        with decoder.lock:
+            decoder._deliver(*made)
+        return work
+
+    return step
+
+
+def test_a_prompt_runs_the_same_chunks_however_busy_the_decoder_is(session):
+    """Session 14: ONNX Runtime's attention can give a position other float roundings in a call of another
+    shape, so a prompt's chunks must not depend on the traffic. A newcomer queued behind another one's
+    3-token prompt used to get the budget's room left (5 tokens), then chunks of 8 from there; it now runs
+    the chunks it runs alone (8 each, the first after the next decode step), and its logits are those alone."""
+    from edgeforge.runtime.onnx_batch import _Generation
+
+    engine = session.engine
+    long_prompt = [(11 * j) % 240 + 3 for j in range(40)]
+
+    def chunks_of(decoder, step, member):
+        sizes = []
+        while member not in decoder.rows:
+            batch, ids = step()
+            if batch == [member]:
+                sizes.append(len(ids))
+        return sizes
+
+    alone_decoder = BatchDecoder(engine, prefill_budget=8)
+    step = drive(alone_decoder)
+    (solo,) = alone_decoder.members(1)
+    solo_gen = _Generation(alone_decoder.lock, long_prompt, 3, Sampler(0.0), set())
+    alone_decoder.start(solo, solo_gen)
+    assert chunks_of(alone_decoder, step, solo) == [8] * 5
+
+    decoder = BatchDecoder(engine, prefill_budget=8)
+    step = drive(decoder)
+    first, short, late = decoder.members(3)
+    decoder.start(first, _Generation(decoder.lock, [5, 6, 7], 50, Sampler(0.0), set()))
+    step()
+    assert decoder.rows == [first]
+    decoder.start(short, _Generation(decoder.lock, [8, 9, 10], 50, Sampler(0.0), set()))
+    late_gen = _Generation(decoder.lock, long_prompt, 3, Sampler(0.0), set())
+    decoder.start(late, late_gen)
+    assert chunks_of(decoder, step, late) == [8] * 5
+    np.testing.assert_array_equal(late_gen.out[0][1], solo_gen.out[0][1])
+
+
+def _alone_on_a_decoder(engine, budget: int, prompt: list[int], n: int) -> list[tuple[int, np.ndarray]]:
+    (member,) = BatchDecoder(engine, prefill_budget=budget).members(1)
+    return list(member.stream(prompt, n, Sampler(0.0), set()))
+
+
+@pytest.mark.parametrize("seed", range(1, 41))  # before Session 14, seeds 3, 33 and 39 failed: chunks cut by the traffic
+def test_random_traffic_gives_every_request_its_answer_alone(session, seed):
+    """CI once hit a race no hand-written schedule had (a row freed before a newcomer's first chunk). Here
+    24 greedy requests arrive at random moments on 3, 5 or 6 slots, with a random prefill budget, prompts that
+    share random prefixes (the prompt cache serves some of them), and readers that close their stream early.
+    A request the cache did not serve gets the tokens and logits it gets alone, bit for bit; one it served
+    gets them up to float rounding (runtime/prefix.py: on this head_dim-16 model a reused position can be
+    1e-6 off): logits within 5e-2, the same tokens until the first near tie. The decoder ends with every row
+    free."""
+    import random
+    import time
+
+    from edgeforge.runtime.prefix import PromptCache
+
+    rng = random.Random(seed)
+    engine = session.engine
+    stems = [[rng.randrange(3, 250) for _ in range(rng.randrange(2, 40))] for _ in range(3)]
+    requests = []
+    for _ in range(24):
+        prompt = rng.choice(stems)[: rng.randrange(1, 40)] + [rng.randrange(3, 250) for _ in range(rng.randrange(0, 30))]
+        requests.append((prompt or [7], rng.randrange(1, 20), rng.choice([None, None, rng.randrange(1, 8)])))
+    budget = rng.choice([2, 3, 8, 32])
+    decoder = BatchDecoder(engine, prefill_budget=budget, prompt_cache=PromptCache(8, 1 << 24))
+    slots = decoder.members(rng.choice([3, 5, 6]))
+    free = list(slots)
+    delays = [rng.random() * 0.05 for _ in requests]  # drawn here: the threads must not share rng
+    pool = threading.Condition()
+    got, cached, errors = {}, {}, []
+
+    def run(k: int) -> None:
+        prompt, n, close_after = requests[k]
+        time.sleep(delays[k])
+        with pool:
+            while not free:
+                pool.wait()
+            member = free.pop()
+        try:
+            out = []
+            stream = member.stream(prompt, n, Sampler(0.0), set(), reuse_prefix=True)
+            for item in stream:
+                out.append(item)
+                if close_after is not None and len(out) >= close_after:
+                    stream.close()
+                    break
+            got[k], cached[k] = out, member.cached_tokens
+        except Exception as err:  # noqa: BLE001 - the assertion below names it
+            errors.append((k, repr(err)))
+        finally:
+            with pool:
+                free.append(member)
+                pool.notify()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert sorted(got) == list(range(len(requests)))
+    for k, (prompt, n, close_after) in enumerate(requests):
+        expected = _alone_on_a_decoder(engine, budget, prompt, n)
+        assert len(got[k]) == min(n, close_after or n), k
+        for step, ((token, seen), (want, logits)) in enumerate(zip(got[k], expected)):
+            where = f"request {k} step {step} (cached {cached[k]} of {len(prompt)})"
+            if not cached[k]:
+                np.testing.assert_array_equal(seen, logits, err_msg=where)
+                assert token == want, where
+                continue
+            np.testing.assert_allclose(seen, logits, rtol=0, atol=5e-2, err_msg=where)
+            if token != want:
+                top2 = np.sort(logits)[-2:]
+                assert top2[1] - top2[0] < 5e-2, where  # only a near tie may go the other way
+                break  # the two answers go separate ways from here
+    assert decoder.rows == [] and decoder.filling is None and not decoder.waiting and not decoder.busy
+    assert decoder.prompts.hits > 0  # the shared prefixes were served from the cache at least once

@@ -10,10 +10,13 @@ One thread of the decoder's own makes every token (docs/notes/serve.md, Session 
 stream() hands it a prompt, a Sampler, the stop ids and max_tokens, then only takes the tokens as they
 come. The decoder thread loops:
 
-- prefill: a newcomer's prompt runs alone (batch 1) on its row, in chunks of at most `prefill_budget`
-  tokens, and between two decode steps at most that many prompt tokens run, so a long prompt holds the
-  running sequences up for one chunk at a time, not for its whole length (a chunked prefill gives the
-  logits of a whole one bit for bit: the graph attends to the cached positions the same way);
+- prefill: a newcomer's prompt runs alone (batch 1) on its row, in chunks of `prefill_budget` tokens
+  counted from where its prefill starts (the last chunk takes what is left), and between two decode
+  steps at most that many prompt tokens run, so a long prompt holds the running sequences up for one
+  chunk at a time, not for its whole length. The chunks depend on the prompt alone, never on what else
+  is running: ONNX Runtime's attention gives a position numbers that can depend on the shape of the call
+  that computed it (1e-6 apart in K/V on a head_dim-16 model for some chunkings, none found on SmolLM2;
+  Session 14), so a prompt always runs the same calls and gets the same answer, busy server or idle;
 - decode: one call for every sequence past its prefill (rows 0..B-1, each with its own length in
   seqlens_k; the graph's GroupQueryAttention appends each row's key at that row's own position), then
   the decoder samples every row itself (sampling.sample_rows: greedy rows in one argmax), hands each
@@ -32,7 +35,11 @@ The direct calls, `BatchMember.prefill`/`finish` and `BatchDecoder._decode_rows`
 bench/serve_batch_step.py, on a decoder with no stream running.
 
 Used by the server (runtime/server.py) for graphs with onnx.batch_decode (backends/onnx/graph.py);
-greedy answers are those of the sequence decoded alone (tests/test_onnx_batch.py checks the logits).
+a decode step gives every row the logits it gets decoded alone, bit for bit, so an answer is the one
+the same prompt gets alone on the decoder (tests/test_onnx_batch.py checks the logits under random
+traffic), and that of a whole-prompt prefill when the prompt fits one chunk. A prompt that starts from
+the prompt cache runs other calls than alone, and may differ from its answer alone by that float
+rounding (runtime/prefix.py).
 
 Copied into bundles: imports only numpy and this package.
 """
@@ -177,12 +184,13 @@ class BatchDecoder:
             member.row, member.length, self.filling = len(self.rows), 0, member
             if member.gen.reuse:
                 self._reuse(member)
-        if self.filling is not None and (not self.rows or self.prefilled < self.prefill_budget):
+        if self.filling is not None:
             gen = self.filling.gen
-            room = self.prefill_budget - self.prefilled if self.rows else self.prefill_budget
-            ids = gen.prompt[gen.fed: gen.fed + _chunk(len(gen.prompt) - gen.fed, room)]
-            self.prefilled += len(ids)
-            return [self.filling], ids
+            ids = gen.prompt[gen.fed: gen.fed + _chunk(len(gen.prompt) - gen.fed, self.prefill_budget)]
+            # The chunk is never cut to the budget's room: its shape would then depend on the traffic.
+            if not self.rows or not self.prefilled or self.prefilled + len(ids) <= self.prefill_budget:
+                self.prefilled += len(ids)
+                return [self.filling], ids
         if self.rows:
             self.prefilled = 0
             return list(self.rows), [m.gen.token for m in self.rows]
@@ -369,12 +377,11 @@ class BatchDecoder:
         self.row_capacity, self.capacity = row_capacity, capacity
 
 
-def _chunk(left: int, room: int) -> int:
-    """How many of a prompt's `left` tokens to prefill now, with `room` left in the budget: never one token
-    after the first chunk, as one token on top of a cache takes the graph's decode path, whose logits are
-    not those of the same token inside a longer prefill (Session 11: 0.7 apart on SmolLM2; two tokens and
-    more give a whole prefill's logits bit for bit)."""
-    n = min(left, max(room, 2))
+def _chunk(left: int, budget: int) -> int:
+    """How many of a prompt's `left` tokens the next chunk runs: the budget, but never one token after the
+    first chunk, as one token on top of a cache takes the graph's decode path, whose logits are far from
+    those of the same token inside a longer prefill (Session 11: 0.7 apart on SmolLM2)."""
+    n = min(left, max(budget, 2))
     return left if left - n == 1 else n
 
 

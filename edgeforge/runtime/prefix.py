@@ -2,11 +2,15 @@
 and prefills only the rest, as llama-server does with its slots. A chat's system prompt, and every earlier
 turn of a conversation, is then computed once instead of on every request.
 
-Reuse never changes an answer: only positions that a prefill computed are kept, and the prefill that
-follows runs at least MIN_TAIL tokens. The ONNX graph gives a position the same keys and values whether it
-was computed in one prefill or in chunks of two tokens and more (tests/test_onnx_batch.py checks logits
-bit for bit); one token on top of a cache takes the decode path, whose numbers differ (onnx_batch._chunk),
-so positions made by decode steps (an answer) are never reused, and a reusing prefill is never one token.
+Only positions that a prefill computed are kept, and the prefill that follows runs at least MIN_TAIL
+tokens: one token on top of a cache takes the graph's decode path, whose numbers are far from a
+prefill's (onnx_batch._chunk), so positions made by decode steps (an answer) are never reused, and a
+reusing prefill is never one token. What is left is float rounding: ONNX Runtime's attention gives a
+position numbers that can depend on the shape of the call that computed it (Session 14: bit for bit on
+SmolLM2 in 52 random chunkings; 1e-6 apart in K/V for some chunkings on a head_dim-16 random model,
+which moved its logits by up to 1e-2). So an answer that starts from the cache is the fresh answer up to
+that rounding, as with llama-server's cache_prompt, and can pick another token only where two were
+tied that closely; `--prompt-cache 0` gives the same answer to the same prompt every time, bit for bit.
 
 `PromptCache` keeps copies of finished sequences' prompt positions for the batch decoder, whose rows move
 when a sequence ends (runtime/onnx_batch.py); a single engine keeps its own buffers between sequences and
