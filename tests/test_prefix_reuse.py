@@ -1,7 +1,9 @@
 """Prompt prefix reuse (runtime/prefix.py): a prompt that begins like an earlier one prefills only the
 rest, on a single ONNX engine (its own buffers) and on the batch decoder (copies of finished prompts),
-and the answer is the one a fresh prefill gives, logits equal as floats. Real ONNX Runtime on the tiny
-bundle; the server's side (usage.prompt_tokens_details.cached_tokens, /metrics) with the real client."""
+and the answer is the one a fresh prefill gives, logits equal as floats for the prompts here (in general
+only up to float rounding: ORT's attention can round a position otherwise in a call of another shape, see
+runtime/prefix.py and tests/test_onnx_batch.py's random traffic). Real ONNX Runtime on the tiny bundle;
+the server's side (usage.prompt_tokens_details.cached_tokens, /metrics) with the real client."""
 
 from __future__ import annotations
 
