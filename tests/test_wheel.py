@@ -27,14 +27,20 @@ def wheel_venv(tmp_path_factory):
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{wheel}[onnx,tvm]"],
-                         capture_output=True, text=True, timeout=1800)
+                         capture_output=True, text=True, timeout=1800, env=_outside_env())
     assert pip.returncode == 0, pip.stderr[-2000:]
     shutil.rmtree(work / "dist")
     return venv, work
 
 
+def _outside_env() -> dict:
+    """The environment without the caller's checkout: with it on PYTHONPATH (its edgeforge.egg-info), pip
+    skipped installing the wheel and `import edgeforge` found the checkout."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
 def _edf(venv: Path, cwd: Path, *args, timeout=1800, hide_nvcc=False):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = _outside_env()
     path = env.get("PATH", "").split(os.pathsep)
     if hide_nvcc:  # a fresh machine or a hosted runner has no nvcc, and no GPU (hidden where there is one)
         path = [d for d in path if d and not os.path.exists(os.path.join(d, "nvcc"))]
@@ -54,7 +60,7 @@ def test_wheel_has_every_target_and_script(wheel_venv):
     site = subprocess.run([str(venv / "bin" / "python"), "-c", "import edgeforge, pathlib; "
                            "p = pathlib.Path(edgeforge.__file__).parent; print(p); "
                            "print(sorted(x.name for x in (p / '_scripts').iterdir()))"],
-                          capture_output=True, text=True, cwd=work)
+                          capture_output=True, text=True, cwd=work, env=_outside_env())
     pkg = Path(site.stdout.splitlines()[0])
     assert ROOT not in pkg.parents, "the test must use the installed package, not the checkout"
     assert "setup-arm64.sh" in site.stdout and "setup-vulkan.sh" in site.stdout
