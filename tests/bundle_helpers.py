@@ -78,3 +78,17 @@ def _build_host_bundle(tiny_model, tmp_path_factory):
     summary = json.loads(proc.stdout)
     (b,) = summary["bundles"]
     return Path(b["path"]), Path(b["archive"]), summary
+
+
+def assert_same_up_to_rounding(expected: list, got: list, where: str, atol: float = 5e-2) -> None:
+    """`got` is `expected` ((token, logits) per step, greedy) up to the float rounding a reused prompt
+    position may carry (runtime/prefix.py): logits within `atol`, the same tokens until a step where the
+    expected top two are nearer than `atol` (there the answers may part, and the comparison ends)."""
+    import numpy as np
+
+    for step, ((token, seen), (want, logits)) in enumerate(zip(got, expected)):
+        np.testing.assert_allclose(seen, logits, rtol=0, atol=atol, err_msg=f"{where} step {step}")
+        if token != want:
+            top2 = np.sort(logits)[-2:]
+            assert top2[1] - top2[0] < atol, f"{where} step {step}: {token} for {want}, not a near tie"
+            return

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from bundle_helpers import host_bundle  # noqa: F401 - fixture
+from bundle_helpers import assert_same_up_to_rounding, host_bundle  # noqa: F401 - fixture
 from edgeforge.runtime.generate import generate
 from edgeforge.runtime.prefix import MIN_TAIL, PromptCache, common_prefix, reusable
 from edgeforge.runtime.sampling import Sampler
@@ -107,6 +107,39 @@ def test_a_single_engine_reuses_only_what_a_prefill_computed(session):
     got = generate(engine, turn, 10, Sampler(), keep_logits=True, reuse_prefix=True)
     assert got.cached_tokens == len(first)
     assert_same_answer(fresh(session, turn), got, "second turn")
+
+
+@pytest.mark.parametrize("seed", range(1, 7))
+def test_a_single_engine_under_random_conversations(session, seed):
+    """Attack (Session 14): 40 random prompts on one engine with reuse, sharing random beginnings, some one
+    token long, some the same as the last, some past the first buffers, and generations of random length
+    (their decode positions stay in the buffers as stale rows). A prompt keeps at most what it shares with
+    the last one, never one token of it to prefill, nothing after a one-token prompt; its answer is a fresh
+    engine's up to the rounding a reused position may carry, and bit for bit when nothing was reused."""
+    import random
+
+    rng = random.Random(seed)
+    engine = session.engine.sibling()
+    stems = [[rng.randrange(3, 250) for _ in range(rng.randrange(2, 90))] for _ in range(3)]
+    last: list[int] = []
+    reused = 0
+    for k in range(40):
+        prompt = rng.choice(stems)[: rng.randrange(0, 90)] + [rng.randrange(3, 250) for _ in range(rng.randrange(0, 40))]
+        prompt = rng.choice([prompt or [9], last or [9], [rng.randrange(3, 250)]]) if k % 7 == 6 else prompt or [9]
+        n = rng.randrange(1, 12)
+        got = generate(engine, prompt, n, Sampler(), keep_logits=True, reuse_prefix=True)
+        want = fresh(session, prompt, n)
+        where = f"prompt {k} ({len(prompt)} tokens, {got.cached_tokens} reused)"
+        assert got.cached_tokens <= max(0, min(common_prefix(last, prompt), len(prompt) - MIN_TAIL)), where
+        if len(last) < MIN_TAIL:
+            assert got.cached_tokens == 0, where
+        pairs = list(zip(got.tokens, got.logits)), list(zip(want.tokens, want.logits))
+        if got.cached_tokens:
+            assert_same_up_to_rounding(pairs[1], pairs[0], where)
+        else:
+            assert_same_answer(want, got, where)
+        last, reused = prompt, reused + got.cached_tokens
+    assert reused > 0
 
 
 def test_reuse_is_off_unless_asked_and_works_in_grown_buffers(session):

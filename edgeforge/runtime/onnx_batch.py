@@ -78,7 +78,7 @@ class BatchDecoder:
         if not can_batch(engine):
             raise BundleError(f"{engine.artifact_dir}: this graph cannot decode a batch (rebuild the bundle)")
         self.engine = engine
-        # Reused positions must be the numbers a prefill makes: checked for ONNX Runtime's CPU kernels alone.
+        # Reused positions must be a prefill's numbers up to float rounding: measured for ORT's CPU kernels alone.
         cpu = getattr(engine, "provider", None) == "CPUExecutionProvider"
         self.prompts = prompt_cache if prompt_cache is not None and cpu else PromptCache(0, 0)
         self.bound: dict[tuple[int, int], tuple] = {}  # (first row, rows) -> an IOBinding with their KV bound

@@ -221,7 +221,7 @@ class OnnxEngine:
     def reuse_prefix(self, prompt) -> int:
         """Right after reset(): keep the KV positions an earlier prefill computed for the start of `prompt`
         and return how many (the caller prefills the rest: at least prefix.MIN_TAIL tokens). CPU only: that a
-        chunked prefill gives a whole one's numbers is checked for ONNX Runtime's CPU kernels alone."""
+        chunked prefill gives a whole one's numbers up to float rounding is measured for ORT's CPU kernels alone."""
         if self.kv_mode != "shared" or self.length or self.provider != CPU:
             return 0
         n = reusable(self.prefilled, prompt)
