@@ -432,6 +432,77 @@ def test_sixteen_mixed_streams_get_their_answers_alone(bundle):
         assert live.metric("slots_busy") == 0
 
 
+@pytest.mark.parametrize("seed", range(1, 5))
+def test_random_clients_with_disconnects_get_their_answers_alone(bundle, seed):
+    """Attack (Session 14): 24 requests from 12 client threads into 4 batched slots, at random moments: chat
+    and completions, streamed or not, random max_tokens, prompts sharing beginnings, and a third of the
+    streams dropped by their client after a few chunks. With --prompt-cache 0 (a reused position may be
+    rounded otherwise: runtime/prefix.py) every request read to its end is, text and finish reason, what
+    it gets alone; afterwards no slot is busy, nothing is queued, and the server still answers."""
+    import random
+    import threading
+
+    rng = random.Random(seed)
+    stems = ["Tell me about the sea", "Once upon a time there was", "Write a list of"]
+    with LiveServer(bundle, "--parallel", "4", "--queue", "64", "--prompt-cache", "0") as live:
+        c = client(live)
+        requests = []
+        for i in range(24):
+            text = f"{rng.choice(stems)} {' '.join(rng.choice(['red', 'blue', 'cats', 'ships', 'rain']) for _ in range(rng.randrange(0, 6)))}"
+            kind, stream, n = rng.choice(["chat", "completion"]), rng.random() < 0.7, rng.randrange(1, 40)
+            drop = rng.randrange(1, 4) if stream and rng.random() < 0.35 else None
+            requests.append((kind, text, stream, n, drop, rng.random() * 0.3))
+
+        def call(kind, text, stream, n, drop=None):
+            kw = dict(model=model_id(bundle), max_tokens=n, temperature=0)
+            if kind == "chat":
+                made = c.chat.completions.create(messages=[{"role": "user", "content": text}], stream=stream, **kw)
+            else:
+                made = c.completions.create(prompt=text, stream=stream, **kw)
+            if not stream:
+                choice = made.choices[0]
+                return (choice.message.content if kind == "chat" else choice.text), choice.finish_reason
+            parts, reason = [], None
+            for k, chunk in enumerate(made):
+                if drop is not None and k >= drop:
+                    made.close()  # the client goes away mid-stream
+                    return None
+                if chunk.choices:
+                    choice = chunk.choices[0]
+                    parts.append((choice.delta.content if kind == "chat" else choice.text) or "")
+                    reason = choice.finish_reason or reason
+            return "".join(parts), reason
+
+        alone = [call(kind, text, False, n) for kind, text, _, n, _, _ in requests]
+        got: dict[int, object] = {}
+        lock = threading.Lock()
+
+        def client_thread(ks):
+            for k in ks:
+                kind, text, stream, n, drop, delay = requests[k]
+                time.sleep(delay)
+                answer = call(kind, text, stream, n, drop)
+                with lock:
+                    got[k] = answer
+
+        threads = [threading.Thread(target=client_thread, args=(list(range(j, 24, 12)),)) for j in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert sorted(got) == list(range(24))
+        for k, (kind, text, stream, n, drop, _) in enumerate(requests):
+            if drop is None:
+                assert got[k] == alone[k], (k, requests[k])
+        assert any(drop is not None for *_, drop, _ in requests)
+        deadline = time.monotonic() + 30  # a dropped stream's slot is freed at the decoder's next boundary
+        while live.metric("slots_busy") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert live.metric("slots_busy") == 0 and live.metric("queue_length") == 0
+        assert call(*requests[0][:4]) == alone[0]  # still serving, and still the same answer
+        assert live.proc.poll() is None
+
+
 def test_full_queue_answers_429_with_retry_after(bundle):
     with LiveServer(bundle, "--parallel", "1", "--queue", "1") as live:
         body = {"model": model_id(bundle), "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0}
