@@ -159,6 +159,25 @@ def bundle_sizes(dist: Path) -> dict:
 PEER_KV_BYTES = {"llama.cpp": 2, "ort-genai": 4}
 
 
+# ORT GenAI's builder holds the model several times over: at the 3B shape (6.4 GB of bf16) it peaked at
+# 20.6 GB RSS (Session 12), 3.2x the checkpoint.
+GENAI_BUILDER_PEAK_X = 3.2
+
+
+def _genai_cannot_fit(model: Path) -> str | None:
+    """Why ORT GenAI's builder cannot convert `model` on this machine (None when it can)."""
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    avail = None
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            avail = int(line.split()[1]) * 1024
+    need = GENAI_BUILDER_PEAK_X * size
+    if avail is not None and need > avail:
+        return (f"ORT GenAI's builder needs about {need / 2**30:.0f} GiB for this {size / 2**30:.1f} GiB checkpoint "
+                f"({GENAI_BUILDER_PEAK_X}x, measured at 3B); {avail / 2**30:.0f} GiB available here")
+    return None
+
+
 def _peer_models(model: Path, work: Path) -> dict:
     """{kind: path} of the peers' files for `model`, made once under `work` with their own tools."""
     import peers
@@ -182,6 +201,9 @@ def _peer_models(model: Path, work: Path) -> dict:
         times["llama.cpp Q4_0"] = round(time.monotonic() - t0, 1)
     out["llama.cpp Q4_0"] = q4
     genai = work / "genai-int4"
+    if not (genai / "genai_config.json").exists() and (why := _genai_cannot_fit(model)):
+        times["ORT GenAI int4 skipped"] = why
+        return out, times
     if not (genai / "genai_config.json").exists():
         t0 = time.monotonic()
         cmd = [str(peers.genai_python()), "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o",
@@ -215,8 +237,9 @@ def compare_peers(model: Path, dist: Path, work: Path, reps: int = 3, threads: i
         kv_bytes[e.name] = 2 if "16" in str(manifest.get("model_dtype")) else 4
     engines.append(run.LlamaCppEngine("llama.cpp Q4_0", "llama.cpp-Q4_0", files["llama.cpp Q4_0"], model.name))
     kv_bytes["llama.cpp Q4_0"] = PEER_KV_BYTES["llama.cpp"]
-    engines.append(run.GenaiEngine("ORT GenAI int4", "ort-genai-int4", files["ORT GenAI int4"], model.name))
-    kv_bytes["ORT GenAI int4"] = PEER_KV_BYTES["ort-genai"]
+    if "ORT GenAI int4" in files:
+        engines.append(run.GenaiEngine("ORT GenAI int4", "ort-genai-int4", files["ORT GenAI int4"], model.name))
+        kv_bytes["ORT GenAI int4"] = PEER_KV_BYTES["ort-genai"]
     speed = run.measure_speed(engines, [threads], reps, 512, 128)
     n_gen = 128
     memory = run.measure_memory(engines, threads, n_gen)

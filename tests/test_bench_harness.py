@@ -158,3 +158,32 @@ def test_quality_leaves_out_the_source_files_own_quant_type():
     assert quality_quants(Path("SmolLM2-135M-Instruct.Q4_1.gguf"), notes) == [q for q in LLAMA_QUANTS if q != "Q4_1"]
     assert "Q4_1 left out" in notes[0]
     assert quality_quants(Path("model-f16.gguf"), []) == LLAMA_QUANTS
+
+
+def test_a_peer_that_cannot_be_converted_here_is_named_with_the_reason(tmp_path):
+    """8B: ORT GenAI's builder needs ~3.2x the checkpoint in memory. scale.py skips it with the numbers,
+    and the report says so instead of leaving the row out silently."""
+    import scale
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    for folder, size in ((small, 1 << 20), (big, 1 << 42)):  # 1 MiB and a 4 TiB sparse checkpoint
+        folder.mkdir()
+        with open(folder / "model-00001-of-00001.safetensors", "wb") as f:
+            f.truncate(size)
+    assert scale._genai_cannot_fit(small) is None
+    why = scale._genai_cannot_fit(big)
+    assert why and "13107 GiB" in why and "4096.0 GiB checkpoint" in why and "available here" in why
+
+
+def test_the_scaling_table_names_a_skipped_peer(tmp_path, monkeypatch):
+    import report
+
+    rows = [_row("edgeforge onnx q4f16", "edgeforge", 2, 20.0, 5.0), _row("llama.cpp Q4_0", "llama.cpp", 2, 22.0, 6.0)]
+    result = {"model": "/x/llama3-8b", "threads": 2, "reps": 3, "speed": rows, "memory": [], "command": "c",
+              "peer_convert_s": {"ORT GenAI int4 skipped": "its builder needs about 51 GiB"}}
+    (tmp_path / "peers-llama3-8b.json").write_text(json.dumps(result))
+    monkeypatch.setattr(report, "GPU_RESULTS", tmp_path)
+    text = report._scaling_peers()
+    assert "## llama3-8b: speed and decode memory" in text
+    assert "ORT GenAI is not in this table: its builder needs about 51 GiB." in text
+    assert "tg128 >= 1.0x (llama.cpp Q4_0): 0.83x: **NOT met**" in text
