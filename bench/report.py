@@ -422,6 +422,8 @@ def _scaling_peers():
             out.append(f"| {row['engine']} | {_fmt(row['pp_ts'])} | {_fmt(row['tg_ts'])} | "
                        f"{_mib(mm.get('weight_bytes'))} | {_mib(mm.get('peak_rss'))} | {_mib(need)} | "
                        f"{_fmt(mm.get('ratio'), 2)} |")
+        if r.get("note"):
+            out += ["", r["note"]]
         if why := (r.get("peer_convert_s") or {}).get("ORT GenAI int4 skipped"):
             out += ["", f"ORT GenAI is not in this table: {why}."]
         out += _scaling_speed_goal(r["speed"])

@@ -272,10 +272,13 @@ def main(argv=None) -> int:
     pp.add_argument("--work", type=Path, default=None, help="folder for the peers' files (default: next to MODEL)")
     pp.add_argument("--reps", type=int, default=3)
     pp.add_argument("-o", "--json-out", type=Path, required=True)
+    pp.add_argument("--note", default="", help="how DIST was built where it is not `scale.py build`'s default")
     args = ap.parse_args(argv)
     if args.mode == "peers":
         result = compare_peers(args.model, args.dist, args.work or args.model.with_name(args.model.name + "-peers"),
                                args.reps)
+        if args.note:
+            result["note"] = args.note
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result, indent=1, default=str) + "\n")
         for row in result["speed"]:

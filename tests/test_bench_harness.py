@@ -180,10 +180,12 @@ def test_the_scaling_table_names_a_skipped_peer(tmp_path, monkeypatch):
 
     rows = [_row("edgeforge onnx q4f16", "edgeforge", 2, 20.0, 5.0), _row("llama.cpp Q4_0", "llama.cpp", 2, 22.0, 6.0)]
     result = {"model": "/x/llama3-8b", "threads": 2, "reps": 3, "speed": rows, "memory": [], "command": "c",
-              "peer_convert_s": {"ORT GenAI int4 skipped": "its builder needs about 51 GiB"}}
+              "peer_convert_s": {"ORT GenAI int4 skipped": "its builder needs about 51 GiB"},
+              "note": "Built with a float32 target file."}
     (tmp_path / "peers-llama3-8b.json").write_text(json.dumps(result))
     monkeypatch.setattr(report, "GPU_RESULTS", tmp_path)
     text = report._scaling_peers()
     assert "## llama3-8b: speed and decode memory" in text
     assert "ORT GenAI is not in this table: its builder needs about 51 GiB." in text
+    assert "Built with a float32 target file." in text
     assert "tg128 >= 1.0x (llama.cpp Q4_0): 0.83x: **NOT met**" in text
