@@ -250,7 +250,18 @@ def compare_peers(model: Path, dist: Path, work: Path, reps: int = 3, threads: i
         row["ratio"] = (row["peak_rss"] / (row["weight_bytes"] + row["kv_bytes"])) if row.get("peak_rss") else None
     return {"model": str(model), "threads": threads, "reps": reps, "speed": speed, "memory": memory,
             "peer_convert_s": convert_s, "versions": run.versions(), "machine": run.machine(),
-            "command": "python bench/scale.py " + " ".join(sys.argv[1:])}
+            "command": "python bench/scale.py " + " ".join(_without_note(sys.argv[1:]))}
+
+
+def _without_note(argv: list[str]) -> list[str]:
+    """The command line with --note's text shown as "..." (the report prints the note on its own)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--note" and i + 1 < len(out):
+            out[i + 1] = "..."
+        elif arg.startswith("--note="):
+            out[i] = "--note=..."
+    return out
 
 
 def main(argv=None) -> int:
