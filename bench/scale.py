@@ -166,11 +166,10 @@ GENAI_BUILDER_PEAK_X = 3.2
 
 def _genai_cannot_fit(model: Path) -> str | None:
     """Why ORT GenAI's builder cannot convert `model` on this machine (None when it can)."""
+    from edgeforge.runtime.memory import mem_available
+
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    avail = None
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            avail = int(line.split()[1]) * 1024
+    avail = mem_available()
     need = GENAI_BUILDER_PEAK_X * size
     if avail is not None and need > avail:
         return (f"ORT GenAI's builder needs about {need / 2**30:.0f} GiB for this {size / 2**30:.1f} GiB checkpoint "
