@@ -200,10 +200,10 @@ def _peer_models(model: Path, work: Path) -> dict:
         times["llama.cpp Q4_0"] = round(time.monotonic() - t0, 1)
     out["llama.cpp Q4_0"] = q4
     genai = work / "genai-int4"
-    if not (genai / "genai_config.json").exists() and (why := _genai_cannot_fit(model)):
-        times["ORT GenAI int4 skipped"] = why
-        return out, times
     if not (genai / "genai_config.json").exists():
+        if why := _genai_cannot_fit(model):
+            times["ORT GenAI int4 skipped"] = why
+            return out, times
         t0 = time.monotonic()
         cmd = [str(peers.genai_python()), "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o",
                str(work / ".genai-tmp"), "-p", "int4", "-e", "cpu", "-c", str(work / ".genai-cache"),
