@@ -189,3 +189,37 @@ def test_the_scaling_table_names_a_skipped_peer(tmp_path, monkeypatch):
     assert "ORT GenAI is not in this table: its builder needs about 51 GiB." in text
     assert "Built with a float32 target file." in text
     assert "tg128 >= 1.0x (llama.cpp Q4_0): 0.83x: **NOT met**" in text
+
+
+@pytest.mark.skipif(not __import__("q4_gemv").avx2_here(), reason="bench/q4_gemv.c needs x86 AVX2/FMA/F16C")
+def test_the_q4_decode_kernel_lab_matches_its_numpy_reference_and_onnx_runtime():
+    """bench/q4_gemv.py times ONNX Runtime's MatMulNBits against bench/q4_gemv.c: the kernel must compute
+    what its numpy reference says (int8 activations per block of 32, zero point 8, fp16 scales), on rows
+    that cover every lane of a 4-row tile and blocks that cover every pair of an 8-block tile, and land
+    where MatMulNBits at accuracy_level 4 lands on the same weights."""
+    import q4_gemv
+
+    kernel = q4_gemv.Kernel(q4_gemv.build_kernel())
+    rng = np.random.default_rng(7)
+    n, k = 12, 512
+    blob = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
+    scales16 = (rng.random((n, k // 32), dtype=np.float32) * 0.05).astype(np.float16)
+    x = rng.standard_normal(k).astype(np.float32)
+    x[32:64] = 0.0  # an all-zero block: scale 0, no division by zero
+    packed = kernel.pack(blob, scales16)
+    assert packed.nbytes == n * k // 32 * 18  # the bundle's 4.5 bits a weight, nothing added
+    for threads in (1, 2):
+        y = kernel.gemv(packed, n, x, np.full(n, np.nan, np.float32), threads)
+        ref = q4_gemv.reference(blob, scales16, x)
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), (y, ref)
+    # one flipped code in the last row's last block moves exactly that row
+    blob2 = blob.copy()
+    blob2[-1, -1, -1] ^= 0xF0
+    y2 = kernel.gemv(kernel.pack(blob2, scales16), n, x, np.empty(n, np.float32), 1)
+    moved = np.abs(y2 - kernel.gemv(packed, n, x, np.empty(n, np.float32), 1)) > 1e-6
+    assert moved.tolist() == [False] * (n - 1) + [True]
+    sess, _ = q4_gemv.mlas_session([("m", n, k, blob, scales16)], 1)
+    mlas = sess.run(None, {f"x{k}": x.reshape(1, 1, k)})[0].reshape(-1)
+    assert np.abs(mlas - ref).max() <= 1e-3 * np.abs(ref).max()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        kernel.pack(blob[:6], scales16[:6])
