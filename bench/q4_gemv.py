@@ -48,8 +48,13 @@ def build_kernel(cc: str = "cc") -> Path:
     if not lib.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_suffix(".tmp.so")
-        subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", str(SOURCE),
-                        "-o", str(tmp), "-lm"], check=True)
+        cmd = [cc, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp), "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise SystemExit(f"q4_gemv: no C compiler '{cc}' here (Debian: apt-get install gcc)") from None
+        if done.returncode:
+            raise SystemExit(f"q4_gemv: compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
         tmp.replace(lib)
     return lib
 
@@ -154,7 +159,8 @@ def mlas_session(weights, threads: int):
     so.intra_op_num_threads = threads
     if model.ByteSize() < 2**31 - 2**20:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]), ks
-    path = CACHE / "q4_gemv_mlas.onnx"  # over protobuf's 2 GiB: weights beside the graph
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"q4_gemv_mlas-{os.getpid()}.onnx"  # over protobuf's 2 GiB: weights beside the graph
     onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), ks
@@ -256,7 +262,10 @@ def run(shape_name: str, layers: int | None, threads: int, rounds: int, steps: i
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("shape", help="a bench/scale.py shape (llama32-1b, llama32-3b, llama3-8b, ...)")
+    sys.path.insert(0, str(BENCH))
+    import scale  # noqa: PLC0415
+
+    ap.add_argument("shape", choices=sorted(scale.SHAPES), help="a bench/scale.py shape")
     ap.add_argument("--layers", type=int, default=None, help="how many layers (default: all of the shape)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -264,6 +273,11 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--json-out", type=Path, default=None)
     ap.add_argument("--engine", choices=("mlas", "stream", "check"), help=argparse.SUPPRESS)  # one child
     args = ap.parse_args(argv)
+    odd = [(m, n, k) for m, n, k in layer_mats(scale.SHAPES[args.shape]) if n % 4 or k % 256]
+    if odd:
+        print(f"q4_gemv: {args.shape}: the kernel takes rows in fours and K in multiples of 256; not {odd}",
+              file=sys.stderr)
+        return 2
     if not avx2_here():
         print("q4_gemv: needs an x86 CPU with AVX2, FMA and F16C", file=sys.stderr)
         return 2

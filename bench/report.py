@@ -408,7 +408,8 @@ def _scaling_peers():
         r = json.loads(path.read_text())
         name = Path(r["model"]).name
         m = r.get("machine") or {}
-        out += [f"## {name}: speed and decode memory next to the peers", "",
+        simd = "AVX-512 VNNI" if "avx512_vnni" in m.get("simd", []) else "AVX2" if "avx2" in m.get("simd", []) else ""
+        out += [f"## {name}{f' ({simd} host)' if simd else ''}: speed and decode memory next to the peers", "",
                 f"Same random weights for every engine, converted with each one's own tools (llama.cpp: "
                 f"convert_hf_to_gguf.py to f16, then llama-quantize Q4_0; ORT GenAI: its builder at int4, block 32, "
                 f"accuracy level 4); edgeforge: the q4f16 bundles of `bench/scale.py build`. {r['threads']} threads, "

@@ -189,6 +189,11 @@ def test_the_scaling_table_names_a_skipped_peer(tmp_path, monkeypatch):
     assert "ORT GenAI is not in this table: its builder needs about 51 GiB." in text
     assert "Built with a float32 target file." in text
     assert "tg128 >= 1.0x (llama.cpp Q4_0): 0.83x: **NOT met**" in text
+    # the same shape measured on two hosts: each table says which CPU features it ran with
+    for simd, name in ((["avx2", "avx512f", "avx512_vnni"], "vnni"), (["avx2", "fma"], "avx2")):
+        (tmp_path / f"peers-llama3-8b-{name}.json").write_text(json.dumps({**result, "machine": {"simd": simd}}))
+    text = report._scaling_peers()
+    assert "## llama3-8b (AVX-512 VNNI host): speed" in text and "## llama3-8b (AVX2 host): speed" in text
 
 
 @pytest.mark.skipif(not __import__("q4_gemv").avx2_here(), reason="bench/q4_gemv.c needs x86 AVX2/FMA/F16C")
