@@ -473,9 +473,25 @@ def _hash_and_copy(f, dest, mode: int, chunk: int = 1 << 20) -> str:
                 out.write(block)
     finally:
         if out is not None:
+            out.flush()
+            start_writeback(out.fileno())
             out.close()
             os.chmod(dest, 0o700 if mode & 0o111 else 0o600)
     return h.hexdigest()
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to write a just-written file back now and to drop what is already clean
+    (POSIX_FADV_DONTNEED: Linux starts the writeback without waiting for it to be durable).
+
+    Why: the engine maps the verified copy's weights, and while ONNX Runtime packs them it hands the
+    mapping's pages back (PageOutWhileLoading). The kernel can drop only clean pages, and a fresh copy
+    stays dirty for ~30 s (dirty_expire_centisecs), so its pages stayed resident on top of the packed
+    weights. 1B q4f16: decode peak 1179 MiB from a fresh copy, 1120 MiB with this (Session 15). A
+    copy on tmpfs is RAM either way; elsewhere (no posix_fadvise) this does nothing."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 # ---- signatures -------------------------------------------------------------------------------
