@@ -429,7 +429,8 @@ def main(argv=None) -> int:
             engines += llama_engines(peer_src, "smollm2-135m", LLAMA_QUANTS, not smoke, notes)
             engines += genai_engines(peer_src, "smollm2-135m", GENAI_PRECISIONS, not smoke, notes)
         else:
-            notes.append("peers: the SmolLM2 GGUF is not cached (edgeforge fetch-model smollm2-135m), skipped")
+            for peer in ("llama.cpp", "ORT GenAI"):  # each peer named, as when it is not installed
+                notes.append(f"{peer}: the SmolLM2 GGUF is not cached (edgeforge fetch-model smollm2-135m), skipped")
         result["speed"] = measure_speed(engines, threads, reps, n_prompt, n_gen)
         add_ratios(result["speed"])
         result["memory"] = measure_memory(engines, max(threads), 16 if smoke else 64)

@@ -76,6 +76,24 @@ def test_smoke_markdown_matches_json(smoke):
             assert any(n.startswith(word) and "skipped" in n for n in result["notes"]), result["notes"]
 
 
+def test_smoke_names_each_peer_when_the_smollm2_gguf_is_not_cached(tmp_path):
+    """On a fresh machine (CI's) no SmolLM2 GGUF is cached when the smoke run starts: both peers are
+    still named as skipped, with the command that fetches the file, and the run succeeds."""
+    import os
+
+    md, js = tmp_path / "BENCHMARKS.md", tmp_path / "latest.json"
+    env = {**os.environ, "EDGEFORGE_CACHE": str(tmp_path / "empty-cache")}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--backends", "onnx",
+                           "--no-quality", "--out", str(md), "--json-out", str(js)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = json.loads(js.read_text())["notes"]
+    for word in ("llama.cpp", "ORT GenAI"):
+        assert any(n.startswith(word) and "not cached" in n and "fetch-model smollm2-135m" in n and "skipped" in n
+                   for n in notes), notes
+    assert {r["family"] for r in json.loads(js.read_text())["speed"]} == {"edgeforge"}
+
+
 def _row(engine, family, threads, pp, tg, model="smollm2-135m"):
     return {"engine": engine, "family": family, "threads": threads, "pp_ts": pp, "tg_ts": tg, "model": model,
             "reps": 1, "n_prompt": 512, "n_gen": 128}

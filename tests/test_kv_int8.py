@@ -196,8 +196,32 @@ def test_int8_bundle_passes_smoke_and_records_its_cache(kv_bundles, capsys):
     # near tie the other way than numpy: one step of one activation, then a few % of the bound. Seen
     # on one prompt of three after the Session 10 calibration (the cache itself matched the
     # emulation exactly, layer 0's rows bit for bit; layer 1's input differed at one token).
-    errors = sorted(p["max_err"] / p["tol"] for p in result["prompts"])
-    assert errors[-2] < 1e-3 and errors[-1] < 0.5
+    # Session 16 (CI on an AVX2 host): two prompts of three had such a step there (3.9% and 27% of the
+    # bound), so the check is a paired one, the same on any CPU: step by step, the float-cache engine
+    # teacher-forced on the same golden data misses it by far more.
+    errors = [p["max_err"] / p["tol"] for p in result["prompts"]]
+    steps_int8 = _step_errors(OnnxEngine(int8_bundle / "artifact"), golden)
+    steps_float = _step_errors(OnnxEngine(float_bundle / "artifact"), golden)
+    print(f"\nint8 cache vs its golden data: worst {errors}, median step {np.median(steps_int8):.3g}; "
+          f"the float cache vs the same: median step {np.median(steps_float):.3g}")
+    assert max(errors) < 0.5 and np.median(steps_int8) < np.median(steps_float) / 20
+
+
+def _step_errors(engine, golden: dict) -> list[float]:
+    """Every step's error, as a fraction of its tolerance, of `engine` teacher-forced on `golden`'s prompts."""
+    from edgeforge.runtime.golden_check import compare_step
+
+    rel, out = float(golden["tolerance"]["rel"]), []
+    for prompt in golden["prompts"]:
+        tokens = prompt["tokens"]
+        engine.reset()
+        logits = engine.prefill(list(prompt["prompt_ids"]))
+        for i, step in enumerate(prompt["steps"]):
+            if i:
+                logits = engine.decode(int(tokens[i - 1]))
+            r = compare_step(logits, step, tokens[i], rel)
+            out.append(r["err"] / r["tol"])
+    return out
 
 
 def test_int8_cache_follows_the_float_cache_greedily(kv_bundles):

@@ -1,7 +1,12 @@
 """Batched decoding on the ONNX graph (runtime/onnx_batch.py), with real ONNX Runtime on a tiny bundle:
 one call over sequences of different lengths gives each sequence the logits it gets decoded alone,
 rows freed mid-way and taken again keep that true, and concurrent generations through the server's
-path (Session.batched, one thread each) give the single answers while actually sharing steps."""
+path (Session.batched, one thread each) give the single answers while actually sharing steps.
+
+"Alone" is a sequence alone on an invariant decoder (BatchDecoder(invariant=True)): its steps take the
+kernels of a batch. On a CPU whose one-row kernel rounds like the batch's (AVX-512 VNNI) that is the
+engine's own decode, bit for bit; on AVX2 it is not (Session 16), and an answer on a default decoder
+equals its answer alone up to that rounding only (test_a_lone_row_takes_the_kernels_of_a_batch...)."""
 
 from __future__ import annotations
 
@@ -33,10 +38,54 @@ def session(host_bundle):  # noqa: F811
 
 
 def alone(engine: OnnxEngine, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
-    """Logits of one sequence on its own engine (batch 1): after the prompt, then after each token."""
+    """Logits of one sequence alone on an invariant decoder: after the prompt, then after each token."""
+    decoder = BatchDecoder(engine, invariant=True)
+    (member,) = decoder.members(1)
+    out = [member.prefill(prompt)]
+    for t in tokens:
+        out.append(decoder._decode_rows([member], [t])[0].copy())
+    return out
+
+
+def test_a_lone_row_takes_the_kernels_of_a_batch_on_an_invariant_decoder(session):
+    """Session 16 (CI on an AVX2 host): ONNX Runtime's MatMulNBits has a one-row kernel of its own there,
+    so a sequence decoded alone (one-row calls, as the engine's own decode) and the same sequence next to
+    others (its row in a call of several) part by float rounding, amplified along the steps. The probe
+    (lone_rows_round_alike) says whether this CPU does that; an invariant decoder runs a lone row next to a
+    scratch row where it does, so the sequence gets the same logits alone and in company, bit for bit, on
+    any CPU; a default decoder's lone row is the engine's own decode, bit for bit."""
+    from edgeforge.runtime.onnx_batch import lone_rows_round_alike
+
+    engine = session.engine
+    prompt, other, tokens = PROMPTS[2], PROMPTS[1], forced_tokens(1)[:12]
+
+    def run(decoder, company: bool) -> list[np.ndarray]:
+        member, neighbour = decoder.members(2)
+        out = [member.prefill(prompt)]
+        if company:
+            neighbour.prefill(other)
+        for t in tokens:
+            rows = list(decoder.rows)
+            out.append(decoder._decode_rows(rows, [t] * len(rows))[rows.index(member)].copy())
+        return out
+
     twin = engine.sibling()
     twin.reset()
-    return [twin.prefill(prompt)] + [twin.decode(t) for t in tokens]
+    own = [twin.prefill(prompt)] + [twin.decode(t) for t in tokens]
+    in_company = run(BatchDecoder(engine), True)
+    lone_default = run(BatchDecoder(engine), False)
+    invariant = BatchDecoder(engine, invariant=True)
+    lone_invariant = run(invariant, False)
+    for step, (a, b) in enumerate(zip(own, lone_default)):
+        np.testing.assert_array_equal(b, a, err_msg=f"default decoder, lone, step {step}")
+    for step, (a, b) in enumerate(zip(in_company, lone_invariant)):
+        np.testing.assert_array_equal(b, a, err_msg=f"invariant decoder, lone, step {step}")
+    alike = lone_rows_round_alike(engine)
+    differ = any(not np.array_equal(a, b) for a, b in zip(own, in_company))
+    print(f"\nthis CPU's one-row calls round like a batch's: {alike} (a lone sequence parts from one in company: {differ})")
+    assert alike is not differ and invariant.pad_lone_row is not alike
+    for step, (a, b) in enumerate(zip(own, in_company)):  # apart by rounding at most
+        np.testing.assert_allclose(b, a, rtol=0, atol=5e-2 * (np.ptp(a) + 1), err_msg=f"step {step}")
 
 
 def assert_same(expected: list[np.ndarray], got: list[np.ndarray]) -> None:
@@ -129,10 +178,11 @@ def test_a_row_freed_while_a_newcomer_waits_for_its_first_chunk(session):
 def test_concurrent_generations_share_steps_and_give_the_single_answers(session):
     prompts = [session.encode(text) for text in ("Tell me about the sea.", "Hi", "One two three four five six",
                                                  "What is a tree?")]
-    single = [session.generate(ids, 24).ids for ids in prompts]
-    sessions = session.batched(len(prompts))
+    sessions = session.batched(len(prompts), invariant=True)
     assert sessions is not None
     decoder = sessions[0].engine.decoder
+    single = [sessions[0].generate(ids, 24).ids for ids in prompts]  # one at a time: alone on the decoder
+    decoder.steps = decoder.stepped_rows = 0
     answers: dict[int, list[int]] = {}
     start, prefilled = threading.Barrier(len(prompts)), threading.Barrier(len(prompts), timeout=60)
 
@@ -209,15 +259,16 @@ SETTINGS = [  # (prompt, max_tokens, sampler settings, stop ids): every kind of 
 ]
 
 
-def _runs_alone(engine):
+def _runs_alone(engine, budget: int):
     from edgeforge.runtime.generate import generate
 
+    (member,) = BatchDecoder(engine, prefill_budget=budget, invariant=True).members(1)
     runs = []
     for prompt, n, params, stop in SETTINGS:
         if stop:  # a token that the answer alone makes first at index 3 or later becomes a stop id
-            answer = generate(engine.sibling(), prompt, n, Sampler(**params)).tokens
+            answer = generate(member, prompt, n, Sampler(**params)).tokens
             stop = [next(t for i, t in enumerate(answer) if i >= 3 and t not in answer[:i])]
-        runs.append((stop, generate(engine.sibling(), prompt, n, Sampler(**params), stop_ids=stop, keep_logits=True)))
+        runs.append((stop, generate(member, prompt, n, Sampler(**params), stop_ids=stop, keep_logits=True)))
     return runs
 
 
@@ -228,8 +279,8 @@ def test_sampled_requests_get_what_they_get_alone_bit_for_bit(session, budget):
     ends at its stop id or max_tokens."""
     from edgeforge.runtime.generate import generate
 
-    alone = _runs_alone(session.engine)
-    decoder = BatchDecoder(session.engine, prefill_budget=budget)
+    alone = _runs_alone(session.engine, budget)
+    decoder = BatchDecoder(session.engine, prefill_budget=budget, invariant=True)
     members = decoder.members(len(SETTINGS))
     start, got = threading.Barrier(len(SETTINGS)), {}
 
@@ -260,11 +311,11 @@ def test_stop_strings_and_cancelling_under_batching(session):
     alone (the decoder may have made a token or two more, which the answer does not count), and a
     cancelled request ends at once without holding up the others."""
     prompt = session.encode("Once upon a time")
-    full = session.generate(prompt, 24)
+    sessions = session.batched(3, invariant=True)
+    full = sessions[0].generate(prompt, 24)
     stop = next(ch for ch in full.text[len(full.text) // 2:] if ch != "\ufffd")
-    expected = session.generate(prompt, 24, stop=[stop])
-    sampled = session.generate(prompt, 16, temperature=1.0, top_p=0.9, seed=5, stop=[stop])
-    sessions = session.batched(3)
+    expected = sessions[0].generate(prompt, 24, stop=[stop])
+    sampled = sessions[0].generate(prompt, 16, temperature=1.0, top_p=0.9, seed=5, stop=[stop])
     flags = {"n": 0}
 
     def cancelled() -> bool:
@@ -289,9 +340,9 @@ def test_a_reader_that_stops_reading_holds_nobody_up(session):
     its row, and the member then serves a new request as if alone."""
     from edgeforge.runtime.generate import generate
 
-    expected = generate(session.engine.sibling(), PROMPTS[1], 20, Sampler(0.0)).tokens
-    decoder = BatchDecoder(session.engine)
+    decoder = BatchDecoder(session.engine, invariant=True)
     stalled, other = decoder.members(2)
+    expected = generate(other, PROMPTS[1], 20, Sampler(0.0)).tokens
     paused = stalled.stream(PROMPTS[0], 200, Sampler(0.0), set())
     next(paused)  # its first token, then nobody reads this stream
     done = {}
@@ -426,7 +477,7 @@ def test_a_prompt_runs_the_same_chunks_however_busy_the_decoder_is(session):
 
 
 def _alone_on_a_decoder(engine, budget: int, prompt: list[int], n: int) -> list[tuple[int, np.ndarray]]:
-    (member,) = BatchDecoder(engine, prefill_budget=budget).members(1)
+    (member,) = BatchDecoder(engine, prefill_budget=budget, invariant=True).members(1)
     return list(member.stream(prompt, n, Sampler(0.0), set()))
 
 
@@ -452,7 +503,7 @@ def test_random_traffic_gives_every_request_its_answer_alone(session, seed):
         prompt = rng.choice(stems)[: rng.randrange(1, 40)] + [rng.randrange(3, 250) for _ in range(rng.randrange(0, 30))]
         requests.append((prompt or [7], rng.randrange(1, 20), rng.choice([None, None, rng.randrange(1, 8)])))
     budget = rng.choice([2, 3, 8, 32])
-    decoder = BatchDecoder(engine, prefill_budget=budget, prompt_cache=PromptCache(8, 1 << 24))
+    decoder = BatchDecoder(engine, prefill_budget=budget, prompt_cache=PromptCache(8, 1 << 24), invariant=True)
     slots = decoder.members(rng.choice([3, 5, 6]))
     free = list(slots)
     delays = [rng.random() * 0.05 for _ in requests]  # drawn here: the threads must not share rng

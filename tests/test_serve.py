@@ -29,7 +29,7 @@ def bundle(host_bundle):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    with LiveServer(bundle, "--parallel", "2", "--queue", "64") as live:
+    with LiveServer(bundle, "--parallel", "2", "--queue", "64", "--batch-invariant") as live:
         yield live
 
 
@@ -378,8 +378,9 @@ def test_the_bundles_own_server_takes_prompt_cache_too(bundle):
     own = [sys.executable, "-m", "edgeforge_runtime.server", str(bundle), "--port", "0", "--parallel", "2"]
     with LiveServer(bundle, command=own, env=env) as live:
         assert chat_twice(live, bundle)[1].usage.prompt_tokens_details.cached_tokens > 10
-    with LiveServer(bundle, command=own + ["--prompt-cache", "0"], env=env) as live:
+    with LiveServer(bundle, command=own + ["--prompt-cache", "0", "--batch-invariant"], env=env) as live:
         assert chat_twice(live, bundle)[1].usage.prompt_tokens_details.cached_tokens == 0
+        assert any("scratch row" in line or "batch-invariant (this CPU" in line for line in live.log), live.log
     proc = subprocess.run(own + ["--prompt-cache", "-1"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "--prompt-cache" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -405,7 +406,7 @@ def test_sixteen_mixed_streams_get_their_answers_alone(bundle):
     """16 clients streaming at once into 8 batched slots: greedy, seeded top-p, stop strings and
     max_tokens side by side. The decoder samples every row itself and may run a token past a stop
     string; each stream must still be, text, finish reason and usage, what the request gets alone."""
-    with LiveServer(bundle, "--parallel", "8", "--queue", "64") as live:
+    with LiveServer(bundle, "--parallel", "8", "--queue", "64", "--batch-invariant") as live:
         c = client(live)
         requests = []
         for i in range(16):
@@ -444,7 +445,7 @@ def test_random_clients_with_disconnects_get_their_answers_alone(bundle, seed):
 
     rng = random.Random(seed)
     stems = ["Tell me about the sea", "Once upon a time there was", "Write a list of"]
-    with LiveServer(bundle, "--parallel", "4", "--queue", "64", "--prompt-cache", "0") as live:
+    with LiveServer(bundle, "--parallel", "4", "--queue", "64", "--prompt-cache", "0", "--batch-invariant") as live:
         c = client(live)
         requests = []
         for i in range(24):

@@ -45,7 +45,7 @@ def bundle(smollm2_gguf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    with LiveServer(bundle, "--parallel", "2") as live:
+    with LiveServer(bundle, "--parallel", "2", "--batch-invariant") as live:
         yield live
 
 
@@ -77,8 +77,10 @@ def test_eight_concurrent_streams_give_the_single_answer(server, bundle):
     single = [ask(q, False) for q in questions]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda q: ask(q, True), questions))
-    assert together == single
+    assert together == single  # --batch-invariant: a lone request takes the batch's kernels too
     assert "Paris" in together[0]
+    (line,) = [entry for entry in server.log if entry.startswith("serving ")]
+    assert "a lone sequence next to a scratch row" in line or "batch-invariant (this CPU" in line, line
 
 
 def test_disconnect_mid_stream_frees_the_engine(server, bundle):

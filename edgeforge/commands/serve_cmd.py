@@ -27,12 +27,17 @@ from .bundle_cmds import TRUST_OPTION, is_web_bundle, open_verified, verified_we
 @click.option("--batch/--no-batch", default=True, show_default=True,
               help="Decode the --parallel requests together, one call a step for all of them (ONNX bundles "
                    "built since batched decoding; others decode one call per request either way).")
+@click.option("--batch-invariant", is_flag=True, default=False,
+              help="A request's answer never depends on what is decoded with it, bit for bit. On CPUs where ONNX "
+                   "Runtime's one-row kernel rounds otherwise (AVX2), a lone sequence then decodes next to a "
+                   "scratch row (~1.4x its step time on SmolLM2); without it, answers under traffic equal those "
+                   "alone up to float rounding there. The startup line says which.")
 @click.option("--prompt-cache", "prompt_cache", type=click.IntRange(0, MAX_PROMPT_CACHE_MIB), default=PROMPT_CACHE_MIB,
               show_default=True, metavar="MIB",
               help="A prompt that begins like an earlier one (a system prompt, a conversation's earlier turns) "
                    "prefills only the rest; batched servers keep earlier prompts' KV in at most this many MiB. "
                    "0 turns it off (clients share the cache: timing tells one whether another sent the same beginning). "
-                   "Answers are the same either way.")
+                   "Answers are the same either way, up to float rounding.")
 @click.option("--queue", "queue_limit", type=click.IntRange(0, 100_000), default=16, show_default=True,
               help="Requests that may wait for an engine; the next one gets 429 with Retry-After.")
 @click.option("--ctx", type=click.IntRange(2), default=None,
@@ -46,7 +51,8 @@ from .bundle_cmds import TRUST_OPTION, is_web_bundle, open_verified, verified_we
 @click.option("--keyfile", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Web bundles: the certificate's private key.")
 @TRUST_OPTION
-def serve(bundle, host, port, api_key, api_key_file, parallel, batch, prompt_cache, queue_limit, ctx, drain, certfile, keyfile, trust):
+def serve(bundle, host, port, api_key, api_key_file, parallel, batch, batch_invariant, prompt_cache, queue_limit, ctx, drain,
+          certfile, keyfile, trust):
     """Serve a bundle over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models,
     /health and /metrics (Prometheus). The bundle is verified before anything of it is loaded.
 
@@ -85,7 +91,7 @@ def serve(bundle, host, port, api_key, api_key_file, parallel, batch, prompt_cac
     sock = _bind(host, port)
     first = open_verified(bundle, max_length=ctx, trust=trust)
     serve_session(first, sock, key, parallel, queue_limit, drain, lambda message: click.echo(message, err=True),
-                  batch=batch, prompt_cache_mib=prompt_cache)
+                  batch=batch, prompt_cache_mib=prompt_cache, batch_invariant=batch_invariant)
 
 
 def _serve_web(bundle: Path, host: str, port: int, certfile, keyfile, trust) -> None:

@@ -16,7 +16,7 @@ come. The decoder thread loops:
   chunk at a time, not for its whole length. The chunks depend on the prompt alone, never on what else
   is running: ONNX Runtime's attention gives a position numbers that can depend on the shape of the call
   that computed it (1e-6 apart in K/V on a head_dim-16 model for some chunkings, none found on SmolLM2;
-  Session 14), so a prompt always runs the same calls and gets the same answer, busy server or idle;
+  Session 14), so a prompt always runs the same calls and gets the same numbers, busy server or idle;
 - decode: one call for every sequence past its prefill (rows 0..B-1, each with its own length in
   seqlens_k; the graph's GroupQueryAttention appends each row's key at that row's own position), then
   the decoder samples every row itself (sampling.sample_rows: greedy rows in one argmax), hands each
@@ -27,6 +27,15 @@ come. The decoder thread loops:
   computes a row nobody waits for. A row still in its prefill sits right after them.
 - with a prompt cache (runtime/prefix.py), an ending sequence leaves a copy of its prompt's positions,
   and a newcomer whose prompt begins alike starts its prefill from the longest such copy.
+- one sequence decoding alone runs a one-row call, and ONNX Runtime has a one-row MatMulNBits kernel of
+  its own on some CPUs (MLAS on AVX2, Session 16: 1e-6 apart from the same row in a call of 2 or more
+  rows, whose rows never depend on each other; on AVX-512 VNNI the two round alike). There an answer
+  under traffic equals its answer alone up to that rounding, which the steps amplify (SmolLM2's logits
+  0.76 apart after 10 steps), and greedy text can part at a near tie.
+  `invariant=True` (serve --batch-invariant) probes the CPU once (lone_rows_round_alike) and, where they
+  differ, runs a lone row next to a scratch row, so every step takes the batch kernel: an answer is then
+  the same however busy the decoder is, at the cost of a two-row step for a lone sequence (SmolLM2 on
+  2 AVX2 cores: 11.8 ms instead of 8.2 ms).
 
 A failed call fails the sequences it computed (their readers raise), never the thread. The thread ends
 when no sequence is left, and the next stream starts another.
@@ -35,8 +44,9 @@ The direct calls, `BatchMember.prefill`/`finish` and `BatchDecoder._decode_rows`
 bench/serve_batch_step.py, on a decoder with no stream running.
 
 Used by the server (runtime/server.py) for graphs with onnx.batch_decode (backends/onnx/graph.py);
-a decode step gives every row the logits it gets decoded alone, bit for bit, so an answer is the one
-the same prompt gets alone on the decoder (tests/test_onnx_batch.py checks the logits under random
+a decode step of two or more rows gives every row the logits it gets in any other such step, bit for
+bit, so on an invariant decoder (or a CPU whose lone-row kernel rounds alike) an answer is the one the
+same prompt gets alone on the decoder (tests/test_onnx_batch.py checks the logits under random
 traffic), and that of a whole-prompt prefill when the prompt fits one chunk. A prompt that starts from
 the prompt cache runs other calls than alone, and may differ from its answer alone by that float
 rounding (runtime/prefix.py).
@@ -70,14 +80,28 @@ MAX_BINDINGS = 256  # row ranges with a ready IOBinding (a prefill's row, a deco
 PREFILL_BUDGET = 128  # prompt tokens between two decode steps (~75 ms for SmolLM2-135M on 2 cores)
 
 
+def lone_rows_round_alike(engine) -> bool:
+    """Whether a one-row decode call of `engine`'s graph gives its row the numbers a two-row call gives
+    the same row, bit for bit (two calls on a scratch decoder's buffers: a token at position 0)."""
+    probe = BatchDecoder(engine)
+    embeds = engine.embeddings.rows([1, 2])[:, None, :]
+    lone = probe._run(0, embeds[:1], [1])[0].copy()
+    pair = probe._run(0, embeds, [1, 1])[0]
+    return bool(np.array_equal(lone, pair))
+
+
 class BatchDecoder:
     """The rows of one loaded model (an OnnxEngine's session and embedding table; the engine's own
-    sequence state is not used)."""
+    sequence state is not used). `invariant`: a lone sequence's steps take the kernels of a batch too
+    (the module's docstring), so no answer depends on the traffic."""
 
-    def __init__(self, engine, prefill_budget: int = PREFILL_BUDGET, prompt_cache: PromptCache | None = None):
+    def __init__(self, engine, prefill_budget: int = PREFILL_BUDGET, prompt_cache: PromptCache | None = None,
+                 invariant: bool = False):
         if not can_batch(engine):
             raise BundleError(f"{engine.artifact_dir}: this graph cannot decode a batch (rebuild the bundle)")
         self.engine = engine
+        self.invariant = invariant
+        self.pad_lone_row = invariant and not lone_rows_round_alike(engine)
         # Reused positions must be a prefill's numbers up to float rounding: measured for ORT's CPU kernels alone.
         cpu = getattr(engine, "provider", None) == "CPUExecutionProvider"
         self.prompts = prompt_cache if prompt_cache is not None and cpu else PromptCache(0, 0)
@@ -302,8 +326,14 @@ class BatchDecoder:
 
     def _decode_rows(self, batch: list["BatchMember"], tokens: list[int]) -> np.ndarray:
         """One decode step of rows 0..len(batch)-1; their logits [rows, vocab]."""
+        totals = [m.length + 1 for m in batch]
+        if self.pad_lone_row and len(batch) == 1:
+            # The scratch row is row 1: free, or the prefilling newcomer's, whose next position it writes and
+            # whose next chunk writes again before anything reads it.
+            scratch = self.filling.length if self.filling is not None and self.filling.row == 1 else 0
+            tokens, totals = [tokens[0], tokens[0]], [totals[0], scratch + 1]
         embeds = self.engine.embeddings.rows(tokens)[:, None, :]
-        logits = self._run(0, embeds, [m.length + 1 for m in batch])
+        logits = self._run(0, embeds, totals)[: len(batch)]
         for m in batch:
             m.length += 1
         self.steps += 1

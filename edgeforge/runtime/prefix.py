@@ -10,7 +10,8 @@ position numbers that can depend on the shape of the call that computed it (Sess
 SmolLM2 in 52 random chunkings; 1e-6 apart in K/V for some chunkings on a head_dim-16 random model,
 which moved its logits by up to 1e-2). So an answer that starts from the cache is the fresh answer up to
 that rounding, as with llama-server's cache_prompt, and can pick another token only where two were
-tied that closely; `--prompt-cache 0` gives the same answer to the same prompt every time, bit for bit.
+tied that closely; `--prompt-cache 0` (with `--batch-invariant`: runtime/onnx_batch.py) gives the same answer to
+the same prompt every time, bit for bit.
 
 `PromptCache` keeps copies of finished sequences' prompt positions for the batch decoder, whose rows move
 when a sequence ends (runtime/onnx_batch.py); a single engine keeps its own buffers between sequences and

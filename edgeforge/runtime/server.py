@@ -434,18 +434,24 @@ def run_server(server: Server, sock: socket.socket, drain_seconds: float) -> Non
 
 
 def serve_session(first, sock: socket.socket, api_key: str | None, parallel: int, queue_limit: int,
-                  drain_seconds: float, announce, batch: bool = True, prompt_cache_mib: int = PROMPT_CACHE_MIB) -> None:
+                  drain_seconds: float, announce, batch: bool = True, prompt_cache_mib: int = PROMPT_CACHE_MIB,
+                  batch_invariant: bool = False) -> None:
     """Open the other engines next to `first` (an opened Session), say where it listens, serve. With
     `batch` and more than one engine, engines that can decode together do (Session.batched). A request
     whose prompt begins like an earlier one prefills only the rest (runtime/prefix.py), unless
-    prompt_cache_mib is 0; a batch decoder keeps copies of finished prompts in at most that many MiB."""
-    sessions = first.batched(parallel, prompt_cache_mib << 20) if batch and parallel > 1 else None
+    prompt_cache_mib is 0; a batch decoder keeps copies of finished prompts in at most that many MiB.
+    `batch_invariant`: a lone sequence decodes with the batch's kernels too (BatchDecoder's invariant)."""
+    sessions = first.batched(parallel, prompt_cache_mib << 20, batch_invariant) if batch and parallel > 1 else None
     batched = sessions is not None
     sessions = sessions or [first] + [first.sibling() for _ in range(parallel - 1)]
     server = Server(sessions, api_key=api_key, queue_limit=queue_limit, prompt_cache=prompt_cache_mib > 0)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     engines = f"{parallel} engine(s){', decoded in batches' if batched else ''}"
+    if batched and batch_invariant:
+        padded = sessions[0].engine.decoder.pad_lone_row
+        engines += (", a lone sequence next to a scratch row (this CPU's one-row kernel rounds otherwise)" if padded
+                    else ", batch-invariant (this CPU's one-row kernel rounds alike)")
     announce(f"serving {server.model_id} on http://{shown}:{port} ({engines}, queue {queue_limit}, "
              f"context {first.context_length or '?'} tokens, {'API key required' if api_key else 'no API key'})")
     if host not in ("127.0.0.1", "::1") and not api_key:
@@ -491,6 +497,8 @@ def main(argv=None) -> int:
     ap.add_argument("--drain", type=float, default=10.0)
     ap.add_argument("--trust", default=None, metavar="PUBKEY.pem")
     ap.add_argument("--no-batch", action="store_true", help="decode concurrent requests one call each")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="a request's answer never depends on the others decoded with it (see edgeforge serve --help)")
     ap.add_argument("--prompt-cache", type=int, default=PROMPT_CACHE_MIB, metavar="MIB",
                     help="MiB of earlier prompts' KV kept for prompts that begin alike; 0: none")
     args = ap.parse_args(argv)
@@ -507,7 +515,7 @@ def main(argv=None) -> int:
         sock = bind(args.host, args.port)
         first = open_session(args.bundle, max_length=args.ctx, trust=args.trust)
         serve_session(first, sock, key, args.parallel, args.queue, args.drain, announce, batch=not args.no_batch,
-                      prompt_cache_mib=args.prompt_cache)
+                      prompt_cache_mib=args.prompt_cache, batch_invariant=args.batch_invariant)
     except BundleError as err:
         announce(f"error: {err}")
         return err.exit_code

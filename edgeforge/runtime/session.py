@@ -82,17 +82,18 @@ class Session:
         engine = twin() if twin is not None else self.open_engine()
         return Session(self.bundle, self.manifest, self.tokenizer, engine, self._max_length, self._device, self.files)
 
-    def batched(self, n: int, prompt_cache_bytes: int = 0) -> "list[Session] | None":
+    def batched(self, n: int, prompt_cache_bytes: int = 0, invariant: bool = False) -> "list[Session] | None":
         """n sessions whose engines decode together, one call a step for all active sequences
         (runtime/onnx_batch.py), where this engine's graph allows it; None where it does not. With
         prompt_cache_bytes, finished prompts' KV positions are kept (up to 2n of them, that many bytes) for
-        the requests that begin alike (generate's reuse_prefix)."""
+        the requests that begin alike (generate's reuse_prefix). `invariant`: no answer depends on the
+        traffic (BatchDecoder's invariant)."""
         from .onnx_batch import BatchDecoder, can_batch
         from .prefix import PromptCache
 
         if not can_batch(self.engine):
             return None
-        decoder = BatchDecoder(self.engine, prompt_cache=PromptCache(2 * n, prompt_cache_bytes))
+        decoder = BatchDecoder(self.engine, prompt_cache=PromptCache(2 * n, prompt_cache_bytes), invariant=invariant)
         return [Session(self.bundle, self.manifest, self.tokenizer, member, self._max_length, self._device, self.files)
                 for member in decoder.members(n)]
 
