@@ -100,7 +100,6 @@ class BatchDecoder:
         if not can_batch(engine):
             raise BundleError(f"{engine.artifact_dir}: this graph cannot decode a batch (rebuild the bundle)")
         self.engine = engine
-        self.invariant = invariant
         self.pad_lone_row = invariant and not lone_rows_round_alike(engine)
         # Reused positions must be a prefill's numbers up to float rounding: measured for ORT's CPU kernels alone.
         cpu = getattr(engine, "provider", None) == "CPUExecutionProvider"
