@@ -29,9 +29,9 @@ MODELS = ((101, 1, 1, 0.08), (102, 12, 1, 0.08), (103, 1, 30, 0.08), (104, 8, 10
           (106, 8, 30, 0.3), (107, 4, 30, 0.2))
 # Unseen models that amplify one flipped int8 code into a false FAIL without golden spreads: which code
 # flips depends on the CPU's float order, so one amplifier per host kind the suite has run on. Seed 208
-# q8f16: 0.094 of the logit range on session 10's AVX-512 VNNI host (no flip on AMD Zen 3 or Zen 4). Seed
-# 221 q4f32: 1.29x its bound on AMD Zen 3 (AVX2; session 16, found among seeds 209-239 with the same
-# settings) and on AMD Zen 4 (AVX-512 VNNI; session 17).
+# q8f16: 0.094 of the logit range on session 10's host (AVX-512 VNNI); no flip in sessions 16 (AMD Zen 3,
+# AVX2) and 17 (AMD Zen 4, AVX-512 VNNI). Seed 221 q4f32: 1.29x its bound in both of those (found in
+# session 16 among seeds 209-239 with the same settings).
 AMPLIFIERS = (((208, 4, 30, 0.2), "q8f16"), ((221, 4, 30, 0.2), "q4f32"))
 TVM_MODELS = MODELS[2:4]
 
