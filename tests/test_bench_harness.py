@@ -87,11 +87,11 @@ def test_smoke_names_each_peer_when_the_smollm2_gguf_is_not_cached(tmp_path):
                            "--no-quality", "--out", str(md), "--json-out", str(js)],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    notes = json.loads(js.read_text())["notes"]
+    result = json.loads(js.read_text())
     for word in ("llama.cpp", "ORT GenAI"):
         assert any(n.startswith(word) and "not cached" in n and "fetch-model smollm2-135m" in n and "skipped" in n
-                   for n in notes), notes
-    assert {r["family"] for r in json.loads(js.read_text())["speed"]} == {"edgeforge"}
+                   for n in result["notes"]), result["notes"]
+    assert {r["family"] for r in result["speed"]} == {"edgeforge"}
 
 
 def _row(engine, family, threads, pp, tg, model="smollm2-135m"):

@@ -209,19 +209,10 @@ def test_int8_bundle_passes_smoke_and_records_its_cache(kv_bundles, capsys):
 
 def _step_errors(engine, golden: dict) -> list[float]:
     """Every step's error, as a fraction of its tolerance, of `engine` teacher-forced on `golden`'s prompts."""
-    from edgeforge.runtime.golden_check import compare_step
+    from edgeforge.runtime.golden_check import teacher_forced_steps
 
-    rel, out = float(golden["tolerance"]["rel"]), []
-    for prompt in golden["prompts"]:
-        tokens = prompt["tokens"]
-        engine.reset()
-        logits = engine.prefill(list(prompt["prompt_ids"]))
-        for i, step in enumerate(prompt["steps"]):
-            if i:
-                logits = engine.decode(int(tokens[i - 1]))
-            r = compare_step(logits, step, tokens[i], rel)
-            out.append(r["err"] / r["tol"])
-    return out
+    rel = float(golden["tolerance"]["rel"])
+    return [r["err"] / r["tol"] for prompt in golden["prompts"] for r in teacher_forced_steps(engine, prompt, rel)]
 
 
 def test_int8_cache_follows_the_float_cache_greedily(kv_bundles):

@@ -64,18 +64,29 @@ def compare_step(logits, golden_step: dict, expected_token: int, rel_tol: float)
     return {"ok": ok, "err": float(err), "tol": tol, "agree": agree, "pick": pick, "widened": rel > rel_tol}
 
 
-def run_prompt(engine, prompt: dict, rel_tol: float) -> dict:
-    """Teacher-forced run of one golden prompt; returns per-prompt numbers."""
+def teacher_forced_steps(engine, prompt: dict, rel_tol: float, times: list | None = None) -> list[dict]:
+    """compare_step for every step of one golden prompt, the engine fed the golden tokens; `times`, when
+    given, gets the clock before the prefill, after it, and after the last decode."""
     tokens = prompt["tokens"]
     engine.reset()
-    t0 = time.perf_counter()
+    clock = [time.perf_counter()]
     logits = engine.prefill(list(prompt["prompt_ids"]))
-    t1 = time.perf_counter()
+    clock.append(time.perf_counter())
     steps = [compare_step(logits, prompt["steps"][0], tokens[0], rel_tol)]
     for i in range(1, len(tokens)):
         logits = engine.decode(int(tokens[i - 1]))
         steps.append(compare_step(logits, prompt["steps"][i], tokens[i], rel_tol))
-    t2 = time.perf_counter()
+    clock.append(time.perf_counter())
+    if times is not None:
+        times[:] = clock
+    return steps
+
+
+def run_prompt(engine, prompt: dict, rel_tol: float) -> dict:
+    """Teacher-forced run of one golden prompt; returns per-prompt numbers."""
+    tokens, clock = prompt["tokens"], []
+    steps = teacher_forced_steps(engine, prompt, rel_tol, clock)
+    t0, t1, t2 = clock
     return {
         "text": prompt.get("text", ""), "ok": all(s["ok"] for s in steps),
         "max_err": max(s["err"] for s in steps), "tol": min(s["tol"] for s in steps),
