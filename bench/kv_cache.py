@@ -11,8 +11,8 @@ A and B are compiled ONNX artifacts (`edgeforge compile QDIR --target x86-cpu --
 --kv-cache float|int8 -o A|B`) of the same QDIR. Results are JSON on stdout.
 
 quality: KL(float cache || int8 cache) per position, teacher-forced on TEXT (bench/data's eval
-texts, then this repository's docs, until --tokens; the calibration text is not used), in windows:
-each window's prefix is prefilled in one call (the graph returns the last position's logits), then
+texts and frozen README, then this repository's docs, until --tokens; the calibration text is not
+used), in windows: each window's prefix is prefilled in one call (the graph returns the last position's logits), then
 its --window positions are decoded one token at a time and scored.
 speed: decode tok/s at a context of --context tokens, float and int8 interleaved for --rounds.
 memory: KV bytes at 2k, 8k and 32k tokens for the 1B and 8B shapes (computed), and with
@@ -47,7 +47,9 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
-TEXT_FILES = [BENCH / "data" / "eval-long.txt", BENCH / "data" / "eval-second.txt", ROOT / "README.md",
+# The first 8192 tokens are frozen files (eval-readme.md: README.md as of commit df12b4f), so that a
+# docs edit does not move the text under a comparison; longer runs go on into the live docs.
+TEXT_FILES = [BENCH / "data" / "eval-long.txt", BENCH / "data" / "eval-second.txt", BENCH / "data" / "eval-readme.md",
               ROOT / "docs" / "INTERNALS.md", ROOT / "docs" / "BUNDLES.md", ROOT / "BENCHMARKS.md"]
 # KV shapes (layers, kv heads, head_dim) of the models people deploy
 KV_SHAPES = {"llama32-1b": (16, 8, 64), "llama3-8b": (32, 8, 128)}
@@ -152,7 +154,7 @@ def windows_of(tokens: int, window: int) -> list[int]:
 
 
 def reference(args) -> dict:
-    from edgeforge.backends.onnx.compile import kv_scales_of
+    from edgeforge.backends.onnx.compile import kv_quant_of
     from edgeforge.model.kv_int8 import KvInt8Hook
     from edgeforge.model.loader import load_model
     from edgeforge.model.reference import KVCache, ReferenceModel
@@ -173,7 +175,7 @@ def reference(args) -> dict:
 
     t0 = time.perf_counter()
     want = logps(ReferenceModel(model, chunk=128))
-    got = logps(ReferenceModel(model, chunk=128, kv_hook=KvInt8Hook(kv_scales_of(args.artifact))))
+    got = logps(ReferenceModel(model, chunk=128, kv_hook=KvInt8Hook(kv_quant_of(args.artifact))))
     kl = (np.exp(want) * (want - got)).sum(axis=1)
     same = want.argmax(1) == got.argmax(1)
     windows = [{"positions": [s, s + args.window - 1], "kl_mean": float(kl[i * args.window : (i + 1) * args.window].mean()),
@@ -233,18 +235,20 @@ def _measure_rss(artifact: Path, context: int) -> dict:
 def clip(args) -> dict:
     """Fraction of keys / values beyond the calibrated range (the scale x 127 / HEADROOM) and beyond
     the stored range (the artifact's scales x 127: what saturates), and per layer the largest
-    magnitude over the stored range."""
-    from edgeforge.backends.onnx.compile import kv_scales_of
+    magnitude over the stored range; rotated as the artifact stores them."""
+    from edgeforge.backends.onnx.compile import kv_quant_of
     from edgeforge.model.kv_int8 import HEADROOM
     from edgeforge.model.loader import load_model
     from edgeforge.model.reference import ReferenceModel
 
-    scales = kv_scales_of(args.artifact)
+    quant = kv_quant_of(args.artifact)
+    scales, rotation = quant.scales, quant.rotation
     counts = {"values": 0, "k_over_calibrated": 0, "k_saturated": 0, "v_over_calibrated": 0, "v_saturated": 0}
     worst = {"k": [0.0] * len(scales), "v": [0.0] * len(scales)}
 
     def hook(layer, k, v):
-        for name, x, scale in (("k", k, scales[layer][0]), ("v", v, scales[layer][1])):
+        stored = (k, v) if rotation is None else (k @ rotation, v @ rotation)
+        for name, x, scale in zip("kv", stored, scales[layer]):
             ratio = np.abs(x) / (127 * scale[:, None])  # 1: the largest stored magnitude
             counts[f"{name}_over_calibrated"] += int((ratio > 1 / HEADROOM).sum())
             counts[f"{name}_saturated"] += int((np.abs(x) > 127.5 * scale[:, None]).sum())
@@ -295,6 +299,8 @@ def main(argv=None) -> None:
     for p in sub.choices.values():
         p.add_argument("-o", "--output", type=Path, default=None,
                        help="merge the result into this JSON file under the mode's name (bench/results/kv-cache.json)")
+        p.add_argument("--key", default=None, help="that name instead of the mode's (quality_float_activations: "
+                       "quality on artifacts compiled with [onnx] accuracy_level = 1, which bench/report.py shows beside)")
     args = ap.parse_args(argv)
     result = {"quality": quality, "speed": speed, "memory": memory, "clip": clip, "floor": floor,
               "reference": reference}[args.mode](args)
@@ -302,7 +308,7 @@ def main(argv=None) -> None:
     print(json.dumps(result, indent=1))
     if args.output:
         merged = json.loads(args.output.read_text()) if args.output.exists() else {}
-        merged[args.mode] = result
+        merged[args.key or args.mode] = result
         args.output.write_text(json.dumps(merged, indent=1) + "\n")
 
 

@@ -19,7 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 from bundle_helpers import build_json, cli, resign  # noqa: E402
-from edgeforge.model.kv_int8 import KvRanges  # noqa: E402
+from edgeforge.model.kv_int8 import KvInt8Hook, KvQuant, KvRanges  # noqa: E402
 from edgeforge.model.reference import int8_kv  # noqa: E402
 from edgeforge.runtime.bundle_errors import BundleError  # noqa: E402
 from edgeforge.runtime.onnx_engine import OnnxEngine  # noqa: E402
@@ -116,48 +116,54 @@ def test_ort_int8_cache_is_our_numpy_emulation():
     assert np.abs(outs[1] - float_outs[1]).max() > 1e-2  # the cache's rounding is visible: it is in use
 
 
-def test_key_scales_cover_every_rope_rotation():
-    """A key channel pair's scale is its largest pair norm: a rotation (RoPE at a far position) of a
-    calibrated key never saturates."""
-    rng = np.random.default_rng(1)
-    k = rng.standard_normal((KV_HEADS, 8, HEAD_DIM)).astype(np.float32)
-    ranges = KvRanges(1)
-    ranges(0, k, k)
-    (ks, _), = ranges.scales(headroom=1.0)
-    half = HEAD_DIM // 2
-    for angle in np.linspace(0, 2 * np.pi, 17):
-        c, s = np.cos(angle), np.sin(angle)
-        rotated = np.concatenate([k[..., :half] * c - k[..., half:] * s, k[..., half:] * c + k[..., :half] * s], -1)
-        assert (np.abs(rotated) <= 127.5 * ks[:, None] * (1 + 1e-5)).all()
+@pytest.mark.parametrize("dim", [16, 64, 48])
+def test_the_rotation_is_orthonormal_and_spreads_an_outlier_channel(dim):
+    """rotation(d) is orthonormal (Hadamard for powers of two, a fixed random one otherwise), so the
+    float model is unchanged; an outlier channel 30x the others is spread over every rotated channel,
+    so one scale per head rounds the small channels about sqrt(d) times finer than in the plain basis."""
+    from edgeforge.model.kv_int8 import rotation
+
+    r = rotation(dim)
+    np.testing.assert_allclose(r @ r.T, np.eye(dim), atol=1e-6)
+    np.testing.assert_array_equal(r, rotation(dim))  # the same every compile
+    if dim == 16:
+        assert np.allclose(np.abs(r), 0.25)  # Hadamard / 4
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((KV_HEADS, 256, dim)).astype(np.float32)
+    x[..., 5] *= 30
+    plain = KvRanges(1, np.eye(dim, dtype=np.float32))
+    rotated = KvRanges(1, r)
+    for ranges in (plain, rotated):
+        ranges(0, x, x)
+    small = [c for c in range(dim) if c != 5]
+    errors = []
+    for ranges in (plain, rotated):
+        (ks, vs), = ranges.scales(headroom=1.0)
+        assert (ks == ks[:, :1]).all() and (vs == ks).all()  # one scale per KV head
+        got, _ = KvInt8Hook(KvQuant(ranges.scales(headroom=1.0), ranges.rotation))(0, x, x)
+        errors.append(np.abs(got - x)[..., small].mean())
+    # Hadamard: every rotated channel holds 1/sqrt(d) of the outlier (measured ~4x finer at 16, ~8x
+    # at 64); a random rotation spreads it less evenly (measured 2.9x at 48)
+    assert errors[1] < errors[0] * (2 / np.sqrt(dim) if dim in (16, 64) else 0.5), errors
 
 
-def test_key_scales_cover_every_position_of_the_context():
-    """With RoPE's frequencies and the context length, each key channel's scale covers every position
-    below the context that a calibrated raw key can be moved to (never saturates there), and is
-    below the pair norm for a pair that turns less than a circle within the context (its arc)."""
-    from edgeforge.model.kv_int8 import reachable_key_magnitude
+def test_the_golden_hook_stores_keys_and_values_on_the_rotated_grid():
+    """KvInt8Hook: rotated, rounded by the scales as the cache stores them (int8_kv), rotated back;
+    graphs from before the rotation (rotation None) round in the plain basis."""
+    from edgeforge.model.kv_int8 import rotation
 
-    rng = np.random.default_rng(2)
-    half, context = HEAD_DIM // 2, 64
-    inv_freq = 1.0 / (1e4 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM))  # the slowest pairs turn < 2 pi in 64
-    raw = rng.standard_normal((KV_HEADS, 12, HEAD_DIM)).astype(np.float32)
-
-    def rope(x, positions):
-        angle = positions[None, :, None] * inv_freq
-        c, s = np.cos(angle), np.sin(angle)
-        return np.concatenate([x[..., :half] * c - x[..., half:] * s, x[..., half:] * c + x[..., :half] * s], -1)
-
-    calib_positions = np.arange(12)
-    ranges = KvRanges(1, inv_freq=inv_freq, context=context)
-    ranges(0, rope(raw, calib_positions).astype(np.float32), raw)
-    (ks, vs), = ranges.scales(headroom=1.0)
-    for p in range(context):  # every calibrated key at every position of the context
-        moved = rope(raw, np.full(12, p))
-        assert (np.abs(moved) <= 127.5 * ks[:, None] * (1 + 1e-5)).all()
-    pair = reachable_key_magnitude(rope(raw, calib_positions), calib_positions, None, None).max(axis=1)
-    slow = inv_freq * (context - 1) < np.pi
-    assert slow.any() and (ks[:, :half][:, slow] * 127 < 0.999 * pair[:, :half][:, slow]).any()
-    assert (vs == vs[:, :1]).all() and np.allclose(vs[:, 0] * 127, np.abs(raw).max(axis=(1, 2)))  # one per KV head
+    rng = np.random.default_rng(4)
+    r = rotation(HEAD_DIM)
+    k, v = (rng.standard_normal((KV_HEADS, 7, HEAD_DIM)).astype(np.float32) for _ in range(2))
+    scales = [(np.full((KV_HEADS, HEAD_DIM), 0.04, np.float32), np.full((KV_HEADS, HEAD_DIM), 0.05, np.float32))]  # no saturation
+    gk, gv = KvInt8Hook(KvQuant(scales, r))(0, k, v)
+    for got, x, step in ((gk, k, 0.04), (gv, v, 0.05)):
+        codes = (got @ r) / step
+        np.testing.assert_allclose(codes, np.rint(codes), atol=1e-3)  # whole steps in the rotated basis
+        np.testing.assert_allclose(got @ r, int8_kv(x @ r, np.full((KV_HEADS, HEAD_DIM), step, np.float32)), atol=1e-6)
+        assert 0 < np.abs(got - x).max() and np.abs((got - x) @ r).max() <= step / 2 + 1e-6
+    pk, pv = KvInt8Hook(KvQuant(scales, None))(0, k, v)
+    np.testing.assert_array_equal(pk, int8_kv(k, scales[0][0]))
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +188,7 @@ def test_int8_bundle_passes_smoke_and_records_its_cache(kv_bundles, capsys):
     golden = json.loads((int8_bundle / "golden.json").read_text())
     artifact = json.loads((int8_bundle / "artifact" / "artifact.json").read_text())
     assert manifest["kv_cache"]["dtype"] == "int8" and manifest["kv_cache"]["calibration"]["tokens"] > 0
+    assert manifest["kv_cache"]["rotation"] == "hadamard" and "kv_rotation" in _initializers(int8_bundle)
     assert artifact["onnx"]["kv_dtype"] == "int8"
     assert golden["arithmetic"] == "int8-activations+int8-kv"
     assert json.loads((float_bundle / "manifest.json").read_text())["kv_cache"] == {"dtype": "float32"}
@@ -190,21 +197,29 @@ def test_int8_bundle_passes_smoke_and_records_its_cache(kv_bundles, capsys):
     code, out, err = cli(capsys, "smoke", int8_bundle, "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result["status"] == "PASS" and result["tokens_agree"] == result["tokens_total"]
-    # The golden data follows the int8 cache: tighter than the path's bound by orders of magnitude,
-    # except where ONNX Runtime's int8 activations (accuracy_level 4) round a value that sits at a
-    # near tie the other way than numpy: one step of one activation, then a few % of the bound. Seen
-    # on one prompt of three after the Session 10 calibration (the cache itself matched the
-    # emulation exactly, layer 0's rows bit for bit; layer 1's input differed at one token).
-    # Session 16 (CI on an AVX2 host): two prompts of three had such a step there (3.9% and 27% of the
-    # bound), so the check is a paired one, the same on any CPU: step by step, the float-cache engine
-    # teacher-forced on the same golden data misses it by far more.
+    assert result["status"] == "PASS" and result["tokens_agree"] >= result["tokens_total"] - 1
+    # The golden data follows the int8 cache, up to ONNX Runtime's int8 activations (accuracy_level 4)
+    # rounding a value at a near tie the other way than numpy: one step of one activation, which
+    # stays in the cache. Since the cache's rotation (Session 18) the graph's o_proj input passes a
+    # float32 matmul numpy sums in another order, so such steps are more frequent: measured on
+    # this model, one at token 5 of the chat template's prefix that all three prompts share (layer 1's
+    # values differ from there on; layer 0's cache matched the emulation code for code), and a near
+    # tie of the greedy token on one step of 36. The check is therefore a paired one, the same on
+    # any CPU: step by step, the float-cache engine teacher-forced on the same golden data misses it
+    # by more (measured: median 0.10 of the tolerance against 0.31; golden data rounding the cache
+    # without the rotation, a broken emulation: 0.34, like the float cache).
     errors = [p["max_err"] / p["tol"] for p in result["prompts"]]
     steps_int8 = _step_errors(OnnxEngine(int8_bundle / "artifact"), golden)
     steps_float = _step_errors(OnnxEngine(float_bundle / "artifact"), golden)
     print(f"\nint8 cache vs its golden data: worst {errors}, median step {np.median(steps_int8):.3g}; "
           f"the float cache vs the same: median step {np.median(steps_float):.3g}")
-    assert max(errors) < 0.5 and np.median(steps_int8) < np.median(steps_float) / 20
+    assert max(errors) < 0.5 and np.median(steps_int8) < np.median(steps_float) / 2
+
+
+def _initializers(bundle: Path) -> set[str]:
+    import onnx
+
+    return {t.name for t in onnx.load(str(bundle / "artifact" / "model.onnx"), load_external_data=False).graph.initializer}
 
 
 def _step_errors(engine, golden: dict) -> list[float]:

@@ -212,6 +212,34 @@ def test_sweep_onnx_no_false_fail(sweep, capsys):
     assert not bad
 
 
+def test_sweep_and_mutations_int8_kv_x86(sweep, capsys):
+    """The int8 KV cache on x86 (`--kv-cache int8`: Hadamard-rotated keys and values, golden data that
+    rounds them as the graph stores them, spreads that dither those roundings too): every sweep model
+    PASSes, and mutated weights compiled with the same cache FAIL against the unmutated golden data."""
+    get, root = sweep
+    results, caught = [], []
+    for spec in MODELS:
+        base, goldens = get(spec, "q4f32")
+        out = root / f"a-{base.name}-onnx-kv8"
+        if not out.exists():
+            F.compiled(base, "x86-cpu", "onnx", out, kv_cache="int8")
+        kind = golden_kind(read_artifact(out), "x86_64")
+        if kind not in goldens:  # its scales and rotation are the compiled graph's; prompts from another kind's
+            goldens.setdefault(("float32", None), F.golden_for(base))
+            goldens[kind] = golden_of(goldens, base, read_artifact(out), "x86_64", out)
+        results.append(F.verdict(base, out, goldens[kind]))
+        if spec == MODELS[3]:
+            for i, name in enumerate(("sign-flipped v_proj", "scaled o_proj (x1.5)")):
+                qdir = F.mutated(base, name, root / f"kv8mut{i}")
+                F.compiled(qdir, "x86-cpu", "onnx", root / f"a-{qdir.name}-kv8", kv_cache="int8")
+                caught.append(not F.verdict(qdir, root / f"a-{qdir.name}-kv8", goldens[kind])["ok"])
+    _report(capsys, "fidelity sweep (onnx, x86, int8 KV cache)", ["PASS" if r["ok"] else "false FAIL" for r in results])
+    _report(capsys, "mutation suite (onnx, x86, int8 KV cache)", ["caught" if c else "MISSED" for c in caught])
+    with capsys.disabled():
+        print("  worst steps:", [round(r["ratio"], 2) for r in results])
+    assert all(r["ok"] for r in results) and caught == [True, True]
+
+
 def test_an_amplifying_model_passes_by_its_measured_spread(sweep, capsys):
     """An amplifier flips an int8 code at a rounding boundary that the engine's float order and the
     reference's disagree on, and amplifies it past the x86 bound at one step: with its golden spreads

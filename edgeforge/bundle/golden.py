@@ -89,13 +89,13 @@ def golden_of(goldens: dict, qdir: Path, artifact: dict, arch: str, artifact_dir
     if (arithmetic, dither) in goldens:
         return goldens[(arithmetic, dither)]
     any_golden = next(iter(goldens.values()))
-    kv_scales = None
+    kv_quant = None
     if arithmetic.endswith(INT8_KV):
-        from ..backends.onnx.compile import kv_scales_of
+        from ..backends.onnx.compile import kv_quant_of
 
-        kv_scales = kv_scales_of(Path(artifact_dir))
+        kv_quant = kv_quant_of(Path(artifact_dir))
     return make_golden(qdir, [p["text"] for p in any_golden["prompts"]], any_golden.get("max_tokens", DEFAULT_TOKENS),
-                       arithmetic=arithmetic, kv_scales=kv_scales, dither=dither)
+                       arithmetic=arithmetic, kv_quant=kv_quant, dither=dither)
 
 
 def _kind_of(golden: dict) -> tuple[str, float | None]:
@@ -122,14 +122,14 @@ def greedy(engine, prompt_ids: list[int], max_tokens: int, stop_ids=(), top_k: i
 
 
 def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_TOKENS, arithmetic: str = FLOAT32,
-                kv_scales=None, dither: float | None = None) -> dict:
+                kv_quant=None, dither: float | None = None) -> dict:
     """Run the numpy reference on the QDIR for each prompt (chat template when the model has one).
 
     arithmetic: FLOAT32, or INT8_ACTIVATIONS for artifacts whose quantized matmuls round their
     inputs to int8 blocks (ONNX Runtime's CPU kernels at accuracy_level 4): the reference then
     rounds the same inputs the same way, so the golden data follows the engine's arithmetic.
     Either with the INT8_KV suffix: keys and values are also rounded as an int8 KV cache with
-    `kv_scales` (per layer (key, value) [kv_heads, head_dim]) stores them (model/kv_int8.py).
+    `kv_quant` (model/kv_int8.KvQuant: its rotation and per-layer scales) stores them.
     dither (int8 arithmetics only): each step also gets its `spread`, the largest deviation (fraction
     of the step's logit range, on its top-k ids) of SPREAD_RUNS teacher-forced runs whose rounded
     inputs are first scaled by 1 + dither x uniform(-1, 1) (seeded: the same golden data every
@@ -142,7 +142,7 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
     from ..model.reference import int8_blocks
 
     base, int8_kv = arithmetic.removesuffix(INT8_KV), arithmetic.endswith(INT8_KV)
-    if int8_kv and kv_scales is None:
+    if int8_kv and kv_quant is None:
         raise EdgeforgeError(f"golden data in {arithmetic!r} arithmetic needs the int8 KV cache's scales")
     if dither is not None and base == FLOAT32:
         raise EdgeforgeError("golden data: a dither needs an arithmetic that rounds the matmul inputs")
@@ -152,7 +152,7 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
         int8_inputs = dict.fromkeys(_block_quantized(model), int8_blocks)
     elif base == INT8_ACTIVATIONS_ARM:
         tensors, int8_inputs = _arm_int8(model)
-    engine = _reference(model, tensors, int8_inputs, kv_scales if int8_kv else None)
+    engine = _reference(model, tensors, int8_inputs, kv_quant if int8_kv else None)
     dtype = model.source.get("model_dtype") or model_dtype_of(qdir)
     chat = bool(getattr(model.tokenizer, "chat_template", None))
     encoded = [(text, encode_prompt(model.tokenizer, text, chat)) for text in prompts]
@@ -172,7 +172,8 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
             out.append({"text": text, "chat": chat, "prompt_ids": ids, "tokens": tokens, "steps": steps})
         if dither is not None:  # SPREAD_RUNS dithered runs side by side: the weights are read once for all
             dithered = {name: _Dithered(fn, dither) for name, fn in int8_inputs.items()}
-            runs = _reference(model, tensors, dithered, kv_scales if int8_kv else None).runs(SPREAD_RUNS)
+            runs = _reference(model, tensors, dithered, kv_quant if int8_kv else None,
+                              _Dithered(_unrounded, dither, seed=1)).runs(SPREAD_RUNS)
             for prompt, count in zip(out, counts):
                 done = bar.count
                 _add_spreads(runs, prompt, lambda i, text=prompt["text"]: bar.advance(1, f"{text!r} (spread)"))
@@ -191,17 +192,21 @@ def make_golden(qdir: Path, prompts=DEFAULT_PROMPTS, max_tokens: int = DEFAULT_T
     if dither is not None:
         golden["sensitivity"] = {"dither": dither, "runs": SPREAD_RUNS,
                                  "what": "per step: the largest |logit - golden| / range on the golden top-k ids of "
-                                         "teacher-forced runs whose rounded matmul inputs were scaled by "
-                                         "1 + dither x uniform(-1, 1)"}
+                                         "teacher-forced runs whose rounded matmul inputs (and int8 KV cache "
+                                         "entries) were scaled by 1 + dither x uniform(-1, 1)"}
     return golden
 
 
-def _reference(model, tensors, int8_inputs, kv_scales):
+def _reference(model, tensors, int8_inputs, kv_quant, kv_perturb=None):
     from ..model.kv_int8 import KvInt8Hook
     from ..model.reference import ReferenceModel
 
     return ReferenceModel(model, tensors=tensors, int8_inputs=int8_inputs,
-                          kv_hook=KvInt8Hook(kv_scales) if kv_scales is not None else None)
+                          kv_hook=KvInt8Hook(kv_quant, kv_perturb) if kv_quant is not None else None)
+
+
+def _unrounded(x: np.ndarray) -> np.ndarray:
+    return x
 
 
 class _Dithered:

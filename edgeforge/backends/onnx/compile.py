@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from ...errors import EdgeforgeError
-from .graph import IR_VERSION, MS_OPSET, OPSET, build_model
+from .graph import IR_VERSION, KV_ROTATION, MS_OPSET, OPSET, build_model
 from .qdir import QdirWeights
 
 MODEL_FILE = "model.onnx"
@@ -35,14 +35,14 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
     weights = QdirWeights(Path(qdir))
     compute = compute_dtype(target, ep, weights.model_dtype_name)
     kv_cache = kv_cache_setting(target, ep, compute)
-    kv_scales, kv_info = _kv_scales(qdir) if kv_cache == "int8" else (None, None)
+    kv_quant, kv_info = _kv_quant(qdir) if kv_cache == "int8" else (None, None)
     logger.info(f"onnx: building {weights.scheme} graph ({compute} compute, {kv_cache} KV cache, "
                 f"MatMulNBits accuracy_level {level}) for {ep}")
     out = Path(out)
     # External data: one file next to the graph, every tensor of >= 1 KiB written into it as it is
     # made (memory stays at one tensor), the .onnx keeps the graph and references.
     with open(out / DATA_FILE, "wb") as data:
-        model, embedding = build_model(weights, level, compute, (data, DATA_FILE), kv_scales)
+        model, embedding = build_model(weights, level, compute, (data, DATA_FILE), kv_quant)
     logger.debug(f"onnx: built {len(model.graph.node)} nodes; saving and checking {out / MODEL_FILE}")
     onnx.save_model(model, out / MODEL_FILE)
     try:
@@ -50,7 +50,7 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
     except onnx.checker.ValidationError as err:  # a builder bug, not bad input, but say where
         raise EdgeforgeError(f"{out / MODEL_FILE}: onnx.checker rejected the graph: {str(err).splitlines()[0]}") from err
     artifact = _artifact(weights, target, ep, level, compute, embedding)
-    if kv_scales is not None:
+    if kv_quant is not None:
         artifact["onnx"].update(kv_dtype="int8", kv_cache=kv_info)
     (out / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))
     size = (out / DATA_FILE).stat().st_size if (out / DATA_FILE).exists() else 0
@@ -77,29 +77,35 @@ def kv_cache_setting(target, ep: str, compute: str) -> str:
     return setting
 
 
-def _kv_scales(qdir: Path) -> tuple[list, dict]:
-    """The int8 KV cache's static scales, calibrated on the QDIR's reference (model/kv_int8.py)."""
+def _kv_quant(qdir: Path) -> tuple:
+    """The int8 KV cache's rotation and static scales, calibrated on the QDIR's reference
+    (model/kv_int8.py)."""
     from ...model import kv_int8
     from ...model.loader import load_model
 
-    scales, info = kv_int8.calibrate(load_model(Path(qdir)))
-    return scales, {"dtype": "int8", "scales": "static: keys per KV head and channel, values per KV head", "calibration": info}
+    quant, info = kv_int8.calibrate(load_model(Path(qdir)))
+    return quant, {"dtype": "int8", "scales": "static: one per KV head for keys and for values, after the rotation",
+                   "rotation": kv_int8.rotation_kind(quant.rotation.shape[0]), "calibration": info}
 
 
-def kv_scales_of(artifact_dir: Path) -> list[tuple]:
-    """The per-layer (key, value) scales [kv_heads, head_dim] in a compiled int8-KV graph (what its
-    golden data must round by: the graph is their one copy)."""
+def kv_quant_of(artifact_dir: Path):
+    """The int8 KV cache of a compiled graph (a model/kv_int8.KvQuant: per layer (key, value) scales
+    [kv_heads, head_dim] and the rotation, None in graphs from before Session 18): what its golden
+    data must round by, the graph being their one copy."""
     import numpy as np
     from onnx import numpy_helper
 
+    from ...model.kv_int8 import KvQuant
+
     model = onnx.load(str(Path(artifact_dir) / MODEL_FILE), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer if t.name.endswith(("k_scale", "v_scale"))}
-    out = []
-    for i in range(len(inits) // 2):
-        pair = [numpy_helper.to_array(inits[f"model.layers.{i}.self_attn.{kind}_scale"], str(artifact_dir))
-                for kind in ("k", "v")]
-        out.append(tuple(np.asarray(a, np.float32)[0, :, 0, :] for a in pair))
-    return out
+    inits = {t.name: t for t in model.graph.initializer if t.name.endswith(("k_scale", "v_scale", KV_ROTATION))}
+
+    def array(name):
+        return np.asarray(numpy_helper.to_array(inits[name], str(artifact_dir)), np.float32)
+
+    scales = [tuple(array(f"model.layers.{i}.self_attn.{kind}_scale")[0, :, 0, :] for kind in ("k", "v"))
+              for i in range(len([n for n in inits if n.endswith("k_scale")]))]
+    return KvQuant(scales, array(KV_ROTATION) if KV_ROTATION in inits else None)
 
 
 def compute_dtype(target, ep: str, model_dtype: str) -> str:

@@ -27,10 +27,13 @@ LlamaConfig.rope_inv_freq(), SkipSimplifiedLayerNormalization between blocks. T 
 KV cache) is the compute dtype chosen by compile.py: the scheme's model dtype, except float32 on
 x86 CPUs (see compile.py). The residual stream, the norms and the head are float32 always.
 
-With `kv_scales` (the int8 KV cache, compile.py's [onnx] kv_cache = "int8"), past/present are int8
+With `kv_quant` (the int8 KV cache, compile.py's [onnx] kv_cache = "int8"), past/present are int8
 and every GroupQueryAttention gets its layer's static per-channel scales as initializers
 (k_scale/v_scale [1, kv_heads, 1, head_dim], model/kv_int8.py); ONNX Runtime's CPU kernel takes an
-int8 cache only with float32 Q/K/V, so compile.py allows it with float32 compute only.
+int8 cache only with float32 Q/K/V, so compile.py allows it with float32 compute only. Its keys and
+values are rotated per head by the orthonormal KV_ROTATION before they are stored, so RoPE runs
+before that (RotaryEmbedding, at positions computed from seqlens_k as GroupQueryAttention numbers
+them), queries get the same rotation and the attention output its transpose (model/kv_int8.py).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
 BATCH = "batch_size"  # the graph's symbolic batch dimension (see the module doc)
 EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside model.onnx
 PAGE = 4096  # large tensors start on a page: ONNX Runtime can map them instead of copying
+KV_ROTATION = "kv_rotation"  # the int8 KV cache's rotation [head_dim, head_dim] (an initializer)
 HEAD_CHUNK_BYTES = 32 << 20  # the output head is split into MatMulNBits of at most this (head_chunks)
 
 
@@ -131,7 +135,7 @@ class _Graph:
 
 
 class LlamaOnnxBuilder:
-    def __init__(self, weights: QdirWeights, accuracy_level: int, compute_dtype=None, data=None, kv_scales=None):
+    def __init__(self, weights: QdirWeights, accuracy_level: int, compute_dtype=None, data=None, kv_quant=None):
         self.w = weights
         self.cfg = LlamaConfig.from_dict(weights.config, source=str(weights.qdir / "config.json"))
         if self.cfg.head_dim % 16:  # refused at run time otherwise ("head_size shall be a multiple of 16")
@@ -140,7 +144,8 @@ class LlamaOnnxBuilder:
         # Activations, scales and KV cache; widening float16 scales/weights to float32 is exact.
         self.dtype = np.dtype(compute_dtype or weights.model_dtype).type
         self.accuracy_level = int(accuracy_level)
-        self.kv_scales = kv_scales  # per layer (key scale, value scale) [kv_heads, head_dim], or None: float cache
+        self.kv_quant = kv_quant  # model/kv_int8.KvQuant, or None: float cache
+        self.positions: str | None = None  # [batch, sequence] int64, where RoPE runs outside attention
         self.g = _Graph(data)
         self.embedding: dict | None = None  # where the engine finds the embedding rows (build())
         self.tied_head: tuple | None = None  # (chunk initializers, K, bits) of a tied quantized head
@@ -322,18 +327,57 @@ class LlamaOnnxBuilder:
         c, p = self.cfg, f"model.layers.{i}.self_attn"
         qkv = self.linear(x, [f"{p}.{n}_proj.weight" for n in "qkv"], f"{p}.qkv_proj")
         past_k, past_v, present_k, present_v = kv_names(i)
-        inputs = [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", cos, sin]
+        qkv_in, tail = [qkv, "", ""], [cos, sin]  # tail: the inputs after total_sequence_length
         quant = {}
-        if self.kv_scales is not None:  # after position_ids, attention_bias, head_sink (absent)
-            shape = (1, c.num_kv_heads, 1, c.head_dim)
-            inputs += ["", "", ""] + [self.g.init(f"{p}.{kind}_scale", scale.reshape(shape).astype(np.float32))
-                                      for kind, scale in zip(("k", "v"), self.kv_scales[i])]
+        if self.kv_quant is not None:
+            qkv_in, tail = self.rotated_qkv(qkv, p, cos, sin), ["", ""]
+            shape = (1, c.num_kv_heads, 1, c.head_dim)  # after position_ids, attention_bias, head_sink (absent)
+            tail += ["", "", ""] + [self.g.init(f"{p}.{kind}_scale", scale.reshape(shape).astype(np.float32))
+                                    for kind, scale in zip(("k", "v"), self.kv_quant.scales[i])]
             quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+        inputs = qkv_in + [past_k, past_v, "seqlens_k", "total_sequence_length"] + tail
         attn, _, _ = self.g.op("GroupQueryAttention", inputs,
                          f"{p}.attn", outputs=[f"{p}.attn/out", present_k, present_v], domain=MS,
-                         num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-                         scale=float(1.0 / np.sqrt(c.head_dim)), local_window_size=-1, **quant)
+                         num_heads=c.num_heads, kv_num_heads=c.num_kv_heads, do_rotary=int(self.kv_quant is None),
+                         rotary_interleaved=0, scale=float(1.0 / np.sqrt(c.head_dim)), local_window_size=-1, **quant)
+        if self.kv_quant is not None:  # back from the rotated basis: p @ (V R) R^T = p @ V
+            attn = self.per_head(attn, c.num_heads, KV_ROTATION + "_t", f"{p}.attn/unrotate")
         return self.linear(attn, [f"{p}.o_proj.weight"], f"{p}.o_proj")
+
+    def rotated_qkv(self, qkv: str, p: str, cos: str, sin: str) -> list[str]:
+        """GroupQueryAttention's packed [query, key, value] inputs for an int8 cache: RoPE on queries and
+        keys (one node: they share positions), then every head of all three times KV_ROTATION
+        (q.k = qR.kR; model/kv_int8.py)."""
+        c, d = self.cfg, self.cfg.head_dim
+        if self.positions is None:
+            self.positions = self.rope_positions()
+            self.g.init(KV_ROTATION, self.kv_quant.rotation.astype(np.float32))
+            self.g.init(KV_ROTATION + "_t", np.ascontiguousarray(self.kv_quant.rotation.T, np.float32))
+        qk_heads = c.num_heads + c.num_kv_heads
+        qk, v = self.g.op("Split", [qkv, self.g.const([qk_heads * d, c.num_kv_heads * d])], f"{p}.qkv_split",
+                          outputs=2, axis=-1)
+        qk = self.g.op("RotaryEmbedding", [qk, self.positions, cos, sin], f"{p}.qk_rope", domain=MS,
+                       interleaved=0, num_heads=qk_heads)
+        packed = self.g.op("Concat", [qk, v], f"{p}.qkv_rope", axis=-1)
+        return [self.per_head(packed, qk_heads + c.num_kv_heads, KV_ROTATION, f"{p}.qkv_rotate"), "", ""]
+
+    def per_head(self, x: str, heads: int, matrix: str, name: str) -> str:
+        """x [batch, sequence, heads * head_dim] with each head times `matrix` [head_dim, head_dim]."""
+        d = self.cfg.head_dim
+        split = self.g.op("Reshape", [x, self.g.const([0, 0, heads, d])], f"{name}/heads")
+        return self.g.op("Reshape", [self.g.op("MatMul", [split, matrix], name), self.g.const([0, 0, heads * d])],
+                         f"{name}/flat")
+
+    def rope_positions(self) -> str:
+        """Each row's positions [batch, sequence] (int64) as GroupQueryAttention numbers them: a call of
+        S tokens on a row whose total length is seqlens_k + 1 holds positions seqlens_k + 1 - S .. seqlens_k
+        (a first prompt 0 .. S-1, a decode step seqlens_k)."""
+        g = self.g
+        length = g.op("Gather", [g.op("Shape", ["inputs_embeds"], "positions/shape"), g.const(1)], "positions/length")
+        first = g.op("Sub", [g.op("Cast", ["seqlens_k"], "positions/seqlens", to=TensorProto.INT64),
+                             g.op("Sub", [length, g.const(1)], "positions/length_1")], "positions/first")
+        steps = g.op("Range", [g.const(0), length, g.const(1)], "positions/range")
+        return g.op("Add", [g.op("Unsqueeze", [first, g.const([1])], "positions/column"), steps], "positions")
 
     def mlp(self, x: str, i: int) -> str:
         p = f"model.layers.{i}.mlp"
@@ -365,7 +409,7 @@ class LlamaOnnxBuilder:
 
     def _model(self) -> onnx.ModelProto:
         c = self.cfg
-        t = TensorProto.INT8 if self.kv_scales is not None else ONNX_DTYPE[self.dtype]
+        t = TensorProto.INT8 if self.kv_quant is not None else ONNX_DTYPE[self.dtype]
         kv_shape = lambda dim: [BATCH, c.num_kv_heads, dim, c.head_dim]  # noqa: E731
         inputs = [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, [BATCH, "sequence_length", c.hidden_size]),
                   helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [BATCH]),
@@ -381,8 +425,9 @@ class LlamaOnnxBuilder:
         return model
 
 
-def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype, data, kv_scales=None) -> tuple[onnx.ModelProto, dict]:
+def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype, data, kv_quant=None) -> tuple[onnx.ModelProto, dict]:
     """(the graph, where its embedding table is); `data` = (binary file, its name): large
-    initializers and the embedding table are streamed into it. `kv_scales`: an int8 KV cache."""
-    builder = LlamaOnnxBuilder(weights, accuracy_level, compute_dtype, data, kv_scales)
+    initializers and the embedding table are streamed into it. `kv_quant`: an int8 KV cache
+    (model/kv_int8.KvQuant)."""
+    builder = LlamaOnnxBuilder(weights, accuracy_level, compute_dtype, data, kv_quant)
     return builder.build(), builder.embedding
