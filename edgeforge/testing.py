@@ -68,6 +68,13 @@ EXTRA_SHAPES = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ),
+    # head_dim 48: a multiple of 16 (ONNX Runtime's attention) that is no power of two (the int8 KV
+    # cache's rotation is then a fixed random orthogonal matrix, not a Hadamard one)
+    "headdim48": dict(
+        hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=48, tie_word_embeddings=True, rope_theta=10000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=256,
+    ),
 }
 
 

@@ -216,6 +216,20 @@ def test_int8_bundle_passes_smoke_and_records_its_cache(kv_bundles, capsys):
     assert max(errors) < 0.5 and np.median(steps_int8) < np.median(steps_float) / 2
 
 
+@pytest.mark.parametrize("shape,rotation", [("headdim", "hadamard"), ("headdim48", "random orthogonal (seed 0)")])
+def test_int8_cache_on_other_head_sizes(tiny_model, tmp_path, capsys, shape, rotation):
+    """A head_dim that is not hidden / heads (32, linear RoPE scaling) and one that is no power of two
+    (48: the fixed random rotation): the int8-KV bundle is built, records its rotation and passes
+    its smoke test."""
+    code, _, err = cli(capsys, "build", tiny_model(shape), "--quant", "q4f32", "--target", "x86-cpu",
+                       "--backend", "onnx", "--kv-cache", "int8", "-o", tmp_path / "d", "--no-quality", "test speed")
+    assert code == 0, err
+    (bundle,) = [p for p in (tmp_path / "d").iterdir() if (p / "manifest.json").is_file()]
+    assert json.loads((bundle / "manifest.json").read_text())["kv_cache"]["rotation"] == rotation
+    code, out, err = cli(capsys, "smoke", bundle, "--json")
+    assert code == 0 and json.loads(out)["status"] == "PASS", err
+
+
 def _initializers(bundle: Path) -> set[str]:
     import onnx
 
