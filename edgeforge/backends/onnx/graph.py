@@ -145,7 +145,7 @@ class LlamaOnnxBuilder:
         self.dtype = np.dtype(compute_dtype or weights.model_dtype).type
         self.accuracy_level = int(accuracy_level)
         self.kv_quant = kv_quant  # model/kv_int8.KvQuant, or None: float cache
-        self.positions: str | None = None  # [batch, sequence] int64, where RoPE runs outside attention
+        self.positions: str | None = None  # [batch, sequence] int64 when RoPE runs outside attention (build())
         self.g = _Graph(data)
         self.embedding: dict | None = None  # where the engine finds the embedding rows (build())
         self.tied_head: tuple | None = None  # (chunk initializers, K, bits) of a tied quantized head
@@ -349,10 +349,6 @@ class LlamaOnnxBuilder:
         keys (one node: they share positions), then every head of all three times KV_ROTATION
         (q.k = qR.kR; model/kv_int8.py)."""
         c, d = self.cfg, self.cfg.head_dim
-        if self.positions is None:
-            self.positions = self.rope_positions()
-            self.g.init(KV_ROTATION, self.kv_quant.rotation.astype(np.float32))
-            self.g.init(KV_ROTATION + "_t", np.ascontiguousarray(self.kv_quant.rotation.T, np.float32))
         qk_heads = c.num_heads + c.num_kv_heads
         qk, v = self.g.op("Split", [qkv, self.g.const([qk_heads * d, c.num_kv_heads * d])], f"{p}.qkv_split",
                           outputs=2, axis=-1)
@@ -390,6 +386,10 @@ class LlamaOnnxBuilder:
     def build(self) -> onnx.ModelProto:
         c, g = self.cfg, self.g
         cos, sin = self.rotary_caches()
+        if self.kv_quant is not None:  # shared by every layer's rotated_qkv
+            self.positions = self.rope_positions()
+            g.init(KV_ROTATION, self.kv_quant.rotation.astype(np.float32))
+            g.init(KV_ROTATION + "_t", np.ascontiguousarray(self.kv_quant.rotation.T, np.float32))
         self.embedding = self.embedding_table()
         residual = "inputs_embeds"
         x = self.rms_norm_first(residual, "model.layers.0.input_layernorm.weight")
