@@ -230,6 +230,10 @@ def compare_peers(model: Path, dist: Path, work: Path, reps: int = 3, threads: i
         manifest = json.loads((bundle / "manifest.json").read_text())
         # a q4 embedding (build --embed-bits 4: the peers' size) is its own row next to the scheme's q8 one
         embed = " embed-q4" if str(manifest.get("embed_format", "")).startswith("q4") else ""
+        # an x86 ONNX bundle whose 4-bit linears run ONNX Runtime's MatMulNBits, not edgeforge's kernels
+        art = json.loads((bundle / "artifact" / "artifact.json").read_text())
+        if art.get("backend") == "onnx" and not art["onnx"].get("custom_ops"):
+            embed += " MatMulNBits"
         e = run.EdgeforgeEngine(f"edgeforge {manifest['backend']} {manifest['scheme']}{embed}",
                                 f"edgeforge-{manifest['backend']}{embed.replace(' ', '-')}", bundle, model.name)
         engines.append(e)

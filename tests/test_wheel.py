@@ -64,6 +64,8 @@ def test_wheel_has_every_target_and_script(wheel_venv):
     pkg = Path(site.stdout.splitlines()[0])
     assert ROOT not in pkg.parents, "the test must use the installed package, not the checkout"
     assert "setup-arm64.sh" in site.stdout and "setup-vulkan.sh" in site.stdout
+    # the kernels' sources, which x86 ONNX builds compile from the installed package
+    assert {"ort_abi.h", "kernels.c", "op.c"} <= {p.name for p in (pkg / "backends" / "onnx" / "kernels").iterdir()}
 
 
 @pytest.mark.slow
@@ -73,6 +75,8 @@ def test_wheel_builds_and_smokes_smollm2(wheel_venv, smollm2_gguf):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (bundle,) = json.loads(proc.stdout)["bundles"]
     assert bundle["backend"] == "onnx" and bundle["smoke"] == "PASS"  # auto: the faster backend on x86
+    art = json.loads((work / bundle["path"] / "artifact" / "artifact.json").read_text())
+    assert art["onnx"]["custom_ops"]["library"] == "libedgeforge_kernels.so"  # built from the wheel's sources
     proc = _edf(venv, work, "smoke", bundle["path"])
     assert proc.returncode == 0 and proc.stdout.startswith("PASS"), proc.stderr[-2000:]
 

@@ -13,6 +13,13 @@ Quantized tables are MatMulNBits' layout: uint8 blob [vocab, H/32, 32 * bits / 8
 zero point (8 for 4 bits, low nibble first; 128 for 8 bits) and float32 scales [vocab, H/32]; a row
 is float32(q - zero_point) * scale, which is what GatherBlockQuantized computes (tests compare the
 two on the same bytes).
+
+A tied head that runs edgeforge's kernels (layout "edgeforge-q4" or "edgeforge-q8",
+backends/onnx/kernels) is the table's one copy: rows interleaved in groups of 8, per block of 32 the
+group's 8 fp16 scales then 32-byte chunks of 8 rows x 4 elements (4-bit: chunk j byte 4r + t holds row
+r's code of element 8j + t in the low nibble, 8j + 4 + t in the high one; 8-bit: chunk j byte 4r + t
+is row r's code of element 4j + t). A row is read as its group (8 rows' bytes, one positioned read)
+and picked out.
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ def _pread(f, n: int, offset: int) -> bytes:
 
 DTYPES = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16}
 ZERO_POINT = {4: 8, 8: 128}
+KERNEL_LAYOUTS = {"edgeforge-q4": 4, "edgeforge-q8": 8}  # the kernels' layouts (kernels.c) and their bits
+KERNEL_GROUP_ROWS = 8
+
+
+def kernel_block_bytes(bits: int) -> int:
+    """Bytes of one block of 32 for a group of 8 rows: 8 fp16 scales, then the codes."""
+    return 16 + 32 * bits
 
 
 class EmbeddingTable:
@@ -44,13 +58,25 @@ class EmbeddingTable:
         self._files: dict = {}
         try:
             self.kind = spec["kind"]
-            if self.kind == "quantized":
+            self.layout = spec.get("layout", "matmulnbits")
+            if self.kind == "quantized" and self.layout in KERNEL_LAYOUTS:
+                self.bits, self.block = int(spec["bits"]), int(spec["block_size"])
+                if (self.bits, self.block) != (KERNEL_LAYOUTS[self.layout], 32) or self.hidden_size % 32:
+                    raise BundleError(f"{self.where}: an {self.layout} embedding must be {KERNEL_LAYOUTS[self.layout]}-bit "
+                                      f"in blocks of 32, got bits {self.bits} / block_size {self.block} / hidden "
+                                      f"{self.hidden_size}")
+                groups = -(-self.vocab_size // KERNEL_GROUP_ROWS)
+                self.packed = self._tensor(artifact_dir, spec["packed"], "uint8",
+                                           (groups, self.hidden_size // 32 * kernel_block_bytes(self.bits)))
+            elif self.kind == "quantized" and self.layout == "matmulnbits":
                 self.bits, self.block = int(spec["bits"]), int(spec["block_size"])
                 if self.bits not in ZERO_POINT or self.block <= 0 or self.hidden_size % self.block:
                     raise BundleError(f"{self.where}: embedding bits {self.bits} / block_size {self.block} not supported")
                 blocks = self.hidden_size // self.block
                 self.blob = self._tensor(artifact_dir, spec["blob"], "uint8", (self.vocab_size, blocks, self.block * self.bits // 8))
                 self.scales = self._tensor(artifact_dir, spec["scales"], "float32", (self.vocab_size, blocks))
+            elif self.kind == "quantized":
+                raise BundleError(f"{self.where}: embedding layout {self.layout!r} is not one this runtime reads")
             elif self.kind == "dense":
                 self.table = self._tensor(artifact_dir, spec["table"], None, (self.vocab_size, self.hidden_size))
             else:
@@ -110,8 +136,25 @@ class EmbeddingTable:
             raise BundleError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.vocab_size - 1})")
         if self.kind == "dense":
             return self._read(self.table, ids).astype(np.float32)
+        if self.layout in KERNEL_LAYOUTS:
+            return self._kernel_rows(ids)
         blob = self._read(self.blob, ids)
         if self.bits == 4:  # two values a byte, low nibble first
             blob = np.stack([blob & 0x0F, blob >> 4], axis=-1).reshape(len(ids), -1, self.block)
         q = blob.astype(np.float32) - np.float32(ZERO_POINT[self.bits])
         return (q * self._read(self.scales, ids)[:, :, None]).reshape(len(ids), self.hidden_size)
+
+    def _kernel_rows(self, ids) -> np.ndarray:
+        n, nb, rows = len(ids), self.hidden_size // 32, KERNEL_GROUP_ROWS
+        group = self._read(self.packed, ids // rows).reshape(n, nb, kernel_block_bytes(self.bits))
+        lane = (ids % rows)[:, None]
+        scales = np.ascontiguousarray(group[:, :, :16]).view(np.float16)  # [n, nb, 8 rows]
+        scale = np.take_along_axis(scales, lane[:, :, None], axis=2)[:, :, 0].astype(np.float32)
+        chunks = group[:, :, 16:].reshape(n, nb, self.bits, rows, 4)  # [n, nb, chunk, row, t]: 4 or 8 chunks of 32 B
+        mine = np.take_along_axis(chunks, lane[:, :, None, None, None], axis=3)[:, :, :, 0]  # [n, nb, chunk, t]
+        if self.bits == 4:
+            codes = np.stack([mine & 0x0F, mine >> 4], axis=3).reshape(n, nb, 32)  # element 8j + 4h + t
+        else:
+            codes = mine.reshape(n, nb, 32)  # element 4j + t
+        q = codes.astype(np.float32) - np.float32(ZERO_POINT[self.bits])
+        return (q * scale[:, :, None]).reshape(n, self.hidden_size)

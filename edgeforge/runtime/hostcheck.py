@@ -53,6 +53,30 @@ def check_can_run(manifest: dict) -> None:
                             f"{' with an NVIDIA GPU' if gpu else ''}, {here}{hint}")
     if device.startswith("cuda"):
         check_cuda(manifest.get("device_requirements", {}))
+    check_cpu_features(manifest.get("device_requirements", {}).get("cpu_features") or [], name)
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux names them (/proc/cpuinfo), None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def check_cpu_features(required: list[str], name: str = "?") -> None:
+    """Refuse a bundle whose native kernels need instructions this CPU lacks (they would fault)."""
+    flags = cpu_flags() if required else None
+    if flags is None:
+        return
+    missing = [f for f in required if f not in flags]
+    if missing:
+        raise CannotRunHere(f"cannot run here: target '{name}' runs kernels that need the CPU features "
+                            f"{', '.join(required)}; this CPU lacks {', '.join(missing)}")
 
 
 def _os_name(os_key: str) -> str:

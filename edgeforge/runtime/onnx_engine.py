@@ -46,6 +46,10 @@ GPU_ADVICE = ("open the bundle with a smaller --ctx, or serve fewer --parallel e
               "KV cache on the GPU)")
 
 
+CUSTOM_OP_LIBRARY = "libedgeforge_kernels.so"  # backends/onnx/kernels' build, in the artifact folder
+CUSTOM_OP_CPU_FEATURES = ["avx2", "fma", "f16c"]  # what its kernels need at least
+
+
 def _import_ort():
     try:
         import onnxruntime
@@ -124,6 +128,7 @@ class OnnxEngine:
         opts.intra_op_num_threads = _threads(threads)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        self._register_custom_ops(opts)
         providers = [self.provider] if self.provider == CPU else [self.provider, CPU]
         options = [{"device_id": str(self.device_id)} if self.provider == "CUDAExecutionProvider" else {}]
         options += [{}] * (len(providers) - 1)
@@ -143,6 +148,30 @@ class OnnxEngine:
                 "(no usable device for it on this machine); refusing to run on the wrong device")
         release_loaded_pages(self._data_files(model))
         return session
+
+    def _register_custom_ops(self, opts) -> None:
+        """The graph's own kernels (artifact.json onnx.custom_ops: edgeforge.MatMulQ for x86 CPUs),
+        a library in the artifact folder whose checksum the manifest check verified before this."""
+        custom = self.info.get("custom_ops")
+        if not custom:
+            return
+        from .hostcheck import check_cpu_features, host_arch
+
+        # only our library, by its one name, from the artifact folder (whose files the manifest check
+        # verified): an artifact.json naming another path is refused, never loaded
+        if not isinstance(custom, dict) or custom.get("library") != CUSTOM_OP_LIBRARY:
+            raise BundleError(f"{self.artifact_dir / 'artifact.json'}: onnx.custom_ops must name {CUSTOM_OP_LIBRARY}, "
+                              f"got {custom.get('library') if isinstance(custom, dict) else custom!r}")
+        library = self.artifact_dir / CUSTOM_OP_LIBRARY
+        if not library.is_file():
+            raise BundleError(f"{library}: missing (artifact.json's onnx.custom_ops needs it)")
+        if host_arch() != "x86_64":
+            raise CannotRunHere(f"cannot run here: {library.name} holds x86-64 kernels; this is {host_arch()}")
+        check_cpu_features(CUSTOM_OP_CPU_FEATURES, str(self.artifact_dir))
+        try:
+            opts.register_custom_ops_library(str(library))
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise BundleError(f"{library}: onnxruntime could not load edgeforge's kernels: {str(err).splitlines()[0]}") from err
 
     def _gpu_weights_bytes(self) -> int:
         """Bytes of the graph and its external data: the initializers ONNX Runtime puts on the GPU (an

@@ -9,6 +9,8 @@ from pathlib import Path
 import onnx
 
 from ...errors import EdgeforgeError
+from ...runtime.onnx_engine import CUSTOM_OP_CPU_FEATURES
+from . import kernels
 from .graph import IR_VERSION, KV_ROTATION, MS_OPSET, OPSET, build_model
 from .qdir import QdirWeights
 
@@ -36,13 +38,15 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
     compute = compute_dtype(target, ep, weights.model_dtype_name)
     kv_cache = kv_cache_setting(target, ep, compute)
     kv_quant, kv_info = _kv_quant(qdir) if kv_cache == "int8" else (None, None)
+    who = kernels_setting(target, ep, compute, level)
     logger.info(f"onnx: building {weights.scheme} graph ({compute} compute, {kv_cache} KV cache, "
-                f"MatMulNBits accuracy_level {level}) for {ep}")
+                f"accuracy_level {level}, {who} kernels) for {ep}")
     out = Path(out)
     # External data: one file next to the graph, every tensor of >= 1 KiB written into it as it is
     # made (memory stays at one tensor), the .onnx keeps the graph and references.
     with open(out / DATA_FILE, "wb") as data:
-        model, embedding = build_model(weights, level, compute, (data, DATA_FILE), kv_quant)
+        model, embedding, kernel_ops = build_model(weights, level, compute, (data, DATA_FILE), kv_quant,
+                                                   use_kernels=who == "edgeforge")
     logger.debug(f"onnx: built {len(model.graph.node)} nodes; saving and checking {out / MODEL_FILE}")
     onnx.save_model(model, out / MODEL_FILE)
     try:
@@ -50,6 +54,15 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
     except onnx.checker.ValidationError as err:  # a builder bug, not bad input, but say where
         raise EdgeforgeError(f"{out / MODEL_FILE}: onnx.checker rejected the graph: {str(err).splitlines()[0]}") from err
     artifact = _artifact(weights, target, ep, level, compute, embedding)
+    if kernel_ops:  # the graph needs the library: built for this target, shipped and checksummed with it
+        library = kernels.build_library(out, kernels.find_compiler())
+        artifact["files"].append(library.name)
+        artifact["onnx"]["custom_ops"] = {"library": library.name, "ops": [f"{kernels.DOMAIN}.{kernels.OP}"],
+                                          "count": kernel_ops, "source_sha256": kernels.source_digest(),
+                                          "needs": "x86-64 with AVX2, FMA and F16C (AVX-512 VNNI used when present)"}
+        artifact["toolchain"]["cc"] = kernels.compiler_version(kernels.find_compiler())
+        artifact["device_requirements"]["cpu_features"] = list(CUSTOM_OP_CPU_FEATURES)
+        logger.info(f"onnx: {kernel_ops} linears run edgeforge's kernels ({library.name})")
     if kv_quant is not None:
         artifact["onnx"].update(kv_dtype="int8", kv_cache=kv_info)
     (out / "artifact.json").write_text(json.dumps(artifact, indent=1, sort_keys=True))
@@ -58,7 +71,37 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
     return artifact
 
 
-ONNX_KEYS = {"execution_provider", "accuracy_level", "compute_dtype", "kv_cache"}
+ONNX_KEYS = {"execution_provider", "accuracy_level", "compute_dtype", "kv_cache", "kernels"}
+KERNEL_CHOICES = ("auto", "onnxruntime", "edgeforge")
+
+
+def kernels_setting(target, ep: str, compute: str, level: int) -> str:
+    """[onnx] kernels = "auto" (default) | "edgeforge" | "onnxruntime": who runs the quantized linears.
+
+    "edgeforge": our kernels (backends/onnx/kernels: 4.5 / 8.5 bits a weight read in place, where
+    ONNX Runtime's MatMulNBits repacks to 6 / 10), compiled by the build machine's C compiler for
+    x86-64 (AVX2; AVX-512 VNNI picked at load when the CPU has it). They do MatMulNBits'
+    accuracy_level-4 arithmetic, so they need an x86_64 CPU target at that level with float32 compute.
+    "auto": "edgeforge" where those hold and a C compiler is found (without one: a warning, and
+    MatMulNBits), else "onnxruntime". Returns "edgeforge" or "onnxruntime"."""
+    setting = (getattr(target, "onnx", None) or {}).get("kernels", "auto")
+    where = f"target '{target.name}'"
+    if setting not in KERNEL_CHOICES:
+        raise EdgeforgeError(f"{where}: [onnx] kernels must be one of {', '.join(KERNEL_CHOICES)}, got {setting!r}")
+    fits = (ep == "CPUExecutionProvider" and getattr(target, "arch", "") == "x86_64" and compute == "float32"
+            and level == 4)
+    if setting == "edgeforge" and not fits:
+        raise EdgeforgeError(f"{where}: [onnx] kernels = \"edgeforge\" needs an x86_64 CPU target with float32 "
+                             f"compute and accuracy_level 4 (this target: {ep}, {getattr(target, 'arch', '?')}, "
+                             f"{compute} compute, accuracy_level {level})")
+    if setting == "onnxruntime" or not fits:
+        return "onnxruntime"
+    if setting == "auto" and kernels.find_compiler() is None:
+        logger.warning(f"{where}: no C compiler (gcc or cc) on PATH, so the quantized linears run ONNX Runtime's "
+                       "MatMulNBits, not edgeforge's faster kernels (apt-get install gcc; or set [onnx] "
+                       "kernels = \"onnxruntime\" to silence this)")
+        return "onnxruntime"
+    return "edgeforge"
 KV_CACHE_CHOICES = ("float", "int8")
 
 

@@ -34,6 +34,12 @@ int8 cache only with float32 Q/K/V, so compile.py allows it with float32 compute
 values are rotated per head by the orthonormal KV_ROTATION before they are stored, so RoPE runs
 before that (RotaryEmbedding, at positions computed from seqlens_k as GroupQueryAttention numbers
 them), queries get the same rotation and the attention output its transpose (model/kv_int8.py).
+
+With `kernels` (compile.py's [onnx] kernels, x86 CPUs), every 4- or 8-bit linear without zero points
+whose scales float16 holds exactly is edgeforge.MatMulQ instead of MatMulNBits: our own kernels
+(backends/onnx/kernels), which read the weight in the layout the data file holds (4.5 or 8.5 bits a
+weight) with MatMulNBits' accuracy_level-4 arithmetic; a tied head in that layout is also the
+embedding table (artifact.json's embedding.layout). Other linears stay MatMulNBits.
 """
 
 from __future__ import annotations
@@ -46,13 +52,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...errors import EdgeforgeError
 from ...model.config import LlamaConfig
-from . import pack
+from . import kernels, pack
 from .qdir import QdirWeights
 
 OPSET = 21  # ai.onnx; ONNX Runtime >= 1.20 and onnxruntime-webgpu 1.27 run it
 MS_OPSET = 1  # com.microsoft
 IR_VERSION = 10
 MS = "com.microsoft"
+EDGEFORGE_DOMAIN = "edgeforge"  # custom ops of libedgeforge_kernels.so (backends/onnx/kernels)
 ONNX_DTYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
 
@@ -135,7 +142,8 @@ class _Graph:
 
 
 class LlamaOnnxBuilder:
-    def __init__(self, weights: QdirWeights, accuracy_level: int, compute_dtype=None, data=None, kv_quant=None):
+    def __init__(self, weights: QdirWeights, accuracy_level: int, compute_dtype=None, data=None, kv_quant=None,
+                 use_kernels: bool = False):
         self.w = weights
         self.cfg = LlamaConfig.from_dict(weights.config, source=str(weights.qdir / "config.json"))
         if self.cfg.head_dim % 16:  # refused at run time otherwise ("head_size shall be a multiple of 16")
@@ -145,10 +153,13 @@ class LlamaOnnxBuilder:
         self.dtype = np.dtype(compute_dtype or weights.model_dtype).type
         self.accuracy_level = int(accuracy_level)
         self.kv_quant = kv_quant  # model/kv_int8.KvQuant, or None: float cache
+        self.use_kernels = bool(use_kernels)  # quantized linears as edgeforge.MatMulQ (x86 CPUs)
+        self.kernel_ops = 0  # how many are
         self.positions: str | None = None  # [batch, sequence] int64 when RoPE runs outside attention (build())
         self.g = _Graph(data)
         self.embedding: dict | None = None  # where the engine finds the embedding rows (build())
         self.tied_head: tuple | None = None  # (chunk initializers, K, bits) of a tied quantized head
+        self.kernel_head: tuple | None = None  # (packed initializer, K, N, bits) of a head that runs MatMulQ
 
     # ---- weights ------------------------------------------------------------------------------
     def _entry(self, name: str):
@@ -187,12 +198,29 @@ class LlamaOnnxBuilder:
         return self.g.op("MatMul", [x, self.g.init(f"{name}.weight_t", w.T)], name)
 
     def _matmul_nbits(self, x: str, q: pack.QuantLinear, name: str, blob: str | None = None) -> str:
+        if blob is None and self._takes_kernels(q):
+            return self._matmul_q(x, self._packed(f"{name}.packed", q), q.k, q.n, q.bits, name)
         blob = blob or self.g.init(f"{name}.qweight", q.blob)
         inputs = [x, blob, self.g.init(f"{name}.scales", q.scales.reshape(-1))]
         if q.zero_points is not None:
             inputs.append(self.g.init(f"{name}.zero_points", q.zero_points.reshape(-1)))
         return self.g.op("MatMulNBits", inputs, name, domain=MS, K=q.k, N=q.n, bits=q.bits,
                          block_size=pack.GROUP, accuracy_level=self.accuracy_level)
+
+    def _takes_kernels(self, q: pack.QuantLinear) -> bool:
+        """4 or 8 bits, no zero points, float32 activations, and scales that float16 holds exactly
+        (the *f16 schemes': the kernels read fp16 scales; rounding others would change the weights)."""
+        if not (self.use_kernels and q.zero_points is None and self.dtype == np.float32
+                and kernels.supported(q.n, q.k, q.bits)):
+            return False
+        return bool(np.array_equal(q.scales.astype(np.float16).astype(q.scales.dtype), q.scales))
+
+    def _packed(self, name: str, q: pack.QuantLinear, external: bool = False) -> str:
+        return self.g.init(name, kernels.pack_blocks(q.blob, q.scales.astype(np.float16), q.bits), external=external)
+
+    def _matmul_q(self, x: str, packed: str, k: int, n: int, bits: int, name: str) -> str:
+        self.kernel_ops += 1
+        return self.g.op(kernels.OP, [x, packed], name, domain=EDGEFORGE_DOMAIN, K=k, N=n, bits=bits)
 
     def to_compute(self, x: str, name: str) -> str:
         """float32 -> the graph's compute dtype (matmul/attention inputs)."""
@@ -247,6 +275,11 @@ class LlamaOnnxBuilder:
             return {"kind": "dense", "table": table}
         q = self._table_quant(name, "embedding table")
         spec = {"kind": "quantized", "bits": q.bits, "block_size": pack.GROUP}
+        if tied and self._takes_kernels(q):  # one copy in the kernels' layout, rows read from it too
+            packed = self._packed("model.embed_tokens.packed", q, external=True)
+            self.kernel_head = (packed, q.k, q.n, q.bits)
+            shape = [-(-q.n // kernels.GROUP_ROWS), q.k // pack.GROUP * kernels.kernel_block_bytes(q.bits)]
+            return {**spec, "layout": kernels.layout(q.bits), "packed": {**g.locations[packed], "shape": shape}}
         if not tied:
             return {**spec, "blob": g.raw("model.embed_tokens.qweight", q.blob),
                     "scales": g.raw("model.embed_tokens.scales", q.scales)}
@@ -293,10 +326,14 @@ class LlamaOnnxBuilder:
         tied = self._tied()
         name = "model.embed_tokens.weight" if tied else "lm_head.weight"
         if self._is_quant(name):
+            if not tied and self._takes_kernels(q := self._table_quant(name, "output head")):
+                self.kernel_head = (self._packed("lm_head.packed", q, external=True), q.k, q.n, q.bits)
+            if self.kernel_head is not None:  # no chunks: the kernels read the weight in place, no packed copy
+                packed, k, n, bits = self.kernel_head
+                return self._matmul_q(x, packed, k, n, bits, "lm_head")
             if tied:  # the embedding's chunk initializers (embedding_table ran first)
                 parts, k, bits = self.tied_head
             else:
-                q = self._table_quant(name, "output head")
                 parts, k, bits = self._store_chunks("lm_head", q), q.k, q.bits
             outs = [self.g.op("MatMulNBits", [x, p["blob"], p["scales"]], f"lm_head.{i}" if len(parts) > 1 else "lm_head",
                               domain=MS, K=k, N=p["rows"][1] - p["rows"][0], bits=bits, block_size=pack.GROUP,
@@ -420,14 +457,17 @@ class LlamaOnnxBuilder:
             inputs += [helper.make_tensor_value_info(n, t, kv_shape("past_sequence_length")) for n in (pk, pv)]
             outputs += [helper.make_tensor_value_info(n, t, kv_shape("present_sequence_length")) for n in (ck, cv)]
         graph = helper.make_graph(self.g.nodes, "edgeforge_llama", inputs, outputs, self.g.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, MS_OPSET)],
-                                  ir_version=IR_VERSION, producer_name="edgeforge")
+        opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, MS_OPSET)]
+        if self.kernel_ops:
+            opsets.append(helper.make_opsetid(EDGEFORGE_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="edgeforge")
         return model
 
 
-def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype, data, kv_quant=None) -> tuple[onnx.ModelProto, dict]:
-    """(the graph, where its embedding table is); `data` = (binary file, its name): large
-    initializers and the embedding table are streamed into it. `kv_quant`: an int8 KV cache
-    (model/kv_int8.KvQuant)."""
-    builder = LlamaOnnxBuilder(weights, accuracy_level, compute_dtype, data, kv_quant)
-    return builder.build(), builder.embedding
+def build_model(weights: QdirWeights, accuracy_level: int, compute_dtype, data, kv_quant=None,
+                use_kernels: bool = False) -> tuple[onnx.ModelProto, dict, int]:
+    """(the graph, where its embedding table is, how many linears are edgeforge.MatMulQ); `data` =
+    (binary file, its name): large initializers and the embedding table are streamed into it.
+    `kv_quant`: an int8 KV cache (model/kv_int8.KvQuant). `use_kernels`: edgeforge's kernels."""
+    builder = LlamaOnnxBuilder(weights, accuracy_level, compute_dtype, data, kv_quant, use_kernels)
+    return builder.build(), builder.embedding, builder.kernel_ops
