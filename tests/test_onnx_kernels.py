@@ -166,7 +166,7 @@ def test_each_instruction_set(tmp_path, isa):
     """Both kernel sets, whichever this CPU would pick (EDGEFORGE_KERNELS_ISA=avx2 holds a VNNI CPU to
     the AVX2 kernels), each in a child process: the library's choice is made once per process."""
     if isa == "avx512vnni" and "avx512_vnni" not in (hostcheck.cpu_flags() or set()):
-        pytest.skip("this CPU has no AVX-512 VNNI")
+        pytest.skip("AVX-512 VNNI unavailable on this CPU")
     child = f"""
 import ctypes, sys, numpy as np
 sys.path.insert(0, {str(os.path.dirname(__file__))!r})
