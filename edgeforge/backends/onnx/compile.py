@@ -55,12 +55,13 @@ def compile_model(qdir: Path, target, out: Path) -> dict:
         raise EdgeforgeError(f"{out / MODEL_FILE}: onnx.checker rejected the graph: {str(err).splitlines()[0]}") from err
     artifact = _artifact(weights, target, ep, level, compute, embedding)
     if kernel_ops:  # the graph needs the library: built for this target, shipped and checksummed with it
-        library = kernels.build_library(out, kernels.find_compiler())
+        cc = kernels.find_compiler()
+        library = kernels.build_library(out, cc)
         artifact["files"].append(library.name)
         artifact["onnx"]["custom_ops"] = {"library": library.name, "ops": [f"{kernels.DOMAIN}.{kernels.OP}"],
                                           "count": kernel_ops, "source_sha256": kernels.source_digest(),
                                           "needs": "x86-64 with AVX2, FMA and F16C (AVX-512 VNNI used when present)"}
-        artifact["toolchain"]["cc"] = kernels.compiler_version(kernels.find_compiler())
+        artifact["toolchain"]["cc"] = kernels.compiler_version(cc)
         artifact["device_requirements"]["cpu_features"] = list(CUSTOM_OP_CPU_FEATURES)
         logger.info(f"onnx: {kernel_ops} linears run edgeforge's kernels ({library.name})")
     if kv_quant is not None:

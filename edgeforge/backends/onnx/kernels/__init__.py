@@ -27,13 +27,12 @@ from ....errors import EdgeforgeError
 from ....model.reference import int8_blocks
 # The layout's constants live with the runtime, which reads a tied embedding's rows from it.
 from ....runtime.embedding import KERNEL_GROUP_ROWS as GROUP_ROWS
-from ....runtime.embedding import KERNEL_LAYOUTS, kernel_block_bytes
+from ....runtime.embedding import KERNEL_LAYOUTS, ZERO_POINT, kernel_block_bytes
 from ....runtime.onnx_engine import CUSTOM_OP_LIBRARY as LIBRARY
 
 SOURCES = Path(__file__).resolve().parent
 SOURCE_FILES = ("ort_abi.h", "kernels.c", "op.c")
 DOMAIN, OP = "edgeforge", "MatMulQ"
-ZERO_POINT = {4: 8, 8: 128}
 ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "vnni": ["-DEF_VNNI", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512vnni"],

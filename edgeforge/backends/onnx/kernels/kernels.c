@@ -144,7 +144,7 @@ static inline __attribute__((always_inline)) void micro8(const int R, int nb, co
     }
 }
 
-static inline void store_rows(float *y, size_t n, int rows, __m256 v) {
+static inline void store_rows(float *y, int rows, __m256 v) {
     if (rows == 8) {
         _mm256_storeu_ps(y, v);
     } else {
@@ -152,7 +152,6 @@ static inline void store_rows(float *y, size_t n, int rows, __m256 v) {
         _mm256_storeu_ps(tmp, v);
         memcpy(y, tmp, (size_t)rows * sizeof(float));
     }
-    (void)n;
 }
 
 /* y[c * n + r] for activation rows c in [0, m) and weight rows r of groups [g0, g1) (r < n), for
@@ -173,11 +172,11 @@ static inline void store_rows(float *y, size_t n, int rows, __m256 v) {
                 int c = c0;                                                                                     \
                 for (; c + RN <= c1; c += RN) {                                                                 \
                     MICRO(RN, nb, wg, act + c * kk, d + c * (kk / 32), s + c * (kk / 32), kk, acc, 0);          \
-                    for (int i = 0; i < RN; i++) store_rows(y + (size_t)(c + i) * n + 8 * g, n, rows, acc[i]);  \
+                    for (int i = 0; i < RN; i++) store_rows(y + (size_t)(c + i) * n + 8 * g, rows, acc[i]);     \
                 }                                                                                               \
                 for (; c < c1; c++) {                                                                           \
                     MICRO(1, nb, wg, act + c * kk, d + c * (kk / 32), s + c * (kk / 32), kk, acc, m == 1);      \
-                    store_rows(y + (size_t)c * n + 8 * g, n, rows, acc[0]);                                     \
+                    store_rows(y + (size_t)c * n + 8 * g, rows, acc[0]);                                        \
                 }                                                                                               \
             }                                                                                                   \
         }                                                                                                       \
