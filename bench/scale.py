@@ -1,6 +1,6 @@
 """Scaling: edgeforge on the models people deploy (issue 10), on this machine.
 
-    python bench/scale.py model llama3-8b /data/llama3-8b     # a random bf16 HF folder, sharded
+    python bench/scale.py model llama3-8b /data/llama3-8b --scaled-residual   # a random bf16 HF folder, sharded
     python bench/scale.py build /data/llama3-8b --backend all -o /data/dist   # timed, peak RSS
 
 `model` writes an HF Llama folder of the given shape (bench/gpu.py's SHAPES: smollm2, llama32-1b,
@@ -60,8 +60,14 @@ def _bf16(key: str, n: int, std: float, seed: int) -> np.ndarray:
     return (f.view(np.uint32) >> np.uint32(16)).astype(np.uint16)  # truncation to bf16
 
 
-def write_model(shape: str, out: Path, seed: int = 0, log=print) -> Path:
+def write_model(shape: str, out: Path, seed: int = 0, log=print, scaled_residual: bool = False) -> Path:
+    """The random HF folder of `shape` at `out`. scaled_residual: o_proj and down_proj (the matrices that
+    write into the residual stream) get 1/sqrt(2 x layers) of the usual spread, as GPT-2 and Megatron
+    initialise them and as trained models end up: each layer then adds a small correction instead of a
+    fresh vector of the residual's own size, so a deep random model stops amplifying rounding from layer
+    to layer (the 8B shape's int8-activation golden data needs it)."""
     cfg = dict(SHAPES[shape])
+    residual_std = gpu.WEIGHT_STD / (2 * cfg["num_hidden_layers"]) ** 0.5 if scaled_residual else gpu.WEIGHT_STD
     out = Path(out)
     if (out / "config.json").exists():
         return out
@@ -100,6 +106,8 @@ def write_model(shape: str, out: Path, seed: int = 0, log=print) -> Path:
                     data = np.full(n, 0x3F80, np.uint16)  # 1.0
                 else:
                     std = gpu.EMBED_STD if ("embed" in name or "lm_head" in name) else gpu.WEIGHT_STD
+                    if name.endswith(("o_proj.weight", "down_proj.weight")):
+                        std = residual_std
                     data = _bf16(name, n, std, seed)
                 f.write(data.tobytes())
                 weight_map[name] = fname
@@ -273,6 +281,8 @@ def main(argv=None) -> int:
     m = sub.add_parser("model")
     m.add_argument("shape", choices=sorted(SHAPES))
     m.add_argument("out", type=Path)
+    m.add_argument("--scaled-residual", action="store_true",
+                   help="o_proj/down_proj at 1/sqrt(2 x layers) of the usual spread (deep shapes' golden data)")
     b = sub.add_parser("build")
     b.add_argument("model", type=Path)
     b.add_argument("-o", "--output", type=Path, required=True)
@@ -302,7 +312,7 @@ def main(argv=None) -> int:
                   f"KV {row['kv_bytes']:,} B, ratio {row['ratio'] or 0:.2f}")
         return 0
     if args.mode == "model":
-        write_model(args.shape, args.out)
+        write_model(args.shape, args.out, scaled_residual=args.scaled_residual)
         return 0
     result = timed_build(args.model, args)
     print(json.dumps(result))

@@ -246,3 +246,35 @@ def test_the_q4_decode_kernel_lab_matches_its_numpy_reference_and_onnx_runtime()
     assert np.abs(mlas - ref).max() <= 1e-3 * np.abs(ref).max()
     with pytest.raises(ValueError, match="multiple of 4"):
         kernel.pack(blob[:6], scales16[:6])
+
+
+def test_scaled_residual_shrinks_only_the_matrices_that_write_the_residual(tmp_path, monkeypatch):
+    """`scale.py model --scaled-residual`: o_proj and down_proj at 1/sqrt(2 x layers) of the others'
+    spread (deep random models then stop amplifying rounding); the plain model keeps one spread."""
+    import scale
+
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True, rope_theta=10000.0,
+                max_position_embeddings=256)
+    monkeypatch.setitem(scale.SHAPES, "tiny", tiny)
+    stds = {}
+    for scaled in (False, True):
+        out = scale.write_model("tiny", tmp_path / str(scaled), log=lambda *_: None, scaled_residual=scaled)
+        stds[scaled] = {}
+        for f in out.glob("*.safetensors"):
+            raw = f.read_bytes()
+            n = int.from_bytes(raw[:8], "little")
+            for name, meta in json.loads(raw[8:8 + n]).items():
+                lo, hi = meta["data_offsets"]
+                bits = np.frombuffer(raw[8 + n + lo:8 + n + hi], np.uint16).astype(np.uint32) << 16
+                stds[scaled][name] = float(bits.view(np.float32).std())
+    plain, deep = stds[False], stds[True]
+    for layer in range(8):
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            key = f"model.layers.{layer}.{name}.weight"
+            assert plain[key] == pytest.approx(0.02, rel=0.1)
+            assert deep[key] == pytest.approx(0.02 / 4, rel=0.1)  # 1/sqrt(2 x 8)
+        for name in ("self_attn.q_proj", "mlp.up_proj"):
+            key = f"model.layers.{layer}.{name}.weight"
+            assert deep[key] == plain[key]
+    assert deep["model.embed_tokens.weight"] == plain["model.embed_tokens.weight"]
