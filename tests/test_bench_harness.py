@@ -250,7 +250,7 @@ def test_the_q4_decode_kernel_lab_matches_its_numpy_reference_and_onnx_runtime()
 
 def test_scaled_residual_shrinks_only_the_matrices_that_write_the_residual(tmp_path, monkeypatch):
     """`scale.py model --scaled-residual`: o_proj and down_proj at 1/sqrt(2 x layers) of the others'
-    spread (deep random models then stop amplifying rounding); the plain model keeps one spread."""
+    spread (GPT-2's initialisation); the plain model keeps one spread."""
     import scale
 
     tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
@@ -278,3 +278,31 @@ def test_scaled_residual_shrinks_only_the_matrices_that_write_the_residual(tmp_p
             key = f"model.layers.{layer}.{name}.weight"
             assert deep[key] == plain[key]
     assert deep["model.embed_tokens.weight"] == plain["model.embed_tokens.weight"]
+
+
+def test_an_artifact_outside_a_bundle_is_timed_like_a_bundle_and_named_so(tiny_qdir, tmp_path):
+    """bench/artifact_bench.py: an `edgeforge compile` ONNX folder (no golden data) timed by
+    `edgeforge bench`'s own run_bench; scale.py's row for it says it is not a bundle."""
+    import run
+    import scale
+    from edgeforge.backends import compile_qdir
+
+    qdir, _, _ = tiny_qdir("llama32", "q4f16")
+    art = tmp_path / "x86"
+    compile_qdir(qdir, "x86-cpu", "onnx", art)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "artifact_bench.py"), str(art), "-p", "8", "-n", "4",
+                           "-r", "2", "--json"], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "EDGEFORGE_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = {r["test"]: r for r in json.loads(proc.stdout)}
+    assert set(records) == {"pp8", "tg4"}
+    assert all(r["avg_ts"] > 0 and len(r["samples_ts"]) == 2 for r in records.values())
+    assert records["pp8"]["bundle"] == "x86 (artifact, no golden data)"
+    engine = scale._artifact_engine(run, art, Path("/m/tiny"))
+    assert "(artifact, no golden data)" in engine.name and engine.weight_bytes > 0
+    # a TVM folder is not timed here
+    (tmp_path / "tvm").mkdir()
+    (tmp_path / "tvm" / "artifact.json").write_text(json.dumps({"backend": "tvm"}))
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "artifact_bench.py"), str(tmp_path / "tvm")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "only ONNX artifacts" in bad.stderr
