@@ -214,6 +214,26 @@ def test_the_scaling_table_names_a_skipped_peer(tmp_path, monkeypatch):
     assert "## llama3-8b (AVX-512 VNNI host): speed" in text and "## llama3-8b (AVX2 host): speed" in text
 
 
+def test_each_goal_line_says_the_weight_bytes_against_the_peer_it_is_measured_against(tmp_path, monkeypatch):
+    """Issue 24 compares at equal bytes or says the difference: a faster row with more bytes must say so,
+    and an artifact row (no golden data) is named as such in the table's heading."""
+    import report
+
+    rows = [_row("edgeforge onnx q4f16 (artifact, no golden data)", "edgeforge", 2, 30.0, 9.0),
+            _row("llama.cpp Q4_0", "llama.cpp", 2, 20.0, 6.0)]
+    memory = [{"engine": rows[0]["engine"], "weight_bytes": 5_150_000_000, "kv_bytes": 1, "peak_rss": 1, "ratio": 0.9},
+              {"engine": "llama.cpp Q4_0", "weight_bytes": 4_660_000_000, "kv_bytes": 1, "peak_rss": 1, "ratio": 1.8}]
+    result = {"model": "/x/llama3-8b", "threads": 2, "reps": 5, "speed": rows, "memory": memory, "command": "c"}
+    (tmp_path / "peers-llama3-8b.json").write_text(json.dumps(result))
+    monkeypatch.setattr(report, "GPU_RESULTS", tmp_path)
+    text = report._scaling_peers()
+    assert "tg128 >= 1.0x (llama.cpp Q4_0): 1.50x: **met**, with 1.11x llama.cpp Q4_0's weight bytes." in text
+    assert "(a row marked artifact: an `edgeforge compile` folder, no golden data)" in text
+    # without weight bytes the line makes no claim about them
+    (tmp_path / "peers-llama3-8b.json").write_text(json.dumps({**result, "memory": []}))
+    assert "weight bytes." not in report._scaling_peers()
+
+
 @pytest.mark.skipif(not __import__("q4_gemv").avx2_here(), reason="bench/q4_gemv.c needs x86 AVX2/FMA/F16C")
 def test_the_q4_decode_kernel_lab_matches_its_numpy_reference_and_onnx_runtime():
     """bench/q4_gemv.py times ONNX Runtime's MatMulNBits against bench/q4_gemv.c: the kernel must compute
