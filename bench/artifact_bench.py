@@ -26,12 +26,28 @@ def main(argv=None) -> int:
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    from edgeforge.runtime.bundle_errors import Failure
+
+    try:
+        return _time(args)
+    except Failure as err:  # a wrong folder or a machine that cannot run it: one line, its exit code
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def _time(args) -> int:
     from edgeforge.bundle.bench import run_bench
+    from edgeforge.runtime.bundle_errors import BundleError
     from edgeforge.runtime.onnx_engine import OnnxEngine
 
-    info = json.loads((args.artifact / "artifact.json").read_text())
-    if info.get("backend") != "onnx":
-        sys.exit(f"{args.artifact / 'artifact.json'}: backend {info.get('backend')!r}; only ONNX artifacts are timed here")
+    path = args.artifact / "artifact.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path}: not an `edgeforge compile` folder ({err.strerror if isinstance(err, OSError) else err})")
+    if not isinstance(info, dict) or info.get("backend") != "onnx":
+        raise BundleError(f"{path}: backend {info.get('backend') if isinstance(info, dict) else info!r}; "
+                          "only ONNX artifacts are timed here")
     engine = OnnxEngine(args.artifact, max_length=max(args.n_prompt, args.n_gen + 1))
     manifest = {"name": f"{args.artifact.name} (artifact, no golden data)", "backend": "onnx",
                 "target": {"name": str(info.get("target", "?"))}, "scheme": info.get("scheme"),

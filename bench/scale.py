@@ -224,6 +224,19 @@ def _peer_models(model: Path, work: Path) -> dict:
     return out, times
 
 
+def _artifact_backend(artifact: Path):
+    """artifact.json's backend, None where the folder has no readable artifact.json."""
+    try:
+        info = json.loads((Path(artifact) / "artifact.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    if info.get("backend") == "onnx" and not isinstance(info.get("onnx"), dict):
+        return "onnx, without its onnx table"  # hand-made or truncated: not what `edgeforge compile` writes
+    return info.get("backend")
+
+
 def _artifact_engine(run, artifact: Path, model: Path):
     """bench/artifact_bench.py's engine: an `edgeforge compile` ONNX folder outside any bundle (its
     golden data refused), timed as `edgeforge bench` times a bundle; its row says so in its name."""
@@ -234,7 +247,7 @@ def _artifact_engine(run, artifact: Path, model: Path):
                     "-r", "1", "--json"]
 
     info = json.loads((artifact / "artifact.json").read_text())
-    kernels = "" if info["onnx"].get("custom_ops") else " MatMulNBits"
+    kernels = "" if (info.get("onnx") or {}).get("custom_ops") else " MatMulNBits"
     return ArtifactEngine(f"edgeforge onnx {info['scheme']}{kernels} (artifact, no golden data)",
                           f"edgeforge-onnx-artifact{kernels.replace(' ', '-')}", artifact, model.name)
 
@@ -322,6 +335,11 @@ def main(argv=None) -> int:
     pp.add_argument("--note", default="", help="how DIST was built where it is not `scale.py build`'s default")
     args = ap.parse_args(argv)
     if args.mode == "peers":
+        for artifact in args.artifact:  # before converting any peer (minutes at 8B), not after
+            backend = _artifact_backend(artifact)
+            if backend != "onnx":
+                ap.error(f"--artifact {artifact}: not an `edgeforge compile` ONNX folder ("
+                         f"{f'its artifact.json says backend {backend!r}' if backend else 'no readable artifact.json'})")
         result = compare_peers(args.model, args.dist, args.work or args.model.with_name(args.model.name + "-peers"),
                                args.reps, artifacts=args.artifact)
         if args.note:

@@ -325,4 +325,16 @@ def test_an_artifact_outside_a_bundle_is_timed_like_a_bundle_and_named_so(tiny_q
     (tmp_path / "tvm" / "artifact.json").write_text(json.dumps({"backend": "tvm"}))
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "artifact_bench.py"), str(tmp_path / "tvm")],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "only ONNX artifacts" in bad.stderr
+    assert bad.returncode == 2 and "only ONNX artifacts" in bad.stderr and "Traceback" not in bad.stderr
+    # a folder that is not an artifact at all: one line naming the file, exit 2
+    wrong = subprocess.run([sys.executable, str(ROOT / "bench" / "artifact_bench.py"), str(tmp_path / "nothing")],
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "nothing/artifact.json: not an `edgeforge compile` folder" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    # scale.py peers refuses a wrong --artifact before converting any peer (minutes at 8B)
+    for folder, why in ((tmp_path / "nothing", "no readable artifact.json"), (tmp_path / "tvm", "backend 'tvm'")):
+        refused = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "peers", str(tmp_path / "model"),
+                                  "--dist", str(tmp_path), "--artifact", str(folder), "-o", str(tmp_path / "p.json")],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and why in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "p.json").exists() and not (tmp_path / "model-peers").exists()
