@@ -214,7 +214,7 @@ def test_openssl_recipe_accepts_a_signed_bundle(signed):
 
 
 @pytest.mark.parametrize("attack", ["other key", "file changed", "sums rewritten", "file added", "file linked",
-                                    "resigned by attacker"])
+                                    "resigned by attacker", "added under an unlisted name"])
 def test_openssl_recipe_refuses(signed, tmp_path, attack):
     """Standard tools alone (openssl, sha256sum, grep, find) refuse each tampering."""
     bundle = copy_bundle(signed[0], tmp_path / "b")
@@ -234,6 +234,9 @@ def test_openssl_recipe_refuses(signed, tmp_path, attack):
         (bundle / "SHA256SUMS").write_text("\n".join(fixed) + "\n")
     elif attack == "file added":
         (bundle / "runtime" / "edgeforge_runtime" / "json.py").write_text("print('pwned')\n")
+    elif attack == "added under an unlisted name":  # manifest.json, manifest.sig, SHA256SUMS only at the top
+        (bundle / "runtime" / "manifest.json").write_text("{}\n")
+        (bundle / "tokenizer" / "SHA256SUMS").write_text("\n")
     elif attack == "file linked":
         (bundle / "evil").symlink_to("/etc/passwd")
     elif attack == "resigned by attacker":  # changed, then every checksum (SHA256SUMS too) made consistent
@@ -313,3 +316,53 @@ def test_generate_takes_trust(signed, host_bundle, capsys):
     assert code == 2 and "not signed" in err
     code, _, err = cli(capsys, "generate", signed[0], "-p", "one two", "--trust", signed[2])
     assert code == 2 and "signed by another key" in err
+
+
+# ---- serve.py: the bundle's own server, verified before anything of runtime/ is imported ---------
+
+def _serve_py(bundle: Path, *args: str, cwd=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-I", str(bundle / "serve.py"), "--port", "0", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_serve_py_serves_a_verified_signed_bundle(signed):
+    from serve_helpers import LiveServer
+
+    bundle, pub, _ = signed
+    cmd = [sys.executable, "-I", str(bundle / "serve.py"), "--trust", str(pub), "--port", "0"]
+    with LiveServer(bundle, command=cmd) as live:
+        code, body, _ = live.get("/v1/models")
+        assert code == 200 and body["data"][0]["id"] == bundle.name
+        assert any("checksums ok" in line and "signature ok" in line for line in live.log), live.log
+
+
+@pytest.mark.parametrize("attack", ["sitecustomize in runtime", "stdlib shadow next to serve.py",
+                                    "runtime edited, signed by another key", "--trust abbreviated", "--trust twice"])
+def test_serve_py_refuses_before_running_any_bundle_code(signed, tmp_path, attack):
+    """Found by attacking `PYTHONPATH=runtime python3 -m edgeforge_runtime.server`, which imports the
+    bundle's code before its own --trust check: serve.py verifies first, so none of the payloads runs."""
+    from edgeforge.runtime.manifest_check import sign_bundle
+
+    bundle, pub, _ = signed
+    bundle = copy_bundle(bundle, tmp_path / "b")
+    marker = tmp_path / "pwned"
+    payload = f"open({str(marker)!r}, 'w').write('ran')\n"
+    args = ["--trust", str(pub)]
+    if attack == "sitecustomize in runtime":
+        (bundle / "runtime" / "sitecustomize.py").write_text(payload)
+    elif attack == "stdlib shadow next to serve.py":
+        (bundle / "hmac.py").write_text(payload)
+    elif attack == "runtime edited, signed by another key":
+        session = bundle / "runtime" / "edgeforge_runtime" / "session.py"
+        session.write_text(payload + session.read_text())
+        resign(bundle)
+        attacker, _ = _keypair(tmp_path, "attacker")
+        sign_bundle(bundle, attacker)
+    elif attack == "--trust abbreviated":
+        args = ["--tr", str(pub)]
+    elif attack == "--trust twice":
+        args = ["--trust", str(pub), "--trust", str(pub)]
+    proc = _serve_py(bundle, *args, cwd=bundle)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "serving" not in err and "Traceback" not in err, (attack, err)
+    assert not marker.exists(), attack

@@ -464,6 +464,13 @@ def test_check_tolerance_refuses_garbage_by_name(tmp_path, target, artifact, gol
 
 
 # int8 KV caches are built on float32 graphs only (compile.py refuses the others by name)
+
+# the smallest golden data the verifier accepts: one prompt, a prefill and a decode step, top 2
+_ONE_PROMPT = {"top_k": 2, "prompts": [{"prompt_ids": [1], "tokens": [3, 0], "steps": [
+    {"top_ids": [3, 0], "top_logits": [2.0, 1.0], "max": 2.0, "min": -1.0},
+    {"top_ids": [0, 2], "top_logits": [1.5, 0.5], "max": 1.5, "min": -2.0}]}]}
+
+
 @pytest.mark.parametrize("compute,kv", [("float32", "float"), ("float16", "float"), ("float32", "int8")])
 def test_old_aarch64_golden_data_is_refused(tmp_path, compute, kv):
     """An aarch64 ONNX CPU bundle at accuracy_level 4 built before Session 10 carries float32 golden
@@ -483,14 +490,14 @@ def test_old_aarch64_golden_data_is_refused(tmp_path, compute, kv):
     cap = TOLERANCES["int8-activations-aarch64" + suffix][1]
     for arithmetic, ok in (("float32" + suffix, False), ("int8-activations" + suffix, False),
                            (INT8_ACTIVATIONS_ARM + suffix, True)):
-        (tmp_path / "golden.json").write_text(json.dumps({"arithmetic": arithmetic, "tolerance": {"rel": cap}, "prompts": []}))
+        (tmp_path / "golden.json").write_text(json.dumps({"arithmetic": arithmetic, "tolerance": {"rel": cap}, **_ONE_PROMPT}))
         if ok:
             check_tolerance(tmp_path, manifest)
         else:
             with pytest.raises(BundleError, match=re.escape(f"needs '{INT8_ACTIVATIONS_ARM + suffix}' golden data")):
                 check_tolerance(tmp_path, manifest)
     (tmp_path / "golden.json").write_text(json.dumps({"arithmetic": INT8_ACTIVATIONS_ARM + suffix,
-                                                      "tolerance": {"rel": cap * 1.01}, "prompts": []}))
+                                                      "tolerance": {"rel": cap * 1.01}, **_ONE_PROMPT}))
     with pytest.raises(BundleError, match="tolerance"):
         check_tolerance(tmp_path, manifest)
 
@@ -510,3 +517,107 @@ def test_runs_side_by_side_are_the_single_reference(tiny_model):
     for token in (12, 13):
         want, got = single.decode(token), runs.decode(token)
         np.testing.assert_allclose(got, np.tile(want, (3, 1)), atol=1e-5 * np.abs(want).max())
+
+
+def _forge(golden, step_edit):
+    for prompt in golden["prompts"]:
+        for step in prompt["steps"]:
+            step_edit(step)
+
+
+@pytest.mark.parametrize("name,edit,words", [
+    # every id of a step with all values 0 and an infinite range: a comparison that cannot fail
+    ("vacuous", lambda g: _forge(g, lambda s: s.update(top_ids=list(range(64)), top_logits=[0.0] * 64,
+                                                       max=1e30, min=-1e30)), "top_ids must be 8 distinct token ids"),
+    ("max past the top logit", lambda g: _forge(g, lambda s: s.update(max=1e30)), "max must be the first top logit"),
+    ("infinite max", lambda g: _forge(g, lambda s: s.update(max=float("inf"))), "max must be the first top logit"),
+    ("rising top logits", lambda g: _forge(g, lambda s: s.update(top_logits=s["top_logits"][::-1])),
+     "top_logits must be 8 finite numbers, largest first"),
+    ("another golden token", lambda g: g["prompts"][0]["tokens"].__setitem__(0, g["prompts"][0]["steps"][0]["top_ids"][1]),
+     "is not the step's top id"),
+    # steps nobody compares, padding the widening cap's count
+    ("unused steps", lambda g: g["prompts"][0]["steps"].extend(g["prompts"][0]["steps"]), "steps for"),
+    ("prefill only", lambda g: [p.update(tokens=p["tokens"][:1], steps=p["steps"][:1]) for p in g["prompts"]],
+     "no prompt has a decode step"),
+    ("top_k", lambda g: g.update(top_k=10**6), "top_k 1000000 is not an integer"),
+])
+def test_golden_steps_that_could_make_a_comparison_vacuous_are_refused(host_bundle, tmp_path, capsys, name, edit, words):
+    """A re-checksummed (unsigned) golden.json cannot widen what a step accepts: every step must be what
+    step_summary writes of real logits, one a golden token, and some prompt must decode."""
+    bundle = _fresh(host_bundle, tmp_path)
+    _edit_golden(bundle, edit)
+    code, out, err = cli(capsys, "smoke", bundle)
+    assert code == 2 and words in err and "PASS" not in out, (name, out, err)
+
+
+def test_a_rewritten_minimum_does_not_widen_the_tolerance(host_bundle, tmp_path, capsys):
+    """min is the one number of a step the verifier cannot check without the model: a golden.json whose
+    min says -1e30 (a tolerance of 3e28) still FAILs an engine two ranges away, because a step's
+    tolerance is capped at twice the logit range the engine itself shows."""
+    bundle = _fresh(host_bundle, tmp_path)
+
+    def shift(step):
+        moved = 2 * (step["max"] - step["min"])
+        step.update(top_logits=[v + moved for v in step["top_logits"]], max=step["max"] + moved, min=-1e30)
+
+    _edit_golden(bundle, lambda g: _forge(g, shift))
+    code, out, err = cli(capsys, "smoke", bundle, "--json")
+    assert code == 1 and json.loads(out)["status"] == "FAIL", (out, err)
+    assert json.loads(out)["tolerance"] < 1e3
+
+
+def test_a_golden_id_past_the_vocabulary_is_a_bundle_error_not_a_crash():
+    from edgeforge.runtime.bundle_errors import BundleError
+    from edgeforge.runtime.golden_check import compare_step
+
+    step = {"top_ids": [0, 5], "top_logits": [1.0, 0.5], "max": 1.0, "min": 0.0}
+    with pytest.raises(BundleError, match="token id 5 is past the model's 3 logits"):
+        compare_step([1.0, 0.5, 0.0], step, 0, 0.03)
+
+
+def test_a_folder_that_cannot_be_listed_is_refused_not_skipped(host_bundle, tmp_path, monkeypatch):
+    """os.walk silently skips a folder it cannot list (mode 0311 for another user): an unlisted file
+    in it would go unseen. The verifier refuses the bundle instead (simulated: tests run as root)."""
+    import os as os_module
+
+    from edgeforge.runtime.bundle_errors import BundleError
+    from edgeforge.runtime.manifest_check import verify_bundle
+
+    bundle = _fresh(host_bundle, tmp_path)
+    real = os_module.scandir
+
+    def scandir(path="."):
+        if os_module.path.basename(os_module.fspath(path)) == "runtime":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os_module, "scandir", scandir)
+    with pytest.raises(BundleError, match="runtime: cannot list this folder"):
+        verify_bundle(bundle)
+
+
+@pytest.mark.parametrize("where", ["absolute", "../", "subfolder"])
+def test_an_artifact_naming_a_model_outside_its_folder_is_refused(host_bundle, tmp_path, capsys, where):
+    """artifact.json's onnx.model must be a file of the artifact folder, which the manifest hashes: a
+    re-checksummed bundle pointing at a model elsewhere (changeable without touching the bundle) is refused."""
+    bundle = _fresh(host_bundle, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(bundle / "artifact" / "model.onnx", outside / "model.onnx")
+    name = {"absolute": str(outside / "model.onnx"), "../": "../../outside/model.onnx", "subfolder": "x/model.onnx"}[where]
+    art = json.loads((bundle / "artifact" / "artifact.json").read_text())
+    art["onnx"]["model"] = name
+    (bundle / "artifact" / "artifact.json").write_text(json.dumps(art))
+    resign(bundle)
+    code, out, err = cli(capsys, "smoke", bundle)
+    assert code == 2 and "onnx.model" in err and "is not a file name in the artifact folder" in err, (out, err)
+
+
+def test_artifact_file_names_only_plain_files_of_the_folder(tmp_path):
+    from edgeforge.runtime.bundle_errors import BundleError
+    from edgeforge.runtime.files import artifact_file
+
+    assert artifact_file(tmp_path, "model.so", "module") == tmp_path / "model.so"
+    for bad in ("/lib/x.so", "../x.so", "a/b.so", "", ".", "..", None, 3, "a\\b", "x\0.so"):
+        with pytest.raises(BundleError, match="is not a file name in the artifact folder"):
+            artifact_file(tmp_path, bad, "module")

@@ -24,17 +24,9 @@ BASE_REQUIREMENTS = ("numpy", "tokenizers", "jinja2", "markupsafe")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT_GLOBS = ("config.json", "quantization.json", "*.safetensors", "model.safetensors.index.json")
 
-SMOKE_HEAD = '''\
-#!/usr/bin/env python3
-"""Smoke-test this edgeforge bundle on this machine: `python smoke.py [--json] [--trust KEY.pem]`.
-
-Needs only what requirements.txt lists (and the `cryptography` package for --trust). Exit codes:
-0 PASS, 1 FAIL, 2 unusable bundle or machine. Every file is checked against manifest.json (and the
-signature against the trusted key) by the code in this file and copied, as hashed, into a private
-temporary folder that everything then runs from. This file ships inside the bundle: someone who can
-rewrite the bundle can rewrite it too. Check a bundle you did not make with a verifier from outside
-it first: `edgeforge verify BUNDLE --trust KEY.pem`, or openssl and sha256sum (docs/BUNDLES.md).
-"""
+# What smoke.py and serve.py do before anything else: take the bundle off the import path, then the
+# verifier (manifest_check.py) follows inline.
+_PRELUDE = '''\
 import os
 import sys
 
@@ -47,6 +39,33 @@ sys.pycache_prefix = os.devnull  # caches are looked up under a path that holds 
 
 # ---- the verifier: edgeforge/runtime/manifest_check.py, copied in when the bundle was built ----
 '''
+
+SMOKE_HEAD = '''\
+#!/usr/bin/env python3
+"""Smoke-test this edgeforge bundle on this machine: `python smoke.py [--json] [--trust KEY.pem]`.
+
+Needs only what requirements.txt lists (and the `cryptography` package for --trust). Exit codes:
+0 PASS, 1 FAIL, 2 unusable bundle or machine. Every file is checked against manifest.json (and the
+signature against the trusted key) by the code in this file and copied, as hashed, into a private
+temporary folder that everything then runs from. This file ships inside the bundle: someone who can
+rewrite the bundle can rewrite it too. Check a bundle you did not make with a verifier from outside
+it first: `edgeforge verify BUNDLE --trust KEY.pem`, or openssl and sha256sum (docs/BUNDLES.md).
+"""
+''' + _PRELUDE
+
+SERVE_HEAD = '''\
+#!/usr/bin/env python3
+"""Serve this edgeforge bundle over an OpenAI-compatible HTTP API on a device without edgeforge:
+`python3 -I serve.py [--trust KEY.pem] [--host H] [--port P] [--api-key-file F] [...]` (the options of
+`edgeforge serve`; `pip install starlette uvicorn` besides requirements.txt).
+
+Every file is checked against manifest.json (and the signature against the trusted key) by the code in
+this file before anything of runtime/ is imported (-I: no PYTHON* variables, no current folder on the
+path), and the server then loads the model from a private verified copy. This file ships inside the
+bundle: someone who can rewrite the bundle can rewrite it too. Check a bundle you did not make from
+outside it first: `edgeforge verify BUNDLE --trust KEY.pem`, or openssl and sha256sum (docs/BUNDLES.md).
+"""
+''' + _PRELUDE
 
 SMOKE_TAIL = '''
 # ---- end of the verifier ----
@@ -75,6 +94,69 @@ def _verify_then_run():
 if __name__ == "__main__":
     sys.exit(_verify_then_run())
 '''
+
+
+SERVE_TAIL = '''
+# ---- end of the verifier ----
+
+
+def _refuse(message):
+    print(f"serve.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _trust_of(argv):
+    """--trust KEY or --trust=KEY, at most once. The server's own parser would also read an abbreviation
+    (--tr KEY) as --trust: refused here, so that the key checked before the import is the key it gets."""
+    trust, seen = None, 0
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        if name == "--trust":
+            seen += 1
+            trust = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+        elif len(name) > 2 and "--trust".startswith(name):
+            _refuse(f"write --trust in full (got {arg!r})")
+    if seen > 1:
+        _refuse("--trust given twice")
+    if seen and not trust:
+        _refuse("--trust needs a public key file")
+    return trust
+
+
+def _verify_then_serve():
+    argv = sys.argv[1:]
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
+    trust = _trust_of(argv)
+    try:
+        manifest = verify_bundle(Path(HERE), trust)  # runtime/ included: authentic before it is imported
+    except BundleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"checksums ok: {len(manifest['files'])} files" + (", signature ok" if trust else ""), file=sys.stderr)
+    sys.path.insert(0, os.path.join(HERE, "runtime"))
+    from edgeforge_runtime.server import main
+
+    return main([HERE, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(_verify_then_serve())
+'''
+
+
+def serve_py_text() -> str:
+    """serve.py: the same verifier inline, then the bundle's own server."""
+    return SERVE_HEAD + (RUNTIME_SRC / "manifest_check.py").read_text() + SERVE_TAIL
+
+
+def write_serve_py(bundle: Path) -> None:
+    path = bundle / "serve.py"
+    path.write_text(serve_py_text())
+    path.chmod(0o755)
 
 
 def smoke_py_text() -> str:

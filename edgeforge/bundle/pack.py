@@ -60,6 +60,7 @@ def make_bundle(dest: Path, qdir: Path, target, backend: str, golden: dict, sign
             layout.copy_runtime(tmp)
             bundled = layout.copy_backend_runtime(artifact, tmp)
             layout.write_smoke_py(tmp)
+            layout.write_serve_py(tmp)
             reqs = layout.requirements(artifact)
             layout.write_requirements(tmp, reqs)
         data = manifest_data(dest.name, qdir, target, artifact, reqs, has_weights)

@@ -37,6 +37,16 @@ incomplete bundle before any native code is loaded. `-I` keeps Python from readi
 the current folder while it starts, before smoke.py can check anything. It then runs the prompts of `golden.json` and
 compares the logits with those of the numpy reference on the same quantized weights.
 
+## Serve it
+
+```
+pip install starlette uvicorn
+python3 -I serve.py --host 0.0.0.0 --api-key-file KEY   # an OpenAI-compatible API (/v1/chat/completions, ...)
+```
+
+`serve.py` checks every file the same way (`--trust PUB.pem`: and the signature) before it imports
+anything from `runtime/`; its options are those of `edgeforge serve`.
+
 ## Use it from Python
 
 ```python
@@ -58,6 +68,7 @@ logits = engine.decode(max(range(len(logits)), key=logits.__getitem__))   # gree
 | runtime/edgeforge_runtime/ | edgeforge's device runtime (tokenizers, jinja2 + the backend runtime; numpy for ONNX bundles) |
 | runtime/tvm/ | TVM bundles for Linux: TVM's runtime library and its _version.py (no compiler, no Python package: the engine uses tvm_ffi) |
 | smoke.py | the smoke test above |
+| serve.py | the server above |
 """
 
 

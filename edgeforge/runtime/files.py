@@ -37,3 +37,13 @@ def read_json(path: str | os.PathLike, fmt: str | None = None, version: int | No
         want = f"'{fmt}'" + (f" version {version}" if version is not None else "")
         raise BundleError(f"{path}: expected format {want}, got '{data.get('format')}' version {data.get('version')}")
     return data
+
+
+def artifact_file(artifact_dir: Path, name, key: str) -> Path:
+    """The file artifact.json's `key` names, which must be a plain file name in the artifact folder: an
+    absolute path, a subfolder or `..` would load a file the bundle's manifest never hashed."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise BundleError(f"{Path(artifact_dir) / 'artifact.json'}: {key} {str(name)[:80]!r} is not a file name in "
+                          "the artifact folder (paths elsewhere are never loaded)")
+    return Path(artifact_dir) / name
+

@@ -18,6 +18,7 @@ import math
 import time
 from array import array
 
+from .bundle_errors import BundleError
 from .manifest_check import step_rel
 
 GOLDEN_FORMAT = "edgeforge-golden"
@@ -51,10 +52,17 @@ def compare_step(logits, golden_step: dict, expected_token: int, rel_tol: float)
     logits = _floats(logits)
     ids, want = golden_step["top_ids"], [float(x) for x in array("f", golden_step["top_logits"])]
     rel = step_rel(rel_tol, golden_step.get("spread"))
-    tol = rel * (golden_step["max"] - golden_step["min"])
+    if max(ids) >= len(logits):
+        raise BundleError(f"golden.json: token id {max(ids)} is past the model's {len(logits)} logits")
     finite = math.isfinite(sum(logits))  # an inf or nan anywhere makes the sum inf or nan
+    # The tolerance is a fraction of the golden logit range, capped at twice the range the engine
+    # shows: a golden.json whose min was rewritten to -1e30 widens nothing (the verifier bounds rel,
+    # max and the top logits; min is the one number it cannot check without running the model).
+    hi = max(logits) if finite else float("nan")
+    seen = hi - min(logits) if finite else float("inf")
+    tol = rel * min(golden_step["max"] - golden_step["min"], 2 * seen)
     err = max(abs(logits[i] - w) for i, w in zip(ids, want)) if finite else float("inf")
-    pick = logits.index(max(logits)) if finite else -1  # the first maximum, like numpy's argmax
+    pick = logits.index(hi) if finite else -1  # the first maximum, like numpy's argmax
     agree = pick == expected_token
     near_tie = False
     if not agree and pick in ids:

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -62,7 +63,14 @@ def canonical_bytes(data: dict) -> bytes:
 def list_files(root: Path) -> list:
     """Every file below root (POSIX relative paths, sorted), except manifest.json and manifest.sig."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(err: OSError):
+        # os.walk skips a folder it cannot list (mode 0311 for a user who is not its owner), and an
+        # unlisted file in it would go unseen: refuse the bundle instead
+        raise BundleError(f"{err.filename}: cannot list this folder ({err.strerror}); every folder of a bundle "
+                          "must be readable to verify that it holds only listed files")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames.sort()
         # os.walk does not descend into linked folders: list them so that they are refused.
         out.extend(Path(dirpath, d).relative_to(root).as_posix() for d in dirnames if Path(dirpath, d).is_symlink())
@@ -397,6 +405,64 @@ def check_golden(where, golden: dict, path: str) -> None:
     for value in [rel, *per_ep.values()]:
         _check_claimed(where, value, cap, path)
     _check_spreads(where, golden, rel, dither, path)
+    _check_steps(where, golden)
+
+
+MAX_TOP_K = 64  # golden.json keeps the top 8 logits a step (bundle/golden.py TOP_K)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_steps(where, golden: dict) -> None:
+    """Each step must be what bundle/golden.py's step_summary writes of real logits, so that no
+    rewrite of golden.json makes a comparison vacuous: top_k distinct ids and their values, falling,
+    the first one the greedy token and the step's max, the min below them all; one step per golden
+    token (the widening cap counts the steps that are compared), and at least one decode step."""
+    top_k = golden.get("top_k")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        raise BundleError(f"{where}: top_k {top_k!r} is not an integer in [1, {MAX_TOP_K}]")
+    prompts = golden.get("prompts")
+    if not isinstance(prompts, list) or not prompts:
+        raise BundleError(f"{where}: no golden prompts")
+    for n, prompt in enumerate(prompts):
+        at = f"{where}: prompt {n}"
+        if not isinstance(prompt, dict):
+            raise BundleError(f"{at}: malformed (expected an object)")
+        tokens, steps, ids = prompt.get("tokens"), prompt.get("steps"), prompt.get("prompt_ids")
+        if not isinstance(ids, list) or not ids or not all(_token(t) for t in ids):
+            raise BundleError(f"{at}: prompt_ids must be a non-empty list of token ids")
+        if not isinstance(tokens, list) or not tokens or not all(_token(t) for t in tokens):
+            raise BundleError(f"{at}: tokens must be a non-empty list of token ids")
+        if not isinstance(steps, list) or len(steps) != len(tokens):
+            raise BundleError(f"{at}: {len(steps) if isinstance(steps, list) else 'no'} steps for {len(tokens)} "
+                              "tokens (one step a token)")
+        for i, (token, step) in enumerate(zip(tokens, steps)):
+            _check_step(f"{at} step {i}", step, token, top_k)
+    if all(len(p["tokens"]) < 2 for p in prompts):
+        raise BundleError(f"{where}: no prompt has a decode step (every prompt stops at its first token), so "
+                          "a smoke test would check the prefill alone")
+
+
+def _token(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
+def _check_step(at: str, step, token: int, top_k: int) -> None:
+    if not isinstance(step, dict):
+        raise BundleError(f"{at}: malformed (expected an object)")
+    ids, values, top, low = step.get("top_ids"), step.get("top_logits"), step.get("max"), step.get("min")
+    if not (isinstance(ids, list) and len(ids) == top_k and all(_token(t) for t in ids) and len(set(ids)) == top_k):
+        raise BundleError(f"{at}: top_ids must be {top_k} distinct token ids")
+    if not (isinstance(values, list) and len(values) == top_k and all(_number(v) for v in values)
+            and all(a >= b for a, b in zip(values, values[1:]))):
+        raise BundleError(f"{at}: top_logits must be {top_k} finite numbers, largest first")
+    if not (_number(top) and _number(low) and top == values[0] and low <= values[-1]):
+        raise BundleError(f"{at}: max must be the first top logit and min at most the last "
+                          f"(got max {top!r}, min {low!r}): the tolerance is a fraction of max - min")
+    if ids[0] != token:
+        raise BundleError(f"{at}: the golden token {token} is not the step's top id {ids[0]}")
 
 
 def _check_spreads(where, golden: dict, rel: float, dither, path: str) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .bundle_errors import BundleError, CannotRunHere
 from .embedding import EmbeddingTable
-from .files import read_json
+from .files import artifact_file, read_json
 from .hostcheck import cuda_memory
 from .loader import checked_max_length
 from .memory import GIB, check_device_memory, check_kv_buffers, kv_buffers_bytes
@@ -132,7 +132,7 @@ class OnnxEngine:
         providers = [self.provider] if self.provider == CPU else [self.provider, CPU]
         options = [{"device_id": str(self.device_id)} if self.provider == "CUDAExecutionProvider" else {}]
         options += [{}] * (len(providers) - 1)
-        model = self.artifact_dir / self.info["model"]
+        model = artifact_file(self.artifact_dir, self.info.get("model"), "onnx.model")
         try:
             with PageOutWhileLoading(self._data_files(model)):
                 session = ort.InferenceSession(str(model), sess_options=opts, providers=providers,
@@ -176,7 +176,7 @@ class OnnxEngine:
     def _gpu_weights_bytes(self) -> int:
         """Bytes of the graph and its external data: the initializers ONNX Runtime puts on the GPU (an
         embedding table, runtime/embedding.py, stays in host memory)."""
-        model = self.artifact_dir / self.info["model"]
+        model = artifact_file(self.artifact_dir, self.info.get("model"), "onnx.model")
         return sum(p.stat().st_size for p in (model, model.with_name(model.name + ".data")) if p.is_file())
 
     def _check_gpu_memory_before_loading(self) -> None:

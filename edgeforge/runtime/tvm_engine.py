@@ -25,7 +25,7 @@ from array import array
 from pathlib import Path
 
 from .bundle_errors import BundleError, CannotRunHere
-from .files import read_json
+from .files import artifact_file, read_json
 from .loader import checked_max_length
 from .memory import GIB, check_device_memory, check_memory, kv_cache_bytes, mem_available
 from .weights import QdirWeights
@@ -182,7 +182,7 @@ class TvmEngine:
         self.device = "cpu" if kind in ("cpu", "llvm") else _gpu_label(self._device_name(), kind)
         # which TVM ran: the bundle's own runtime-only copy (runtime/tvm/) or one installed here
         self.runtime_info = {**info, "compiler_loaded": compiler_loaded(), "numpy_loaded": sys.modules.get("numpy") is not None}
-        module_path = self.artifact_dir / self.artifact.get("module", "model.so")
+        module_path = artifact_file(self.artifact_dir, self.artifact.get("module", "model.so"), "module")
         if module_path.suffix != ".so":
             raise BundleError(f"{module_path}: a {module_path.suffix} export must be linked by the app; it cannot run here")
         try:
