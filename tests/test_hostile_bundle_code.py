@@ -366,3 +366,15 @@ def test_serve_py_refuses_before_running_any_bundle_code(signed, tmp_path, attac
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "serving" not in err and "Traceback" not in err, (attack, err)
     assert not marker.exists(), attack
+
+
+def test_a_trusted_key_may_be_a_link_the_user_made(signed, tmp_path, capsys):
+    """keys/current.pem -> release.pem is a user's own arrangement (the bundle never names the key):
+    verify follows it, and still refuses the other key behind a link."""
+    bundle, pub, other = signed
+    (tmp_path / "current.pem").symlink_to(pub)
+    code, out, err = cli(capsys, "verify", bundle, "--trust", tmp_path / "current.pem")
+    assert code == 0 and "signature" in out, err
+    (tmp_path / "wrong.pem").symlink_to(other)
+    code, _, err = cli(capsys, "verify", bundle, "--trust", tmp_path / "wrong.pem")
+    assert code == 2 and "signed by another key" in err

@@ -579,7 +579,8 @@ def raw_public_key(key) -> bytes:
 def load_public_key(path):
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_public_key(read_regular(path, MAX_KEY_BYTES, "public key file"))
+        # the user names the key (a link such as keys/current.pem is theirs to make); a bundle never does
+        key = serialization.load_pem_public_key(read_regular(path, MAX_KEY_BYTES, "public key file", follow_links=True))
     except ValueError as err:
         raise BundleError(f"{path}: not a PEM public key ({err})") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
@@ -590,7 +591,8 @@ def load_public_key(path):
 def load_private_key(path):
     serialization, ed25519 = _crypto()
     try:
-        key = serialization.load_pem_private_key(read_regular(path, MAX_KEY_BYTES, "signing key file"), password=None)
+        key = serialization.load_pem_private_key(read_regular(path, MAX_KEY_BYTES, "signing key file", follow_links=True),
+                                                 password=None)
     except (ValueError, TypeError) as err:
         raise BundleError(f"{path}: not an unencrypted PEM private key ({err})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
