@@ -243,10 +243,12 @@ def test_sigkilled_archive_smoke_is_cleaned_by_the_next_run(host_bundle, tmp_pat
     (tmp / ".mine.tmp-1-keep").mkdir()  # looks like ours, is not: kept
     env = dict(os.environ, TMPDIR=str(tmp))
     want = ".edgeforge-smoke.tmp-" if step == "extracting" else ".edgeforge-verified.tmp-"
+    # its own session: SIGKILL reaches smoke and the bundle's smoke.py it may have started (a child left
+    # running would hold its verified copy's lock, rightly kept by the next run, and the test would race it)
     proc = subprocess.Popen([sys.executable, "-m", "edgeforge.cli", "smoke", str(host_bundle[1])], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert _wait_for(lambda: any(p.name.startswith(want) for p in tmp.iterdir())), proc.communicate(timeout=60)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     left = {p.name for p in tmp.iterdir()} - {".mine.tmp-1-keep", ".ses"}
     assert left, "SIGKILL should have left something to clean"

@@ -79,7 +79,9 @@ def test_ssh_archive_and_fail_passthrough(host_bundle, sshd, tmp_path, capsys):
     assert code == 0 and "PASS" in out, err
     bundle = copy_bundle(host_bundle[0], tmp_path / "b")
     golden = json.loads((bundle / "golden.json").read_text())
-    golden["prompts"][0]["tokens"] = [(t + 1) % 300 for t in golden["prompts"][0]["tokens"]]
+    for step in golden["prompts"][0]["steps"]:  # consistent golden data (the verifier lets it run) the engine misses
+        moved = step["max"] - step["min"]
+        step.update(top_logits=[v + moved for v in step["top_logits"]], max=step["max"] + moved, min=step["min"] + moved)
     (bundle / "golden.json").write_text(json.dumps(golden))
     resign(bundle)
     code, out, err = cli(capsys, "smoke", bundle, *ssh_args(sshd))
