@@ -237,16 +237,17 @@ def _artifact_backend(artifact: Path):
     return info.get("backend")
 
 
-def _artifact_engine(run, artifact: Path, model: Path):
+def _artifact_engine(run, artifact: Path, model: Path, info: dict | None = None):
     """bench/artifact_bench.py's engine: an `edgeforge compile` ONNX folder outside any bundle (its
-    golden data refused), timed as `edgeforge bench` times a bundle; its row says so in its name."""
+    golden data refused), timed as `edgeforge bench` times a bundle; its row says so in its name.
+    `info`: the folder's artifact.json, where the caller has read it already."""
 
     class ArtifactEngine(run.EdgeforgeEngine):
         def command(self, threads, n_prompt, n_gen):
             return [sys.executable, str(BENCH / "artifact_bench.py"), self.path, "-p", n_prompt, "-n", n_gen,
                     "-r", "1", "--json"]
 
-    info = json.loads((artifact / "artifact.json").read_text())
+    info = info or json.loads((artifact / "artifact.json").read_text())
     kernels = "" if (info.get("onnx") or {}).get("custom_ops") else " MatMulNBits"
     return ArtifactEngine(f"edgeforge onnx {info['scheme']}{kernels} (artifact, no golden data)",
                           f"edgeforge-onnx-artifact{kernels.replace(' ', '-')}", artifact, model.name)
@@ -275,10 +276,10 @@ def compare_peers(model: Path, dist: Path, work: Path, reps: int = 3, threads: i
         engines.append(e)
         kv_bytes[e.name] = 2 if "16" in str(manifest.get("model_dtype")) else 4
     for artifact in artifacts:
-        e = _artifact_engine(run, Path(artifact), model)
+        info = json.loads((Path(artifact) / "artifact.json").read_text())  # read once: the name and the KV width
+        e = _artifact_engine(run, Path(artifact), model, info)
         engines.append(e)
-        kv_bytes[e.name] = {"float32": 4, "float16": 2, "int8": 1}[
-            json.loads((Path(artifact) / "artifact.json").read_text())["onnx"]["kv_dtype"]]
+        kv_bytes[e.name] = np.dtype(info["onnx"]["kv_dtype"]).itemsize
     engines.append(run.LlamaCppEngine("llama.cpp Q4_0", "llama.cpp-Q4_0", files["llama.cpp Q4_0"], model.name))
     kv_bytes["llama.cpp Q4_0"] = PEER_KV_BYTES["llama.cpp"]
     if "ORT GenAI int4" in files:
